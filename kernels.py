@@ -1,23 +1,55 @@
 """
 Attention kernels shared by the models.
 
-One public entry point, `attention(q, k, v, ...)`, computes causal softmax attention, optionally restricted
-to a block layout (a boolean [H or 1, T/block, S/block] tensor saying which query-block x key-block tiles
-are computed). It runs a Triton kernel on CUDA and a dense PyTorch fallback everywhere else; `backend=`
-forces either, and `last_backend` says which one ran.
+One public entry point, `attention(q, k, v, ...)`, computes softmax attention under three masks at once: the
+causal mask, an optional sliding window, and an optional block layout (a boolean [H or 1, T/block, S/block]
+tensor saying which query-block x key-block tiles are computed). On CUDA it runs a block-sparse
+flash-attention kernel written in Triton (forward, dQ and dK/dV kernels, online softmax, fp32 accumulation;
+fp32 inputs multiply in TF32 on the GPU, exactly in the interpreter); everywhere else a dense PyTorch fallback
+computes the same function. `backend=` forces either, `last_backend` says which one ran,
+`backend_info(device)` says which one a device gets.
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
 - causal masks are aligned bottom-right: query i sits at absolute position S - T + i and sees keys
   0 .. S - T + i. With T == S this is the usual causal mask; with T < S it is Perceiver AR's cross-attention.
+- window w: query position p sees key j only when j > p - w (the last w positions, itself included).
+- layout[h, m, n] allows query rows m*block .. (m+1)*block-1 (row index, not position) to see key columns
+  n*block .. (n+1)*block-1. A layout needs S - T to be a multiple of block, so its diagonal is the causal one.
+- a query that sees no key at all gets a zero output (and passes no gradient), never NaN.
+
+`python kernels.py` benchmarks the kernel against dense causal SDPA and FlexAttention (see the end).
 """
+from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings without triton
+
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-last_backend = None  # "triton" or "dense": which path the most recent attention() call used
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # then everything runs on the dense path
+    triton = None
 
+last_backend = None  # "triton" or "dense": which path the most recent attention() call used
+TRITON_BLOCKS = (16, 32, 64, 128)  # layout blocks and head dims the Triton kernel takes (64/128 are fast)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def backend_info(device):
+    """One line saying which attention backend `device` gets, for train.py to print at start."""
+    if triton is None:
+        return "attention backend: dense PyTorch fallback (triton not installed)"
+    if torch.device(device).type != "cuda":
+        return "attention backend: dense PyTorch fallback (no CUDA device)"
+    return f"attention backend: triton {triton.__version__} (CUDA)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dense fallback: the definition every kernel is tested against
 
 def layout_to_mask(layout, block, T, S):
     """Expand a block layout [H or 1, T/block, S/block] to an element mask [H or 1, T, S]."""
@@ -30,20 +62,805 @@ def causal_mask(T, S, device):
     return torch.arange(S, device=device)[None, :] <= q_pos
 
 
-def dense_attention(q, k, v, causal=True, layout=None, block=64, scale=None):
-    """The dense fallback: softmax(q k^T * scale + mask) v with the layout expanded to an element mask."""
-    T, S = q.shape[-2], k.shape[-2]
-    mask = causal_mask(T, S, q.device) if causal else None
+def attention_mask(T, S, causal=True, layout=None, block=64, window=None, device=None):
+    """Element mask [H or 1, T, S] (True = may attend) of causal & window & layout, or None for no mask."""
+    q_pos = torch.arange(S - T, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = causal_mask(T, S, device) if causal else None
+    if window is not None:
+        mask = (k_pos > q_pos - window) if mask is None else mask & (k_pos > q_pos - window)
     if layout is not None:
-        block_mask = layout_to_mask(layout.to(q.device), block, T, S)[None]  # (1, H or 1, T, S)
+        block_mask = layout_to_mask(layout.to(device=device, dtype=torch.bool), block, T, S)
         mask = block_mask if mask is None else block_mask & mask
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return mask if mask is None or mask.dim() == 3 else mask[None]
 
 
-def attention(q, k, v, causal=True, layout=None, block=64, scale=None, backend=None):
-    """Causal (optionally block-sparse) attention; q (B, H, T, D), k/v (B, H, S, D) -> (B, H, T, D)."""
+def dense_attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=None):
+    """softmax(q k^T * scale, masked) v by F.scaled_dot_product_attention; rows with no visible key give 0."""
+    mask = attention_mask(q.size(-2), k.size(-2), causal, layout, block, window, q.device)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    empty = ~mask.any(-1, keepdim=True)  # (H or 1, T, 1)
+    # open empty rows to every key so SDPA stays finite, then zero them: their gradient is then zero too
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[None], scale=scale)
+    return out.masked_fill(empty[None], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block-sparse flash attention in Triton
+#
+# A layout becomes two lists in CSR form: for each (layout head, query block) the key blocks to visit, and for
+# each (layout head, key block) the query blocks, with blocks that lie wholly outside the causal mask or the
+# window dropped. Inside the kernels the causal mask and the window are one band of visible keys,
+#     p - window < j <= p + future        (p: the query's absolute position),
+# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. Only tiles the
+# band's edge cuts get a per-element mask; all others are computed whole. Scores live in log2 units
+# (scale * log2(e) is folded into one multiplier) so the kernels use exp2, and the forward saves the
+# log-sum-exp per query row (log2 units) for the backward. Masked scores are -inf and the running max starts
+# finite, so a row that sees no key gets probabilities 2^(-inf) = 0, never NaN, forward and backward.
+
+_index_cache = {}  # (layout content, shapes, band) -> CSR lists on the device; see block_lists
+LOG2E = math.log2(math.e)  # 2^(x * LOG2E) = e^x
+
+
+def block_lists(layout, block, T, S, future, window, device):
+    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows), int32 on `device`.
+    Query block m of layout head h visits key blocks cols[row_ptr[h*T/block + m] : row_ptr[h*T/block + m + 1]];
+    key block n is visited by query blocks rows[col_ptr[h*S/block + n] : col_ptr[h*S/block + n + 1]].
+    Cached on the layout's content (not identity: models rebuild their layouts every call), shapes and band."""
+    content = None if layout is None else (tuple(layout.shape), layout.to("cpu", torch.bool).numpy().tobytes())
+    key = (content, block, T, S, future, window, str(device))
+    if key not in _index_cache:
+        if layout is None:
+            layout = torch.ones(1, T // block, S // block, dtype=torch.bool)
+        q_first = S - T + torch.arange(T // block)[:, None] * block  # first query position of each block
+        k_first = torch.arange(S // block)[None, :] * block
+        visible = layout.to("cpu", torch.bool) & (k_first <= q_first + block - 1 + future) \
+            & (k_first + block - 1 > q_first - window)  # (H or 1, T/block, S/block)
+
+        def csr(v):  # (H', R, C) bool -> row pointers over the H'*R rows, column indices
+            ptr = F.pad(v.sum(-1).flatten().cumsum(0), (1, 0))
+            return ptr.to(device, torch.int32), v.nonzero()[:, 2].to(device, torch.int32)
+
+        if len(_index_cache) >= 64:  # a handful of layouts per model; keep memory bounded all the same
+            _index_cache.pop(next(iter(_index_cache)))
+        _index_cache[key] = (*csr(visible), *csr(visible.transpose(1, 2)))
+    return _index_cache[key]
+
+
+jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+@jit
+def _band(q_pos, k_pos, future, window):
+    """Element mask of the band, broadcast over q_pos and k_pos (absolute positions)."""
+    return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
+
+
+@jit
+def _cut(q_lo, q_hi, k_lo, k_hi, future, window):
+    """Whether the band's edge crosses the tile [q_lo, q_hi] x [k_lo, k_hi]: only then is a mask needed."""
+    return (k_hi > q_lo + future) | (k_lo <= q_hi - window)
+
+
+# Forward. One program computes the output rows of one query block (BLOCK rows) of one (batch, head):
+# grid (T / BLOCK, B * H). q, the running max m, the running sum l and the output accumulator stay in SRAM
+# while the program walks its list of key blocks in sub-tiles of BLOCK_N keys. Per sub-tile, with s the
+# scores in log2 units:
+#     m' = max(m, rowmax(s))
+#     l' = l * 2^(m - m') + rowsum(2^(s - m'))
+#     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
+@jit
+def _fwd_kernel(Q, K, V, O, LSE, row_ptr, cols, qk_scale, H, T, S, layout_heads, future, window,
+                BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    qb, bh = tl.program_id(0), tl.program_id(1)
+    Q += bh.to(tl.int64) * T * D
+    O += bh.to(tl.int64) * T * D
+    K += bh.to(tl.int64) * S * D
+    V += bh.to(tl.int64) * S * D
+    LSE += bh.to(tl.int64) * T
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
+    q_lo = S - T + qb * BLOCK  # absolute position of the block's first query
+    m_i = tl.full([BLOCK], -1.0e30, tl.float32)  # finite, so a fully masked tile gives 2^(-inf) = 0, not NaN
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, D], tl.float32)
+    SPLIT = BLOCK // BLOCK_N
+    row = (bh % H) % layout_heads * (T // BLOCK) + qb
+    for it in range(tl.load(row_ptr + row) * SPLIT, tl.load(row_ptr + row + 1) * SPLIT):
+        k_lo = tl.load(cols + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_N
+        kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, BLOCK_N)
+        s = tl.dot(q, kT) * qk_scale
+        if _cut(q_lo, q_lo + BLOCK - 1, k_lo, k_lo + BLOCK_N - 1, future, window):
+            s = tl.where(_band(q_lo + tl.arange(0, BLOCK)[:, None], (k_lo + offs_n)[None, :], future, window),
+                         s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + (k_lo + offs_n)[:, None] * D + offs_d[None, :])  # (BLOCK_N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
+    tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i))
+
+
+# Backward, dK and dV. One program computes the gradients of one key block (BLOCK keys) of one (batch, head):
+# grid (S / BLOCK, B * H). k, v and the dk, dv accumulators stay in SRAM while the program walks the query
+# blocks that visit it, in sub-tiles of BLOCK_M queries. With P recomputed from the saved lse and
+# delta_i = sum_d out_id * dout_id:
+#     P = 2^(s - lse)                      (the forward's softmax, exactly)
+#     dv += P^T dout,   dP = dout v^T
+#     dk += scale * (P * (dP - delta))^T q
+@jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, rows, qk_scale, scale, H, T, S, layout_heads,
+                     future, window, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    kb, bh = tl.program_id(0), tl.program_id(1)
+    Q += bh.to(tl.int64) * T * D
+    DO += bh.to(tl.int64) * T * D
+    K += bh.to(tl.int64) * S * D
+    V += bh.to(tl.int64) * S * D
+    DK += bh.to(tl.int64) * S * D
+    DV += bh.to(tl.int64) * S * D
+    LSE += bh.to(tl.int64) * T
+    DELTA += bh.to(tl.int64) * T
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + offs_n[:, None] * D + offs_d[None, :])
+    v = tl.load(V + offs_n[:, None] * D + offs_d[None, :])
+    dk = tl.zeros([BLOCK, D], tl.float32)
+    dv = tl.zeros([BLOCK, D], tl.float32)
+    SPLIT = BLOCK // BLOCK_M
+    col = (bh % H) % layout_heads * (S // BLOCK) + kb
+    for it in range(tl.load(col_ptr + col) * SPLIT, tl.load(col_ptr + col + 1) * SPLIT):
+        m_lo = tl.load(rows + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_M  # first query row of the sub-tile
+        qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, BLOCK_M)
+        sT = tl.dot(k, qT) * qk_scale
+        q_lo = S - T + m_lo
+        if _cut(q_lo, q_lo + BLOCK_M - 1, kb * BLOCK, kb * BLOCK + BLOCK - 1, future, window):
+            sT = tl.where(_band((q_lo + offs_m)[None, :], offs_n[:, None], future, window), sT, float("-inf"))
+        pT = tl.exp2(sT - tl.load(LSE + m_lo + offs_m)[None, :])
+        do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (BLOCK_M, D)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - tl.load(DELTA + m_lo + offs_m)[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+
+# Backward, dQ. One program computes dq for one query block (BLOCK rows) of one (batch, head): grid
+# (T / BLOCK, B * H). q, dout, lse, delta and the dq accumulator stay in SRAM while the program walks the same
+# key list as the forward, in sub-tiles of BLOCK_N keys:
+#     P = 2^(s - lse)
+#     dP = dout v^T
+#     dq += scale * (P * (dP - delta)) k
+@jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, row_ptr, cols, qk_scale, scale, H, T, S, layout_heads,
+                   future, window, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    qb, bh = tl.program_id(0), tl.program_id(1)
+    Q += bh.to(tl.int64) * T * D
+    DO += bh.to(tl.int64) * T * D
+    DQ += bh.to(tl.int64) * T * D
+    K += bh.to(tl.int64) * S * D
+    V += bh.to(tl.int64) * S * D
+    LSE += bh.to(tl.int64) * T
+    DELTA += bh.to(tl.int64) * T
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
+    do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :])
+    lse = tl.load(LSE + offs_m)
+    delta = tl.load(DELTA + offs_m)
+    q_lo = S - T + qb * BLOCK
+    dq = tl.zeros([BLOCK, D], tl.float32)
+    SPLIT = BLOCK // BLOCK_N
+    row = (bh % H) % layout_heads * (T // BLOCK) + qb
+    for it in range(tl.load(row_ptr + row) * SPLIT, tl.load(row_ptr + row + 1) * SPLIT):
+        k_lo = tl.load(cols + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_N
+        kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, BLOCK_N)
+        vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
+        s = tl.dot(q, kT) * qk_scale
+        if _cut(q_lo, q_lo + BLOCK - 1, k_lo, k_lo + BLOCK_N - 1, future, window):
+            s = tl.where(_band(q_lo + tl.arange(0, BLOCK)[:, None], (k_lo + offs_n)[None, :], future, window),
+                         s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        ds = p * (tl.dot(do, vT) - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+
+
+def launch_config(block, D, itemsize=2):
+    """Inner tile sizes and launch parameters (chosen for H100s, checked to fit A100s; the interpreter ignores
+    warps and stages). A program owns one layout block; the tiles it walks may be narrower (the list entry is
+    split). Fewer pipeline stages for wide rows keep the buffers inside shared memory."""
+    row_bytes = D * itemsize
+    return dict(fwd_n=min(block, 64), bwd_inner=min(block, 32), fwd_warps=8 if block >= 128 else 4,
+                bwd_warps=8 if block * D > 128 * 64 else 4,
+                stages=3 if row_bytes <= 128 else 2 if row_bytes <= 256 else 1)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Launches the three kernels; q, k, v contiguous (B, H, T or S, D), lists from block_lists."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lists, block, future, window, scale):
+        B, H, T, D = q.shape
+        S = k.size(2)
+        row_ptr, cols, col_ptr, rows = lists
+        layout_heads = (row_ptr.numel() - 1) // (T // block)
+        cfg = launch_config(block, D, q.element_size())
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        _fwd_kernel[(T // block, B * H)](
+            q, k, v, o, lse, row_ptr, cols, scale * LOG2E, H, T, S, layout_heads, future, window,
+            BLOCK=block, BLOCK_N=cfg["fwd_n"], D=D,
+            num_warps=cfg["fwd_warps"], num_stages=cfg["stages"])
+        ctx.save_for_backward(q, k, v, o, lse, row_ptr, cols, col_ptr, rows)
+        ctx.args = (block, future, window, scale, layout_heads)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, row_ptr, cols, col_ptr, rows = ctx.saved_tensors
+        block, future, window, scale, layout_heads = ctx.args
+        B, H, T, D = q.shape
+        S = k.size(2)
+        cfg = launch_config(block, D, q.element_size())
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)  # (B, H, T)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(D=D, num_warps=cfg["bwd_warps"], num_stages=cfg["stages"])
+        _bwd_dkdv_kernel[(S // block, B * H)](
+            q, k, v, do, lse, delta, dk, dv, col_ptr, rows, scale * LOG2E, scale, H, T, S,
+            layout_heads, future, window, BLOCK=block, BLOCK_M=cfg["bwd_inner"], **common)
+        _bwd_dq_kernel[(T // block, B * H)](
+            q, k, v, do, lse, delta, dq, row_ptr, cols, scale * LOG2E, scale, H, T, S,
+            layout_heads, future, window, BLOCK=block, BLOCK_N=cfg["bwd_inner"], **common)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public function
+
+def _triton_unfit(q, k, v, block):
+    """Why the Triton kernel cannot take these inputs (a sentence), or None when it can."""
+    T, S, D = q.size(2), k.size(2), q.size(3)
+    if triton is None:
+        return "triton is not installed; use backend='dense' or install triton"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    if block not in TRITON_BLOCKS:
+        return f"the Triton kernel takes block sizes {TRITON_BLOCKS}, got {block}"
+    if D not in TRITON_HEAD_DIMS:
+        return f"the Triton kernel takes head dims {TRITON_HEAD_DIMS}, got {D}"
+    if T % block or S % block:
+        return (f"the Triton kernel needs T and S to be multiples of block={block}, got T={T}, S={S}; "
+                f"pad the sequence or use backend='dense'")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
+        return f"the Triton kernel needs q, k, v of one dtype, fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}"
+    return None
+
+
+def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=None, backend=None):
+    """Masked softmax attention; q (B, H, T, D), k/v (B, H, S, D) -> (B, H, T, D).
+
+    causal: bottom-right aligned causal mask. layout: optional boolean [H or 1, T/block, S/block] tiles to
+    compute (rounded up when T or S is not a multiple of block; the Triton kernel needs exact multiples).
+    window: query position p sees keys j > p - window only. scale: defaults to 1/sqrt(D).
+    backend: None picks Triton for CUDA tensors whose shapes the kernel takes (see TRITON_BLOCKS,
+    TRITON_HEAD_DIMS) and the dense fallback otherwise; "triton" or "dense" forces one (ValueError if the
+    kernel cannot take the inputs). `last_backend` records the choice."""
     global last_backend
-    if backend not in (None, "dense"):
-        raise ValueError(f"unknown attention backend {backend!r}; choose 'dense' or leave it unset")
-    last_backend = "dense"
-    return dense_attention(q, k, v, causal=causal, layout=layout, block=block, scale=scale)
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.size(3) != q.size(3):
+        raise ValueError(f"attention needs q (B, H, T, D) and k, v (B, H, S, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (B, H, T, D), S = q.shape, k.size(2)
+    if S < T:
+        raise ValueError(f"attention needs at least as many keys as queries (S >= T), got T={T}, S={S}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of positions (or None), got {window}")
+    if layout is not None:
+        shape = (-(-T // block), -(-S // block))
+        if layout.dim() != 3 or layout.size(0) not in (1, H) or tuple(layout.shape[1:]) != shape:
+            raise ValueError(f"layout must have shape (1 or H={H}, {shape[0]}, {shape[1]}) for T={T}, S={S}, "
+                             f"block={block}; got {tuple(layout.shape)}")
+        if (S - T) % block:
+            raise ValueError(f"with a layout, S - T must be a multiple of block={block} so the layout's diagonal "
+                             f"is the causal one; got T={T}, S={S}")
+    if backend not in (None, "triton", "dense"):
+        raise ValueError(f"unknown attention backend {backend!r}; choose 'triton', 'dense' or leave it unset")
+    unfit = _triton_unfit(q, k, v, block)
+    if backend == "triton" and unfit:
+        raise ValueError(unfit)
+    if backend == "dense" or unfit or (backend is None and not q.is_cuda):
+        last_backend = "dense"
+        return dense_attention(q, k, v, causal=causal, layout=layout, block=block, window=window, scale=scale)
+    last_backend = "triton"
+    future = 0 if causal else S  # the band p - window < j <= p + future of the kernels' section comment
+    window = S + 1 if window is None else min(window, S + 1)
+    lists = block_lists(layout, block, T, S, future, window, q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _BlockSparseAttention.apply(q, k, v, lists, block, future, window, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LSH attention (Reformer, Kitaev, Kaiser, Levskaya 2020, arXiv 2001.04451, section 3)
+#
+# Per hash round r every position carries a bucket id. Positions are sorted by (bucket, position), the sorted
+# sequence is cut into chunks of `chunk` rows, and each query attends to the keys of its own chunk and of the
+# previous chunk (the first chunk has no previous one: unlike trax, rounds are not concatenated and there is no
+# wrap-around), only to keys at an earlier or equal *original* position, and to itself only when nothing else
+# is left (its logit is SELF_LOGIT, finite). Each round returns its output o_r and the log-sum-exp lse_r of the
+# logits of each query; the rounds combine as out = sum_r softmax_r(lse_r) * o_r.
+# Two optional masks of the paper, both off in trax's final code and here by default:
+# - same_bucket: a key in another bucket is masked even when it shares the chunk window;
+# - dedup: a key seen in c of the rounds' windows gets its logit lowered by log(c), so that the combined
+#   output is the softmax over the union of the windows, each key counted once.
+# Keys are passed separately from queries (the Reformer's k is the unit-normalised q); autograd adds the two
+# gradients when the caller computes k from q.
+# ---------------------------------------------------------------------------------------------------------------
+
+SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
+last_lsh_backend = None  # "triton" or "dense": which path the most recent lsh_attention call used
+
+
+def sort_by_bucket(buckets, chunk, same_bucket=False):
+    """buckets (B, H, R, T) -> sorted positions st, inverse permutation rank, and window ids loc, all (B, H, R, T).
+
+    st[..., s] is the original position at sorted index s; rank[..., t] the sorted index of position t.
+    loc[..., t] names the chunk holding t (and its bucket with same_bucket): key j lies in query i's window
+    in a round exactly when loc_j == loc_i or loc_j + 1 == loc_i, which is what the dedup count tests.
+    """
+    T = buckets.shape[-1]
+    pos = torch.arange(T, device=buckets.device)
+    st = torch.argsort(buckets.long() * T + pos, dim=-1)  # keys are unique, so this is the stable order
+    rank = torch.empty_like(st).scatter_(-1, st, pos.expand_as(st))
+    loc = rank // chunk
+    if same_bucket:
+        loc = loc + (T // chunk + 1) * buckets.long()  # the +1 gap: bucket b-1's last chunk is not b's previous
+    return st, rank, loc
+
+
+def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False):
+    """The plain PyTorch twin: per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) by sort + gather."""
+    B, H, T, D = q.shape
+    R, N = buckets.shape[2], T // chunk
+    st, rank, loc = sort_by_bucket(buckets, chunk, same_bucket)
+
+    def gather_rows(x):  # (B, H, T, E) -> rows in each round's sorted order, chunked: (B, H, R, N, m, E)
+        E = x.shape[-1]
+        rows = x[:, :, None].expand(B, H, R, T, E).gather(3, st[..., None].expand(B, H, R, T, E))
+        return rows.view(B, H, R, N, chunk, E)
+
+    def with_previous(x):  # (B, H, R, N, m, ...) -> (B, H, R, N, 2m, ...): previous chunk's rows, then own
+        return torch.cat([x.roll(1, dims=3), x], dim=4)
+
+    sq = gather_rows(q)  # (B, H, R, N, m, D)
+    sk, sv = with_previous(gather_rows(k)), with_previous(gather_rows(v))  # (B, H, R, N, 2m, D)
+    qpos = st.view(B, H, R, N, chunk)
+    kpos = with_previous(qpos)  # (B, H, R, N, 2m)
+    s = (sq @ sk.transpose(-1, -2)) * scale  # (B, H, R, N, m, 2m)
+    is_self = kpos[..., None, :] == qpos[..., :, None]
+    s = s.masked_fill(is_self, SELF_LOGIT)
+    if dedup:
+        # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
+        qloc = loc.gather(3, qpos.reshape(B, H, 1, R * T).expand(B, H, R, R * T)).view(B, H, R, R, N, chunk)
+        kloc = loc.gather(3, kpos.reshape(B, H, 1, 2 * R * T).expand(B, H, R, 2 * R * T))
+        kloc = kloc.view(B, H, R, R, N, 2 * chunk)
+        ql, kl = qloc[..., :, None], kloc[..., None, :]
+        count = ((kl == ql) | (kl + 1 == ql)).sum(2)  # (B, H, R, N, m, 2m): rounds whose window holds the key
+        s = s - count.clamp(min=1).to(s.dtype).log()
+    first = torch.zeros(N, 2 * chunk, dtype=torch.bool, device=q.device)
+    first[0, :chunk] = True  # the first chunk has no previous chunk
+    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & ~first[:, None, :]
+    if same_bucket:
+        sb = buckets.gather(3, st).view(B, H, R, N, chunk)
+        allowed = allowed & (with_previous(sb)[..., None, :] == sb[..., :, None])
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, R, N, m)
+    so = torch.exp(s - lse[..., None]) @ sv  # (B, H, R, N, m, D)
+    o = so.view(B, H, R, T, D).gather(3, rank[..., None].expand(B, H, R, T, D))  # undo the sort
+    return o, lse.view(B, H, R, T).gather(3, rank)
+
+
+# Shared by the three kernels: the masked logits of a tile of queries (rows) against a tile of keys (columns).
+# Order of operations, same as the reference: q.k * scale; the self logit; minus log(count of rounds whose
+# window holds the key) with dedup; -inf for keys later in the original order, outside the window, or (with
+# same_bucket) in another bucket.
+@jit
+def _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, loc_base, T, scale, self_logit,
+                N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
+    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.where(kpos[None, :] == qpos[:, None], self_logit, s)
+    if DEDUP:
+        count = tl.zeros(s.shape, dtype=tl.int32)
+        for r in tl.static_range(N_HASHES):
+            ql = tl.load(LOC + loc_base + r * T + qpos)
+            kl = tl.load(LOC + loc_base + r * T + kpos)
+            hit = (kl[None, :] == ql[:, None]) | (kl[None, :] + 1 == ql[:, None])
+            count += hit.to(tl.int32)
+        s = s - tl.log(tl.maximum(count, 1).to(tl.float32))
+    allowed = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+    if SAME_BUCKET:
+        allowed = allowed & (kb[None, :] == qb[:, None])
+    return tl.where(allowed, s, float("-inf"))
+
+
+@jit
+def _load_rows(X, base, pos, ok, offs_d, d_ok, D):
+    # rows X[base + pos] of a row-major (.., T, D) tensor: the in-kernel gather that replaces a sorted copy
+    return tl.load(X + base + pos[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+# Forward. One program = one chunk c of one (batch, head, round) row bhr; grid (B*H*R, T/chunk).
+# SRAM: the chunk's BLOCK_M query rows and the 2*BLOCK_M key and value rows of the previous and own chunk,
+# each gathered from the unsorted q/k/v through the sorted positions ST; the (BLOCK_M, 2*BLOCK_M) logit tile.
+# The whole window fits in one tile, so the softmax is exact in one pass (no online recurrence):
+#   m_i = max_j s_ij;  l_i = sum_j exp(s_ij - m_i);  o_i = sum_j exp(s_ij - m_i) v_j / l_i;  lse_i = m_i + log l_i
+# o and lse are written at the query's original position (the sort is undone by the store).
+@jit
+def _lsh_fwd_kernel(Q, K, V, ST, BKT, LOC, O, LSE, scale, self_logit, T, D,
+                    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, N_HASHES: tl.constexpr,
+                    SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
+    bhr = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    bh = bhr // N_HASHES
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, 2 * BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_ok = offs_m < CHUNK
+    qpos = tl.load(ST + bhr * T + c * CHUNK + offs_m % CHUNK)  # padding rows repeat real ones, never stored
+    k_chunk = c - 1 + offs_n // BLOCK_M  # keys: the previous chunk, then this one
+    k_ok = ((offs_n % BLOCK_M) < CHUNK) & (k_chunk >= 0)
+    kpos = tl.load(ST + bhr * T + k_chunk * CHUNK + offs_n % BLOCK_M, mask=k_ok, other=0)
+    q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
+    k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
+    v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
+    qb = qpos
+    kb = kpos
+    if SAME_BUCKET:
+        qb = tl.load(BKT + bhr * T + qpos)
+        kb = tl.load(BKT + bhr * T + kpos)
+    s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
+                    N_HASHES, SAME_BUCKET, DEDUP)
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    o = tl.dot(p.to(v.dtype), v) / l[:, None]
+    tl.store(O + bhr * T * D + qpos[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bhr * T + qpos, m + tl.log(l), mask=q_ok)
+
+
+# Backward for keys and values. One program = the keys of chunk c of row bhr; grid (B*H*R, T/chunk).
+# The queries that see these keys are those of chunk c and chunk c+1, so each key row gets all its gradient
+# from one program (no atomics). SRAM: BLOCK_M key/value rows, 2*BLOCK_M query/dO rows with their lse and
+# delta = rowsum(dO * O) - dlse (dlse: the gradient reaching lse through the round combination).
+#   p_ij = exp(s_ij - lse_i);  dv_j = sum_i p_ij dO_i
+#   ds_ij = p_ij (dO_i . v_j - delta_i);  dk_j = scale * sum_i ds_ij q_i
+# dk, dv are stored per round at the key's original position; the caller sums the rounds.
+@jit
+def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DK, DV, scale, self_logit, T, D,
+                         CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
+    bhr = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    bh = bhr // N_HASHES
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, 2 * BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k_ok = offs_m < CHUNK
+    kpos = tl.load(ST + bhr * T + c * CHUNK + offs_m, mask=k_ok, other=0)
+    q_chunk = c + offs_n // BLOCK_M  # queries: this chunk, then the next one
+    q_ok = ((offs_n % BLOCK_M) < CHUNK) & (q_chunk < T // CHUNK)
+    qpos = tl.load(ST + bhr * T + q_chunk * CHUNK + offs_n % BLOCK_M, mask=q_ok, other=0)
+    k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
+    v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
+    q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
+    do = _load_rows(DO, bhr * T * D, qpos, q_ok, offs_d, d_ok, D)
+    lse = tl.load(LSE + bhr * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get p = 0
+    delta = tl.load(DELTA + bhr * T + qpos, mask=q_ok, other=0.0)
+    qb = qpos
+    kb = kpos
+    if SAME_BUCKET:
+        qb = tl.load(BKT + bhr * T + qpos)
+        kb = tl.load(BKT + bhr * T + kpos)
+    s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
+                    N_HASHES, SAME_BUCKET, DEDUP)  # (2*BLOCK_M queries, BLOCK_M keys)
+    p = tl.exp(s - lse[:, None])
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+    out = bhr * T * D + kpos[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, dk, mask=k_ok[:, None] & d_ok[None, :])
+    tl.store(DV + out, dv, mask=k_ok[:, None] & d_ok[None, :])
+
+
+# Backward for queries. One program = the queries of chunk c of row bhr; grid (B*H*R, T/chunk); the same
+# tiles as the forward plus dO, lse and delta of the queries.
+#   p_ij = exp(s_ij - lse_i);  ds_ij = p_ij (dO_i . v_j - delta_i);  dq_i = scale sum_j ds_ij k_j
+@jit
+def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DQ, scale, self_logit, T, D,
+                       CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
+    bhr = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    bh = bhr // N_HASHES
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, 2 * BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_ok = offs_m < CHUNK
+    qpos = tl.load(ST + bhr * T + c * CHUNK + offs_m, mask=q_ok, other=0)
+    k_chunk = c - 1 + offs_n // BLOCK_M
+    k_ok = ((offs_n % BLOCK_M) < CHUNK) & (k_chunk >= 0)
+    kpos = tl.load(ST + bhr * T + k_chunk * CHUNK + offs_n % BLOCK_M, mask=k_ok, other=0)
+    q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
+    k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
+    v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
+    do = _load_rows(DO, bhr * T * D, qpos, q_ok, offs_d, d_ok, D)
+    lse = tl.load(LSE + bhr * T + qpos, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + bhr * T + qpos, mask=q_ok, other=0.0)
+    qb = qpos
+    kb = kpos
+    if SAME_BUCKET:
+        qb = tl.load(BKT + bhr * T + qpos)
+        kb = tl.load(BKT + bhr * T + kpos)
+    s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
+                    N_HASHES, SAME_BUCKET, DEDUP)
+    p = tl.exp(s - lse[:, None])
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k) * scale
+    tl.store(DQ + bhr * T * D + qpos[:, None] * D + offs_d[None, :], dq, mask=q_ok[:, None] & d_ok[None, :])
+
+
+class _LSHAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, buckets, chunk, scale, same_bucket, dedup):
+        B, H, T, D = q.shape
+        R = buckets.shape[2]
+        st, _, loc = sort_by_bucket(buckets, chunk, same_bucket)
+        st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
+        bkt = buckets.to(torch.int32).contiguous()
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        o = torch.empty(B, H, R, T, D, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, H, R, T, device=q.device, dtype=torch.float32)
+        # tl.dot needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked.
+        # At chunk 64 a program holds 64 x 128 logits, the tile size for which Triton's fused-attention tutorial
+        # uses 8 warps (not tuned here: no GPU was at hand when this was written).
+        meta = dict(CHUNK=chunk, BLOCK_M=max(16, triton.next_power_of_2(chunk)),
+                    BLOCK_D=max(16, triton.next_power_of_2(D)), N_HASHES=R, SAME_BUCKET=same_bucket, DEDUP=dedup,
+                    num_warps=8)
+        grid = (B * H * R, T // chunk)
+        _lsh_fwd_kernel[grid](q, k, v, st, bkt, loc, o, lse, scale, SELF_LOGIT, T, D, **meta)
+        ctx.save_for_backward(q, k, v, st, bkt, loc, o, lse)
+        ctx.grid, ctx.meta, ctx.scale = grid, meta, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, st, bkt, loc, o, lse = ctx.saved_tensors
+        B, H, R, T, D = o.shape
+        do = do.to(v.dtype).contiguous()
+        delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()  # dlse: lse feeds the round weights
+        dq, dk, dv = (torch.empty(B, H, R, T, D, device=q.device, dtype=torch.float32) for _ in range(3))
+        args = (q, k, v, st, bkt, loc, do, lse, delta)
+        _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, ctx.scale, SELF_LOGIT, T, D, **ctx.meta)
+        _lsh_bwd_dq_kernel[ctx.grid](*args, dq, ctx.scale, SELF_LOGIT, T, D, **ctx.meta)
+        dq, dk, dv = (g.sum(2).to(q.dtype) for g in (dq, dk, dv))  # a position appears once in every round
+        return dq, dk, dv, None, None, None, None, None
+
+
+def combine_rounds(o, lse):
+    """out = sum_r exp(lse_r - logsumexp_r lse_r) o_r: (B, H, R, T, D), (B, H, R, T) -> (B, H, T, D)."""
+    w = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=2)
+    return (o * w[..., None].to(o.dtype)).sum(2)
+
+
+def lsh_attention_rounds(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, backend=None):
+    """Per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) of LSH attention (see the header)."""
+    global last_lsh_backend
+    T = q.shape[2]
+    if T % chunk != 0:
+        raise ValueError(f"LSH attention needs the sequence length ({T}) to be a multiple of chunk ({chunk})")
+    if backend not in (None, "triton", "dense"):
+        raise ValueError(f"unknown LSH attention backend {backend!r}; choose 'triton', 'dense' or leave it unset")
+    fits = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton is not None
+    if backend == "triton" and not (fits and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError("the LSH Triton kernel needs triton, fp16/bf16/fp32 inputs and CUDA tensors (or "
+                         "TRITON_INTERPRET=1 for the CPU interpreter); use backend='dense'")
+    if backend is None:
+        backend = "triton" if q.is_cuda and fits else "dense"
+    last_lsh_backend = backend
+    if backend == "dense":
+        return dense_lsh_attention(q, k, v, buckets, chunk, scale, same_bucket, dedup)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return _LSHAttentionTriton.apply(q, k, v, buckets, chunk, scale, same_bucket, dedup)
+
+
+def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, backend=None):
+    """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
+
+    Triton on CUDA, the dense PyTorch twin elsewhere; backend='triton' or 'dense' forces one and
+    last_lsh_backend says which ran.
+    """
+    return combine_rounds(*lsh_attention_rounds(q, k, v, buckets, chunk, scale, same_bucket, dedup, backend))
+
+
+def benchmark_lsh(T=65536, n_hashes=4, chunk=64, D=64, B=1, H=8, n_buckets=None, dtype=torch.bfloat16):
+    """Time forward + backward of the LSH kernel and its dense twin (sort, gather, batched matmul) on CUDA."""
+    from triton.testing import do_bench
+
+    n_buckets = n_buckets or 2 * T // chunk
+    q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
+    buckets = torch.randint(n_buckets, (B, H, n_hashes, T), device="cuda")
+    times = {}
+    for backend in ("triton", "dense"):
+        def step():
+            k = torch.nn.functional.normalize(q, dim=-1)
+            lsh_attention(q, k, v, buckets, chunk, backend=backend).sum().backward()
+        times[backend] = do_bench(step, warmup=5, rep=50)
+    print(f"LSH attention fwd+bwd, T={T}, n_hashes={n_hashes}, chunk={chunk}, D={D}, B*H={B * H}, {dtype}: "
+          f"triton {times['triton']:.2f} ms, dense twin {times['dense']:.2f} ms, "
+          f"speed-up {times['dense'] / times['triton']:.1f}x")
+    return times
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark: python kernels.py [--n 1024 4096 16384 65536] [--patterns local strided fixed all]
+#                              [--dtype bf16] [--block 128]
+
+def bench_layouts(n, block):
+    """Sparse Transformer patterns as (1, n/block, n/block) block layouts, stride l = sqrt(n) rounded to a
+    multiple of block (at least one block); "all" is None (dense causal)."""
+    lb = max(1, round(math.sqrt(n) / block))  # l / block
+    qb, kb = torch.arange(n // block)[:, None], torch.arange(n // block)[None, :]
+    local = (kb <= qb) & (qb - kb < lb)  # the l previous positions: a band of l/block tiles
+    strided = local | ((kb <= qb) & ((qb - kb) % lb == 0))  # + every l-th position: every (l/block)-th tile
+    fixed = (kb <= qb) & ((qb // lb == kb // lb) | (kb % lb == lb - 1))  # own stride block + its summary tile
+    layouts = dict(local=local, strided=strided, fixed=fixed, all=None)
+    return {name: None if lay is None else lay[None] for name, lay in layouts.items()}, lb * block
+
+
+def flex_block_mask(layout, block, n, device):
+    """FlexAttention's BlockMask for causal self-attention over the same tiles as block_lists(layout, ...):
+    tiles on the diagonal are partial, the others full. The mask_mod alone also defines the whole function
+    (FlexAttention without torch.compile ignores the tile lists)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    row_ptr, cols = (t.long() for t in block_lists(layout, block, n, n, 0, n + 1, device)[:2])
+    nb = n // block
+    visible = torch.zeros(1, nb, nb, dtype=torch.bool, device=device)
+    visible[0, torch.repeat_interleave(torch.arange(nb, device=device), row_ptr.diff()), cols] = True
+    diagonal = torch.eye(nb, dtype=torch.bool, device=device)[None]
+
+    def kv_lists(vis):  # (1, M, N) -> counts (1, 1, M), indices (1, 1, M, N): visible tiles first
+        order = torch.argsort(vis.to(torch.int8), dim=-1, descending=True, stable=True)
+        return vis.sum(-1, dtype=torch.int32)[None], order.to(torch.int32)[None]
+
+    counts, indices = kv_lists(visible & diagonal)
+    full_counts, full_indices = kv_lists(visible & ~diagonal)
+    return BlockMask.from_kv_blocks(counts, indices, full_kv_num_blocks=full_counts, full_kv_indices=full_indices,
+                                    BLOCK_SIZE=block, mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx)
+                                    & visible[0, q_idx // block, kv_idx // block])
+
+
+def _bench(args):
+    from triton.testing import do_bench
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+    except ImportError:
+        flex = None
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
+    B, H, D, blk = 2, 8, 64, args.block
+    print(f"B={B} H={H} D={D} {args.dtype} block={blk} on {torch.cuda.get_device_name()}; ms per call "
+          f"(triton.testing.do_bench), TFLOP/s on computed tiles (fwd 4*D flops per tile element, bwd 2.5x "
+          f"fwd), peak MB above the inputs during one fwd+bwd")
+    head = (f"{'n':>6} {'l':>4} {'pattern':>8} {'tiles%':>6} | {'fwd ms':>8} {'TF/s':>5} {'f+b ms':>8} {'TF/s':>5} "
+            f"{'MB':>6} | {'flex fwd':>8} {'f+b':>8} {'MB':>6} | {'sdpa fwd':>8} {'f+b':>8} {'MB':>6} | err")
+    print(head)
+    print("-" * len(head))
+
+    def measure(fn, q, k, v):
+        """(fwd ms, fwd+bwd ms, peak MB, output) of fn(q, k, v); strings 'OOM' / 'fail' when it does not run."""
+        do = torch.randn_like(q)
+        try:
+            with torch.no_grad():
+                out = fn(q, k, v)
+                t_fwd = do_bench(lambda: fn(q, k, v))
+            t_fb = do_bench(lambda: fn(q, k, v).backward(do), grad_to_none=[q, k, v])
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(q, k, v).backward(do)
+            torch.cuda.synchronize()
+            return t_fwd, t_fb, (torch.cuda.max_memory_allocated() - base) / 2**20, out
+        except torch.cuda.OutOfMemoryError:
+            return "OOM", "OOM", "OOM", None
+        except Exception as e:  # e.g. a FlexAttention version that rejects the block size: say so, go on
+            print(f"  ({getattr(fn, '__name__', 'fn')} failed: {type(e).__name__}: {str(e)[:200]})")
+            return "fail", "fail", "fail", None
+        finally:
+            q.grad = k.grad = v.grad = None
+            torch.cuda.empty_cache()
+
+    def fmt(x, width, digits=2):
+        return f"{x:>{width}.{digits}f}" if isinstance(x, float) else f"{x:>{width}}"
+
+    for n in args.n:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        layouts, l = bench_layouts(n, blk)
+        def sdpa_causal(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        sdpa = measure(sdpa_causal, q, k, v)
+        for name in args.patterns:
+            layout = layouts[name]
+            tiles = block_lists(layout, blk, n, n, 0, n + 1, q.device)[1].numel()
+            flops = 4.0 * B * H * D * blk * blk * tiles
+
+            def triton_attention(q, k, v):
+                return attention(q, k, v, layout=layout, block=blk, backend="triton")
+            ours = measure(triton_attention, q, k, v)
+            theirs = ("-", "-", "-", None)
+            if flex is not None:
+                block_mask = flex_block_mask(layout, blk, n, q.device)
+
+                def flex_attn(q, k, v):
+                    return flex(q, k, v, block_mask=block_mask)
+                theirs = measure(flex_attn, q, k, v)
+            err = "-"
+            if ours[3] is not None and theirs[3] is not None:
+                err = f"{(ours[3].float() - theirs[3].float()).abs().max().item():.1e}"
+            tf = [fmt(f / (t * 1e9), 5, 0) if isinstance(t, float) else fmt(t, 5)
+                  for f, t in ((flops, ours[0]), (3.5 * flops, ours[1]))]
+            print(f"{n:>6} {l:>4} {name:>8} {100 * tiles / (n // blk) ** 2:>6.1f} | {fmt(ours[0], 8, 3)} {tf[0]} "
+                  f"{fmt(ours[1], 8, 3)} {tf[1]} {fmt(ours[2], 6, 0)} | {fmt(theirs[0], 8, 3)} "
+                  f"{fmt(theirs[1], 8, 3)} {fmt(theirs[2], 6, 0)} | {fmt(sdpa[0], 8, 3)} {fmt(sdpa[1], 8, 3)} "
+                  f"{fmt(sdpa[2], 6, 0)} | {err}")
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def _interpreter_check():
+    """A tiny correctness check of the kernels against the dense fallback, on the CPU interpreter."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+    layout = torch.rand(2, 4, 4) < 0.6
+    results = []
+    for backend in ("triton", "dense"):
+        out = attention(q, k, v, layout=layout, block=16, window=40, backend=backend)
+        results.append([out, *torch.autograd.grad(out.sum(), (q, k, v))])
+    err = max((a - b).abs().max().item() for a, b in zip(*results))
+    print(f"interpreter check (T=S=64, block 16, D=16, random layout, window 40): max |triton - dense| over "
+          f"out, dq, dk, dv = {err:.1e}")
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Benchmark the block-sparse attention kernel.")
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--patterns", nargs="+", default=["local", "strided", "fixed", "all"],
+                        choices=["local", "strided", "fixed", "all"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--block", type=int, default=128, choices=[64, 128])
+    args = parser.parse_args()
+    if triton is None or not torch.cuda.is_available():
+        print(f"no CUDA device (or no triton): nothing to benchmark here; {backend_info('cpu')}.")
+        if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
+            _interpreter_check()
+        else:
+            print("TRITON_INTERPRET=1 python kernels.py runs a tiny correctness check on the interpreter instead.")
+    else:
+        _bench(args)
+        benchmark_lsh()

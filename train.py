@@ -15,10 +15,14 @@ import dataclasses
 import importlib
 import math
 import os
+import struct
 import sys
 import time
+import wave
+import zlib
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -72,6 +76,24 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="out")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
     p.add_argument("-h", "--help", action="store_true")
+    g = p.add_argument_group("sampling (--sample: load out_dir/ckpt.pt and generate; see README)")
+    g.add_argument("--sample", action="store_true", help="generate from the checkpoint instead of training")
+    g.add_argument("--prompt", default=None, help="text prompt (default: a random validation excerpt)")
+    g.add_argument("--num_samples", type=int, default=3, help="text continuations / images / audio clips")
+    g.add_argument("--max_new_tokens", type=int, default=500, help="text: tokens to generate per sample")
+    g.add_argument("--completions", type=int, default=3, help="images: completions of each half image")
+    g.add_argument("--seconds", type=float, default=5.0, help="audio: seconds to generate")
+    g.add_argument("--unconditional", action="store_true", help="images/audio: start from the start token alone")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top_k", type=int, default=None)
+    g.add_argument("--no_cache", action="store_true", help="recompute the whole context for every new token")
+    g = p.add_argument_group("benchmark (--bench: tables of speed and memory, no data needed)")
+    g.add_argument("--bench", choices=["models", "memory"], default=None,
+                   help="models: training tokens/s and peak memory per model and length; memory: the Sparse "
+                        "Transformer post's attention-memory table")
+    g.add_argument("--bench_models", default=",".join(MODELS), help="comma-separated model names")
+    g.add_argument("--bench_lengths", default="1024,4096,16384,65536", help="comma-separated context lengths")
+    g.add_argument("--bench_steps", type=int, default=3, help="timed training steps per cell (after one warm-up)")
     args, rest = p.parse_known_args(argv)
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS)}")
@@ -162,8 +184,262 @@ def evaluate(model, data, args, device, ctx):
     return out
 
 
+def autocast_for(args, device):
+    """Resolve --dtype auto and return (device_type, dtype, autocast context)."""
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = getattr(torch, args.dtype)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    return device_type, dtype, ctx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling: text to the terminal, images to a PNG grid, audio to WAV files (standard library writers)
+
+def write_png(path, img):
+    """uint8 [H, W, 3] -> PNG: signature, IHDR, one zlib-compressed IDAT (filter 0 per row), IEND."""
+    h, w, _ = img.shape
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+                + chunk(b"IEND", b""))
+
+
+def write_wav(path, tokens, rate):
+    """8-bit mu-law tokens -> 16-bit mono PCM WAV."""
+    pcm = np.clip(datasets.mu_law_decode(np.asarray(tokens)) * 32767, -32767, 32767).astype("<i2")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def image_grid(rows, scale=4, pad=2):
+    """Rows of token sequences (3072 each, raster order) -> one uint8 picture, 32x32 tiles upscaled."""
+    tile = 32 * scale
+    canvas = np.full((pad + len(rows) * (tile + pad), pad + max(map(len, rows)) * (tile + pad), 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, seq in enumerate(row):
+            img = seq.clamp(max=255).to(torch.uint8).view(32, 32, 3).cpu().numpy()  # (32, 32, 3)
+            y, x = pad + i * (tile + pad), pad + j * (tile + pad)
+            canvas[y:y + tile, x:x + tile] = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    return canvas
+
+
+def generate(model, idx, n, args, gen, desc):
+    """model.generate in up to 20 pieces so that a progress bar can follow (each piece re-primes the cache)."""
+    piece = max(1, math.ceil(n / 20))
+    with tqdm(total=n, desc=desc, unit="tok") as bar:
+        while bar.n < n:
+            k = min(piece, n - bar.n)
+            idx = model.generate(idx, k, temperature=args.temperature, top_k=args.top_k, generator=gen,
+                                 use_cache=not args.no_cache)
+            bar.update(k)
+    return idx
+
+
+@torch.no_grad()
+def sample(args):
+    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    name, config = ckpt["args"]["model"], ckpt["model_config"]
+    model = build_model(name, config)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    print(f"sampling from {name} (step {ckpt['step']}, {config}); {data.describe()}")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    _, _, ctx = autocast_for(args, device)
+    k = args.num_samples
+    with ctx:
+        if data.kind == "text":
+            if args.prompt is not None:
+                prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)[None].repeat(k, 1)
+            else:
+                start = torch.randint(0, len(data.splits["val"]) - 256, (1,), generator=torch.Generator()
+                                      .manual_seed(args.seed)).item()
+                prompt = data.splits["val"][start:start + 256].long()[None].repeat(k, 1)
+            out = generate(model, prompt.to(device), args.max_new_tokens, args, gen, "text")
+            for i in range(k):
+                print(f"\n--- sample {i + 1} ---\n{bytes(out[i].tolist()).decode('utf-8', errors='replace')}")
+        elif data.kind == "image":
+            k = min(k, len(data.splits["test"]))
+            bos = torch.full((k, 1), data.bos, device=device)
+            rows = []
+            if not args.unconditional:  # prompt | completions | ground truth, per test image
+                truth = data.splits["test"][:k].long().to(device)  # (k, 3072)
+                prompt = torch.cat([bos, truth[:, :1536]], dim=1)
+                completions = [generate(model, prompt, 1536, args, gen, f"completion {c + 1}")[:, 1:]
+                               for c in range(args.completions)]
+                top_half = torch.cat([truth[:, :1536], torch.full_like(truth[:, 1536:], 128)], dim=1)
+                rows = [[top_half[i]] + [c[i] for c in completions] + [truth[i]] for i in range(k)]
+            uncond = generate(model, bos, 3072, args, gen, "unconditional")[:, 1:]
+            rows.append(list(uncond))
+            path = os.path.join(args.out_dir, "samples.png")
+            write_png(path, image_grid(rows))
+            print(f"wrote {path}: " + ("" if args.unconditional else "rows of prompt | completions | "
+                                       "ground truth, then ") + "a row of unconditional samples")
+        elif data.kind == "copy":  # show the first half, ask for the second: it should repeat the first
+            half_len = config["block_size"] // 2
+            half = torch.randint(0, 256, (k, half_len), generator=torch.Generator().manual_seed(args.seed))
+            prompt = torch.cat([torch.full((k, 1), data.bos), half], dim=1).to(device)
+            out = generate(model, prompt, half_len, args, gen, "copy")[:, -half_len:].cpu()
+            print(f"copy task: {(out == half).float().mean().item():.1%} of {k} x {half_len} tokens recalled "
+                  f"across a distance of {half_len}")
+        else:
+            rate, k = ckpt["args"]["audio_rate"], min(k, len(data.splits["val"]))
+            bos = torch.full((k, 1), data.bos, device=device)
+            prompt = bos if args.unconditional else torch.cat(
+                [bos, data.splits["val"][:k, :rate].long().to(device)], dim=1)  # up to 1 s of validation audio
+            out = generate(model, prompt, int(args.seconds * rate), args, gen, "audio")[:, 1:]
+            for i in range(k):
+                path = os.path.join(args.out_dir, f"sample_{i + 1}.wav")
+                write_wav(path, out[i].clamp(max=255).cpu().numpy(), rate)
+                print(f"wrote {path} ({out.shape[1] / rate:.1f} s at {rate} Hz)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmarks: every model at the same width, depth and batch; out-of-memory is a table entry, not a crash
+
+def bench_cell(name, T, args, device, ctx):
+    """Training tokens/s and peak memory of one model at context T on random tokens."""
+    _, _, variant = MODELS[name]
+    config = {**{k: getattr(args, k) for k in SHARED_FIELDS if k != "vocab_size"}, "block_size": T,
+              "vocab_size": 256, **variant}
+    try:
+        model = build_model(name, config).to(device)
+    except ValueError as e:  # e.g. a length the pattern cannot take
+        return {"status": f"n/a: {e}"}
+    params = sum(p.numel() for p in model.parameters())
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cuda" if device.startswith("cuda") else "cpu")
+    x = torch.randint(0, 256, (args.batch_size, T), device=device)
+    cuda = device.startswith("cuda")
+    try:
+        for i in range(1 + args.bench_steps):
+            if i == 1:  # the first step warms up (allocations, autotuning, compilation)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+            with ctx:
+                loss = model(x, x)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / args.bench_steps
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "OOM"}
+    finally:
+        del model, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"status": "ok", "params": params,
+            "step_ms": 1000 * seconds, "tokens_per_s": args.batch_size * T / seconds,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def bench(args):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    _, _, ctx = autocast_for(args, device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.bench == "memory":
+        return bench_memory(args)
+    names = args.bench_models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown --bench_models {unknown}; choose from: {', '.join(MODELS)}")
+    lengths = [int(n) for n in args.bench_lengths.split(",")]
+    print(f"benchmark on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), "
+          f"dtype {args.dtype}, batch {args.batch_size}, {args.n_layer} layers, width {args.n_embd}, "
+          f"{args.n_head} heads; {kernels.backend_info(device)}")
+    results = []
+    for name in names:
+        for T in lengths:
+            r = bench_cell(name, T, args, device, ctx)
+            results.append({"model": name, "length": T, **r})
+            print(f"{name:>15} n={T:>7}: " + (f"{r['tokens_per_s']:>10,.0f} tok/s, {r['step_ms']:9.1f} ms/step"
+                  + (f", peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "")
+                  if r["status"] == "ok" else r["status"]))
+            if r["status"] == "OOM":
+                break  # longer contexts will not fit either
+    header = ["model", "params (M)"] + [f"n={T}" for T in lengths]
+    table = []
+    for name in names:
+        cells = {r["length"]: r for r in results if r["model"] == name}
+        params = next((f"{r['params'] / 1e6:.2f}" for r in cells.values() if r["status"] == "ok"), "-")
+        table.append([name, params] + [
+            "-" if T not in cells else cells[T]["status"] if cells[T]["status"] != "ok" else
+            f"{cells[T]['tokens_per_s']:,.0f} tok/s" + (f", {cells[T]['peak_mem_gib']:.2f} GiB"
+                                                       if cells[T]["peak_mem_gib"] is not None else "")
+            for T in lengths])
+    md, csv_path = markdown_table(header, table), os.path.join(args.out_dir, "bench.csv")
+    print(md)
+    with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
+        f.write(md + "\n")
+    with open(csv_path, "w") as f:
+        f.write("model,length,status,params,step_ms,tokens_per_s,peak_mem_gib\n")
+        for r in results:
+            f.write(",".join(str(r.get(k, "")) for k in
+                             ("model", "length", "status", "params", "step_ms", "tokens_per_s", "peak_mem_gib")) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {csv_path} and bench.md; `pip install matplotlib` and rerun for bench.png (log-log plots)")
+        return results
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        ok = [r for r in results if r["model"] == name and r["status"] == "ok"]
+        axes[0].plot([r["length"] for r in ok], [r["step_ms"] for r in ok], "o-", label=name)
+        if ok and ok[0]["peak_mem_gib"] is not None:
+            axes[1].plot([r["length"] for r in ok], [r["peak_mem_gib"] for r in ok], "o-", label=name)
+    for ax, label in zip(axes, ("ms per training step", "peak memory (GiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="context length", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.savefig(os.path.join(args.out_dir, "bench.png"), dpi=120, bbox_inches="tight")
+    print(f"wrote {csv_path}, bench.md and bench.png")
+    return results
+
+
+def bench_memory(args):
+    """The Sparse Transformer post's table: memory of the attention matrices of a dense 64-layer, 4-head model
+    in float32, stored for the backward (layers x heads x n^2 x 4 bytes) vs recomputed (one layer at a time)."""
+    post = {"1024 text tokens": (1024, "1.0 GB", "16 MB"), "32x32x3 image": (3072, "9.6 GB", "151 MB"),
+            "64x64x3 image": (12288, "154 GB", "2.4 GB"), "24,000 audio samples": (24000, "590 GB", "9.2 GB")}
+    rows = []
+    for what, (n, post_stored, post_recomputed) in post.items():
+        one_layer = 4 * n * n * 4  # heads x n^2 x bytes
+        rows.append([what, n, f"{64 * one_layer / 1e9:.2f} GB", post_stored, f"{one_layer / 1e6:,.1f} MB",
+                     post_recomputed])
+    md = markdown_table(["data", "n", "stored (formula)", "stored (post)", "recomputed (formula)",
+                         "recomputed (post)"], rows)
+    print(md)
+    with open(os.path.join(args.out_dir, "bench_memory.md"), "w") as f:
+        f.write(md + "\n")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.sample:
+        return sample(args)
+    if args.bench:
+        return bench(args)
     ddp = "RANK" in os.environ  # launched by torchrun
     if ddp:
         use_cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -176,11 +452,7 @@ def main(argv=None):
         rank, world = 0, 1
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    dtype = getattr(torch, args.dtype)
-    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    device_type, dtype, ctx = autocast_for(args, device)
     torch.manual_seed(args.seed + rank)
     log = print if master else (lambda *a, **k: None)
 

@@ -1,0 +1,284 @@
+"""
+Reformer (Kitaev, Kaiser, Levskaya 2020, "Reformer: The Efficient Transformer", arXiv 2001.04451): a
+decoder-only Transformer whose memory stays small on long sequences, through four changes:
+
+- Shared-QK attention (section 3): one projection gives the queries, and the keys are the queries scaled to
+  unit length, k_j = q_j / ||q_j||. A position attends to itself only when it has no other key.
+- LSH attention (section 3): angular locality-sensitive hashing, bucket(x) = argmax([xR; -xR]) with a random
+  R of shape [d_h, n_buckets/2], in n_hashes rounds. Each round sorts the positions by (bucket, position),
+  cuts them into chunks of m = `chunk`, and lets every chunk attend to itself and the previous chunk, causal
+  by original position; the rounds combine by their log-sum-exp weights,
+      out_i = sum_r exp(lse_r,i - logsumexp_r lse_r,i) o_r,i.
+- Reversible residual layers (section 4, RevNet): with the activations split in two halves,
+      y1 = x1 + Attention(x2),   y2 = x2 + FeedForward(y1);
+  the backward pass rebuilds x2 = y2 - FeedForward(y1) and x1 = y1 - Attention(x2), so no per-layer
+  activations are stored and memory does not grow with depth.
+- Chunked feed-forward (section 4): the feed-forward runs on slices of the sequence, one at a time.
+And, from trax's Reformer, axial position embeddings: with T = n1 * n2, e(i) = [E1[i // n2]; E2[i % n2]].
+
+Caveat on causality: LSH attention never gives weight to a later position, but which earlier keys share a
+query's chunk depends on where all positions, later ones included, fall in the sort. A later token can
+therefore change an earlier output through the chunk boundaries (as in trax). With one chunk covering the
+sequence the model is exactly causal.
+"""
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparse_transformer import MLP, configure_optimizers, init_weights, sample_next
+from kernels import lsh_attention
+
+
+@dataclass
+class Config:
+    block_size: int = 4096  # the longest sequence; a multiple of chunk
+    vocab_size: int = 256
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.0
+    bias: bool = True
+    n_hashes: int = 4  # LSH rounds
+    n_buckets: int = 0  # even; 0 = 2 * T // chunk for a sequence of length T (trax's choice)
+    chunk: int = 64  # m: sorted positions per chunk; a chunk attends to itself and the previous chunk
+    ff_chunks: int = 1  # the feed-forward runs on this many slices of the sequence, one after the other
+    axial_shape: tuple = ()  # (n1, n2) with n1 * n2 = block_size; () = the most square factorisation
+    reversible: bool = True  # False: the same network with ordinary autograd (stores every layer's activations)
+    lsh_every: int = 1  # LSH in every lsh_every-th layer, chunked local attention in the others (trax enwik8: 4)
+    same_bucket_mask: bool = False  # the paper's mask on keys of other buckets (off in trax's final code)
+    dup_correction: bool = False  # the paper's -log(count) for keys seen in several rounds (off in trax)
+
+
+def hash_buckets(q, rotations):
+    """Angular LSH (section 3): q (B, H, T, D), rotations (H, R, D, n_buckets/2) -> buckets (B, H, R, T)."""
+    buckets = []
+    for q_slice in q.detach().float().split(4096, dim=2):  # slices of T bound the (.., n_buckets/2) projections
+        xr = torch.einsum("bhtd,hrdk->bhrtk", q_slice, rotations)
+        buckets.append(torch.cat([xr, -xr], dim=-1).argmax(dim=-1))
+    return torch.cat(buckets, dim=-1)
+
+
+class SharedQKAttention(nn.Module):
+    """Shared-QK attention over LSH buckets, or (use_lsh=False) over fixed chunks of the sequence."""
+
+    def __init__(self, config, layer_idx, use_lsh):
+        super().__init__()
+        self.config, self.layer_idx, self.use_lsh = config, layer_idx, use_lsh
+        self.n_head = config.n_head
+        self.qk = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.v = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def rotations(self, T, device):
+        """Random R (H, n_hashes, D, n_buckets/2): fresh in every training forward, fixed per layer in eval.
+
+        The training seed is drawn from torch's CPU generator, so the reversible backward, which restores that
+        generator's state, draws the same rotations again.
+        """
+        cfg = self.config
+        n_buckets = cfg.n_buckets or 2 * (T // cfg.chunk)
+        seed = int(torch.randint(2**62, (1,))) if self.training else self.layer_idx
+        generator = torch.Generator(device=device).manual_seed(seed)
+        shape = (self.n_head, cfg.n_hashes, cfg.n_embd // self.n_head, n_buckets // 2)
+        return torch.randn(shape, device=device, generator=generator)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q = self.qk(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = self.v(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        # Keys are unit vectors and logits are q.k with no 1/sqrt(D) factor, as in trax (lucidrains' version
+        # multiplies by D^-0.5 as well).
+        k = F.normalize(q, dim=-1)
+        if self.use_lsh:
+            buckets = hash_buckets(q, self.rotations(T, x.device))  # (B, H, n_hashes, T)
+        else:  # one bucket and one round: the sort keeps the order, so chunks are consecutive positions
+            buckets = torch.zeros(B, self.n_head, 1, T, dtype=torch.long, device=x.device)
+        y = lsh_attention(q, k, v, buckets, self.config.chunk, same_bucket=self.config.same_bucket_mask,
+                          dedup=self.config.dup_correction)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        return self.proj(y)
+
+
+def rng_state(device):
+    """The CPU generator's state and, on CUDA, the device generator's: what dropout and hashing draw from."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def replayed_rng(state, device):
+    """Run with the generators set to `state`; the global generators are left as they were afterwards."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+class ReversibleBlock(nn.Module):
+    """y1 = x1 + f(x2), y2 = x2 + g(y1) with f = attention and g = the chunked feed-forward (section 4)."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = SharedQKAttention(config, layer_idx, use_lsh=(layer_idx + 1) % config.lsh_every == 0)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.ff_chunks = config.ff_chunks
+
+    def f(self, x2):
+        return self.dropout(self.attn(self.ln_1(x2)))
+
+    def g_slice(self, y1):
+        return self.dropout(self.mlp(self.ln_2(y1)))
+
+    def g(self, y1):  # position-wise, so slicing the sequence gives the same result with a smaller peak
+        return torch.cat([self.g_slice(s) for s in y1.chunk(self.ff_chunks, dim=1)], dim=1)
+
+    def forward(self, x1, x2):
+        y1 = x1 + self.f(x2)
+        return y1, x2 + self.g(y1)
+
+    def forward_saving_rng(self, x1, x2):
+        """forward() that also returns the generator states f and g start from, for the recompute."""
+        f_rng = rng_state(x2.device)
+        y1 = x1 + self.f(x2)
+        g_rng = rng_state(x2.device)
+        return y1, x2 + self.g(y1), (f_rng, g_rng)
+
+    def backward_pass(self, y1, y2, dy1, dy2, rng):
+        """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter grads go to .grad."""
+        f_rng, g_rng = rng
+        y1 = y1.detach().requires_grad_()
+        gy1 = []
+        with torch.enable_grad(), replayed_rng(g_rng, y1.device):
+            for y1_s, dy2_s in zip(y1.chunk(self.ff_chunks, dim=1), dy2.chunk(self.ff_chunks, dim=1)):
+                g_s = self.g_slice(y1_s)
+                torch.autograd.backward(g_s, dy2_s)  # frees this slice's activations before the next one
+                gy1.append(g_s.detach())
+        with torch.no_grad():
+            x2 = y2 - torch.cat(gy1, dim=1)
+            dx1 = dy1 + y1.grad
+        x2.requires_grad_()
+        with torch.enable_grad(), replayed_rng(f_rng, x2.device):
+            fx2 = self.f(x2)
+            torch.autograd.backward(fx2, dx1)
+        with torch.no_grad():
+            x1 = y1 - fx2
+            dx2 = dy2 + x2.grad
+        return x1, x2.detach(), dx1, dx2
+
+
+class ReversibleSequence(torch.autograd.Function):
+    """Runs the blocks without storing activations; the backward rebuilds them block by block, last first."""
+
+    @staticmethod
+    def forward(ctx, x1, x2, blocks):
+        ctx.blocks, ctx.rng = blocks, []
+        for block in blocks:
+            x1, x2, rng = block.forward_saving_rng(x1, x2)
+            ctx.rng.append(rng)
+        device = x1.device.type  # the recompute must see the same autocast setting as the forward
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x1, x2)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        y1, y2 = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for block, rng in zip(reversed(ctx.blocks), reversed(ctx.rng)):
+                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, rng)
+        return dy1, dy2, None
+
+
+def axial_shape(config):
+    """(n1, n2) with n1 * n2 = block_size: config.axial_shape, or the most square factorisation (n1 <= n2)."""
+    if config.axial_shape:
+        n1, n2 = config.axial_shape
+        if n1 * n2 != config.block_size:
+            raise ValueError(f"axial_shape {tuple(config.axial_shape)} must multiply to block_size "
+                             f"{config.block_size}; leave it empty to factorise block_size automatically")
+        return n1, n2
+    n1 = max(d for d in range(1, math.isqrt(config.block_size) + 1) if config.block_size % d == 0)
+    return n1, config.block_size // n1
+
+
+class AxialPositionEmbedding(nn.Module):
+    """e(i) = [E1[i // n2]; E2[i % n2]] (widths C//2 and C - C//2): n1 + n2 vectors instead of n1 * n2."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n1, self.n2 = axial_shape(config)
+        self.rows = nn.Parameter(torch.empty(self.n1, config.n_embd // 2))
+        self.cols = nn.Parameter(torch.empty(self.n2, config.n_embd - config.n_embd // 2))
+
+    def forward(self, T):
+        rows = self.rows[:, None].expand(self.n1, self.n2, -1)  # (n1, n2, C//2)
+        cols = self.cols[None, :].expand(self.n1, self.n2, -1)  # (n1, n2, C - C//2)
+        return torch.cat([rows, cols], dim=-1).reshape(self.n1 * self.n2, -1)[:T]  # (T, C)
+
+
+class Reformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.chunk < 1 or config.block_size % config.chunk != 0:
+            raise ValueError(f"block_size ({config.block_size}) must be a positive multiple of chunk ({config.chunk})")
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        if config.n_buckets % 2 != 0 or config.n_buckets < 0:
+            raise ValueError(f"n_buckets must be even (the hash is argmax over [xR; -xR]) or 0 for automatic; "
+                             f"got {config.n_buckets}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = AxialPositionEmbedding(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([ReversibleBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(2 * config.n_embd, bias=config.bias)  # over the concatenated halves, as trax
+        self.lm_head = nn.Linear(2 * config.n_embd, config.vocab_size, bias=False)
+        init_weights(self, config.n_layer)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        if T % self.config.chunk != 0:
+            raise ValueError(f"the Reformer needs the sequence length ({T}) to be a multiple of chunk "
+                             f"({self.config.chunk}); pad or crop the input")
+        x = self.drop(self.wte(idx) + self.wpe(T))  # (B, T, C)
+        if self.config.reversible and torch.is_grad_enabled():
+            x1, x2 = ReversibleSequence.apply(x, x, self.blocks)
+        else:
+            x1, x2 = x, x
+            for block in self.blocks:
+                x1, x2 = block(x1, x2)
+        logits = self.lm_head(self.ln_f(torch.cat([x1, x2], dim=-1)))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=False):
+        """Append max_new_tokens sampled tokens to idx (B, T).
+
+        No cache (use_cache is accepted for the common interface and has no effect): each new token changes
+        the sort of every hash round, so every new token recomputes the whole prefix (at most block_size
+        tokens), right-padded with zeros to a multiple of chunk. The padding comes after the token being predicted, so it reaches it only
+        through the chunk boundaries (see the causality caveat at the top).
+        """
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            T = context.size(1)
+            logits, _ = self(F.pad(context, (0, -T % self.config.chunk)))
+            idx = torch.cat([idx, sample_next(logits[:, T - 1], temperature, top_k, generator)], dim=1)
+        return idx
