@@ -184,8 +184,11 @@ class AFTMixer(nn.Module):
         """x (B, T, C). With cache (this layer's dict, {} before the first position) AFT-simple and AFT-local
         run recurrently over the T new positions, continuing from the positions the cache has seen."""
         B, T, C = x.shape
-        if cache is not None:
+        if cache is not None and (cache or T == 1):
             return torch.stack([self.step(x[:, i], cache) for i in range(T)], dim=1)  # (B, T, C)
+        if cache is not None:  # a prompt: run it in parallel, then leave the state step() would have left
+            self.prime(x, cache)
+            return self.forward(x)
         q, k, v = self.qkv(x).split(C, dim=2)
         with torch.autocast(device_type=x.device.type, enabled=False):  # exp and sums in float32 at least
             dtype = torch.promote_types(q.dtype, torch.float32)
@@ -202,6 +205,22 @@ class AFTMixer(nn.Module):
         if hasattr(self, "w_u"):
             return self.w_v[t - n + 1 : t + 1] @ self.w_u[t]
         return self.w[t, :n].flip(0)
+
+    def prime(self, x, cache):
+        """Fill an empty cache from a whole prompt x (B, T, C): the keys that left the window are summed into
+        num and den (scaled by their maximum m), the last `window` keys and values are kept as they are."""
+        B, T, C = x.shape
+        _, k, v = self.qkv(x).split(C, dim=2)
+        dtype = torch.promote_types(k.dtype, torch.float32)
+        k, v = k.to(dtype), v.to(dtype)
+        old = max(0, T - self.window)  # positions whose keys are in the running sums
+        m = torch.full_like(k[:, 0], float("-inf"))
+        num, den = torch.zeros_like(m), torch.zeros_like(m)
+        if old:
+            m = k[:, :old].amax(dim=1)  # (B, C)
+            p = torch.exp(k[:, :old] - m[:, None])
+            num, den = (p * v[:, :old]).sum(dim=1), p.sum(dim=1)
+        cache.update(t=T, m=m, num=num, den=den, k=k[:, old:], v=v[:, old:])
 
     def step(self, x, cache):
         """AFT-simple / AFT-local for the next position t = cache["t"]; x (B, C) -> (B, C)."""

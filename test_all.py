@@ -368,6 +368,13 @@ def test_benchmark_runs_every_model_at_tiny_sizes_and_writes_its_tables(tmp_path
     assert (tmp_path / "bench.md").read_text().count("tok/s") == len(train.MODELS)
 
 
+def test_generation_benchmark_times_every_model_with_and_without_its_cache(tmp_path):
+    rows = train.main(["--bench", "generate", "--bench_lengths", "64", "--max_new_tokens", "4", "--out_dir",
+                       str(tmp_path)] + TINY)
+    assert [r[0] for r in rows] == list(train.MODELS) and all(r[2] == 4 for r in rows)
+    assert len((tmp_path / "bench_generate.md").read_text().splitlines()) == 2 + len(train.MODELS)
+
+
 def test_memory_table_formula_reproduces_the_sparse_transformer_post(tmp_path):
     rows = train.main(["--bench", "memory", "--out_dir", str(tmp_path)])
     units = {"GB": 1e9, "MB": 1e6}

@@ -88,9 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--top_k", type=int, default=None)
     g.add_argument("--no_cache", action="store_true", help="recompute the whole context for every new token")
     g = p.add_argument_group("benchmark (--bench: tables of speed and memory, no data needed)")
-    g.add_argument("--bench", choices=["models", "memory"], default=None,
-                   help="models: training tokens/s and peak memory per model and length; memory: the Sparse "
-                        "Transformer post's attention-memory table")
+    g.add_argument("--bench", choices=["models", "generate", "memory"], default=None,
+                   help="models: training tokens/s and peak memory per model and length; generate: generation "
+                        "tokens/s with and without the cache; memory: the Sparse Transformer post's table")
     g.add_argument("--bench_models", default=",".join(MODELS), help="comma-separated model names")
     g.add_argument("--bench_lengths", default="1024,4096,16384,65536", help="comma-separated context lengths")
     g.add_argument("--bench_steps", type=int, default=3, help="timed training steps per cell (after one warm-up)")
@@ -153,7 +153,8 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         missing = {"model", "optimizer", "step", "args", "model_config", "rng", "samplers"} - set(ckpt)
     except Exception as e:  # truncated zip, bad pickle, wrong format: torch raises many types
-        raise ValueError(f"checkpoint {path} is damaged and cannot be read ({type(e).__name__}: {e}); "
+        reason = str(e).split(". ")[0][:120]  # torch's own message runs to a paragraph
+        raise ValueError(f"checkpoint {path} is damaged and cannot be read ({type(e).__name__}: {reason}); "
                          f"restore a copy or start afresh without --resume") from e
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by this train.py")
@@ -366,6 +367,8 @@ def bench(args):
     print(f"benchmark on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), "
           f"dtype {args.dtype}, batch {args.batch_size}, {args.n_layer} layers, width {args.n_embd}, "
           f"{args.n_head} heads; {kernels.backend_info(device)}")
+    if args.bench == "generate":
+        return bench_generate(args, names, lengths, device, ctx)
     results = []
     for name in names:
         for T in lengths:
@@ -414,6 +417,38 @@ def bench(args):
     fig.savefig(os.path.join(args.out_dir, "bench.png"), dpi=120, bbox_inches="tight")
     print(f"wrote {csv_path}, bench.md and bench.png")
     return results
+
+
+@torch.no_grad()
+def bench_generate(args, names, lengths, device, ctx):
+    """Generation tokens/s with and without each model's cache; the prompt fills the context up to n - new."""
+    rows = []
+    for name in names:
+        for T in lengths:
+            _, _, variant = MODELS[name]
+            config = {**{k: getattr(args, k) for k in SHARED_FIELDS if k != "vocab_size"}, "block_size": T,
+                      "vocab_size": 256, **variant}
+            model = build_model(name, config).to(device).eval()
+            new = min(args.max_new_tokens, T // 2)
+            prompt = torch.randint(0, 256, (args.batch_size, T - new), device=device)
+            speed = []
+            for use_cache in (True, False):
+                gen = torch.Generator(device=device).manual_seed(0)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with ctx:
+                    model.generate(prompt, new, generator=gen, use_cache=use_cache)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                speed.append(args.batch_size * new / (time.perf_counter() - t0))
+            rows.append([name, T, new, f"{speed[0]:,.1f}", f"{speed[1]:,.1f}", f"{speed[0] / speed[1]:.1f}x"])
+            print(" | ".join(str(c) for c in rows[-1]))
+    md = markdown_table(["model", "context", "new tokens", "tok/s cached", "tok/s uncached", "speed-up"], rows)
+    print(md)
+    with open(os.path.join(args.out_dir, "bench_generate.md"), "w") as f:
+        f.write(md + "\n")
+    return rows
 
 
 def bench_memory(args):
