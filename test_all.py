@@ -1379,32 +1379,30 @@ def test_cached_generation_matches_uncached(prompt_len, monkeypatch):
     assert len(encodes) <= 10  # the full model ran only at resets (every N/2 = 3 tokens or so), not 30 times
 
 
-def test_copy_task_is_learned():
+def test_copy_task_is_learned_across_512_tokens():
     """Second half of each sequence repeats the first; the latents cover the second half, so every
-    prediction is a copy from M/2 + 1 = 33 positions back. Threshold 0.1 * ln(V): a model that copies only a
+    prediction is a copy from M/2 + 1 = 513 positions back. Threshold 0.1 * ln(V): a model that copies only a
     fraction f of positions and guesses the rest scores at least (1 - f) ln V, so this needs f > 0.9."""
     torch.manual_seed(0)
-    M, V, B = 64, 16, 32
+    M, V, B = 1024, 16, 8
 
     def copy_batch():
         half = torch.randint(0, V, (B, M // 2 + 1))
         return torch.cat([half, half[:, :-1]], dim=1)  # (B, M + 1): token t + M/2 + 1 copies token t
 
-    model = PerceiverAR(perceiver_ar.Config(block_size=M, vocab_size=V, n_layer=1, n_head=4, n_embd=64, n_latents=M // 2))
-    opt = model.configure_optimizers(0.0, 1e-3, (0.9, 0.99), "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops this small gain nothing from threads, and lose a lot on a busy machine
+    model = PerceiverAR(perceiver_ar.Config(block_size=M, vocab_size=V, n_layer=1, n_head=4, n_embd=64,
+                                            n_latents=M // 2))
+    opt = model.configure_optimizers(0.0, 2e-3, (0.9, 0.99), "cpu")
     start = time.time()
-    try:
-        for step in range(250):  # seeds 0-2 pass 0.1 nats by step ~175
-            seq = copy_batch()
-            _, loss = model(seq[:, :-1], seq[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for step in range(300):  # seed 0 passes the threshold at step ~130 (about 25 s on 2 cores)
+        seq = copy_batch()
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if loss.item() < 0.07 * math.log(V):  # stop early, with a margin for the fresh test batch
+            break
     model.eval()
     seq = copy_batch()
     _, loss = model(seq[:, :-1], seq[:, 1:])
