@@ -128,10 +128,18 @@ def build_model(name, config_dict):
     return getattr(mod, cls)(mod.Config(**config_dict))
 
 
-def model_config(args, vocab_size):
-    _, _, variant = MODELS[args.model]
+def model_config(name, args, vocab_size, **overrides):
+    """The Config values of model `name`: the shared flags, the variant's own values, then overrides."""
     shared = {k: getattr(args, k) for k in SHARED_FIELDS if k != "vocab_size"}
-    return {**shared, "vocab_size": vocab_size, **variant, **args.model_overrides}
+    return {**shared, "vocab_size": vocab_size, **MODELS[name][2], **overrides}
+
+
+def bench_config(name, args, T):
+    """Benchmarks give every model the shared flags at length T, plus those of the --model settings given on
+    the command line that its Config has (e.g. --attn_block 64 reaches all three Sparse Transformer models)."""
+    fields = {f.name for f in dataclasses.fields(importlib.import_module(MODELS[name][0]).Config)}
+    mine = {k: v for k, v in args.model_overrides.items() if k in fields and k not in MODELS[name][2]}
+    return model_config(name, args, 256, **mine, block_size=T)
 
 
 def lr_at(step, args):
@@ -311,9 +319,7 @@ def sample(args):
 
 def bench_cell(name, T, args, device, ctx):
     """Training tokens/s and peak memory of one model at context T on random tokens."""
-    _, _, variant = MODELS[name]
-    config = {**{k: getattr(args, k) for k in SHARED_FIELDS if k != "vocab_size"}, "block_size": T,
-              "vocab_size": 256, **variant}
+    config = bench_config(name, args, T)
     try:
         model = build_model(name, config).to(device)
     except ValueError as e:  # e.g. a length the pattern cannot take
@@ -425,10 +431,7 @@ def bench_generate(args, names, lengths, device, ctx):
     rows = []
     for name in names:
         for T in lengths:
-            _, _, variant = MODELS[name]
-            config = {**{k: getattr(args, k) for k in SHARED_FIELDS if k != "vocab_size"}, "block_size": T,
-                      "vocab_size": 256, **variant}
-            model = build_model(name, config).to(device).eval()
+            model = build_model(name, bench_config(name, args, T)).to(device).eval()
             new = min(args.max_new_tokens, T // 2)
             prompt = torch.randint(0, 256, (args.batch_size, T - new), device=device)
             speed = []
@@ -529,7 +532,7 @@ def main(argv=None):
                              f"{ckpt['model_config']['block_size']}; use at most that")
         config = ckpt["model_config"]
     else:
-        config = model_config(args, data.vocab_size)
+        config = model_config(args.model, args, data.vocab_size, **args.model_overrides)
     model = build_model(args.model, config).to(device)
     sampler = datasets.BatchSampler(data, "train", args.block_size, args.batch_size, args.seed + rank, device)
     optimizer = model.configure_optimizers(args.weight_decay, args.lr, (0.9, 0.95), device_type)
