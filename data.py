@@ -20,7 +20,6 @@ Downloads go to a git-ignored cache (`data/` beside this file, or $NANOLONG_DATA
 import bz2
 import gzip
 import hashlib
-import io
 import math
 import os
 import pickle
@@ -92,13 +91,16 @@ def download(url, path, size=None, md5=None):
 
 
 def fetch(url, path, size=None, md5=None):
-    """Return path, downloading it if absent; raise FileNotFoundError saying what to do when offline."""
+    """Return path, downloading it if absent (a file put there by hand is checked too); raise
+    FileNotFoundError saying what to do when offline."""
     if not os.path.exists(path):
         try:
             download(url, path, size, md5)
         except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
             raise FileNotFoundError(
                 f"could not download {url} ({e}); offline? Download it by hand and put it at {path}") from e
+    elif md5 is not None and md5_of(path) != md5:
+        raise ValueError(f"{path} fails its md5 check ({md5}): the file is damaged; delete it and retry")
     return path
 
 
@@ -163,8 +165,6 @@ def load_cifar10(url=CIFAR10_URL, md5=CIFAR10_MD5, root=None):
     cache = os.path.join(root, "cifar10_raster.npz")
     if not os.path.exists(cache):
         archive = fetch(url, os.path.join(root, "cifar-10-python.tar.gz"), md5=md5)
-        if md5_of(archive) != md5:
-            raise ValueError(f"{archive} fails its md5 check ({md5}): delete it and retry")
         batches = {}
         with tarfile.open(archive, "r:gz") as tar:
             for m in tar.getmembers():

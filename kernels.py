@@ -360,7 +360,7 @@ def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=No
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.size(3) != q.size(3):
         raise ValueError(f"attention needs q (B, H, T, D) and k, v (B, H, S, D); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    (B, H, T, D), S = q.shape, k.size(2)
+    (_, H, T, D), S = q.shape, k.size(2)
     if S < T:
         raise ValueError(f"attention needs at least as many keys as queries (S >= T), got T={T}, S={S}")
     if window is not None and window < 1:

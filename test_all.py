@@ -125,8 +125,12 @@ def test_cifar10_download_verify_decode_in_raster_order(tmp_path):
 def test_corrupt_cifar10_archive_is_rejected_before_unpickling(tmp_path):
     archive = tmp_path / "cifar.tar.gz"
     make_cifar_archive(archive)
-    with pytest.raises(ValueError, match="md5"):
+    with pytest.raises(ValueError, match="md5"):  # downloaded
         datasets.load_cifar10(url=archive.as_uri(), md5="0" * 32, root=str(tmp_path / "c"))
+    (tmp_path / "c").mkdir(exist_ok=True)
+    (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes()[:-10])  # put there by hand
+    with pytest.raises(ValueError, match="md5"):
+        datasets.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
