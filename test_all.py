@@ -212,6 +212,30 @@ def test_killed_run_resumes_with_the_same_losses(text_file, tmp_path):
     assert [h for h in whole if h["step"] >= 8] == rest  # bit-exact on CPU, evaluations included
 
 
+@pytest.mark.parametrize("name", ["transformer", "perceiver_ar"])
+def test_whole_split_evaluation_scores_every_token_once(name):
+    """Consecutive windows: the transformer scores all 32 positions of each window, Perceiver AR its 8 latents,
+    so windows advance by 32 or 8 and the bits equal a direct loop over the same predictions."""
+    torch.manual_seed(0)
+    extra = {"n_latents": 8} if name == "perceiver_ar" else {}
+    model = train.build_model(name, dict(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, **extra))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # zero-initialised heads would make every bit 8.0
+    stream = torch.randint(0, 256, (32 * 4 + 6,), dtype=torch.uint8)
+    d = datasets.Data("s", "text", {"test": stream})
+    bits, count, total = train.evaluate_split(model, d, "test", 32, 3, "cpu", train.nullcontext())
+    k = 32 if name == "transformer" else 8
+    nats, n = 0.0, 0
+    for s in range(0, len(stream) - 32, k):
+        if s + 33 <= len(stream):
+            seq = stream[s:s + 33].long()[None]
+            logits = model(seq[:, :-1])[0][0]  # (k, V)
+            nats += F.cross_entropy(logits, seq[0, -k:], reduction="sum").item()
+            n += k
+    assert (count, total) == (n, len(stream) - 1) and bits == pytest.approx(nats / n / math.log(2), rel=1e-5)
+    # 133 targets: 4 windows x 32 (a 5-token tail is left), or 13 windows x 8 (the first 24 are context only)
+    assert count == {"transformer": 4 * 32, "perceiver_ar": 13 * 8}[name]
+
+
 def test_ddp_trains_with_two_cpu_processes(text_file, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "train.py"), "--data", f"text:{text_file}", "--max_iters", "3",

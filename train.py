@@ -25,6 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="out")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
     p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--evaluate", choices=["val", "test"], default=None,
+                   help="score out_dir/ckpt.pt on the whole split in consecutive windows, then exit")
     g = p.add_argument_group("sampling (--sample: load out_dir/ckpt.pt and generate; see README)")
     g.add_argument("--sample", action="store_true", help="generate from the checkpoint instead of training")
     g.add_argument("--prompt", default=None, help="text prompt (default: a random validation excerpt)")
@@ -191,6 +194,34 @@ def evaluate(model, data, args, device, ctx):
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
+
+
+@torch.no_grad()
+def evaluate_split(model, data, split, block_size, batch_size, device, ctx):
+    """Bits per token over a whole split in consecutive windows of block_size. Each window scores the targets
+    of its last `k` positions (all of them for most models, the latents for Perceiver AR) and the next window
+    starts k positions later, so every scored token is predicted once; within a row (images, audio) the first
+    window starts at the start token. Returns (bits, tokens scored, tokens in the split)."""
+    model.eval()
+    tokens = data.splits[split]
+    rows = [tokens] if tokens.dim() == 1 else [torch.cat([torch.tensor([data.bos]), r.long()]) for r in tokens]
+    T = min(block_size, len(rows[0]) - 1)
+    with ctx:
+        k = model(rows[0][None, :T].long().to(device))[0].size(1)  # positions the model scores per window
+    windows = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, k)
+               if s + T + 1 <= len(rows[r])]
+    nats, count = 0.0, 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=f"evaluate {split}", unit="batch"):
+        chunk = windows[i:i + batch_size]
+        seq = torch.stack([rows[r][s:s + T + 1] for r, s in chunk]).long().to(device)  # (b, T + 1)
+        with ctx:
+            logits = model(seq[:, :-1])[0]  # (b, k, V): the last k positions
+        targets = seq[:, -logits.size(1):]
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                reduction="sum").item()
+        count += targets.numel()
+    total = sum(len(r) - 1 for r in rows)
+    return nats / count / math.log(2), count, total
 
 
 def autocast_for(args, device):
@@ -312,6 +343,24 @@ def sample(args):
                 path = os.path.join(args.out_dir, f"sample_{i + 1}.wav")
                 write_wav(path, out[i].clamp(max=255).cpu().numpy(), rate)
                 print(f"wrote {path} ({out.shape[1] / rate:.1f} s at {rate} Hz)")
+
+
+def evaluate_checkpoint(args):
+    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = build_model(ckpt["args"]["model"], ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    if not data.splits:
+        raise ValueError(f"{data.name} is generated on the fly and has no fixed split; --sample reports recall")
+    _, _, ctx = autocast_for(args, device)
+    block_size = ckpt["model_config"]["block_size"]
+    bits, count, total = evaluate_split(model, data, args.evaluate, block_size, args.batch_size, device, ctx)
+    unit = "bits/dim" if data.kind == "image" else "bits/byte" if data.kind in ("text", "audio") else "bits/token"
+    print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {data.name} {args.evaluate}: {bits:.4f} {unit} over "
+          f"{count:,} of {total:,} tokens, windows of {block_size}")
+    return bits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -501,6 +550,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.sample:
         return sample(args)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
     if args.bench:
         return bench(args)
     ddp = "RANK" in os.environ  # launched by torchrun
