@@ -1003,6 +1003,31 @@ def test_generate_pads_an_unaligned_prefix_and_appends_tokens():
     assert out.shape == (2, 9) and torch.equal(out[:, :5], prefix) and out.max() < 11
 
 
+
+def test_reversible_layers_keep_activation_memory_constant_in_depth():
+    """Bytes autograd saves for the backward (parameters excluded): the same for 1 to 8 reversible layers,
+    growing linearly with depth for the same network run with ordinary autograd."""
+    def saved_bytes(n_layer, reversible):
+        torch.manual_seed(0)
+        model = Reformer(reformer.Config(block_size=128, n_layer=n_layer, n_head=2, n_embd=16, chunk=16,
+                                         reversible=reversible))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(torch.randint(0, 256, (2, 128)), torch.randint(0, 256, (2, 128)))
+        return sum(storages.values())
+
+    reversible = [saved_bytes(L, True) for L in (1, 2, 8)]
+    plain = [saved_bytes(L, False) for L in (1, 2, 8)]
+    assert reversible[0] == reversible[1] == reversible[2]
+    assert plain[2] - plain[1] == pytest.approx(6 * (plain[1] - plain[0]), rel=0.01) and plain[1] > reversible[1]
+
 # ----------------------------------------------------------------------------------------------------------
 # aft.py: AFT-full, -simple, -local and -conv against the paper's formula
 
