@@ -54,6 +54,10 @@ class Data:
     bos: int = None  # start token in front of every row (2-D splits only)
     note: str = ""  # where the data came from, printed by train.py
 
+    @property
+    def unit(self):
+        return {"image": "bits/dim", "text": "bits/byte", "audio": "bits/byte"}.get(self.kind, "bits/token")
+
     def describe(self):
         sizes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.splits.items()) or "generated on the fly"
         return f"data: {self.name} ({self.kind}; {sizes}){' - ' + self.note if self.note else ''}"

@@ -273,8 +273,8 @@ class Reformer(nn.Module):
 
         No cache (use_cache is accepted for the common interface and has no effect): each new token changes
         the sort of every hash round, so every new token recomputes the whole prefix (at most block_size
-        tokens), right-padded with zeros to a multiple of chunk. The padding comes after the token being predicted, so it reaches it only
-        through the chunk boundaries (see the causality caveat at the top).
+        tokens), right-padded with zeros to a multiple of chunk. The padding comes after the token being
+        predicted, so it reaches it only through the chunk boundaries (see the causality caveat at the top).
         """
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]

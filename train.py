@@ -224,6 +224,21 @@ def evaluate_split(model, data, split, block_size, batch_size, device, ctx):
     return nats / count / math.log(2), count, total
 
 
+def default_device(args):
+    """--device, with auto meaning the GPU when there is one."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+
+def load_trained(args, device):
+    """The checkpoint in out_dir, its model (in eval mode, on device) and its data set."""
+    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+    model = build_model(ckpt["args"]["model"], ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    return ckpt, model, data
+
+
 def autocast_for(args, device):
     """Resolve --dtype auto and return (device_type, dtype, autocast context)."""
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
@@ -287,13 +302,9 @@ def generate(model, idx, n, args, gen, desc):
 
 @torch.no_grad()
 def sample(args):
-    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = default_device(args)
+    ckpt, model, data = load_trained(args, device)
     name, config = ckpt["args"]["model"], ckpt["model_config"]
-    model = build_model(name, config)
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
     print(f"sampling from {name} (step {ckpt['step']}, {config}); {data.describe()}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     _, _, ctx = autocast_for(args, device)
@@ -346,20 +357,15 @@ def sample(args):
 
 
 def evaluate_checkpoint(args):
-    ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = build_model(ckpt["args"]["model"], ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
-    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    device = default_device(args)
+    ckpt, model, data = load_trained(args, device)
     if not data.splits:
         raise ValueError(f"{data.name} is generated on the fly and has no fixed split; --sample reports recall")
     _, _, ctx = autocast_for(args, device)
     block_size = ckpt["model_config"]["block_size"]
     bits, count, total = evaluate_split(model, data, args.evaluate, block_size, args.batch_size, device, ctx)
-    unit = "bits/dim" if data.kind == "image" else "bits/byte" if data.kind in ("text", "audio") else "bits/token"
-    print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {data.name} {args.evaluate}: {bits:.4f} {unit} over "
-          f"{count:,} of {total:,} tokens, windows of {block_size}")
+    print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {data.name} {args.evaluate}: {bits:.4f} "
+          f"{data.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
     return bits
 
 
@@ -409,7 +415,7 @@ def markdown_table(header, rows):
 
 
 def bench(args):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = default_device(args)
     _, _, ctx = autocast_for(args, device)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.bench == "memory":
@@ -564,7 +570,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
     else:
         rank, world = 0, 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = default_device(args)
     master = rank == 0
     device_type, dtype, ctx = autocast_for(args, device)
     torch.manual_seed(args.seed + rank)
@@ -609,7 +615,6 @@ def main(argv=None):
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
-    unit = "bits/dim" if data.kind == "image" else "bits/byte" if data.kind in ("text", "audio") else "bits/token"
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
     os.makedirs(args.out_dir, exist_ok=True)
 
@@ -644,8 +649,8 @@ def main(argv=None):
         if done % args.eval_interval == 0 or done == args.max_iters:
             losses = evaluate(model, data, args, device, ctx)
             history.append({"step": step, **{f"{k}_loss": v for k, v in losses.items()}})
-            bar.write(f"step {done}: train {losses['train'] / math.log(2):.4f} {unit}, "
-                      f"val {losses['val'] / math.log(2):.4f} {unit}")
+            bar.write(f"step {done}: train {losses['train'] / math.log(2):.4f} {data.unit}, "
+                      f"val {losses['val'] / math.log(2):.4f} {data.unit}")
             samplers = [sampler.state_dict()]
             rng = {"torch": [torch.get_rng_state()],
                    "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
