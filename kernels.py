@@ -281,7 +281,7 @@ def launch_config(block, D, itemsize=2):
     split). Fewer pipeline stages for wide rows keep the buffers inside shared memory."""
     row_bytes = D * itemsize
     return dict(fwd_n=min(block, 64), bwd_inner=min(block, 32), fwd_warps=8 if block >= 128 else 4,
-                bwd_warps=8 if block * D > 128 * 64 else 4,
+                bwd_warps=8 if block * D >= 128 * 64 else 4,
                 stages=3 if row_bytes <= 128 else 2 if row_bytes <= 256 else 1)
 
 
@@ -397,8 +397,9 @@ def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=No
 # sequence is cut into chunks of `chunk` rows, and each query attends to the keys of its own chunk and of the
 # previous chunk (the first chunk has no previous one: unlike trax, rounds are not concatenated and there is no
 # wrap-around), only to keys at an earlier or equal *original* position, and to itself only when nothing else
-# is left (its logit is SELF_LOGIT, finite). Each round returns its output o_r and the log-sum-exp lse_r of the
-# logits of each query; the rounds combine as out = sum_r softmax_r(lse_r) * o_r.
+# is left (its logit is SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of the
+# logits of each query; the rounds combine as out = sum_r softmax_r(lse_r) * o_r. The dense twin below computes
+# exactly that; the Triton kernels merge the rounds as they go and never store the per-round outputs.
 # Two optional masks of the paper, both off in trax's final code and here by default:
 # - same_bucket: a key in another bucket is masked even when it shares the chunk window;
 # - dedup: a key seen in c of the rounds' windows gets its logit lowered by log(c), so that the combined
@@ -499,19 +500,26 @@ def _load_rows(X, base, pos, ok, offs_d, d_ok, D):
     return tl.load(X + base + pos[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
 
 
-# Forward. One program = one chunk c of one (batch, head, round) row bhr; grid (B*H*R, T/chunk).
-# SRAM: the chunk's BLOCK_M query rows and the 2*BLOCK_M key and value rows of the previous and own chunk,
-# each gathered from the unsorted q/k/v through the sorted positions ST; the (BLOCK_M, 2*BLOCK_M) logit tile.
-# The whole window fits in one tile, so the softmax is exact in one pass (no online recurrence):
-#   m_i = max_j s_ij;  l_i = sum_j exp(s_ij - m_i);  o_i = sum_j exp(s_ij - m_i) v_j / l_i;  lse_i = m_i + log l_i
-# o and lse are written at the query's original position (the sort is undone by the store).
+# Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
+# (B*H, T/chunk). SRAM: the chunk's BLOCK_M query rows and the 2*BLOCK_M key and value rows of the previous and
+# own chunk, each gathered from the unsorted q/k/v through the sorted positions ST; the (BLOCK_M, 2*BLOCK_M)
+# logit tile. The whole window fits in one tile, so the round's softmax is exact in one pass:
+#   m_i = max_j s_ij;  l_i = sum_j exp(s_ij - m_i);  o_i = sum_j exp(s_ij - m_i) v_j / l_i
+# Rounds then merge like flash attention's key blocks, into a running max M, sum L (relative to M) and output
+# kept at the query's original position (the store undoes the sort); every position sits in exactly one chunk
+# per round, so no two programs of a launch touch the same row:
+#   M' = max(M, m);  a = exp(M - M'), b = exp(m - M');  L' = L a + l b;  out' = (out L a + o l b) / L'
+# M and L stay separate rather than one log-sum-exp M + log L: M is an exact logit, so a row whose only key is
+# itself (logit SELF_LOGIT = -5e4, where one fp32 ulp is 0.004) keeps exact weights. The running output is
+# fp32 (ACC) until the last round writes O in the input dtype. Only (B, H, T, D) is ever stored, never the
+# (B, H, R, T, D) per-round outputs.
 @jit
-def _lsh_fwd_kernel(Q, K, V, ST, BKT, LOC, O, LSE, scale, self_logit, T, D,
+def _lsh_fwd_kernel(Q, K, V, ST, BKT, LOC, ACC, O, M, L, r, scale, self_logit, T, D,
                     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, N_HASHES: tl.constexpr,
-                    SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
-    bhr = tl.program_id(0).to(tl.int64)
+                    SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    bh = bhr // N_HASHES
+    bhr = bh * N_HASHES + r  # row of this round in ST, BKT, LOC: (B, H, R, T)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, 2 * BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -534,26 +542,44 @@ def _lsh_fwd_kernel(Q, K, V, ST, BKT, LOC, O, LSE, scale, self_logit, T, D,
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
-    o = tl.dot(p.to(v.dtype), v) / l[:, None]
-    tl.store(O + bhr * T * D + qpos[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=q_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bhr * T + qpos, m + tl.log(l), mask=q_ok)
+    out = tl.dot(p.to(v.dtype), v) / l[:, None]
+    rows = bh * T * D + qpos[:, None] * D + offs_d[None, :]
+    row_ok = q_ok[:, None] & d_ok[None, :]
+    if not FIRST:  # merge with the rounds before (every round has the self logit, so M is finite)
+        m_before = tl.load(M + bh * T + qpos)
+        l_before = tl.load(L + bh * T + qpos)
+        m_new = tl.maximum(m_before, m)
+        a = l_before * tl.exp(m_before - m_new)
+        b = l * tl.exp(m - m_new)
+        out = (tl.load(ACC + rows, mask=row_ok, other=0.0) * a[:, None] + out * b[:, None]) / (a + b)[:, None]
+        m, l = m_new, a + b
+    if LAST:
+        tl.store(O + rows, out.to(O.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(ACC + rows, out, mask=row_ok)
+    tl.store(M + bh * T + qpos, m, mask=q_ok)
+    tl.store(L + bh * T + qpos, l, mask=q_ok)
 
 
-# Backward for keys and values. One program = the keys of chunk c of row bhr; grid (B*H*R, T/chunk).
-# The queries that see these keys are those of chunk c and chunk c+1, so each key row gets all its gradient
-# from one program (no atomics). SRAM: BLOCK_M key/value rows, 2*BLOCK_M query/dO rows with their lse and
-# delta = rowsum(dO * O) - dlse (dlse: the gradient reaching lse through the round combination).
-#   p_ij = exp(s_ij - lse_i);  dv_j = sum_i p_ij dO_i
-#   ds_ij = p_ij (dO_i . v_j - delta_i);  dk_j = scale * sum_i ds_ij q_i
-# dk, dv are stored per round at the key's original position; the caller sums the rounds.
+# The backward needs no per-round quantity: the combined output is one softmax over all rounds' windows, a key
+# counted once per round that sees it, out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i.
+# So, as in flash attention, with delta_i = sum_d out_id * dout_id:
+#   dv_j = sum_ri P_rij dout_i;  dS_rij = P_rij (dout_i . v_j - delta_i);
+#   dk_j = scale * sum_ri dS_rij q_i;  dq_i = scale * sum_rj dS_rij k_j
+# One launch per round adds that round's terms into fp32 (B, H, T, D) accumulators; as in the forward, the
+# programs of one launch own disjoint rows, so the read-add-write needs no atomics and is deterministic.
+#
+# dK and dV. One program = the keys of chunk c of (bh, round r); grid (B*H, T/chunk). The queries that see
+# these keys are those of chunk c and chunk c+1, so each key row gets the round's whole gradient from one
+# program. SRAM: BLOCK_M key/value rows, 2*BLOCK_M query/dout rows with their M, L and delta.
 @jit
-def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DK, DV, scale, self_logit, T, D,
+def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DK, DV, r, scale, self_logit, T, D,
                          CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                         N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
-    bhr = tl.program_id(0).to(tl.int64)
+                         N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr,
+                         FIRST: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    bh = bhr // N_HASHES
+    bhr = bh * N_HASHES + r
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, 2 * BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -566,9 +592,10 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DK, DV, scale, s
     k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
     v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
     q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
-    do = _load_rows(DO, bhr * T * D, qpos, q_ok, offs_d, d_ok, D)
-    lse = tl.load(LSE + bhr * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get p = 0
-    delta = tl.load(DELTA + bhr * T + qpos, mask=q_ok, other=0.0)
+    do = _load_rows(DO, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
+    m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get P = 0
+    l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
+    delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
     qb = qpos
     kb = kpos
     if SAME_BUCKET:
@@ -576,25 +603,29 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DK, DV, scale, s
         kb = tl.load(BKT + bhr * T + kpos)
     s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
                     N_HASHES, SAME_BUCKET, DEDUP)  # (2*BLOCK_M queries, BLOCK_M keys)
-    p = tl.exp(s - lse[:, None])
+    p = tl.exp(s - m[:, None]) / l[:, None]
     dv = tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-    out = bhr * T * D + kpos[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, dk, mask=k_ok[:, None] & d_ok[None, :])
-    tl.store(DV + out, dv, mask=k_ok[:, None] & d_ok[None, :])
+    rows = bh * T * D + kpos[:, None] * D + offs_d[None, :]
+    row_ok = k_ok[:, None] & d_ok[None, :]
+    if not FIRST:
+        dk += tl.load(DK + rows, mask=row_ok, other=0.0)
+        dv += tl.load(DV + rows, mask=row_ok, other=0.0)
+    tl.store(DK + rows, dk, mask=row_ok)
+    tl.store(DV + rows, dv, mask=row_ok)
 
 
-# Backward for queries. One program = the queries of chunk c of row bhr; grid (B*H*R, T/chunk); the same
-# tiles as the forward plus dO, lse and delta of the queries.
-#   p_ij = exp(s_ij - lse_i);  ds_ij = p_ij (dO_i . v_j - delta_i);  dq_i = scale sum_j ds_ij k_j
+# dQ. One program = the queries of chunk c of (bh, round r); grid (B*H, T/chunk); the forward's tiles plus the
+# queries' dout, M, L and delta.
 @jit
-def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DQ, scale, self_logit, T, D,
+def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DQ, r, scale, self_logit, T, D,
                        CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                       N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
-    bhr = tl.program_id(0).to(tl.int64)
+                       N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr,
+                       FIRST: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    bh = bhr // N_HASHES
+    bhr = bh * N_HASHES + r
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, 2 * BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -607,9 +638,10 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DQ, scale, self_lo
     q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
     k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
     v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    do = _load_rows(DO, bhr * T * D, qpos, q_ok, offs_d, d_ok, D)
-    lse = tl.load(LSE + bhr * T + qpos, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + bhr * T + qpos, mask=q_ok, other=0.0)
+    do = _load_rows(DO, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
+    m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))
+    l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
+    delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
     qb = qpos
     kb = kpos
     if SAME_BUCKET:
@@ -617,13 +649,19 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, LSE, DELTA, DQ, scale, self_lo
         kb = tl.load(BKT + bhr * T + kpos)
     s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
                     N_HASHES, SAME_BUCKET, DEDUP)
-    p = tl.exp(s - lse[:, None])
+    p = tl.exp(s - m[:, None]) / l[:, None]
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k) * scale
-    tl.store(DQ + bhr * T * D + qpos[:, None] * D + offs_d[None, :], dq, mask=q_ok[:, None] & d_ok[None, :])
+    rows = bh * T * D + qpos[:, None] * D + offs_d[None, :]
+    row_ok = q_ok[:, None] & d_ok[None, :]
+    if not FIRST:
+        dq += tl.load(DQ + rows, mask=row_ok, other=0.0)
+    tl.store(DQ + rows, dq, mask=row_ok)
 
 
 class _LSHAttentionTriton(torch.autograd.Function):
+    """Launches the kernels round by round; returns the combined output (B, H, T, D)."""
+
     @staticmethod
     def forward(ctx, q, k, v, buckets, chunk, scale, same_bucket, dedup):
         B, H, T, D = q.shape
@@ -632,32 +670,38 @@ class _LSHAttentionTriton(torch.autograd.Function):
         st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
         bkt = buckets.to(torch.int32).contiguous()
         q, k, v = (x.contiguous() for x in (q, k, v))
-        o = torch.empty(B, H, R, T, D, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, H, R, T, device=q.device, dtype=torch.float32)
+        out = torch.empty_like(q)
+        acc = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) if R > 1 else out
+        m, l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
         # tl.dot needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked.
-        # At chunk 64 a program holds 64 x 128 logits, the tile size for which Triton's fused-attention tutorial
-        # uses 8 warps (not tuned here: no GPU was at hand when this was written).
-        meta = dict(CHUNK=chunk, BLOCK_M=max(16, triton.next_power_of_2(chunk)),
-                    BLOCK_D=max(16, triton.next_power_of_2(D)), N_HASHES=R, SAME_BUCKET=same_bucket, DEDUP=dedup,
-                    num_warps=8)
-        grid = (B * H * R, T // chunk)
-        _lsh_fwd_kernel[grid](q, k, v, st, bkt, loc, o, lse, scale, SELF_LOGIT, T, D, **meta)
-        ctx.save_for_backward(q, k, v, st, bkt, loc, o, lse)
+        # A program holds (BLOCK_M, 2 * BLOCK_M) logits and 2 * BLOCK_M rows of width BLOCK_D; warps grow with
+        # them, as far as that keeps them in registers when compiled for sm_90 (8 warps at chunk 64, as in
+        # Triton's fused-attention tutorial; 16 warps cap a thread at 128 registers and spill more there). At
+        # chunk 128 even 16 warps spill: correct, but slower. Not timed on a GPU: none was at hand.
+        block_m, block_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
+        warps = 16 if block_m >= 128 else 8 if block_m >= 64 or block_d >= 128 else 4
+        meta = dict(CHUNK=chunk, BLOCK_M=block_m, BLOCK_D=block_d, N_HASHES=R, SAME_BUCKET=same_bucket,
+                    DEDUP=dedup, num_warps=warps)
+        grid = (B * H, T // chunk)
+        for r in range(R):
+            _lsh_fwd_kernel[grid](q, k, v, st, bkt, loc, acc, out, m, l, r, scale, SELF_LOGIT, T, D,
+                                  FIRST=r == 0, LAST=r == R - 1, **meta)
+        ctx.save_for_backward(q, k, v, st, bkt, loc, out, m, l)
         ctx.grid, ctx.meta, ctx.scale = grid, meta, scale
-        return o, lse
+        return out
 
     @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, st, bkt, loc, o, lse = ctx.saved_tensors
-        B, H, R, T, D = o.shape
-        do = do.to(v.dtype).contiguous()
-        delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()  # dlse: lse feeds the round weights
-        dq, dk, dv = (torch.empty(B, H, R, T, D, device=q.device, dtype=torch.float32) for _ in range(3))
-        args = (q, k, v, st, bkt, loc, do, lse, delta)
-        _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, ctx.scale, SELF_LOGIT, T, D, **ctx.meta)
-        _lsh_bwd_dq_kernel[ctx.grid](*args, dq, ctx.scale, SELF_LOGIT, T, D, **ctx.meta)
-        dq, dk, dv = (g.sum(2).to(q.dtype) for g in (dq, dk, dv))  # a position appears once in every round
-        return dq, dk, dv, None, None, None, None, None
+    def backward(ctx, do):
+        q, k, v, st, bkt, loc, out, m, l = ctx.saved_tensors
+        B, H, T, D = q.shape
+        do = do.to(q.dtype).contiguous()
+        delta = (do.float() * out.float()).sum(-1)  # (B, H, T)
+        dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) for _ in range(3))
+        args = (q, k, v, st, bkt, loc, do, m, l, delta)
+        for r in range(ctx.meta["N_HASHES"]):
+            _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, r, ctx.scale, SELF_LOGIT, T, D, FIRST=r == 0, **ctx.meta)
+            _lsh_bwd_dq_kernel[ctx.grid](*args, dq, r, ctx.scale, SELF_LOGIT, T, D, FIRST=r == 0, **ctx.meta)
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None, None
 
 
 def combine_rounds(o, lse):
@@ -666,34 +710,45 @@ def combine_rounds(o, lse):
     return (o * w[..., None].to(o.dtype)).sum(2)
 
 
-def lsh_attention_rounds(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, backend=None):
-    """Per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) of LSH attention (see the header)."""
+def _lsh_triton_unfit(q, chunk):
+    """Why the LSH kernels cannot take these inputs (a sentence), or None when they can. A program holds a
+    chunk's whole (chunk, 2 * chunk) logit tile, so chunks beyond 128 do not fit (128 already spills registers),
+    and fp32 rows of 128 would need more shared memory than an H100 has (both found by compiling for sm_90)."""
+    if triton is None:
+        return "the LSH Triton kernel needs triton, which is not installed"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the LSH Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the LSH Triton kernel takes fp16/bf16/fp32 inputs, got {q.dtype}"
+    if chunk > 128:
+        return f"the LSH Triton kernel takes chunks of at most 128, got {chunk}"
+    if q.dtype == torch.float32 and q.size(-1) > 64:
+        return f"the LSH Triton kernel takes fp32 inputs up to head dim 64 (use bf16 autocast), got {q.size(-1)}"
+    return None
+
+
+def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, backend=None):
+    """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
+
+    Triton on CUDA, the dense PyTorch twin (dense_lsh_attention + combine_rounds) elsewhere; backend='triton'
+    or 'dense' forces one and last_lsh_backend says which ran.
+    """
     global last_lsh_backend
     T = q.shape[2]
     if T % chunk != 0:
         raise ValueError(f"LSH attention needs the sequence length ({T}) to be a multiple of chunk ({chunk})")
     if backend not in (None, "triton", "dense"):
         raise ValueError(f"unknown LSH attention backend {backend!r}; choose 'triton', 'dense' or leave it unset")
-    fits = q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton is not None
-    if backend == "triton" and not (fits and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
-        raise ValueError("the LSH Triton kernel needs triton, fp16/bf16/fp32 inputs and CUDA tensors (or "
-                         "TRITON_INTERPRET=1 for the CPU interpreter); use backend='dense'")
+    unfit = _lsh_triton_unfit(q, chunk)
+    if backend == "triton" and unfit:
+        raise ValueError(unfit + "; use backend='dense'")
     if backend is None:
-        backend = "triton" if q.is_cuda and fits else "dense"
+        backend = "triton" if q.is_cuda and not unfit else "dense"
     last_lsh_backend = backend
     if backend == "dense":
-        return dense_lsh_attention(q, k, v, buckets, chunk, scale, same_bucket, dedup)
+        return combine_rounds(*dense_lsh_attention(q, k, v, buckets, chunk, scale, same_bucket, dedup))
     k, v = k.to(q.dtype), v.to(q.dtype)
     return _LSHAttentionTriton.apply(q, k, v, buckets, chunk, scale, same_bucket, dedup)
-
-
-def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, backend=None):
-    """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
-
-    Triton on CUDA, the dense PyTorch twin elsewhere; backend='triton' or 'dense' forces one and
-    last_lsh_backend says which ran.
-    """
-    return combine_rounds(*lsh_attention_rounds(q, k, v, buckets, chunk, scale, same_bucket, dedup, backend))
 
 
 def benchmark_lsh(T=65536, n_hashes=4, chunk=64, D=64, B=1, H=8, n_buckets=None, dtype=torch.bfloat16):

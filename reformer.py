@@ -55,10 +55,16 @@ class Config:
 
 def hash_buckets(q, rotations):
     """Angular LSH (section 3): q (B, H, T, D), rotations (H, R, D, n_buckets/2) -> buckets (B, H, R, T)."""
+    B, H, T, _ = q.shape
+    half = rotations.shape[-1]  # n_buckets / 2, which grows with T by default: slice T so that each
+    step = max(1, 2**24 // (B * H * rotations.shape[1] * half))  # projection holds at most 2^24 numbers
     buckets = []
-    for q_slice in q.detach().float().split(4096, dim=2):  # slices of T bound the (.., n_buckets/2) projections
-        xr = torch.einsum("bhtd,hrdk->bhrtk", q_slice, rotations)
-        buckets.append(torch.cat([xr, -xr], dim=-1).argmax(dim=-1))
+    for q_slice in q.detach().float().split(step, dim=2):
+        xr = torch.einsum("bhtd,hrdk->bhrtk", q_slice, rotations)  # (B, H, R, step, n_buckets/2)
+        # argmax over [xR; -xR] without building it: the largest of xR, or the most negative one shifted by
+        # n_buckets/2; a tie goes to xR, which comes first in the concatenation
+        top, low = xr.max(dim=-1), xr.min(dim=-1)
+        buckets.append(torch.where(top.values >= -low.values, top.indices, low.indices + half))
     return torch.cat(buckets, dim=-1)
 
 

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import io
 import itertools
+import json
 import math
 import pickle
 import struct
@@ -33,7 +34,7 @@ import reformer
 import sparse_transformer as st
 import train
 from aft import AFT, AFTMixer, aft_full, aft_local, aft_simple
-from kernels import SELF_LOGIT, attention, combine_rounds, dense_attention, lsh_attention, lsh_attention_rounds
+from kernels import SELF_LOGIT, attention, dense_attention, lsh_attention
 from perceiver_ar import PerceiverAR
 from reformer import Reformer, ReversibleBlock, axial_shape, hash_buckets
 from sparse_transformer import Config, SparseTransformer, element_mask
@@ -515,6 +516,59 @@ def test_kernel_in_fp16_with_scale_matches_reference():
                               dout, atol=2e-2, scale=0.3, **mask)
 
 
+# Run in a fresh process without TRITON_INTERPRET (this file sets it, and interpreted kernels do not compile):
+# compile the kernels as train.py launches them (bf16, block 128 / chunk 64, head dim 64) for an H100, sm_90,
+# with the ptxas that Triton ships, and print each kernel's shared memory, registers and stack bytes.
+H100_COMPILE = """
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+
+def usage(fn, pointers, constexprs, num_warps, num_stages):
+    floats = {"qk_scale", "scale", "self_logit"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name) or
+                 ("fp32" if name in floats else "i32") for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return [compiled.metadata.shared] + [int(re.search(key + r":(\\d+)", res).group(1)) for key in ("REG", "STACK")]
+
+bf16, cfg = "*bf16", kernels.launch_config(128, 64)
+sparse = dict(Q=bf16, K=bf16, V=bf16, O=bf16, DO=bf16, DQ=bf16, DK=bf16, DV=bf16, LSE="*fp32", DELTA="*fp32",
+              row_ptr="*i32", cols="*i32", col_ptr="*i32", rows="*i32")
+lsh = dict(sparse, ST="*i32", BKT="*i32", LOC="*i32", ACC="*fp32", M="*fp32", L="*fp32", DQ="*fp32", DK="*fp32",
+           DV="*fp32")
+lsh_meta = dict(CHUNK=64, BLOCK_M=64, BLOCK_D=64, N_HASHES=4, SAME_BUCKET=False, DEDUP=False, FIRST=False)
+print(json.dumps({
+    "fwd": usage(kernels._fwd_kernel, sparse, dict(BLOCK=128, BLOCK_N=cfg["fwd_n"], D=64), cfg["fwd_warps"],
+                 cfg["stages"]),
+    "dkdv": usage(kernels._bwd_dkdv_kernel, sparse, dict(BLOCK=128, BLOCK_M=cfg["bwd_inner"], D=64),
+                  cfg["bwd_warps"], cfg["stages"]),
+    "dq": usage(kernels._bwd_dq_kernel, sparse, dict(BLOCK=128, BLOCK_N=cfg["bwd_inner"], D=64), cfg["bwd_warps"],
+                cfg["stages"]),
+    "lsh_fwd": usage(kernels._lsh_fwd_kernel, lsh, dict(lsh_meta, LAST=True), 8, 1),
+    "lsh_dkdv": usage(kernels._lsh_bwd_dkdv_kernel, lsh, lsh_meta, 8, 1),
+    "lsh_dq": usage(kernels._lsh_bwd_dq_kernel, lsh, lsh_meta, 8, 1)}))
+"""
+
+
+def test_kernels_compile_for_h100_without_spills():
+    # What the interpreter cannot show: the kernels compile for the GPU, keep their tiles in registers (no
+    # stack, i.e. no spills) and fit the H100's 227 KB of shared memory per block.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", H100_COMPILE], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for kernel, (shared, registers, stack) in json.loads(run.stdout.splitlines()[-1]).items():
+        assert shared <= 227 * 1024 and stack == 0, (kernel, shared, registers, stack)
+
+
 def test_rows_without_visible_keys_give_zero_output_and_finite_grads():
     q, k, v, dout = random_inputs(1, 2, 32, 32, 16)
     layout = torch.ones(1, 2, 2, dtype=torch.bool)
@@ -821,21 +875,67 @@ def dense_shared_qk_attention(q, v):
     return torch.softmax(s, dim=-1) @ v
 
 
-@pytest.mark.parametrize("chunk", [8, 16])
+@pytest.mark.parametrize("chunk,R", [(8, 1), (8, 3), (16, 2)])
 @pytest.mark.parametrize("same_bucket,dedup", [(False, False), (True, True)])
-def test_lsh_kernel_matches_reference_forward_and_backward(chunk, same_bucket, dedup):
-    q, v, buckets = random_lsh_inputs()
+def test_lsh_kernel_matches_reference_forward_and_backward(chunk, R, same_bucket, dedup):
+    # R = 1 writes the output in one launch; R > 1 merges rounds in the kernel and sums their gradients
+    q, v, buckets = random_lsh_inputs(R=R)
     grad_out = torch.randn(1, 2, 32, 16)
     results = {}
     for backend in ("dense", "triton"):
-        o, lse = lsh_attention_rounds(q, F.normalize(q, dim=-1), v, buckets, chunk, same_bucket=same_bucket,
-                                      dedup=dedup, backend=backend)
+        out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, same_bucket=same_bucket, dedup=dedup,
+                            backend=backend)
         assert kernels.last_lsh_backend == backend
-        (combine_rounds(o, lse) * grad_out).sum().backward()  # reaches lse through the round weights
-        results[backend] = (o.detach(), lse.detach(), q.grad, v.grad)
+        (out * grad_out).sum().backward()
+        results[backend] = (out.detach(), q.grad, v.grad)
         q.grad = v.grad = None
     for ref, tri in zip(results["dense"], results["triton"]):
         torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_lsh_kernel_in_fp16_matches_float64_reference():
+    # fp16 inputs: logits and the merged output in fp32, the output stored in fp16, gradients summed in fp32
+    q, v, buckets = random_lsh_inputs(R=3, dtype=torch.float16, seed=4)
+    grad_out = torch.randn(1, 2, 32, 16)
+    out = lsh_attention(q, F.normalize(q.float(), dim=-1).half(), v, buckets, 8, backend="triton")
+    assert out.dtype == torch.float16
+    dq, dv = torch.autograd.grad((out.float() * grad_out).sum(), (q, v))
+    q64, v64 = (x.detach().double().requires_grad_() for x in (q, v))
+    ref = lsh_attention(q64, F.normalize(q64, dim=-1), v64, buckets, 8, backend="dense")
+    dq64, dv64 = torch.autograd.grad((ref * grad_out.double()).sum(), (q64, v64))
+    for got, want in ((out, ref), (dq, dq64), (dv, dv64)):
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_reformer_with_the_lsh_kernel_trains_like_the_dense_twin(monkeypatch):
+    # The whole model, reversible recompute included, with the Triton kernel (interpreter) in every layer.
+    cfg = tiny_config(n_hashes=3, ff_chunks=2)
+    results = {}
+    for backend in ("dense", "triton"):
+        monkeypatch.setattr(reformer, "lsh_attention", functools.partial(kernels.lsh_attention, backend=backend))
+        torch.manual_seed(0)
+        model = Reformer(cfg).train()
+        idx = torch.randint(11, (2, 32))
+        torch.manual_seed(1)
+        _, loss = model(idx, idx)
+        loss.backward()
+        assert kernels.last_lsh_backend == backend
+        results[backend] = [loss.detach()] + [p.grad for p in model.parameters()]
+    for ref, got in zip(results["dense"], results["triton"]):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_lsh_backend_is_chosen_automatically_and_refuses_what_the_kernel_cannot_take():
+    q, v, buckets = random_lsh_inputs()
+    lsh_attention(q, q, v, buckets, 8)
+    assert kernels.last_lsh_backend == "dense"  # CPU tensors
+    with pytest.raises(ValueError, match="chunks of at most 128"):
+        lsh_attention(*(x.repeat(1, 1, 8, 1) for x in (q, q, v)), buckets.repeat(1, 1, 1, 8), 256, backend="triton")
+    wide = torch.randn(1, 1, 16, 128)
+    with pytest.raises(ValueError, match="fp32 inputs up to head dim 64"):
+        lsh_attention(wide, wide, wide, buckets[:, :1, :, :16], 8, backend="triton")
+    with pytest.raises(ValueError, match="unknown LSH attention backend"):
+        lsh_attention(q, q, v, buckets, 8, backend="cuda")
 
 
 @pytest.mark.parametrize("backend", ["dense", "triton"])
@@ -904,6 +1004,9 @@ def test_bucket_is_argmax_over_rotations_and_their_negation():
     for r in range(3):
         xr = x[0, 0] @ rot[0, r]
         assert torch.equal(buckets[0, 0, r], torch.cat([xr, -xr], -1).argmax(-1))
+    rot = torch.randn(1, 1, 4, 2**19)  # 2^20 buckets: hashed in slices of 32 positions, 2 slices for 50
+    xr = x[0, 0] @ rot[0, 0]
+    assert torch.equal(hash_buckets(x, rot)[0, 0, 0], torch.cat([xr, -xr], -1).argmax(-1))
 
 
 def test_hash_rotations_are_fresh_in_training_and_fixed_in_eval():
