@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import aft
+import bench
 import data as datasets
 import kernels
 import perceiver_ar
@@ -296,7 +297,7 @@ def test_missing_data_and_unknown_data_names_are_explained(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# sampling and benchmark modes of train.py
+# sampling modes of train.py, and bench.py
 
 def read_png(path):
     """A minimal PNG reader: checks the signature and every chunk's CRC, returns (width, height, pixels)."""
@@ -387,33 +388,51 @@ def test_audio_sampling_writes_wav_files_of_the_requested_length(tmp_path):
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (1000, 1, 64 + 100)
 
 
-def test_benchmark_runs_every_model_at_tiny_sizes_and_writes_its_tables(tmp_path):
-    results = train.main(["--bench", "models", "--bench_lengths", "64", "--bench_steps", "1", "--out_dir",
-                          str(tmp_path)] + TINY)
-    assert [r["status"] for r in results] == ["ok"] * len(train.MODELS)
-    assert all(r["tokens_per_s"] > 0 and r["params"] > 0 for r in results)
-    csv = (tmp_path / "bench.csv").read_text().splitlines()
-    assert len(csv) == 1 + len(train.MODELS) and csv[0].startswith("model,length,status")
-    assert (tmp_path / "bench.md").read_text().count("tok/s") == len(train.MODELS)
+def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(tmp_path):
+    """What the GPU call runs, at CPU sizes: every stage must run, so the GPU call cannot break unseen."""
+    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu"])
+    assert list(results) == list(bench.DEFAULT_STAGES)
+    for stage, rows in results.items():
+        assert rows and all(r["status"] == "ok" for r in rows), (stage, rows)
+    for r in results["kernels"]:  # our kernel (interpreted) and FlexAttention agree on the model's layouts
+        assert r["ours_fwd_ms"] > 0 and r["flex_fwd_ms"] > 0 and r["max_diff"] < 1e-5, r
+    ours = bench.find(results["lsh"], backend="triton")
+    assert ours["max_diff"] < 1e-5 and ours["speedup"] > 0
+    assert {r["model"] for r in results["generate"]} == set(train.MODELS)
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert {"device", "torch", "triton", "command", "results"} <= set(record)
+    assert record["results"]["aft"][1]["vs_transformer"] > 0
+    assert (tmp_path / "bench.md").read_text().count("|---") >= len(bench.DEFAULT_STAGES)
 
 
-def test_generation_benchmark_times_every_model_with_and_without_its_cache(tmp_path):
-    rows = train.main(["--bench", "generate", "--bench_lengths", "64", "--max_new_tokens", "4", "--out_dir",
-                       str(tmp_path)] + TINY)
-    assert [r[0] for r in rows] == list(train.MODELS) and all(r[2] == 4 for r in rows)
-    assert len((tmp_path / "bench_generate.md").read_text().splitlines()) == 2 + len(train.MODELS)
+def test_bench_skips_what_the_budget_cannot_fit(tmp_path):
+    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "reformer,aft",
+                          "--budget", "0.001"])
+    assert all(r["status"].startswith("skipped: budget") for rows in results.values() for r in rows)
 
 
-def test_memory_table_formula_reproduces_the_sparse_transformer_post(tmp_path):
-    rows = train.main(["--bench", "memory", "--out_dir", str(tmp_path)])
-    units = {"GB": 1e9, "MB": 1e6}
-    value = lambda text: float(text.split()[0].replace(",", "")) * units[text.split()[1]]
-    for _, n, ours_stored, post_stored, measured, ours_recomputed, post_recomputed in rows:
-        for ours, post in ((ours_stored, post_stored), (ours_recomputed, post_recomputed)):
-            assert abs(value(ours) / value(post) - 1) < 0.08, (n, ours, post)  # the post rounds, partly in GiB
-        if n <= 3072:  # measured: the saved attention matrices equal the formula; recompute saves none
-            stored, recomputed = measured.split(" / ")
-            assert value(stored) == pytest.approx(value(ours_stored), rel=0.01) and value(recomputed) == 0
+def test_bench_models_stage_times_every_model(tmp_path):
+    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--lengths", "64",
+                          "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])
+    rows = results["models"]
+    assert [r["model"] for r in rows] == list(train.MODELS)
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["params_m"] > 0 for r in rows)
+
+
+def test_memory_table_formula_reproduces_the_sparse_transformer_post():
+    for row in bench.stage_memory(bench.SIZES["cpu"], torch.device("cpu")):
+        for ours, post in (("stored", "post_stored"), ("recomputed", "post_recomputed")):
+            assert abs(row[ours] / row[post] - 1) < 0.08, row  # the post rounds, partly in GiB
+        if "measured_stored" in row:  # the saved attention matrices equal the formula; recompute saves none
+            assert row["measured_stored"] == pytest.approx(row["stored"], rel=0.01) and row["measured_recomputed"] == 0
+
+
+@pytest.mark.parametrize("argv", [["--stages", "kernels,warp"], ["--models", "gpt"], ["--lengths", "64,x"],
+                                  ["--budget", "0"], ["--seeds", "-1"]])
+def test_bench_refuses_bad_flags_with_one_sentence(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -90,13 +90,6 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=None)
     g.add_argument("--no_cache", action="store_true", help="recompute the whole context for every new token")
-    g = p.add_argument_group("benchmark (--bench: tables of speed and memory, no data needed)")
-    g.add_argument("--bench", choices=["models", "generate", "memory"], default=None,
-                   help="models: training tokens/s and peak memory per model and length; generate: generation "
-                        "tokens/s with and without the cache; memory: the Sparse Transformer post's table")
-    g.add_argument("--bench_models", default=",".join(MODELS), help="comma-separated model names")
-    g.add_argument("--bench_lengths", default="1024,4096,16384,65536", help="comma-separated context lengths")
-    g.add_argument("--bench_steps", type=int, default=3, help="timed training steps per cell (after one warm-up)")
     args, rest = p.parse_known_args(argv)
     if args.model not in MODELS:
         raise ValueError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS)}")
@@ -137,12 +130,12 @@ def model_config(name, args, vocab_size, **overrides):
     return {**shared, "vocab_size": vocab_size, **MODELS[name][2], **overrides}
 
 
-def bench_config(name, args, T):
-    """Benchmarks give every model the shared flags at length T, plus those of the --model settings given on
-    the command line that its Config has (e.g. --attn_block 64 reaches all three Sparse Transformer models)."""
-    fields = {f.name for f in dataclasses.fields(importlib.import_module(MODELS[name][0]).Config)}
-    mine = {k: v for k, v in args.model_overrides.items() if k in fields and k not in MODELS[name][2]}
-    return model_config(name, args, 256, **mine, block_size=T)
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on matrices only (not on biases, norms or other 1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
 
 def lr_at(step, args):
@@ -369,197 +362,12 @@ def evaluate_checkpoint(args):
     return bits
 
 
-# ----------------------------------------------------------------------------------------------------------
-# benchmarks: every model at the same width, depth and batch; out-of-memory is a table entry, not a crash
-
-def bench_cell(name, T, args, device, ctx):
-    """Training tokens/s and peak memory of one model at context T on random tokens."""
-    config = bench_config(name, args, T)
-    try:
-        model = build_model(name, config).to(device)
-    except ValueError as e:  # e.g. a length the pattern cannot take
-        return {"status": f"n/a: {e}"}
-    params = sum(p.numel() for p in model.parameters())
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cuda" if device.startswith("cuda") else "cpu")
-    x = torch.randint(0, 256, (args.batch_size, T), device=device)
-    cuda = device.startswith("cuda")
-    try:
-        for i in range(1 + args.bench_steps):
-            if i == 1:  # the first step warms up (allocations, autotuning, compilation)
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-            with ctx:
-                loss = model(x, x)[1]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - t0) / args.bench_steps
-    except torch.cuda.OutOfMemoryError:
-        return {"status": "OOM"}
-    finally:
-        del model, opt
-        if cuda:
-            torch.cuda.empty_cache()
-    return {"status": "ok", "params": params,
-            "step_ms": 1000 * seconds, "tokens_per_s": args.batch_size * T / seconds,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
-def bench(args):
-    device = default_device(args)
-    _, _, ctx = autocast_for(args, device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.bench == "memory":
-        return bench_memory(args)
-    names = args.bench_models.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown --bench_models {unknown}; choose from: {', '.join(MODELS)}")
-    lengths = [int(n) for n in args.bench_lengths.split(",")]
-    print(f"benchmark on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), "
-          f"dtype {args.dtype}, batch {args.batch_size}, {args.n_layer} layers, width {args.n_embd}, "
-          f"{args.n_head} heads; {kernels.backend_info(device)}")
-    if args.bench == "generate":
-        return bench_generate(args, names, lengths, device, ctx)
-    results = []
-    for name in names:
-        for T in lengths:
-            r = bench_cell(name, T, args, device, ctx)
-            results.append({"model": name, "length": T, **r})
-            print(f"{name:>15} n={T:>7}: " + (f"{r['tokens_per_s']:>10,.0f} tok/s, {r['step_ms']:9.1f} ms/step"
-                  + (f", peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "")
-                  if r["status"] == "ok" else r["status"]))
-            if r["status"] == "OOM":
-                break  # longer contexts will not fit either
-    header = ["model", "params (M)"] + [f"n={T}" for T in lengths]
-    table = []
-    for name in names:
-        cells = {r["length"]: r for r in results if r["model"] == name}
-        params = next((f"{r['params'] / 1e6:.2f}" for r in cells.values() if r["status"] == "ok"), "-")
-        table.append([name, params] + [
-            "-" if T not in cells else cells[T]["status"] if cells[T]["status"] != "ok" else
-            f"{cells[T]['tokens_per_s']:,.0f} tok/s" + (f", {cells[T]['peak_mem_gib']:.2f} GiB"
-                                                       if cells[T]["peak_mem_gib"] is not None else "")
-            for T in lengths])
-    md, csv_path = markdown_table(header, table), os.path.join(args.out_dir, "bench.csv")
-    print(md)
-    with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
-        f.write(md + "\n")
-    with open(csv_path, "w") as f:
-        f.write("model,length,status,params,step_ms,tokens_per_s,peak_mem_gib\n")
-        for r in results:
-            f.write(",".join(str(r.get(k, "")) for k in
-                             ("model", "length", "status", "params", "step_ms", "tokens_per_s", "peak_mem_gib")) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"wrote {csv_path} and bench.md; `pip install matplotlib` and rerun for bench.png (log-log plots)")
-        return results
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in names:
-        ok = [r for r in results if r["model"] == name and r["status"] == "ok"]
-        axes[0].plot([r["length"] for r in ok], [r["step_ms"] for r in ok], "o-", label=name)
-        if ok and ok[0]["peak_mem_gib"] is not None:
-            axes[1].plot([r["length"] for r in ok], [r["peak_mem_gib"] for r in ok], "o-", label=name)
-    for ax, label in zip(axes, ("ms per training step", "peak memory (GiB)")):
-        ax.set(xscale="log", yscale="log", xlabel="context length", ylabel=label)
-    axes[0].legend(fontsize=7)
-    fig.savefig(os.path.join(args.out_dir, "bench.png"), dpi=120, bbox_inches="tight")
-    print(f"wrote {csv_path}, bench.md and bench.png")
-    return results
-
-
-@torch.no_grad()
-def bench_generate(args, names, lengths, device, ctx):
-    """Generation tokens/s with and without each model's cache; the prompt fills the context up to n - new."""
-    rows = []
-    for name in names:
-        for T in lengths:
-            model = build_model(name, bench_config(name, args, T)).to(device).eval()
-            new = min(args.max_new_tokens, T // 2)
-            prompt = torch.randint(0, 256, (args.batch_size, T - new), device=device)
-            speed = []
-            for use_cache in (True, False):
-                gen = torch.Generator(device=device).manual_seed(0)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with ctx:
-                    model.generate(prompt, new, generator=gen, use_cache=use_cache)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                speed.append(args.batch_size * new / (time.perf_counter() - t0))
-            rows.append([name, T, new, f"{speed[0]:,.1f}", f"{speed[1]:,.1f}", f"{speed[0] / speed[1]:.1f}x"])
-            print(" | ".join(str(c) for c in rows[-1]))
-    md = markdown_table(["model", "context", "new tokens", "tok/s cached", "tok/s uncached", "speed-up"], rows)
-    print(md)
-    with open(os.path.join(args.out_dir, "bench_generate.md"), "w") as f:
-        f.write(md + "\n")
-    return rows
-
-
-def saved_attention_bytes(n, n_layer, recompute):
-    """Bytes of n x n tensors autograd keeps for the backward of a dense 4-head model on one sequence of n
-    tokens, with attention computed the plain way (softmax(q k^T) v, which keeps the attention matrix)."""
-    from sparse_transformer import Config, SparseTransformer
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    model = SparseTransformer(Config(block_size=n, n_layer=n_layer, n_head=4, n_embd=32, recompute=recompute))
-    storages = {}
-
-    def keep(t):
-        if t.dim() >= 2 and tuple(t.shape[-2:]) == (n, n):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    x = torch.randint(0, 256, (1, n))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), sdpa_kernel(SDPBackend.MATH):
-        model(x, x)
-    return sum(storages.values())
-
-
-def bench_memory(args):
-    """The Sparse Transformer post's table: memory of the attention matrices of a dense 64-layer, 4-head model
-    in float32, stored for the backward (layers x heads x n^2 x 4 bytes) vs recomputed (one layer at a time).
-    Checked by measurement where it fits a CPU: the n x n bytes autograd saves for a 2-layer model, per layer,
-    times 64; with recompute (the checkpointed blocks) nothing n x n is saved at all."""
-    post = {"1024 text tokens": (1024, "1.0 GB", "16 MB"), "32x32x3 image": (3072, "9.6 GB", "151 MB"),
-            "64x64x3 image": (12288, "154 GB", "2.4 GB"), "24,000 audio samples": (24000, "590 GB", "9.2 GB")}
-    rows = []
-    for what, (n, post_stored, post_recomputed) in post.items():
-        one_layer = 4 * n * n * 4  # heads x n^2 x bytes
-        measured = "-"
-        if n <= 3072:  # larger ones need tens of GB for a measurement; the formula is checked below them
-            stored, recomputed = (saved_attention_bytes(n, 2, r) for r in (False, True))
-            measured = f"{64 * stored / 2 / 1e9:.2f} GB / {recomputed / 1e6:.0f} MB"
-        rows.append([what, n, f"{64 * one_layer / 1e9:.2f} GB", post_stored, measured,
-                     f"{one_layer / 1e6:,.1f} MB", post_recomputed])
-    md = markdown_table(["data", "n", "stored (formula)", "stored (post)", "measured: stored x64 / recompute",
-                         "recomputed (formula)", "recomputed (post)"], rows)
-    print(md)
-    with open(os.path.join(args.out_dir, "bench_memory.md"), "w") as f:
-        f.write(md + "\n")
-    return rows
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.sample:
         return sample(args)
     if args.evaluate:
         return evaluate_checkpoint(args)
-    if args.bench:
-        return bench(args)
     ddp = "RANK" in os.environ  # launched by torchrun
     if ddp:
         use_cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -592,7 +400,7 @@ def main(argv=None):
         config = model_config(args.model, args, data.vocab_size, **args.model_overrides)
     model = build_model(args.model, config).to(device)
     sampler = datasets.BatchSampler(data, "train", args.block_size, args.batch_size, args.seed + rank, device)
-    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (0.9, 0.95), device_type)
+    optimizer = configure_optimizers(model, args.weight_decay, args.lr, (0.9, 0.95), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
