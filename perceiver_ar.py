@@ -68,7 +68,6 @@ class RotaryAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = config.n_head
         head_dim = config.n_embd // config.n_head
         n_pairs = int(head_dim * config.rotary_frac) // 2
@@ -141,6 +140,8 @@ class PerceiverAR(nn.Module):
         super().__init__()
         if config.n_latents == 0:  # the paper's long-context runs use 1024 latents
             config = dataclasses.replace(config, n_latents=min(1024, max(1, config.block_size // 2)))
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
         if not 1 <= config.n_latents <= config.block_size:
             raise ValueError(f"n_latents={config.n_latents} must lie in 1 .. block_size={config.block_size}")
         if not 0.0 <= config.context_dropout <= 1.0:

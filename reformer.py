@@ -207,6 +207,8 @@ class ReversibleSequence(torch.autograd.Function):
 def axial_shape(config):
     """(n1, n2) with n1 * n2 = block_size: config.axial_shape, or the most square factorisation (n1 <= n2)."""
     if config.axial_shape:
+        if len(config.axial_shape) != 2:
+            raise ValueError(f"axial_shape {tuple(config.axial_shape)} must be two numbers (n1, n2)")
         n1, n2 = config.axial_shape
         if n1 * n2 != config.block_size:
             raise ValueError(f"axial_shape {tuple(config.axial_shape)} must multiply to block_size "
@@ -238,6 +240,9 @@ class Reformer(nn.Module):
             raise ValueError(f"block_size ({config.block_size}) must be a positive multiple of chunk ({config.chunk})")
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        for name in ("n_hashes", "ff_chunks", "lsh_every"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
         if config.n_buckets % 2 != 0 or config.n_buckets < 0:
             raise ValueError(f"n_buckets must be even (the hash is argmax over [xR; -xR]) or 0 for automatic; "
                              f"got {config.n_buckets}")

@@ -71,11 +71,18 @@ def auto_stride(config):
 
 def check_config(config):
     """Raise ValueError for settings the patterns cannot take, saying what works instead."""
-    l, c, blk, n = config.stride, config.summary, config.attn_block, config.block_size
     for name, value, allowed in (("pattern", config.pattern, PATTERNS), ("combine", config.combine, COMBINES),
                                  ("pos_emb", config.pos_emb, POS_EMBS)):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+    for name in ("attn_block", "summary", "n_offsets"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.stride < 0:
+        raise ValueError(f"stride must be 0 (automatic) or a positive number of positions, got {config.stride}")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    l, c, blk, n = config.stride or auto_stride(config), config.summary, config.attn_block, config.block_size
     if config.pattern == "strided" and n % (l * blk) != 0:
         strides = [s for s in range(1, n + 1) if n % (s * blk) == 0]
         raise ValueError(
@@ -218,9 +225,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer=0):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.config = config
-        self.pattern = getattr(config, "pattern", "all")  # other models reuse this module with their own Config
+        self.pattern = config.pattern
         self.layer = layer
         self.layouts = {}  # (kind, n) -> block layout on the CPU: building one costs more than using it
         self.n_head = config.n_head
@@ -387,9 +393,9 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 class SparseTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
+        check_config(config)
         if config.stride == 0:
             config = dataclasses.replace(config, stride=auto_stride(config))
-        check_config(config)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = PositionEmbedding(config)

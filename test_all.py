@@ -5,13 +5,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton (via kernels)
 
+import dataclasses
 import functools
 import hashlib
+import importlib
 import io
 import itertools
 import json
 import math
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -32,6 +35,7 @@ import data as datasets
 import kernels
 import perceiver_ar
 import reformer
+import sample
 import sparse_transformer as st
 import train
 from aft import AFT, AFTMixer, aft_full, aft_local, aft_simple
@@ -253,15 +257,135 @@ def test_ddp_trains_with_two_cpu_processes(text_file, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # bad input gets a clear error
 
-def test_unknown_model_lists_the_valid_names():
-    with pytest.raises(ValueError, match="choose one of: transformer, sparse_strided"):
+def test_unknown_model_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit):
         train.parse_args(["--model", "gpt5"])
+    assert "choose one of: transformer, sparse_strided" in capsys.readouterr().err
 
 
 def test_unknown_flag_is_rejected(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "transformer", "--n_hashes", "4"])
     assert "unrecognized arguments: --n_hashes" in capsys.readouterr().err
+
+
+# Each case: flags, and a fragment the one-line error must contain. Every one must end in argparse's exit 2 with
+# that line, never a traceback from deep code.
+BAD_FLAGS = [
+    (["--model", "gpt5"], "choose one of"), (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--block_size", "0"], "--block_size 0: must be at least 1"), (["--batch_size", "-1"], "--batch_size -1"),
+    (["--grad_accum", "0"], "--grad_accum 0"), (["--n_head", "0"], "--n_head 0"), (["--n_embd", "0"], "--n_embd 0"),
+    (["--n_layer", "0"], "--n_layer 0"), (["--eval_interval", "0"], "--eval_interval 0"),
+    (["--eval_iters", "0"], "--eval_iters 0"), (["--audio_seq_len", "0"], "--audio_seq_len 0"),
+    (["--max_iters", "0"], "--max_iters 0"), (["--warmup", "-1"], "--warmup -1"), (["--lr", "0"], "--lr 0"),
+    (["--lr", "nan"], "--lr nan"), (["--grad_clip", "-1"], "--grad_clip -1"), (["--dropout", "1"], "--dropout 1"),
+    (["--batch_size", "two"], "--batch_size: invalid int value: 'two'"),
+    (["--n_embd", "30", "--n_head", "4"], "divisible"),
+    (["--model", "reformer", "--n_hashes", "two"], "--n_hashes: invalid int value: 'two'"),
+    (["--model", "reformer", "--n_hashes", "0"], "n_hashes"), (["--model", "reformer", "--chunk", "0"], "chunk"),
+    (["--model", "reformer", "--ff_chunks", "0"], "ff_chunks"), (["--model", "reformer", "--lsh_every", "0"], "lsh_every"),
+    (["--model", "reformer", "--axial_shape", "(3,)"], "axial_shape"),
+    (["--model", "reformer", "--reversible", "maybe"], "--reversible: invalid true/false value"),
+    (["--model", "sparse_fixed", "--attn_block", "0"], "attn_block"),
+    (["--model", "sparse_strided", "--stride", "7"], "stride"), (["--model", "aft_local", "--window", "0"], "window"),
+    (["--model", "aft_full", "--w_rank", "-2"], "--w_rank -2"), (["--model", "perceiver_ar", "--n_latents", "-1"],
+                                                                  "--n_latents -1"),
+    (["--model", "perceiver_ar", "--n_latents", "999"], "n_latents"),
+    (["--model", "perceiver_ar", "--context_dropout", "2"], "context_dropout"),
+    (["--device", "tpu"], "--device tpu"), (["--device", "cuda:7"], "--device cuda:7"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_stop_at_parse_time_with_one_sentence(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and fragment in err[-1], err
+
+
+@pytest.mark.parametrize("name", list(train.MODELS))
+def test_every_integer_setting_is_refused_at_parse_time_or_works(name, text_file, tmp_path):
+    """The class, not the examples: 0 and -1 for every integer field of every model's Config either stop at
+    parse time with a sentence naming the flag, or are taken (0 = automatic) and the model trains a step."""
+    module, _, variant = train.MODELS[name]
+    fields = [f.name for f in dataclasses.fields(importlib.import_module(module).Config)
+              if f.type is int and f.name not in train.SHARED_FIELDS and f.name not in variant]
+    base = ["--model", name, "--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1"] + TINY
+    for field, value in itertools.product(fields, ("0", "-1")):
+        argv = base + ["--block_size", "64", f"--{field}", value, "--out_dir", str(tmp_path / f"{field}{value}")]
+        try:
+            args = train.parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2, (field, value)
+            continue
+        assert value == "0", f"--{field} -1 was accepted"
+        assert math.isfinite(train.main(argv)[-1]["val_loss"]), field
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is visible")
+def test_asking_for_a_gpu_that_is_not_there_is_one_sentence(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "--device cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--top_k", "0"], ["--max_new_tokens", "-1"], ["--num_samples", "0"],
+                                  ["--temperature", "0"], ["--seconds", "nan"], ["--prompt", ""]])
+def test_bad_sampling_flags_stop_at_parse_time(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_resume_refuses_what_contradicts_the_checkpoint_and_keeps_the_rest(text_file, tmp_path):
+    base = ["--out_dir", str(tmp_path)] + TINY
+    train.main(base + ["--data", f"text:{text_file}", "--max_iters", "2", "--eval_interval", "2"])
+    for flags, fragment in ((["--data", "copy"], f"--data copy differs from the checkpoint's text:{text_file}"),
+                            (["--n_embd", "64"], "--n_embd 64 differs from the checkpoint's 32"),
+                            (["--model", "aft_local"], "--model aft_local differs from the checkpoint's transformer"),
+                            (["--max_iters", "2"], "already at step 2, so --max_iters 2 leaves nothing to do")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            train.main(base + ["--resume", "--max_iters", "4"] + flags)
+    history = train.main(base + ["--resume", "--max_iters", "3", "--eval_interval", "3"])  # model, data: the checkpoint's
+    assert history[0]["step"] == 2 and torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
+
+
+def test_a_diverging_run_stops_and_never_overwrites_the_good_checkpoint(text_file, tmp_path):
+    base = ["--data", f"text:{text_file}", "--out_dir", str(tmp_path), "--eval_interval", "4"] + TINY
+    train.main(base + ["--max_iters", "4"])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(train.Diverged, match="was not overwritten|left as it was"):
+        train.main(base + ["--resume", "--max_iters", "40", "--lr", "1e9", "--warmup", "0"])
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    r = subprocess.run([sys.executable, "train.py", "--resume", "--max_iters", "40", "--lr", "1e9", "--warmup", "0"]
+                       + base, capture_output=True, text=True, cwd=HERE, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]  # tqdm's bar shares stderr
+    assert r.returncode == 1 and last.startswith("error: training diverged") and "Traceback" not in r.stderr
+
+
+def test_unusable_out_dir_and_missing_checkpoint_are_one_sentence(text_file, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train.main(["--data", f"text:{text_file}", "--out_dir", str(afile)] + TINY)
+    with pytest.raises(ValueError, match="cannot be written"):
+        train.main(["--data", f"text:{text_file}", "--out_dir", str(afile / "run")] + TINY)
+    for call in (lambda: train.main(["--evaluate", "test", "--out_dir", str(tmp_path)]),
+                 lambda: sample.main(["--out_dir", str(tmp_path), "--device", "cpu"])):
+        with pytest.raises(FileNotFoundError, match="train one first") as e:
+            call()
+        assert "--resume" not in str(e.value)
+
+
+def test_sampling_ends_when_progress_bars_are_disabled(text_file, tmp_path):
+    """Progress bars only display: with TQDM_DISABLE=1 generation still counts its tokens and ends."""
+    train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1",
+                "--out_dir", str(tmp_path)] + TINY)
+    r = subprocess.run([sys.executable, "sample.py", "--out_dir", str(tmp_path), "--max_new_tokens", "25",
+                        "--num_samples", "1", "--prompt", "abc", "--device", "cpu"], capture_output=True, text=True,
+                       cwd=HERE, timeout=120, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0 and len(r.stdout.split("--- sample 1 ---\n")[1].encode()) >= 3 + 25 - 25 // 4, r.stderr
 
 
 def test_sequence_longer_than_block_size_is_rejected():
@@ -319,14 +443,14 @@ def read_png(path):
 
 def test_png_writer_output_parses_back_to_the_same_pixels(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    train.write_png(str(tmp_path / "x.png"), img)
+    sample.write_png(str(tmp_path / "x.png"), img)
     w, h, pixels = read_png(tmp_path / "x.png")
     assert (w, h) == (5, 7) and np.array_equal(pixels, img)
 
 
 def test_wav_writer_output_opens_with_the_wave_module(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 256, 1234).astype(np.uint8)
-    train.write_wav(str(tmp_path / "x.wav"), tokens, 12_000)
+    sample.write_wav(str(tmp_path / "x.wav"), tokens, 12_000)
     with wave.open(str(tmp_path / "x.wav")) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 12_000, 1234)
         pcm = np.frombuffer(w.readframes(1234), "<i2") / 32767
@@ -339,7 +463,7 @@ def test_image_sampling_writes_a_grid_of_prompt_completions_and_truth(tmp_path):
     out = str(tmp_path / "run")
     train.main(["--data", f"images:{tmp_path / 'imgs.npy'}", "--max_iters", "1", "--eval_interval", "1",
                 "--out_dir", out] + TINY)
-    train.main(["--sample", "--out_dir", out, "--num_samples", "2", "--completions", "2", "--device", "cpu"])
+    sample.main(["--out_dir", out, "--num_samples", "2", "--completions", "2", "--device", "cpu"])
     w, h, pixels = read_png(os.path.join(out, "samples.png"))
     tile = 32 * 4 + 2  # 4x upscaled tiles with 2-pixel gaps
     assert (w, h) == (2 + 4 * tile, 2 + 3 * tile)  # 2 image rows + 1 unconditional row; 1 + 2 + 1 columns
@@ -369,8 +493,8 @@ def test_text_sampling_continues_the_prompt(text_file, tmp_path, capsys):
     out = str(tmp_path)
     train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1", "--out_dir", out] + TINY)
     capsys.readouterr()
-    train.main(["--sample", "--out_dir", out, "--prompt", "Hello, long context", "--num_samples", "2",
-                "--max_new_tokens", "30", "--device", "cpu"])
+    sample.main(["--out_dir", out, "--prompt", "Hello, long context", "--num_samples", "2",
+                 "--max_new_tokens", "30", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert printed.count("Hello, long context") == 2 and "--- sample 2 ---" in printed
 
@@ -383,7 +507,7 @@ def test_audio_sampling_writes_wav_files_of_the_requested_length(tmp_path):
     common = ["--audio_rate", "1000", "--audio_seq_len", "64"]
     train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--eval_interval", "1", "--out_dir", out]
                + common + TINY)
-    train.main(["--sample", "--out_dir", out, "--seconds", "0.1", "--num_samples", "1", "--device", "cpu"])
+    sample.main(["--out_dir", out, "--seconds", "0.1", "--num_samples", "1", "--device", "cpu"])
     with wave.open(os.path.join(out, "sample_1.wav")) as w:  # prompt: a 64-sample validation row (< 1 s)
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (1000, 1, 64 + 100)
 

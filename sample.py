@@ -1,0 +1,187 @@
+"""
+Generate from a trained checkpoint: text to the terminal, images to a PNG grid, audio to WAV files, and for the
+copy task the fraction of tokens recalled. The model and its data set come from out_dir/ckpt.pt.
+
+    python sample.py --out_dir out --prompt "The history of"      # text: 3 continuations
+    python sample.py --out_dir out_cifar --num_samples 4            # images: out_cifar/samples.png
+    python sample.py --out_dir out_audio --seconds 5                # audio: out_audio/sample_1.wav ...
+
+Its own file (as in nanoGPT) because it shares nothing with the training loop but the checkpoint; the PNG and
+WAV writers use the standard library only.
+"""
+import argparse
+import math
+import os
+import struct
+import sys
+import wave
+import zlib
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data as datasets
+import train
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--out_dir", default="out", help="the run whose ckpt.pt to sample from")
+    p.add_argument("--prompt", default=None, help="text prompt (default: a random validation excerpt)")
+    p.add_argument("--num_samples", type=int, default=3, help="text continuations / images / audio clips")
+    p.add_argument("--max_new_tokens", type=int, default=500, help="text: tokens to generate per sample")
+    p.add_argument("--completions", type=int, default=3, help="images: completions of each half image")
+    p.add_argument("--seconds", type=float, default=5.0, help="audio: seconds to generate")
+    p.add_argument("--unconditional", action="store_true", help="images/audio: start from the start token alone")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context for every new token")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    for flag in ("num_samples", "max_new_tokens", "completions", "top_k"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    for flag in ("seconds", "temperature"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
+            p.error(f"--{flag} {getattr(args, flag)}: must be a positive number")
+    if args.prompt == "":
+        p.error("--prompt is empty; give some text, or leave the flag out for a validation excerpt")
+    problem = train.check_device(args.device)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def write_png(path, img):
+    """uint8 [H, W, 3] -> PNG: signature, IHDR, one zlib-compressed IDAT (filter 0 per row), IEND."""
+    h, w, _ = img.shape
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+                + chunk(b"IEND", b""))
+
+
+def write_wav(path, tokens, rate):
+    """8-bit mu-law tokens -> 16-bit mono PCM WAV."""
+    pcm = np.clip(datasets.mu_law_decode(np.asarray(tokens)) * 32767, -32767, 32767).astype("<i2")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+def image_grid(rows, scale=4, pad=2):
+    """Rows of token sequences (3072 each, raster order) -> one uint8 picture, 32x32 tiles upscaled."""
+    tile = 32 * scale
+    canvas = np.full((pad + len(rows) * (tile + pad), pad + max(map(len, rows)) * (tile + pad), 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, seq in enumerate(row):
+            img = seq.clamp(max=255).to(torch.uint8).view(32, 32, 3).cpu().numpy()  # (32, 32, 3)
+            y, x = pad + i * (tile + pad), pad + j * (tile + pad)
+            canvas[y:y + tile, x:x + tile] = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    return canvas
+
+
+def generate(model, idx, n, args, gen, desc):
+    """model.generate in up to 20 pieces so that a progress bar can follow (each piece re-primes the cache).
+    The loop counts the tokens itself: the bar only displays (it does nothing when tqdm is disabled)."""
+    piece = max(1, math.ceil(n / 20))
+    with tqdm(total=n, desc=desc, unit="tok") as bar:
+        for done in range(0, n, piece):
+            k = min(piece, n - done)
+            idx = model.generate(idx, k, temperature=args.temperature, top_k=args.top_k, generator=gen,
+                                 use_cache=not args.no_cache)
+            bar.update(k)
+    return idx
+
+
+def sample_text(model, data, args, gen, device):
+    k = args.num_samples
+    if args.prompt is not None:
+        prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)[None].repeat(k, 1)
+    else:
+        start = torch.randint(0, len(data.splits["val"]) - 256, (1,),
+                              generator=torch.Generator().manual_seed(args.seed)).item()
+        prompt = data.splits["val"][start:start + 256].long()[None].repeat(k, 1)
+    out = generate(model, prompt.to(device), args.max_new_tokens, args, gen, "text")
+    for i in range(k):
+        print(f"\n--- sample {i + 1} ---\n{bytes(out[i].tolist()).decode('utf-8', errors='replace')}")
+
+
+def sample_images(model, data, args, gen, device):
+    """One PNG: per test image a row of prompt (top half) | completions | ground truth, then a row of
+    unconditional samples (--unconditional: only that row)."""
+    k = min(args.num_samples, len(data.splits["test"]))
+    bos = torch.full((k, 1), data.bos, device=device)
+    rows = []
+    if not args.unconditional:
+        truth = data.splits["test"][:k].long().to(device)  # (k, 3072)
+        prompt = torch.cat([bos, truth[:, :1536]], dim=1)
+        completions = [generate(model, prompt, 1536, args, gen, f"completion {c + 1}")[:, 1:]
+                       for c in range(args.completions)]
+        top_half = torch.cat([truth[:, :1536], torch.full_like(truth[:, 1536:], 128)], dim=1)
+        rows = [[top_half[i]] + [c[i] for c in completions] + [truth[i]] for i in range(k)]
+    rows.append(list(generate(model, bos, 3072, args, gen, "unconditional")[:, 1:]))
+    path = os.path.join(args.out_dir, "samples.png")
+    write_png(path, image_grid(rows))
+    print(f"wrote {path}: " + ("" if args.unconditional else "rows of prompt | completions | ground truth, then ")
+          + "a row of unconditional samples")
+
+
+def sample_copy(model, data, args, gen, device, block_size):
+    """Show the first half, ask for the second: it should repeat the first."""
+    k, half_len = args.num_samples, block_size // 2
+    half = torch.randint(0, 256, (k, half_len), generator=torch.Generator().manual_seed(args.seed))
+    prompt = torch.cat([torch.full((k, 1), data.bos), half], dim=1).to(device)
+    out = generate(model, prompt, half_len, args, gen, "copy")[:, -half_len:].cpu()
+    print(f"copy task: {(out == half).float().mean().item():.1%} of {k} x {half_len} tokens recalled across a "
+          f"distance of {half_len}")
+
+
+def sample_audio(model, data, args, gen, device, rate):
+    """Continue up to one second of each validation clip (or start from nothing) and write 16-bit WAVs."""
+    k = min(args.num_samples, len(data.splits["val"]))
+    bos = torch.full((k, 1), data.bos, device=device)
+    prompt = bos if args.unconditional else torch.cat([bos, data.splits["val"][:k, :rate].long().to(device)], dim=1)
+    out = generate(model, prompt, int(args.seconds * rate), args, gen, "audio")[:, 1:]
+    for i in range(k):
+        path = os.path.join(args.out_dir, f"sample_{i + 1}.wav")
+        write_wav(path, out[i].clamp(max=255).cpu().numpy(), rate)
+        print(f"wrote {path} ({out.shape[1] / rate:.1f} s at {rate} Hz)")
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = parse_args(argv)
+    device = train.default_device(args)
+    ckpt, model, data = train.load_trained(args.out_dir, device)
+    config = ckpt["model_config"]
+    print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {data.describe()}")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    _, _, ctx = train.autocast_for(args, device)
+    with ctx:
+        if data.kind == "text":
+            sample_text(model, data, args, gen, device)
+        elif data.kind == "image":
+            sample_images(model, data, args, gen, device)
+        elif data.kind == "copy":
+            sample_copy(model, data, args, gen, device, config["block_size"])
+        else:
+            sample_audio(model, data, args, gen, device, ckpt["args"]["audio_rate"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
