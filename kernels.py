@@ -1,13 +1,15 @@
 """
 Attention kernels shared by the models.
 
-One public entry point, `attention(q, k, v, ...)`, computes softmax attention under three masks at once: the
-causal mask, an optional sliding window, and an optional block layout (a boolean [H or 1, T/block, S/block]
-tensor saying which query-block x key-block tiles are computed). On CUDA it runs a block-sparse
-flash-attention kernel written in Triton (forward, dQ and dK/dV kernels, online softmax, fp32 accumulation;
-fp32 inputs multiply in TF32 on the GPU, exactly in the interpreter); everywhere else a dense PyTorch fallback
-computes the same function. `backend=` forces either, `last_backend` says which one ran,
-`backend_info(device)` says which one a device gets.
+Two public functions, each a Triton kernel on CUDA and a dense PyTorch twin everywhere else that computes the
+same function (`backend=` forces either; `last_backend` / `last_lsh_backend` say which one ran):
+- `attention(q, k, v, ...)`: softmax attention under three masks at once: the causal mask, an optional sliding
+  window, and an optional block layout (a boolean [H or 1, T/block, S/block] tensor saying which query-block x
+  key-block tiles are computed). The kernel is block-sparse flash attention (forward, dQ and dK/dV kernels,
+  online softmax, fp32 accumulation; fp32 inputs multiply in TF32 on the GPU, exactly in the interpreter).
+  `backend_info(device)` says which backend a device gets.
+- `lsh_attention(q, k, v, buckets, chunk, ...)`: the Reformer's LSH attention over hash rounds, the paper's
+  chunked windows or an exactly causal variant (see its section).
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
