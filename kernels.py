@@ -1,13 +1,15 @@
 """
 Attention kernels shared by the models.
 
-One public entry point, `attention(q, k, v, ...)`, computes softmax attention under three masks at once: the
-causal mask, an optional sliding window, and an optional block layout (a boolean [H or 1, T/block, S/block]
-tensor saying which query-block x key-block tiles are computed). On CUDA it runs a block-sparse
-flash-attention kernel written in Triton (forward, dQ and dK/dV kernels, online softmax, fp32 accumulation;
-fp32 inputs multiply in TF32 on the GPU, exactly in the interpreter); everywhere else a dense PyTorch fallback
-computes the same function. `backend=` forces either, `last_backend` says which one ran,
-`backend_info(device)` says which one a device gets.
+Two public functions, each a Triton kernel on CUDA and a dense PyTorch twin everywhere else that computes the
+same function (`backend=` forces either; `last_backend` / `last_lsh_backend` say which one ran):
+- `attention(q, k, v, ...)`: softmax attention under three masks at once: the causal mask, an optional sliding
+  window, and an optional block layout (a boolean [H or 1, T/block, S/block] tensor saying which query-block x
+  key-block tiles are computed). The kernel is block-sparse flash attention (forward, dQ and dK/dV kernels,
+  online softmax, fp32 accumulation; fp32 inputs multiply in TF32 on the GPU, exactly in the interpreter).
+  `backend_info(device)` says which backend a device gets.
+- `lsh_attention(q, k, v, buckets, chunk, ...)`: the Reformer's LSH attention over hash rounds, the paper's
+  chunked windows or an exactly causal variant (see its section).
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
@@ -128,7 +130,11 @@ def block_lists(layout, block, T, S, future, window, device):
     return _index_cache[key]
 
 
-jit = triton.jit if triton is not None else (lambda fn: fn)
+if triton is not None:
+    jit = triton.jit
+else:  # the kernels are then never launched; defining them as plain functions keeps the module importable
+    def jit(fn=None, **options):
+        return fn if fn is not None else (lambda fn: fn)
 
 
 @jit
@@ -393,15 +399,23 @@ def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=No
 # ---------------------------------------------------------------------------------------------------------------
 # LSH attention (Reformer, Kitaev, Kaiser, Levskaya 2020, arXiv 2001.04451, section 3)
 #
-# Per hash round r every position carries a bucket id. Positions are sorted by (bucket, position), the sorted
-# sequence is cut into chunks of `chunk` rows, and each query attends to the keys of its own chunk and of the
-# previous chunk (the first chunk has no previous one: unlike trax, rounds are not concatenated and there is no
-# wrap-around), only to keys at an earlier or equal *original* position, and to itself only when nothing else
-# is left (its logit is SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of the
-# logits of each query; the rounds combine as out = sum_r softmax_r(lse_r) * o_r. The dense twin below computes
-# exactly that; the Triton kernels merge the rounds as they go and never store the per-round outputs.
+# Per hash round r every position carries a bucket id. Positions are sorted by (bucket, position) and the sorted
+# sequence is cut into chunks of `chunk` rows. A query's keys in a round, two ways:
+# - the paper's (default): the keys of its own chunk and of the previous chunk (the first chunk has no previous
+#   one: unlike trax, rounds are not concatenated and there is no wrap-around) at an earlier or equal *original*
+#   position. Where a chunk boundary falls depends on how many later positions sort before it, so a later token
+#   can move an earlier output: not causal, in the paper and in trax alike.
+# - causal=True: the `chunk` most recent keys of its own bucket up to itself, i.e. the keys of its bucket at sorted
+#   indices s - chunk + 1 .. s for a query at sorted index s: a sliding window in sorted order. A position's
+#   bucket depends on that position alone, so the window depends only on positions <= the query: exactly causal.
+#   The window lies in the own and previous chunk, so the kernels below take it unchanged.
+# Both are one test on a per-round integer `loc` of every position (sort_by_bucket): key j is in query i's window
+# exactly when loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (its logit is
+# SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of the logits of each query; the
+# rounds combine as out = sum_r softmax_r(lse_r) * o_r. The dense twin below computes exactly that; the Triton
+# kernels merge the rounds as they go and never store the per-round outputs.
 # Two optional masks of the paper, both off in trax's final code and here by default:
-# - same_bucket: a key in another bucket is masked even when it shares the chunk window;
+# - same_bucket: a key in another bucket is masked even when it shares the chunk window (causal implies it);
 # - dedup: a key seen in c of the rounds' windows gets its logit lowered by log(c), so that the combined
 #   output is the softmax over the union of the windows, each key counted once.
 # Keys are passed separately from queries (the Reformer's k is the unit-normalised q); autograd adds the two
@@ -412,28 +426,42 @@ SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no
 last_lsh_backend = None  # "triton" or "dense": which path the most recent lsh_attention call used
 
 
-def sort_by_bucket(buckets, chunk, same_bucket=False):
-    """buckets (B, H, R, T) -> sorted positions st, inverse permutation rank, and window ids loc, all (B, H, R, T).
+def sort_by_bucket(buckets, chunk, same_bucket=False, causal=False):
+    """buckets (B, H, R, T) -> sorted positions st, inverse permutation rank, window ids loc, all (B, H, R, T),
+    and span: key j lies in query i's window of a round exactly when in_window(loc_i, loc_j, span).
 
     st[..., s] is the original position at sorted index s; rank[..., t] the sorted index of position t.
-    loc[..., t] names the chunk holding t (and its bucket with same_bucket): key j lies in query i's window
-    in a round exactly when loc_j == loc_i or loc_j + 1 == loc_i, which is what the dedup count tests.
+    loc[..., t] is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket (rank grows with
+    the bucket, so other buckets land 2 or more away, or below); with causal, t's sorted index plus
+    chunk * bucket (span chunk: the chunk latest sorted indices of the same bucket).
     """
     T = buckets.shape[-1]
     pos = torch.arange(T, device=buckets.device)
     st = torch.argsort(buckets.long() * T + pos, dim=-1)  # keys are unique, so this is the stable order
     rank = torch.empty_like(st).scatter_(-1, st, pos.expand_as(st))
+    if causal:
+        return st, rank, rank + chunk * buckets.long(), chunk
     loc = rank // chunk
     if same_bucket:
-        loc = loc + (T // chunk + 1) * buckets.long()  # the +1 gap: bucket b-1's last chunk is not b's previous
-    return st, rank, loc
+        loc = loc + 2 * buckets.long()
+    return st, rank, loc, 2
 
 
-def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False):
-    """The plain PyTorch twin: per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) by sort + gather."""
+def in_window(loc_q, loc_k, span):
+    """Whether a key with window id loc_k is in the window of a query with id loc_q (see sort_by_bucket); the
+    dense twin calls it on tensors, the kernels compiled (_in_window)."""
+    return (loc_k <= loc_q) & (loc_k > loc_q - span)
+
+
+_in_window = jit(in_window)
+
+
+def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, causal=False):
+    """The plain PyTorch twin: per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) by sort + gather.
+    T must be a multiple of chunk (lsh_attention pads any other length)."""
     B, H, T, D = q.shape
     R, N = buckets.shape[2], T // chunk
-    st, rank, loc = sort_by_bucket(buckets, chunk, same_bucket)
+    st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
 
     def gather_rows(x):  # (B, H, T, E) -> rows in each round's sorted order, chunked: (B, H, R, N, m, E)
         E = x.shape[-1]
@@ -455,15 +483,13 @@ def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, d
         qloc = loc.gather(3, qpos.reshape(B, H, 1, R * T).expand(B, H, R, R * T)).view(B, H, R, R, N, chunk)
         kloc = loc.gather(3, kpos.reshape(B, H, 1, 2 * R * T).expand(B, H, R, 2 * R * T))
         kloc = kloc.view(B, H, R, R, N, 2 * chunk)
-        ql, kl = qloc[..., :, None], kloc[..., None, :]
-        count = ((kl == ql) | (kl + 1 == ql)).sum(2)  # (B, H, R, N, m, 2m): rounds whose window holds the key
+        count = in_window(qloc[..., :, None], kloc[..., None, :], span).sum(2)  # (B, H, R, N, m, 2m)
         s = s - count.clamp(min=1).to(s.dtype).log()
     first = torch.zeros(N, 2 * chunk, dtype=torch.bool, device=q.device)
     first[0, :chunk] = True  # the first chunk has no previous chunk
-    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & ~first[:, None, :]
-    if same_bucket:
-        sb = buckets.gather(3, st).view(B, H, R, N, chunk)
-        allowed = allowed & (with_previous(sb)[..., None, :] == sb[..., :, None])
+    sloc = loc.gather(3, st).view(B, H, R, N, chunk)  # this round's loc of the sorted rows
+    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & ~first[:, None, :] \
+        & in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, R, N, m)
     so = torch.exp(s - lse[..., None]) @ sv  # (B, H, R, N, m, D)
@@ -473,31 +499,38 @@ def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, d
 
 # Shared by the three kernels: the masked logits of a tile of queries (rows) against a tile of keys (columns).
 # Order of operations, same as the reference: q.k * scale; the self logit; minus log(count of rounds whose
-# window holds the key) with dedup; -inf for keys later in the original order, outside the window, or (with
-# same_bucket) in another bucket.
+# window holds the key) with dedup; -inf for keys later in the original order or outside round r's window.
+# LOC holds loc (B, H, R, T) of sort_by_bucket; bh * R + r is the row of round r.
 @jit
-def _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, loc_base, T, scale, self_logit,
-                N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr):
+def _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP: tl.constexpr):
     s = tl.dot(q, tl.trans(k)) * scale
     s = tl.where(kpos[None, :] == qpos[:, None], self_logit, s)
     if DEDUP:
         count = tl.zeros(s.shape, dtype=tl.int32)
-        for r in tl.static_range(N_HASHES):
-            ql = tl.load(LOC + loc_base + r * T + qpos)
-            kl = tl.load(LOC + loc_base + r * T + kpos)
-            hit = (kl[None, :] == ql[:, None]) | (kl[None, :] + 1 == ql[:, None])
-            count += hit.to(tl.int32)
+        for r2 in range(R):
+            count += _lsh_window(LOC + (bh * R + r2) * T, qpos, kpos, span).to(tl.int32)
         s = s - tl.log(tl.maximum(count, 1).to(tl.float32))
-    allowed = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-    if SAME_BUCKET:
-        allowed = allowed & (kb[None, :] == qb[:, None])
+    allowed = k_ok[None, :] & (kpos[None, :] <= qpos[:, None]) \
+        & _lsh_window(LOC + (bh * R + r) * T, qpos, kpos, span)
     return tl.where(allowed, s, float("-inf"))
 
 
 @jit
-def _load_rows(X, base, pos, ok, offs_d, d_ok, D):
+def _lsh_window(LOC_ROUND, qpos, kpos, span):
+    """(queries, keys) mask of the keys in each query's window, for the round whose loc row is LOC_ROUND."""
+    return _in_window(tl.load(LOC_ROUND + qpos)[:, None], tl.load(LOC_ROUND + kpos)[None, :], span)
+
+
+@jit
+def _load_rows(X, base, pos, ok, offs_d, d_ok, D: tl.constexpr):
     # rows X[base + pos] of a row-major (.., T, D) tensor: the in-kernel gather that replaces a sorted copy
     return tl.load(X + base + pos[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+# Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only count (round r
+# of R, the window's span) or give lengths whose alignment the constexpr D already shows, so one compiled
+# kernel serves every value.
+LSH_SCALARS = ["r", "R", "span", "T"]
 
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
@@ -513,13 +546,13 @@ def _load_rows(X, base, pos, ok, offs_d, d_ok, D):
 # itself (logit SELF_LOGIT = -5e4, where one fp32 ulp is 0.004) keeps exact weights. The running output is
 # fp32 (ACC) until the last round writes O in the input dtype. Only (B, H, T, D) is ever stored, never the
 # (B, H, R, T, D) per-round outputs.
-@jit
-def _lsh_fwd_kernel(Q, K, V, ST, BKT, LOC, ACC, O, M, L, r, scale, self_logit, T, D,
-                    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, N_HASHES: tl.constexpr,
-                    SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
+@jit(do_not_specialize=LSH_SCALARS)
+def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, scale, self_logit, T,
+                    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DEDUP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    bhr = bh * N_HASHES + r  # row of this round in ST, BKT, LOC: (B, H, R, T)
+    bhr = bh * R + r  # row of this round in ST and LOC: (B, H, R, T)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, 2 * BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -532,13 +565,7 @@ def _lsh_fwd_kernel(Q, K, V, ST, BKT, LOC, ACC, O, M, L, r, scale, self_logit, T
     q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
     k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
     v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    qb = qpos
-    kb = kpos
-    if SAME_BUCKET:
-        qb = tl.load(BKT + bhr * T + qpos)
-        kb = tl.load(BKT + bhr * T + kpos)
-    s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
-                    N_HASHES, SAME_BUCKET, DEDUP)
+    s = _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP)
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
@@ -572,14 +599,13 @@ def _lsh_fwd_kernel(Q, K, V, ST, BKT, LOC, ACC, O, M, L, r, scale, self_logit, T
 # dK and dV. One program = the keys of chunk c of (bh, round r); grid (B*H, T/chunk). The queries that see
 # these keys are those of chunk c and chunk c+1, so each key row gets the round's whole gradient from one
 # program. SRAM: BLOCK_M key/value rows, 2*BLOCK_M query/dout rows with their M, L and delta.
-@jit
-def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DK, DV, r, scale, self_logit, T, D,
-                         CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                         N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr,
-                         FIRST: tl.constexpr):
+@jit(do_not_specialize=LSH_SCALARS)
+def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, scale, self_logit, T,
+                         CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DEDUP: tl.constexpr, FIRST: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    bhr = bh * N_HASHES + r
+    bhr = bh * R + r
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, 2 * BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -596,13 +622,8 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DK, DV, r, scal
     m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get P = 0
     l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
     delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
-    qb = qpos
-    kb = kpos
-    if SAME_BUCKET:
-        qb = tl.load(BKT + bhr * T + qpos)
-        kb = tl.load(BKT + bhr * T + kpos)
-    s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
-                    N_HASHES, SAME_BUCKET, DEDUP)  # (2*BLOCK_M queries, BLOCK_M keys)
+    # (2*BLOCK_M queries, BLOCK_M keys)
+    s = _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP)
     p = tl.exp(s - m[:, None]) / l[:, None]
     dv = tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
@@ -618,14 +639,13 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DK, DV, r, scal
 
 # dQ. One program = the queries of chunk c of (bh, round r); grid (B*H, T/chunk); the forward's tiles plus the
 # queries' dout, M, L and delta.
-@jit
-def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DQ, r, scale, self_logit, T, D,
-                       CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                       N_HASHES: tl.constexpr, SAME_BUCKET: tl.constexpr, DEDUP: tl.constexpr,
-                       FIRST: tl.constexpr):
+@jit(do_not_specialize=LSH_SCALARS)
+def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, scale, self_logit, T,
+                       CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DEDUP: tl.constexpr, FIRST: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    bhr = bh * N_HASHES + r
+    bhr = bh * R + r
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, 2 * BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -642,13 +662,7 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DQ, r, scale, sel
     m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))
     l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
     delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
-    qb = qpos
-    kb = kpos
-    if SAME_BUCKET:
-        qb = tl.load(BKT + bhr * T + qpos)
-        kb = tl.load(BKT + bhr * T + kpos)
-    s = _lsh_logits(q, k, qpos, kpos, k_ok, qb, kb, LOC, bh * N_HASHES * T, T, scale, self_logit,
-                    N_HASHES, SAME_BUCKET, DEDUP)
+    s = _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP)
     p = tl.exp(s - m[:, None]) / l[:, None]
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k) * scale
@@ -660,15 +674,14 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, BKT, LOC, DO, M, L, DELTA, DQ, r, scale, sel
 
 
 class _LSHAttentionTriton(torch.autograd.Function):
-    """Launches the kernels round by round; returns the combined output (B, H, T, D)."""
+    """Launches the kernels round by round; returns the combined output (B, H, T, D), T a multiple of chunk."""
 
     @staticmethod
-    def forward(ctx, q, k, v, buckets, chunk, scale, same_bucket, dedup):
+    def forward(ctx, q, k, v, buckets, chunk, scale, same_bucket, dedup, causal):
         B, H, T, D = q.shape
         R = buckets.shape[2]
-        st, _, loc = sort_by_bucket(buckets, chunk, same_bucket)
+        st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
         st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
-        bkt = buckets.to(torch.int32).contiguous()
         q, k, v = (x.contiguous() for x in (q, k, v))
         out = torch.empty_like(q)
         acc = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) if R > 1 else out
@@ -680,28 +693,29 @@ class _LSHAttentionTriton(torch.autograd.Function):
         # chunk 128 even 16 warps spill: correct, but slower. Not timed on a GPU: none was at hand.
         block_m, block_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
         warps = 16 if block_m >= 128 else 8 if block_m >= 64 or block_d >= 128 else 4
-        meta = dict(CHUNK=chunk, BLOCK_M=block_m, BLOCK_D=block_d, N_HASHES=R, SAME_BUCKET=same_bucket,
-                    DEDUP=dedup, num_warps=warps)
+        meta = dict(CHUNK=chunk, BLOCK_M=block_m, D=D, BLOCK_D=block_d, DEDUP=dedup, num_warps=warps)
         grid = (B * H, T // chunk)
         for r in range(R):
-            _lsh_fwd_kernel[grid](q, k, v, st, bkt, loc, acc, out, m, l, r, scale, SELF_LOGIT, T, D,
+            _lsh_fwd_kernel[grid](q, k, v, st, loc, acc, out, m, l, r, R, span, scale, SELF_LOGIT, T,
                                   FIRST=r == 0, LAST=r == R - 1, **meta)
-        ctx.save_for_backward(q, k, v, st, bkt, loc, out, m, l)
-        ctx.grid, ctx.meta, ctx.scale = grid, meta, scale
+        ctx.save_for_backward(q, k, v, st, loc, out, m, l)
+        ctx.grid, ctx.meta, ctx.scalars = grid, meta, (R, span, scale)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, st, bkt, loc, out, m, l = ctx.saved_tensors
+        q, k, v, st, loc, out, m, l = ctx.saved_tensors
         B, H, T, D = q.shape
+        R, span, scale = ctx.scalars
         do = do.to(q.dtype).contiguous()
         delta = (do.float() * out.float()).sum(-1)  # (B, H, T)
         dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) for _ in range(3))
-        args = (q, k, v, st, bkt, loc, do, m, l, delta)
-        for r in range(ctx.meta["N_HASHES"]):
-            _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, r, ctx.scale, SELF_LOGIT, T, D, FIRST=r == 0, **ctx.meta)
-            _lsh_bwd_dq_kernel[ctx.grid](*args, dq, r, ctx.scale, SELF_LOGIT, T, D, FIRST=r == 0, **ctx.meta)
-        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None, None
+        args = (q, k, v, st, loc, do, m, l, delta)
+        for r in range(R):
+            scalars = (r, R, span, scale, SELF_LOGIT, T)
+            _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, *scalars, FIRST=r == 0, **ctx.meta)
+            _lsh_bwd_dq_kernel[ctx.grid](*args, dq, *scalars, FIRST=r == 0, **ctx.meta)
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None, None, None
 
 
 def combine_rounds(o, lse):
@@ -727,16 +741,28 @@ def _lsh_triton_unfit(q, chunk):
     return None
 
 
-def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, backend=None):
+def pad_to_chunks(q, k, v, buckets, chunk):
+    """Pad the sequence to a multiple of chunk with zero rows in a bucket after every real one (the largest + 1).
+    They sort after all real positions, so those keep the chunks of the unpadded sequence (its last chunk
+    shorter), and being later than every real position they are never a real query's key."""
+    pad = -q.size(2) % chunk
+    if pad == 0:
+        return q, k, v, buckets
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    sentinel = (buckets.amax() + 1).expand(*buckets.shape[:3], pad)  # (B, H, R, pad)
+    return q, k, v, torch.cat([buckets, sentinel], dim=-1)
+
+
+def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, causal=False, backend=None):
     """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
 
-    Triton on CUDA, the dense PyTorch twin (dense_lsh_attention + combine_rounds) elsewhere; backend='triton'
-    or 'dense' forces one and last_lsh_backend says which ran.
+    Any T: a sequence that chunk does not divide is padded inside (pad_to_chunks), its output the function of
+    the unpadded sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
+    keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, the dense PyTorch twin
+    (dense_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' forces one and
+    last_lsh_backend says which ran.
     """
     global last_lsh_backend
-    T = q.shape[2]
-    if T % chunk != 0:
-        raise ValueError(f"LSH attention needs the sequence length ({T}) to be a multiple of chunk ({chunk})")
     if backend not in (None, "triton", "dense"):
         raise ValueError(f"unknown LSH attention backend {backend!r}; choose 'triton', 'dense' or leave it unset")
     unfit = _lsh_triton_unfit(q, chunk)
@@ -745,7 +771,11 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=F
     if backend is None:
         backend = "triton" if q.is_cuda and not unfit else "dense"
     last_lsh_backend = backend
+    T = q.size(2)
+    q, k, v, buckets = pad_to_chunks(q, k, v, buckets, chunk)
     if backend == "dense":
-        return combine_rounds(*dense_lsh_attention(q, k, v, buckets, chunk, scale, same_bucket, dedup))
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    return _LSHAttentionTriton.apply(q, k, v, buckets, chunk, scale, same_bucket, dedup)
+        out = combine_rounds(*dense_lsh_attention(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal))
+    else:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        out = _LSHAttentionTriton.apply(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal)
+    return out[:, :, :T]

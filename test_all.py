@@ -685,9 +685,8 @@ def usage(fn, pointers, constexprs, num_warps, num_stages):
 bf16, cfg = "*bf16", kernels.launch_config(128, 64)
 sparse = dict(Q=bf16, K=bf16, V=bf16, O=bf16, DO=bf16, DQ=bf16, DK=bf16, DV=bf16, LSE="*fp32", DELTA="*fp32",
               row_ptr="*i32", cols="*i32", col_ptr="*i32", rows="*i32")
-lsh = dict(sparse, ST="*i32", BKT="*i32", LOC="*i32", ACC="*fp32", M="*fp32", L="*fp32", DQ="*fp32", DK="*fp32",
-           DV="*fp32")
-lsh_meta = dict(CHUNK=64, BLOCK_M=64, BLOCK_D=64, N_HASHES=4, SAME_BUCKET=False, DEDUP=False, FIRST=False)
+lsh = dict(sparse, ST="*i32", LOC="*i32", ACC="*fp32", M="*fp32", L="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32")
+lsh_meta = dict(CHUNK=64, BLOCK_M=64, D=64, BLOCK_D=64, DEDUP=False, FIRST=False)
 print(json.dumps({
     "fwd": usage(kernels._fwd_kernel, sparse, dict(BLOCK=128, BLOCK_N=cfg["fwd_n"], D=64), cfg["fwd_warps"],
                  cfg["stages"]),
@@ -1018,16 +1017,20 @@ def dense_shared_qk_attention(q, v):
     return torch.softmax(s, dim=-1) @ v
 
 
-@pytest.mark.parametrize("chunk,R", [(8, 1), (8, 3), (16, 2)])
-@pytest.mark.parametrize("same_bucket,dedup", [(False, False), (True, True)])
-def test_lsh_kernel_matches_reference_forward_and_backward(chunk, R, same_bucket, dedup):
-    # R = 1 writes the output in one launch; R > 1 merges rounds in the kernel and sums their gradients
-    q, v, buckets = random_lsh_inputs(R=R)
-    grad_out = torch.randn(1, 2, 32, 16)
+LSH_MODES = {"paper": dict(), "same-bucket-dedup": dict(same_bucket=True, dedup=True),
+             "causal-dedup": dict(causal=True, dedup=True)}
+
+
+@pytest.mark.parametrize("chunk,R,T", [(8, 1, 32), (8, 3, 36), (16, 2, 32)])
+@pytest.mark.parametrize("mode", LSH_MODES)
+def test_lsh_kernel_matches_reference_forward_and_backward(chunk, R, T, mode):
+    # R = 1 writes the output in one launch; R > 1 merges rounds in the kernel and sums their gradients;
+    # T = 36 pads the sequence to a multiple of chunk inside
+    q, v, buckets = random_lsh_inputs(T=T, R=R)
+    grad_out = torch.randn(1, 2, T, 16)
     results = {}
     for backend in ("dense", "triton"):
-        out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, same_bucket=same_bucket, dedup=dedup,
-                            backend=backend)
+        out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, backend=backend, **LSH_MODES[mode])
         assert kernels.last_lsh_backend == backend
         (out * grad_out).sum().backward()
         results[backend] = (out.detach(), q.grad, v.grad)
@@ -1097,18 +1100,39 @@ def test_one_chunk_covering_the_sequence_equals_dense_shared_qk_attention(backen
     torch.testing.assert_close(dv, dv_ref, **tol)
 
 
-def windows_from_definition(buckets, chunk, same_bucket):
-    """Boolean (R, T, T): key j is in query i's window in round r (own or previous chunk of the sorted order)."""
+def windows_from_definition(buckets, chunk, same_bucket=False, causal=False):
+    """Boolean (R, T, T): key j is in query i's window in round r. Paper: j <= i in the own or previous chunk of
+    the sorted order (and bucket with same_bucket). Causal: j <= i in the same bucket, fewer than chunk sorted
+    places back. Any T: the last chunk may be short."""
     R, T = buckets.shape
     win = torch.zeros(R, T, T, dtype=torch.bool)
     for r in range(R):
         order = sorted(range(T), key=lambda t: (int(buckets[r, t]), t))
-        ch = {t: s // chunk for s, t in enumerate(order)}
+        rank = {t: s for s, t in enumerate(order)}
         for i in range(T):
             for j in range(i + 1):
-                near = ch[j] in (ch[i], ch[i] - 1)
-                win[r, i, j] = near and (not same_bucket or buckets[r, i] == buckets[r, j])
+                same = bool(buckets[r, i] == buckets[r, j])
+                if causal:
+                    win[r, i, j] = same and rank[i] - rank[j] < chunk
+                else:
+                    near = rank[j] // chunk in (rank[i] // chunk, rank[i] // chunk - 1)
+                    win[r, i, j] = near and (same or not same_bucket)
     return win
+
+
+def lsh_reference(q, k, v, buckets, chunk, same_bucket=False, dedup=False, causal=False):
+    """LSH attention in float64 from the windows' definition: one softmax over all rounds' windows, a key
+    weighted by the number of rounds whose window holds it (by 1 with dedup). (B, H, T, D)."""
+    B, H, T, _ = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, h in itertools.product(range(B), range(H)):
+        win = windows_from_definition(buckets[b, h], chunk, same_bucket, causal)
+        weight = win.any(0).double() if dedup else win.sum(0).double()  # (T, T)
+        s = q[b, h].double() @ k[b, h].double().T
+        s = s.masked_fill(torch.eye(T, dtype=torch.bool), SELF_LOGIT).masked_fill(weight == 0, float("-inf"))
+        e = weight * torch.exp(s - s.max(-1, keepdim=True).values)
+        out[b, h] = (e @ v[b, h].double()) / e.sum(-1, keepdim=True)
+    return out
 
 
 @pytest.mark.parametrize("same_bucket,dedup", [(False, False), (True, False), (True, True)])
@@ -1116,15 +1140,62 @@ def test_lsh_rounds_combine_by_logsumexp(same_bucket, dedup):
     # Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a key counted
     # once per round that sees it; with the duplicate correction, once in all (the union of the windows).
     q, v, buckets = random_lsh_inputs(B=1, H=1, T=32, R=3, n_buckets=4, dtype=torch.float64)
-    out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk=4, same_bucket=same_bucket, dedup=dedup,
-                        backend="dense")
-    win = windows_from_definition(buckets[0, 0], 4, same_bucket)
-    weight = win.any(0).double() if dedup else win.sum(0).double()  # (T, T): how often each key counts
-    s = q[0, 0] @ F.normalize(q[0, 0], dim=-1).T
-    s = s.masked_fill(torch.eye(32, dtype=torch.bool), SELF_LOGIT).masked_fill(weight == 0, float("-inf"))
-    e = weight * torch.exp(s - s.max(-1, keepdim=True).values)
-    expected = (e @ v[0, 0]) / e.sum(-1, keepdim=True)
-    torch.testing.assert_close(out[0, 0], expected, atol=1e-10, rtol=1e-10)
+    k = F.normalize(q, dim=-1)
+    out = lsh_attention(q, k, v, buckets, chunk=4, same_bucket=same_bucket, dedup=dedup, backend="dense")
+    expected = lsh_reference(q, k, v, buckets, 4, same_bucket, dedup)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["dense", "triton"])
+@pytest.mark.parametrize("mode", LSH_MODES)
+def test_lsh_on_a_length_chunk_does_not_divide_equals_the_reference_with_a_short_last_chunk(backend, mode):
+    # T = 4 * 8 + 5: the last chunk holds 5 positions; the padding inside must not show in the output
+    q, v, buckets = random_lsh_inputs(B=1, H=2, T=37, R=3, n_buckets=4, dtype=torch.float64 if backend == "dense"
+                                      else torch.float32, seed=6)
+    k = F.normalize(q, dim=-1)
+    out = lsh_attention(q, k, v, buckets, chunk=8, backend=backend, **LSH_MODES[mode])
+    assert out.shape == q.shape
+    tol = 1e-10 if backend == "dense" else 2e-5
+    torch.testing.assert_close(out.double(), lsh_reference(q, k, v, buckets, 8, **LSH_MODES[mode]), atol=tol,
+                               rtol=tol)
+
+
+def later_inputs_effect(backend, R, scale, causal, dedup=False, T=44, t=21, chunk=8):
+    """How much the LSH output before position t moves when q, k, v and the buckets at positions >= t change,
+    and the largest gradient of the output at t with respect to q, k, v at positions after t."""
+    g = torch.Generator().manual_seed(R)
+    q, k, v = (scale * torch.randn(1, 2, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    buckets = torch.randint(4, (1, 2, R, T), generator=g)
+    changed = [x.clone() for x in (q, k, v, buckets)]
+    for x, new in zip(changed, (q, k, v, torch.randint(4, (1, 2, R, T), generator=g))):
+        x[..., t:] = new[..., t:].flip(-1) if x.is_floating_point() else new[..., t:]  # other values after t
+    if backend == "triton":
+        q, k, v, changed[0], changed[1], changed[2] = (x.float() for x in (q, k, v, *changed[:3]))
+    mode = dict(chunk=chunk, causal=causal, dedup=dedup, backend=backend)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = lsh_attention(q, k, v, buckets, **mode)
+    moved = (lsh_attention(*changed, **mode) - out)[:, :, :t].abs().max().item()
+    grads = torch.autograd.grad(out[:, :, t].sum(), (q, k, v))
+    assert max(gr[:, :, :t + 1].abs().max() for gr in grads) > 0  # the probe reaches the past
+    return moved, max(gr[:, :, t + 1:].abs().max().item() for gr in grads)
+
+
+@pytest.mark.parametrize("backend", ["dense", "triton"])
+@pytest.mark.parametrize("R,dedup", [(1, False), (2, True), (3, False), (4, True)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_causal_lsh_future_inputs_do_not_change_past_outputs(backend, R, dedup, scale):
+    moved, grad_from_future = later_inputs_effect(backend, R, scale, causal=True, dedup=dedup)
+    assert grad_from_future == 0
+    assert moved <= (1e-12 if backend == "dense" else 1e-5) * scale  # rounding only: keys change tile slots
+
+
+@pytest.mark.parametrize("backend", ["dense", "triton"])
+def test_paper_lsh_lets_later_inputs_move_earlier_outputs(backend):
+    # The default is the paper's algorithm: later positions shift the chunk boundaries of earlier ones, which
+    # the causal test above must not see, so this shows that test can fail. The leak goes through the sort,
+    # which has no gradient: a gradient probe alone cannot find it.
+    moved, grad_from_future = later_inputs_effect(backend, R=2, scale=1.0, causal=False)
+    assert moved > 0.1 and grad_from_future == 0
 
 
 def test_lsh_gives_no_weight_to_later_positions():
