@@ -13,20 +13,25 @@ Named data sets (the `--data` flag of train.py):
   audio           the .wav files under data/audio/ (mono, 12 kHz, 8-bit mu-law, rows of 65,536 samples)
   copy            synthetic long-range recall: each row's second half repeats its first half
   text:PATH       any file of bytes (.bz2 and .gz are decompressed)
-  wav:DIR         any folder of .wav files
-  images:PATH     a .npy of uint8 [N, 32, 32, 3]
+  wav:DIR         any folder of .wav files (or one .wav file)
+  images:PATH     a .npy of uint8 [N, 32, 32, 3], or real CIFAR-10 images in an official layout: a python batch
+                  file of the archive (data_batch_1, test_batch) or a .npz with `data` uint8 [N, 3072]
 Downloads go to a git-ignored cache (`data/` beside this file, or $NANOLONG_DATA).
 """
 import bz2
+import codecs
+import contextlib
 import gzip
 import hashlib
 import math
 import os
 import pickle
+import shutil
 import tarfile
 import urllib.request
 import wave
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +69,21 @@ class Data:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# downloading and checking
+# downloading, checking, and reading files that may be damaged
+
+@contextlib.contextmanager
+def reading(path, what, fix):
+    """Turn any error raised while decoding `path` into one sentence naming the file and what to do. A damaged
+    file fails in a dozen ways inside numpy, pickle, wave and the decompressors (fuzzing found EOFError, zlib.error,
+    wave's bare RuntimeError, tokenize's TokenError, LookupError, OverflowError, MemoryError...), so it catches
+    them all; it guards decoding calls only, so our own errors are raised outside it."""
+    try:
+        yield
+    except Exception as e:
+        name = type(e).__name__
+        name = f"{type(e).__module__}.{name}" if name.lower() == "error" else name  # zlib.error, wave.Error
+        raise ValueError(f"{path} is not a readable {what} ({f'{name}: {e}' if str(e) else name}); {fix}") from e
+
 
 def md5_of(path):
     h = hashlib.md5()
@@ -72,6 +91,16 @@ def md5_of(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def mismatch(path, size=None, md5=None):
+    """Why the file at path is not the expected one (size first: cheap, and it shows truncation), or None."""
+    got = os.path.getsize(path)
+    if size is not None and got != size:
+        return f"is {got:,} bytes, expected {size:,}"
+    if md5 is not None and md5_of(path) != md5:
+        return f"({got:,} bytes) fails its md5 check ({md5})"
+    return None
 
 
 def download(url, path, size=None, md5=None):
@@ -84,18 +113,15 @@ def download(url, path, size=None, md5=None):
             for chunk in iter(lambda: r.read(1 << 20), b""):
                 f.write(chunk)
                 bar.update(len(chunk))
-    got = os.path.getsize(tmp)
-    if size is not None and got != size:
+    problem = mismatch(tmp, size, md5)
+    if problem:
         os.remove(tmp)
-        raise ValueError(f"download of {url} is {got} bytes, expected {size}: the file is damaged; try again")
-    if md5 is not None and md5_of(tmp) != md5:
-        os.remove(tmp)
-        raise ValueError(f"download of {url} failed its md5 check (expected {md5}): the file is damaged; try again")
+        raise ValueError(f"the download of {url} {problem}: it is damaged; try again")
     os.replace(tmp, path)
 
 
 def fetch(url, path, size=None, md5=None):
-    """Return path, downloading it if absent (a file put there by hand is checked too); raise
+    """Return path, downloading it if absent (a file put there by hand is checked the same way); raise
     FileNotFoundError saying what to do when offline."""
     if not os.path.exists(path):
         try:
@@ -103,8 +129,10 @@ def fetch(url, path, size=None, md5=None):
         except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
             raise FileNotFoundError(
                 f"could not download {url} ({e}); offline? Download it by hand and put it at {path}") from e
-    elif md5 is not None and md5_of(path) != md5:
-        raise ValueError(f"{path} fails its md5 check ({md5}): the file is damaged; delete it and retry")
+    else:
+        problem = mismatch(path, size, md5)
+        if problem:
+            raise ValueError(f"{path} {problem}: it is damaged or incomplete; delete it and retry")
     return path
 
 
@@ -119,29 +147,50 @@ def split_stream(tokens, fractions=(0.90, 0.05, 0.05)):
 # text
 
 def load_enwik8(url=ENWIK8_URL, zip_size=ENWIK8_ZIP_SIZE, md5=ENWIK8_MD5, root=None):
-    """enwik8: the 100M-byte member of enwik8.zip, checked by md5, cached, split 90/5/5."""
+    """enwik8: the 100M-byte member of enwik8.zip, cached, split 90/5/5. The cached member is md5-checked at every
+    load (0.3 s), so an interrupted or hand-made copy is never used as is."""
     root = root or os.path.join(DATA_DIR, "enwik8")
     member = os.path.join(root, "enwik8")
     if not os.path.exists(member):
         zpath = fetch(url, os.path.join(root, "enwik8.zip"), size=zip_size)
-        with zipfile.ZipFile(zpath) as z:
-            z.extract("enwik8", root)
+        unzip(zpath, "enwik8", member, fix=f"delete it and retry, or put the real one from {url} there")
         if md5_of(member) != md5:
             os.remove(member)
             raise ValueError(f"{member} unpacked from {zpath} fails its md5 check ({md5}): delete {zpath} and retry")
+    else:
+        problem = mismatch(member, md5=md5)
+        if problem:
+            raise ValueError(f"the cached {member} {problem}: it is damaged or incomplete; delete it and retry")
     tokens = torch.from_numpy(np.fromfile(member, dtype=np.uint8))
     return Data("enwik8", "text", split_stream(tokens), note=f"{member}, {len(tokens):,} bytes")
 
 
+def unzip(zpath, name, dest, fix):
+    """Copy member `name` of a zip archive to dest through a temporary file, so an interrupted copy leaves nothing."""
+    tmp = dest + ".part"
+    try:
+        with reading(zpath, f"zip archive holding {name}", fix):
+            with zipfile.ZipFile(zpath) as z, z.open(name) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)  # checks the member's CRC at its end
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_text(path):
     """Any file of bytes as a 1-D stream; .bz2 / .gz are decompressed. Split 90/5/5."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; text:PATH takes one file of bytes (wav:DIR takes a folder of .wav)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path} does not exist")
-    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(os.path.splitext(path)[1], open)
-    with opener(path, "rb") as f:
+    compressed = {".bz2": (bz2.open, "bzip2 file"), ".gz": (gzip.open, "gzip file")}
+    opener, what = compressed.get(os.path.splitext(path)[1], (open, "file"))
+    fix = "check that it can be read" if opener is open else "download it again, or decompress it and pass the result"
+    with reading(path, what, fix), opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 1000:
-        raise ValueError(f"{path} holds only {len(raw)} bytes; a text data set needs at least 1000")
+        raise ValueError(f"{path} holds only {len(raw)} bytes; a text data set needs at least 1000: give a larger file")
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return Data(f"text:{path}", "text", split_stream(tokens), note=f"{len(raw):,} bytes")
 
@@ -163,38 +212,120 @@ def planar_to_raster(rows):
     return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).reshape(-1, 3072)  # (N, 32, 32, 3) flattened
 
 
+# The globals that rebuild a pickled numpy array (numpy 1 and 2 name the modules differently; protocol 5 pickles
+# arrays with _frombuffer, protocol 2 pickles bytes with _codecs.encode).
+PICKLED_ARRAY_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
+    **{(f"{core}.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0] for core in ("numpy.core", "numpy._core")},
+    **{(f"{core}.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0] for core in ("numpy.core", "numpy._core")}}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10's python batches (dicts of bytes, lists, ints and one numpy array) and nothing else: loading a
+    pickle can run any code it names, so every global but the few that rebuild a numpy array is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) not in PICKLED_ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never does")
+        return PICKLED_ARRAY_GLOBALS[module, name]
+
+
+def cifar_rows(batch, where):
+    """A CIFAR-10 batch (a dict with b"data", or the array itself) checked to be uint8 [N, 3072] planar rows,
+    returned in raster order."""
+    planar = batch.get(b"data") if isinstance(batch, dict) else batch
+    if not (isinstance(planar, np.ndarray) and planar.dtype == np.uint8 and planar.shape[1:] == (3072,)
+            and len(planar)):
+        got = f"{planar.dtype} {planar.shape}" if isinstance(planar, np.ndarray) else type(planar).__name__
+        raise ValueError(f"{where} holds {got} as its data; expected uint8 [N >= 1, 3072] (CIFAR-10's planar rows)")
+    return planar_to_raster(planar)
+
+
 def load_cifar10(url=CIFAR10_URL, md5=CIFAR10_MD5, root=None):
-    """CIFAR-10 python archive, md5-checked before anything is unpickled; 50k train, 10k test (also val)."""
+    """CIFAR-10 python archive, md5-checked before anything is unpickled, unpacked once into a cache of raster
+    rows; 50k train, 10k test (also val). A damaged cache is rebuilt from the archive."""
     root = root or os.path.join(DATA_DIR, "cifar10")
-    cache = os.path.join(root, "cifar10_raster.npz")
-    if not os.path.exists(cache):
-        archive = fetch(url, os.path.join(root, "cifar-10-python.tar.gz"), md5=md5)
-        batches = {}
-        with tarfile.open(archive, "r:gz") as tar:
-            for m in tar.getmembers():
-                name = os.path.basename(m.name)
-                if name.startswith("data_batch_") or name == "test_batch":
-                    batches[name] = pickle.load(tar.extractfile(m), encoding="bytes")[b"data"]
-        if len(batches) != 6:
-            raise ValueError(f"{archive} lacks some of data_batch_1..5 / test_batch (found {sorted(batches)})")
-        train = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)])
-        np.savez(cache + ".tmp.npz", train=planar_to_raster(train), test=planar_to_raster(batches["test_batch"]))
-        os.replace(cache + ".tmp.npz", cache)
-    with np.load(cache) as f:
-        train, test = torch.from_numpy(f["train"]), torch.from_numpy(f["test"])
+    cache, archive = os.path.join(root, "cifar10_raster.npz"), os.path.join(root, "cifar-10-python.tar.gz")
+    arrays = read_cifar_cache(cache) if os.path.exists(cache) else None
+    if arrays is None:
+        if os.path.exists(cache):  # written atomically here, so damaged by something else
+            if not os.path.exists(archive):
+                raise ValueError(f"the CIFAR-10 cache {cache} is damaged; delete it and retry (it is rebuilt from "
+                                 f"the archive, downloaded again)")
+            print(f"the CIFAR-10 cache {cache} is damaged; rebuilding it from {archive}")
+        try:
+            fetch(url, archive, md5=md5)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; meanwhile --data images:PATH trains on real CIFAR-10 images from one "
+                                    f"of its python batch files (data_batch_1, test_batch) or a .npz of `data` "
+                                    f"uint8 [N, 3072]") from e
+        arrays = build_cifar_cache(archive, cache)
+    train, test = (torch.from_numpy(a) for a in arrays)
     # The papers report bits/dim on the test set and tune nothing on it here, so it doubles as validation.
     return Data("cifar10", "image", {"train": train, "val": test, "test": test}, vocab_size=257, bos=BOS,
                 note="validation = the official test batch")
 
 
+def read_cifar_cache(cache):
+    """The cached (train, test) raster rows, or None when the file is damaged."""
+    try:
+        with np.load(cache) as f:
+            arrays = f["train"], f["test"]
+    except Exception:  # damaged in any of the ways `reading` lists
+        return None
+    return arrays if all(a.dtype == np.uint8 and a.ndim == 2 and a.shape[1] == 3072 for a in arrays) else None
+
+
+def build_cifar_cache(archive, cache):
+    """The archive's five training batches and its test batch as raster rows, written to the cache atomically."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    with reading(archive, "CIFAR-10 archive", "delete it and retry"), tarfile.open(archive, "r:gz") as tar:
+        batches = {os.path.basename(m.name): CifarUnpickler(tar.extractfile(m), encoding="bytes").load()
+                   for m in tar.getmembers() if os.path.basename(m.name) in names}
+    if len(batches) != 6:
+        raise ValueError(f"{archive} lacks some of data_batch_1..5 / test_batch (found {sorted(batches)})")
+    rows = {name: cifar_rows(batch, f"{archive} member {name}") for name, batch in batches.items()}
+    train, test = np.concatenate([rows[name] for name in names[:5]]), rows["test_batch"]
+    np.savez(cache + ".tmp.npz", train=train, test=test)
+    os.replace(cache + ".tmp.npz", cache)
+    return train, test
+
+
+IMAGE_FILES = ("a .npy of uint8 [N, 32, 32, 3], a .npz with `data` uint8 [N, 3072] (CIFAR-10's planar rows) or a "
+               "CIFAR-10 python batch file (data_batch_1, test_batch)")
+
+
 def load_images(path):
-    """A .npy of uint8 [N, 32, 32, 3] images; the last 5% + 5% of them are validation and test."""
+    """Images as rows of 3072 tokens; the last 5% + 5% of them (at least one each) are validation and test.
+    Takes IMAGE_FILES, told apart by their first bytes (the official batch files have no extension)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; images:PATH takes one file: {IMAGE_FILES}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path} does not exist")
-    imgs = np.load(path)
-    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1:] != (32, 32, 3) or len(imgs) < 3:
-        raise ValueError(f"{path} holds {imgs.dtype} {imgs.shape}; expected uint8 [N >= 3, 32, 32, 3]")
-    rows = torch.from_numpy(imgs.reshape(len(imgs), 3072).copy())  # raster order, RGB interleaved per pixel
+    with reading(path, "image file", f"images:PATH takes {IMAGE_FILES}"), open(path, "rb") as f:
+        magic = f.read(6)
+        f.seek(0)
+        if magic == b"\x93NUMPY":
+            loaded = np.load(f)
+        elif magic.startswith(b"PK"):  # a zip: .npz
+            with np.load(f) as z:
+                loaded = z["data"]
+        elif magic.startswith(b"\x80"):  # a pickle: refused unless it is a plain CIFAR-10 batch
+            loaded = CifarUnpickler(f, encoding="bytes").load()
+        else:
+            loaded = None
+    if loaded is None:
+        raise ValueError(f"{path} is none of the files images:PATH takes: {IMAGE_FILES}")
+    if magic == b"\x93NUMPY":
+        if loaded.dtype != np.uint8 or loaded.shape[1:] != (32, 32, 3):
+            raise ValueError(f"{path} holds {loaded.dtype} {loaded.shape}; expected uint8 [N >= 3, 32, 32, 3] "
+                             f"(values 0..255, channels last)")
+        rows = loaded.reshape(len(loaded), 3072)  # raster order, RGB interleaved per pixel
+    else:
+        rows = cifar_rows(loaded, path)
+    if len(rows) < 3:
+        raise ValueError(f"{path} holds {len(rows)} image(s); training, validation and test need at least one each")
+    rows = torch.from_numpy(np.ascontiguousarray(rows))
     n_hold = max(1, len(rows) // 20)
     splits = {"train": rows[:-2 * n_hold], "val": rows[-2 * n_hold:-n_hold], "test": rows[-n_hold:]}
     return Data(f"images:{path}", "image", splits, vocab_size=257, bos=BOS, note=f"{len(rows)} images")
@@ -214,11 +345,20 @@ def mu_law_decode(q, mu=MU):
     return np.sign(y) * np.expm1(np.abs(y) * math.log1p(mu)) / mu
 
 
+WAV_FIX = "convert it to 16-bit PCM (e.g. ffmpeg -i IN -c:a pcm_s16le OUT.wav) or move it out of the folder"
+
+
 def read_wav(path, rate=AUDIO_RATE):
     """A .wav (8/16/24/32-bit PCM) -> mono float64 in [-1, 1] resampled linearly to `rate`."""
-    with wave.open(path, "rb") as w:
-        n_ch, width, src_rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-        raw = w.readframes(n)
+    with reading(path, "PCM WAV file", WAV_FIX), wave.open(path, "rb") as w:
+        n_ch, width, src_rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+        raw = w.readframes(w.getnframes())
+    if width not in (1, 2, 3, 4) or src_rate < 1:
+        raise ValueError(f"{path} has {8 * width}-bit samples at {src_rate} Hz, which nanolong cannot read "
+                         f"(it reads 8, 16, 24 or 32-bit PCM); {WAV_FIX}")
+    raw = raw[:len(raw) // (n_ch * width) * n_ch * width]  # a truncated file: the whole frames it still holds
+    if not raw:
+        raise ValueError(f"{path} holds no audio; remove it or move it out of the folder")
     if width == 1:
         x = np.frombuffer(raw, np.uint8).astype(np.float64) / 128 - 1
     elif width == 3:  # little-endian 24-bit: widen to 32 bits by putting the 3 bytes in the top of each int32
@@ -248,28 +388,42 @@ def to_rows(x, seq_len):
 
 
 def load_wav_dir(path, rate=AUDIO_RATE, seq_len=AUDIO_SEQ_LEN):
-    """Every .wav under a folder. With 10+ files, 5% + 5% of the files (sorted by name) are held out for
-    validation and test; with fewer, each file is split 90/5/5 in time. Splits are rows of seq_len samples."""
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(".wav"))
+    """Every .wav under a folder (or one .wav file), cut into rows of seq_len samples, a row never spanning two
+    files. With 10+ files, 5% + 5% of the files (sorted by name) are held out for validation and test; with fewer,
+    the last rows of the recordings (in name order): 5% of all rows each, at least one."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; wav:PATH takes a folder of .wav files or one .wav file")
+    files = [path] if os.path.isfile(path) else \
+        sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(".wav"))
     if not files:
         raise FileNotFoundError(f"no .wav files under {path}: put some there, or choose --data wav:DIR")
     waves = [read_wav(f, rate) for f in files]
     if len(waves) >= 10:
         k = max(1, len(waves) // 20)
         parts = {"train": waves[:-2 * k], "val": waves[-2 * k:-k], "test": waves[-k:]}
+        for s, ws in parts.items():
+            if sum(len(w) // seq_len for w in ws) == 0:
+                raise audio_too_short(f"the {s} split of {path} ({len(ws)} files)", ws, rate, seq_len, need=1)
+        splits = {s: torch.cat([to_rows(w, seq_len) for w in ws]) for s, ws in parts.items()}
     else:
-        cut = [split_stream(w) for w in waves]
-        parts = {s: [c[s] for c in cut] for s in ("train", "val", "test")}
-    splits = {}
-    for s, ws in parts.items():
-        rows = [to_rows(w, seq_len) for w in ws]
-        splits[s] = torch.cat(rows) if rows else torch.zeros(0, seq_len, dtype=torch.uint8)
-        if len(splits[s]) == 0:
-            raise ValueError(f"the {s} split of {path} is shorter than one sequence of {seq_len} samples at "
-                             f"{rate} Hz; add audio or choose a shorter --audio_seq_len")
+        rows = torch.cat([to_rows(w, seq_len) for w in waves])
+        if len(rows) < 3:
+            raise audio_too_short(path, waves, rate, seq_len, need=3)
+        k = max(1, len(rows) // 20)
+        splits = {"train": rows[:-2 * k], "val": rows[-2 * k:-k], "test": rows[-k:]}
     seconds = sum(len(w) for w in waves) / rate
     return Data(f"wav:{path}", "audio", splits, vocab_size=257, bos=BOS,
-                note=f"{len(files)} files, {seconds:.0f} s at {rate} Hz, rows of {seq_len}")
+                note=f"{len(files)} .wav file(s), {seconds:.0f} s at {rate} Hz, rows of {seq_len}")
+
+
+def audio_too_short(what, waves, rate, seq_len, need):
+    """The error for audio holding fewer than `need` rows of seq_len samples: what it holds and what would work."""
+    halves = (seq_len >> i for i in range(1, seq_len.bit_length()))
+    fits = [n for n in halves if sum(len(w) // n for w in waves) >= need]
+    advice = f"choose --audio_seq_len {fits[0]} or less, or add audio" if fits else "add audio"
+    return ValueError(f"{what} holds {sum(len(w) for w in waves) / rate:.1f} s of audio at {rate} Hz, fewer than "
+                      f"{need} sequence(s) of --audio_seq_len {seq_len} samples (training, validation and test need "
+                      f"one each, each within one file); {advice}")
 
 
 def load_audio(rate=AUDIO_RATE, seq_len=AUDIO_SEQ_LEN):
@@ -309,7 +463,7 @@ def load(spec, audio_rate=AUDIO_RATE, audio_seq_len=AUDIO_SEQ_LEN):
     if kind == "wav" and arg:
         return load_wav_dir(arg, audio_rate, audio_seq_len)
     raise ValueError(f"unknown --data {spec!r}; choose enwik8, cifar10, audio, copy, text:PATH, wav:DIR or "
-                     f"images:PATH.npy")
+                     f"images:PATH")
 
 
 class BatchSampler:
@@ -323,6 +477,8 @@ class BatchSampler:
         if data.kind == "copy":
             if block_size % 2:
                 raise ValueError(f"the copy task needs an even block_size, got {block_size}")
+        elif len(self.tokens) == 0:
+            raise ValueError(f"the {split} split of {data.name} is empty; give the data set more data")
         elif self.tokens.dim() == 1 and len(self.tokens) <= block_size + 1:
             raise ValueError(f"the {split} split has {len(self.tokens)} tokens, too few for block_size "
                              f"{block_size}; choose a smaller --block_size")

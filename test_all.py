@@ -5,8 +5,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton (via kernels)
 
+import bz2
 import dataclasses
 import functools
+import gzip
 import hashlib
 import importlib
 import io
@@ -161,8 +163,8 @@ def test_wav_folder_is_mixed_resampled_mu_law_encoded_and_cut(tmp_path):
     write_wav(tmp_path / "a.wav", 0.5 * np.sin(2 * np.pi * 440 * t), rate, channels=2)
     write_wav(tmp_path / "b.wav", 0.3 * np.sin(2 * np.pi * 220 * t), rate, width=4)
     d = datasets.load_wav_dir(str(tmp_path), rate=8000, seq_len=1000)
-    # each file 3 s at 8 kHz = 24,000 samples, split 90/5/5 in time, cut into rows of 1000
-    assert [tuple(d.splits[s].shape) for s in ("train", "val", "test")] == [(42, 1000), (2, 1000), (2, 1000)]
+    # each file 3 s at 8 kHz = 24,000 samples = 24 rows of 1000; of the 48 rows the last 5% + 5% are held out
+    assert [tuple(d.splits[s].shape) for s in ("train", "val", "test")] == [(44, 1000), (2, 1000), (2, 1000)]
     decoded = datasets.mu_law_decode(d.splits["train"][0].numpy())
     t8 = np.arange(1000) / 8000
     assert np.abs(decoded - 0.5 * np.sin(2 * np.pi * 440 * t8)).max() < 0.02  # resampled, not just truncated
@@ -196,6 +198,267 @@ def test_sampler_resumes_exactly_from_its_state():
 def test_copy_task_rows_repeat_their_first_half():
     x, y = datasets.BatchSampler(datasets.load("copy"), "train", 64, 3, seed=0).next_batch()
     assert torch.equal(y[:, 32:], y[:, :32]) and (x[:, 0] == 256).all()
+
+
+def test_sampler_refuses_an_empty_split():
+    d = datasets.Data("rows", "image", {"train": torch.zeros(0, 40, dtype=torch.uint8)}, vocab_size=257, bos=256)
+    with pytest.raises(ValueError, match="train split of rows is empty"):
+        datasets.BatchSampler(d, "train", 40, 8, seed=0)
+
+
+def test_enwik8_unpacks_through_a_temporary_file_and_rechecks_the_cached_member(tmp_path):
+    payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    zpath = tmp_path / "served.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("enwik8", payload)
+    root = tmp_path / "cache"
+    load = functools.partial(datasets.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
+                             md5=md5(payload), root=str(root))
+    load()
+    assert sorted(p.name for p in root.iterdir()) == ["enwik8", "enwik8.zip"]  # no .part left
+    (root / "enwik8").write_bytes(payload[:12_345])  # an interrupted copy, as an older version could leave
+    with pytest.raises(ValueError, match=r"cached .*enwik8 \(12,345 bytes\) fails its md5 check.*delete it"):
+        load()
+
+
+def py2_cifar_batch(planar):
+    """A CIFAR-10 batch as the official archive stores it: Python 2's cPickle, protocol 2, numpy.core globals,
+    str (not bytes) data; Python 3 cannot write this, so it is assembled opcode by opcode."""
+    def s(b):
+        return b"U" + bytes([len(b)]) + b  # SHORT_BINSTRING: a Python 2 str
+    def i(n):
+        return b"J" + struct.pack("<i", n)  # BININT
+    dtype = (b"cnumpy\ndtype\n" + s(b"u1") + i(0) + i(1) + b"\x87R("  # dtype('u1', 0, 1), then its state
+             + i(3) + s(b"|") + b"NNN" + i(-1) + i(-1) + i(0) + b"tb")
+    raw = planar.tobytes()
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + i(0) + b"\x85" + s(b"b") + b"\x87R("
+             + i(1) + i(len(planar)) + i(3072) + b"\x86" + dtype + b"\x89T" + struct.pack("<I", len(raw)) + raw
+             + b"tb")  # _reconstruct(ndarray, (0,), 'b'), then state (1, shape, dtype, False, raw bytes)
+    return b"\x80\x02}(" + s(b"data") + array + s(b"labels") + b"](" + i(3) + b"eu."
+
+
+@pytest.mark.parametrize("layout", ["npy", "npz", "python3 batch", "python2 batch"])
+def test_images_take_the_official_cifar10_layouts(tmp_path, layout):
+    planar = np.random.default_rng(0).integers(0, 256, (20, 3072), dtype=np.uint8)
+    path = tmp_path / {"npy": "images.npy", "npz": "images.npz"}.get(layout, "data_batch_1")
+    if layout == "npy":
+        np.save(path, planar.reshape(20, 3, 32, 32).transpose(0, 2, 3, 1))  # [N, 32, 32, 3]
+    elif layout == "npz":
+        np.savez(path, data=planar, labels=np.arange(20, dtype=np.uint8))
+    elif layout == "python3 batch":
+        path.write_bytes(pickle.dumps({b"data": planar, b"labels": list(range(20)), b"batch_label": b"test"}))
+    else:
+        path.write_bytes(py2_cifar_batch(planar))
+    d = datasets.load(f"images:{path}")
+    assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
+    assert_raster_order(planar, torch.cat([d.splits[s] for s in ("train", "val", "test")]).numpy())
+
+
+def test_images_refuse_a_pickle_that_would_run_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Payload()}))
+    with pytest.raises(ValueError, match=r"\.open, which a CIFAR-10 batch never does"):
+        datasets.load(f"images:{path}")
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
+                    reason="the real CIFAR-10 sample lives in ../shared/data, absent from this checkout")
+def test_real_cifar10_sample_trains_through_images():
+    d = datasets.load(f"images:{os.path.join(SHARED_DATA, 'cifar10_test_0_19.npz')}")
+    assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
+    x, y = datasets.BatchSampler(d, "train", 3072, 2, seed=0).next_batch()
+    assert x.shape == (2, 3072) and (x[:, 0] == 256).all()
+
+
+def test_offline_cifar10_says_where_the_archive_goes_and_offers_images(tmp_path):
+    root = tmp_path / "c"
+    with pytest.raises(FileNotFoundError) as e:
+        datasets.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(root))
+    assert str(root / "cifar-10-python.tar.gz") in str(e.value) and "--data images:PATH" in str(e.value)
+
+
+def test_damaged_cifar10_cache_is_rebuilt_from_the_archive(tmp_path):
+    archive = tmp_path / "cifar.tar.gz"
+    batches = make_cifar_archive(archive)
+    load = functools.partial(datasets.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
+                             root=str(tmp_path / "c"))
+    load()
+    cache = tmp_path / "c" / "cifar10_raster.npz"
+    cache.write_bytes(cache.read_bytes()[:1000])
+    assert_raster_order(batches["test_batch"], load().splits["test"].numpy())
+    assert np.load(cache)["test"].shape == (4, 3072)  # the cache itself was rewritten
+
+
+REAL_RECORDING = os.path.join(SHARED_DATA, "brahms_hungarian_dance_5.wav")  # 45.8 s, 16-bit mono, 22,050 Hz
+
+
+@pytest.mark.parametrize("source", ["generated", "real"])
+def test_one_recording_holds_out_its_last_rows_at_the_default_audio_length(tmp_path, source):
+    """What a user with one file has: the real recording when ../shared/data is here, and always a generated one
+    of the same length and format."""
+    if source == "real" and not os.path.exists(REAL_RECORDING):
+        pytest.skip("the real recording lives in ../shared/data, absent from this checkout")
+    path = REAL_RECORDING if source == "real" else str(tmp_path / "one.wav")
+    if source == "generated":
+        t = np.arange(int(22_050 * 45.8)) / 22_050
+        write_wav(path, 0.4 * np.sin(2 * np.pi * 440 * t) * np.sin(2 * np.pi * 0.5 * t), 22_050)
+    d = datasets.load(f"wav:{path}")  # the default --audio_seq_len 65536
+    # 45.8 s at 12 kHz = 549,600 samples = 8 rows: 6 train, then one row each of validation and test at the end
+    assert [tuple(d.splits[s].shape) for s in ("train", "val", "test")] == [(6, 65536), (1, 65536), (1, 65536)]
+    whole = datasets.to_rows(datasets.read_wav(path), 65536)
+    assert torch.equal(torch.cat([d.splits[s] for s in ("train", "val", "test")]), whole)
+
+
+def test_too_little_audio_names_an_audio_seq_len_that_works(tmp_path):
+    write_wav(tmp_path / "short.wav", np.sin(np.arange(24_000) / 5), 12_000)  # 2 s
+    with pytest.raises(ValueError, match=r"2\.0 s of audio.*--audio_seq_len 4096 or less"):
+        datasets.load(f"wav:{tmp_path}")
+    assert datasets.load(f"wav:{tmp_path}", audio_seq_len=4096).splits["test"].shape == (1, 4096)
+
+
+def test_truncated_wav_keeps_its_whole_frames(tmp_path):
+    write_wav(tmp_path / "a.wav", np.sin(np.arange(1000) / 7), 12_000, channels=2)
+    full = datasets.read_wav(str(tmp_path / "a.wav"))
+    (tmp_path / "a.wav").write_bytes((tmp_path / "a.wav").read_bytes()[:-3])  # a frame is 4 bytes
+    np.testing.assert_array_equal(datasets.read_wav(str(tmp_path / "a.wav")), full[:999])
+
+
+def wav_header(fmt=1, channels=1, rate=12_000, width=2, n_bytes=0):
+    """The 44-byte header of a WAV file whose data chunk holds n_bytes (format 1: PCM, 3: IEEE float)."""
+    return (b"RIFF" + struct.pack("<I", 36 + n_bytes) + b"WAVEfmt " + struct.pack(
+        "<IHHIIHH", 16, fmt, channels, rate, rate * channels * width, channels * width, 8 * width)
+        + b"data" + struct.pack("<I", n_bytes))
+
+
+def bad_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+TEXT = b"Real text for a damaged-file test, long enough to be a data set. " * 100
+
+
+def enwik8_with_zip(tmp_path, zip_bytes):
+    """A hand-placed enwik8.zip; the expected size is its own, so the check reaches the zip's contents."""
+    path = bad_file(tmp_path, "c/enwik8.zip", zip_bytes)
+    return path, lambda: datasets.load_enwik8(url="file:///absent", zip_size=len(zip_bytes), md5="0" * 32,
+                                              root=str(tmp_path / "c"))
+
+
+def zipped(name, payload, damage=lambda b: b):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, payload)
+    return damage(buf.getvalue())
+
+
+def flip_middle_byte(b):
+    return b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:]
+
+
+def damaged_cifar_cache(tmp_path):
+    path = bad_file(tmp_path, "c/cifar10_raster.npz", b"\x80\x04 not an npz")  # looks like a pickle to numpy
+    return path, lambda: datasets.load_cifar10(url="file:///absent", root=str(tmp_path / "c"))
+
+
+def truncated_cifar_archive(tmp_path):
+    make_cifar_archive(tmp_path / "a.tar.gz")
+    good = (tmp_path / "a.tar.gz").read_bytes()
+    path = bad_file(tmp_path, "c/cifar-10-python.tar.gz", good[:len(good) // 2])
+    return path, lambda: datasets.load_cifar10(url="file:///absent", md5=md5(good), root=str(tmp_path / "c"))
+
+
+def wav_folder_with_one_damaged_file(tmp_path):
+    (tmp_path / "w").mkdir()
+    write_wav(tmp_path / "w" / "a_good.wav", np.zeros(100), 12_000)
+    path = bad_file(tmp_path, "w/b_bad.wav", wav_header(n_bytes=200)[:30])
+    return path, lambda: datasets.load(f"wav:{tmp_path / 'w'}")
+
+
+def loaded_as(spec_kind, name, content):
+    def build(tmp_path):
+        path = bad_file(tmp_path, name, content)
+        return path, lambda: datasets.load(f"{spec_kind}:{path}")
+    return build
+
+
+def npy_bytes(array, cut=0):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()[:len(buf.getvalue()) - cut]
+
+
+def npz_bytes(**arrays):
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def folder(kind):
+    def build(tmp_path):
+        (tmp_path / "d").mkdir()
+        return tmp_path / "d", lambda: datasets.load(f"{kind}:{tmp_path / 'd'}")
+    return build
+
+
+# name -> (build(tmp_path) -> (path the message must name, load), exception, what the message tells the user)
+DAMAGED_FILES = {
+    "truncated .bz2": (loaded_as("text", "t.bz2", bz2.compress(TEXT)[:-40]), ValueError, "download it again"),
+    "garbage .bz2": (loaded_as("text", "t.bz2", TEXT), ValueError, "decompress it and pass"),
+    "non-gzip .gz": (loaded_as("text", "t.gz", TEXT), ValueError, "download it again"),
+    "truncated .gz": (loaded_as("text", "t.gz", gzip.compress(TEXT)[:40]), ValueError, "download it again"),
+    "corrupt .gz": (loaded_as("text", "t.gz", flip_middle_byte(gzip.compress(bytes(range(256)) * 50))),
+                    ValueError, "download it again"),
+    "empty text": (loaded_as("text", "t.txt", b""), ValueError, "give a larger file"),
+    "text: a folder": (folder("text"), ValueError, "takes one file"),
+    "garbage enwik8.zip": (lambda p: enwik8_with_zip(p, TEXT), ValueError, "delete it and retry"),
+    "member-less enwik8.zip": (lambda p: enwik8_with_zip(p, zipped("enwik9", TEXT)), ValueError, "delete it"),
+    "enwik8.zip, damaged member": (lambda p: enwik8_with_zip(p, zipped("enwik8", bytes(range(256)) * 50,
+                                                                       flip_middle_byte)), ValueError, "delete it"),
+    "truncated enwik8.zip": (lambda p: (bad_file(p, "c/enwik8.zip", TEXT), lambda: datasets.load_enwik8(
+        url="file:///absent", zip_size=len(TEXT) + 1, root=str(p / "c"))), ValueError, "delete it and retry"),
+    "non-WAV .wav": (loaded_as("wav", "a.wav", TEXT), ValueError, "convert it to 16-bit PCM"),
+    "empty .wav": (loaded_as("wav", "a.wav", b""), ValueError, "convert it to 16-bit PCM"),
+    "float .wav": (loaded_as("wav", "a.wav", wav_header(fmt=3, width=4, n_bytes=400) + bytes(400)), ValueError,
+                   "convert it to 16-bit PCM"),
+    "64-bit .wav": (loaded_as("wav", "a.wav", wav_header(width=8, n_bytes=800) + bytes(800)), ValueError,
+                    "convert it to 16-bit PCM"),
+    "header-only .wav": (loaded_as("wav", "a.wav", wav_header()), ValueError, "remove it"),
+    "one damaged .wav in a folder": (wav_folder_with_one_damaged_file, ValueError, "move it out of the folder"),
+    "npz without data": (loaded_as("images", "i.npz", npz_bytes(x=np.zeros((4, 3072), np.uint8))), ValueError,
+                         "images:PATH takes a .npy"),
+    "npz of planes": (loaded_as("images", "i.npz", npz_bytes(data=np.zeros((4, 3, 1024), np.uint8))),
+                      ValueError, "expected uint8 [N >= 1, 3072]"),
+    "float .npy": (loaded_as("images", "i.npy", npy_bytes(np.zeros((4, 32, 32, 3), np.float32))), ValueError,
+                   "values 0..255"),
+    "truncated .npy": (loaded_as("images", "i.npy", npy_bytes(np.zeros((4, 32, 32, 3), np.uint8), cut=100)),
+                       ValueError, "images:PATH takes"),
+    "object .npy": (loaded_as("images", "i.npy", npy_bytes(np.array([{}, 1], dtype=object))), ValueError,
+                    "images:PATH takes"),
+    "garbage image file": (loaded_as("images", "i.png", TEXT), ValueError, "images:PATH takes"),
+    "two images": (loaded_as("images", "i.npz", npz_bytes(data=np.zeros((2, 3072), np.uint8))), ValueError,
+                   "need at least one each"),
+    "images: a folder": (folder("images"), ValueError, "takes one file"),
+    "damaged CIFAR-10 cache, no archive": (damaged_cifar_cache, ValueError, "is damaged; delete it and retry"),
+    "truncated hand-placed CIFAR-10 archive": (truncated_cifar_archive, ValueError, "delete it and retry"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_FILES)
+def test_damaged_or_wrong_files_get_one_sentence_naming_the_file_and_the_fix(tmp_path, case):
+    build, exception, fix = DAMAGED_FILES[case]
+    path, load = build(tmp_path)
+    with pytest.raises(Exception) as e:
+        load()
+    message = str(e.value)
+    assert type(e.value) is exception, f"{type(e.value).__name__} leaked: {message}"  # not zlib.error, EOFError...
+    assert str(path) in message and fix in message and "\n" not in message, message
 
 
 # ----------------------------------------------------------------------------------------------------------
