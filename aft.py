@@ -18,7 +18,8 @@ softmax_t'(K_t' + w_{t,t'}); no T x T x d tensor is ever needed. Config.variant 
 - "conv":   n_head heads; per head a causal kernel of length `window` is the bias inside the window,
             w_{t,t'} = kernel_h[t - t'], and 0 beyond: the paper's numerator conv(exp(K) * V, exp(w) - 1) +
             sum(exp(K) * V), its denominator the same with exp(K). The kernel is reparameterised per head as
-            gain * (kernel - mean) / std + bias, gain = bias = 0 at the start (the layer starts as AFT-simple).
+            gain * (kernel - mean) / std + bias, gain = bias = 0 at the start (the layer starts as AFT-simple);
+            see position_bias for what of this is checked against the paper.
 
 Numerics: the exps run in float32 at least (also under autocast), and every output is computed from the
 positions <= t alone: a later token changes no earlier output, not even in the last bit, at any scale of the
@@ -268,6 +269,11 @@ class AFTMixer(nn.Module):
     def position_bias(self, T):
         """full: w (T, T); local: the band (T, s) with [t, j] = w_{t,t-j}; conv: the kernels (H, s)."""
         if self.variant == "conv":
+            # AFT-conv's reparameterisation as we remember the paper: w = gain * (w - mean(w)) / std(w) + bias per
+            # head, gain and bias learned and 0 at the start. Not checked against the paper's text (its section and
+            # equation number included), which we could not read beyond the introduction; ComVEX's unofficial
+            # AFT-conv agrees on (w - mean) / std and a gain starting at 0, but shares one gain and bias by all
+            # heads (a BatchNorm). The epsilon and the population std are our choices.
             kernel = self.kernel - self.kernel.mean(dim=1, keepdim=True)
             kernel = kernel / (kernel.std(dim=1, keepdim=True, correction=0) + 1e-5)
             return self.kernel_gain[:, None] * kernel + self.kernel_bias[:, None]
