@@ -10,24 +10,32 @@ element-wise over the d features: every feature is a "head" of its own whose wei
 softmax_t'(K_t' + w_{t,t'}); no T x T x d tensor is ever needed. Config.variant picks one of:
 
 - "full":   w is a [block_size, block_size] parameter, or the paper's factorisation w = w_u w_v^T of
-            rank `w_rank` (64 on CIFAR-10, 256 on enwik8). Two T x T matrix products, O(T^2 d).
+            rank `w_rank` (64 on CIFAR-10, 256 on enwik8). O(T^2 d), as products of blocks of w.
 - "simple": w = 0. Running sums along time, O(T d).
 - "local":  w_{t,t'} learned for t - t' < window and 0 (not -inf) beyond, so the whole past still counts
             through the w = 0 term; w stored as its band [block_size, window] or factorised as for full.
             Running sums plus a band of `window` terms, O(T s d).
 - "conv":   n_head heads; per head a causal kernel of length `window` is the bias inside the window,
-            w_{t,t'} = kernel_h[t - t'], and 0 beyond. The paper's numerator is
-            conv(exp(K) * V, exp(w) - 1) + sum(exp(K) * V), its denominator the same with exp(K); the kernel
-            is reparameterised per head as gain * (kernel - mean) / std + bias with gain = bias = 0 at
-            the start, so the layer starts as AFT-simple.
+            w_{t,t'} = kernel_h[t - t'], and 0 beyond: the paper's numerator conv(exp(K) * V, exp(w) - 1) +
+            sum(exp(K) * V), its denominator the same with exp(K). The kernel is reparameterised per head as
+            gain * (kernel - mean) / std + bias, gain = bias = 0 at the start (the layer starts as AFT-simple);
+            see position_bias for what of this is checked against the paper.
 
-Numerics: every exp is taken in float32 (also under autocast) after subtracting the per-feature maximum
-of K over the sequence and, for w, the maximum bias each row can see, so no term exceeds 1; both maxima
-cancel in the ratio. A row whose visible K + w all lie more than ~69 below those maxima (say keys of -80
-before a key of +80 in the same feature) outputs 0 with zero gradient rather than 0/0 (see gated_ratio).
-AFT-local and AFT-conv add the window terms to the running sum of the keys *beyond* the window instead
-of adding exp(w) - 1 to the sum of all keys: the same value, without the cancellation that exp(w) - 1 ~ -1
-would cause when w is very negative.
+Numerics: the exps run in float32 at least (also under autocast), and every output is computed from the
+positions <= t alone: a later token changes no earlier output, not even in the last bit, at any scale of the
+keys. Sums are carried as parts: per row and feature a detached stabiliser ref and the sums of
+exp(K + w - ref) [V, 1] over a set of keys, with a denominator of at least 1; two parts merge by referring
+both to the larger ref, as online softmax does (merge). AFT-simple's running sums are a scan of merges, up
+and down a binary tree (log2 T rounds, O(T d)). Terms with a bias come in blocks of keys that all precede a
+block of rows, stabilised by the keys' maximum per feature plus each row's largest bias, which every row of
+the block may know, so one matrix product serves the whole block; the earlier keys of a row's own block
+come in log2 levels of halves (runs of 2, 4, 8, ... positions). AFT-full is those levels over the whole
+sequence; AFT-local and AFT-conv are those over blocks of the window's size, the block before, and the
+running sums of the keys beyond the window (the paper's exp(w) - 1 form without its cancellation when w is
+very negative). The output equals the paper's formula stabilised row by row, and the recurrent step(), to
+rounding (the tests take keys x100, spread wider than even float64's exp covers). One limit: that needs a
+row's position biases (with the 0 beyond the window) to spread by less than about 27 in float32 (about 300 in
+float64): a block whose terms all lie 43+ below its stabiliser (354+) is left out rather than divided by.
 
 Generation: AFT-simple and AFT-local are recurrent (constant work per token: per feature a running
 maximum of K, the sums of exp(K - max) V and exp(K - max), plus the last `window` keys and values for
@@ -58,90 +66,183 @@ class Config:
     w_rank: int = 0  # AFT-full / AFT-local: 0 learns w itself, r > 0 learns w = w_u w_v^T of rank r
 
 
-def exp_keys(k):
-    """exp(K - max_t K) per feature of each sequence: at most 1; the maximum cancels in the ratio."""
-    return torch.exp(k - k.amax(dim=1, keepdim=True).detach())
+def padded(k, v, n):
+    """k and v padded to n positions with keys and values of 0: after the sequence, in no row's past."""
+    return F.pad(k, (0, 0, 0, n - k.size(1))), F.pad(v, (0, 0, 0, n - v.size(1)))
 
 
-def gated_ratio(q, num_den):
-    """sigmoid(Q) * num / den from num_den (B, T, 2C).
-
-    A denominator below 1e-30 means every visible K + w lies ~69 below the maxima subtracted: such rows
-    give 0 with zero gradient, since 1 / den near float32's underflow would overflow the backward sums.
-    """
-    num, den = num_den.chunk(2, dim=2)
-    ok = den > 1e-30
-    return torch.sigmoid(q) * torch.where(ok, num, 0.0) / torch.where(ok, den, 1.0)
+def values(v):
+    return torch.stack([v, torch.ones_like(v)], dim=2)  # (B, T, 2, C): numerator and denominator in one pass
 
 
-def aft_full(q, k, v, w):
-    """Causal AFT-full. q, k, v (B, T, C) float; w (T, T) with w[t, t'] the bias of key t' for query t."""
+def alone(z, x):
+    """The part of one key with logit z = K + w and x = [V, 1]: (z, exp(z - z) x), worth x, with the exp's gradient."""
+    ref = z.detach()
+    return ref, torch.exp(z - ref).unsqueeze(-2) * x
+
+
+def merge(a, b):
+    """Two parts over disjoint sets of keys, at least one of them with a key -> the part over their union.
+
+    A part is (ref, sums): a detached stabiliser ref (..., C) and sums (..., 2, C), the sum over its keys of
+    exp(K + w - ref) [V, 1], with a denominator sums[..., 1, :] of at least 1, or no key at all (ref = -inf,
+    sums = 0). The union is referred to the larger ref: no term is scaled up, and its den is again >= 1."""
+    (ref_a, sums_a), (ref_b, sums_b) = a, b
+    ref = torch.maximum(ref_a, ref_b)
+    return ref, torch.exp(ref_a - ref).unsqueeze(-2) * sums_a + torch.exp(ref_b - ref).unsqueeze(-2) * sums_b
+
+
+def running_sums(k, v):
+    """For every t the part of all keys t' <= t with w = 0; k, v (B, T, C).
+
+    An exclusive scan over parts, each position starting alone. Going up, neighbours merge into blocks of 2,
+    4, 8, ... positions; going down, the first half of a block is preceded by what precedes the block, its
+    second half by that and the first half. Every merge combines earlier positions only, so row t depends on
+    positions <= t alone; log2(T) rounds each way, O(T C) work and memory."""
     T = k.size(1)
-    future = torch.ones(T, T, dtype=torch.bool, device=k.device).triu(1)
-    w = w.masked_fill(future, float("-inf"))
-    ew = torch.exp(w - w.amax(dim=1, keepdim=True).detach())  # (T, T), largest entry of each row is 1
-    p = exp_keys(k)
-    return gated_ratio(q, ew @ torch.cat([p * v, p], dim=2))  # (T, T) @ (B, T, 2C) -> (B, T, 2C)
+    k, v = padded(k, v, 1 << (T - 1).bit_length())
+    ups = [alone(k, values(v))]
+    while ups[-1][0].size(1) > 1:
+        ref, sums = ups[-1]
+        ups.append(merge((ref[:, 0::2], sums[:, 0::2]), (ref[:, 1::2], sums[:, 1::2])))  # (B, n / 2, ...)
+    ref, sums = ups[-1]
+    before = (torch.full_like(ref, float("-inf")), torch.zeros_like(sums))  # nothing precedes the sequence
+    for ref, sums in reversed(ups[:-1]):
+        before_second_half = merge(before, (ref[:, 0::2], sums[:, 0::2]))
+        # interleave: block 2i gets before[i], block 2i + 1 before_second_half[i]; (B, m, ...) -> (B, 2m, ...)
+        before = tuple(torch.stack(halves, dim=2).flatten(1, 2) for halves in zip(before, before_second_half))
+    ref, sums = merge(before, ups[0])
+    return ref[:, :T], sums[:, :T]
+
+
+def per_feature(b, C):
+    """(G, ...) -> (..., C): the value of feature group g for each of its C // G features."""
+    return b.movedim(0, -1).repeat_interleave(C // b.size(0), dim=-1)
+
+
+def block_sums(k, x, bias):
+    """Parts of n blocks of S keys, each for R rows that follow all of them, with one matrix product per block.
+
+    k (B, n, S, C), x (B, n, S, 2, C); bias (G, n, R, S): w of each row for each key, -inf where not weighted,
+    with the features in G equal groups (AFT-conv's heads; G = 1 otherwise). The exps subtract the block's
+    largest key per feature and the row's largest bias, both known to every row since the block's keys all
+    come first: no term exceeds 1. The part is then referred to its own denominator (den = 1). A part whose
+    den fell below sqrt(tiny) (1e-19 in float32: every term 43+ below that bound) is left out, as dividing by
+    it could overflow in the backward; it is negligible unless the row's biases spread by 27+ (float32).
+    Returns ref (B, n, R, C) and sums (B, n, R, 2, C)."""
+    B, n, S, C = k.shape
+    G = bias.size(0)
+    key_max = k.amax(dim=2, keepdim=True).detach()  # (B, n, 1, C)
+    bias_max = bias.amax(dim=3).detach().clamp_min(torch.finfo(bias.dtype).min)  # (G, n, R); finite if no key
+    weights = torch.exp(bias - bias_max[..., None])  # (G, n, R, S)
+    p = torch.exp(k - key_max).unsqueeze(3) * x  # (B, n, S, 2, C)
+    sums = torch.einsum("gnrs,bnsxgd->bnrxgd", weights, p.view(B, n, S, 2, G, C // G)).reshape(B, n, -1, 2, C)
+    den = sums[..., 1, :].detach()
+    kept = den > torch.finfo(den.dtype).tiny ** 0.5
+    ref = torch.where(kept, key_max + per_feature(bias_max, C) + den.log(), float("-inf"))
+    return ref, sums / torch.where(kept, den, 1.0).unsqueeze(-2)
+
+
+def within_blocks(k, x, level_bias, L, state):
+    """Merge into state, for every row, the earlier keys of its own block of L positions (L a power of two).
+
+    Level b = 1, 2, ..., L/2: the rows of the second half of each run of 2b positions receive the keys of
+    its first half; level_bias(b) gives their biases (G, T / 2b, b, b). state starts as each row's own key,
+    so after level b it holds the row's run of 2b positions."""
+    B, T, C = k.shape
+    b = 1
+    while b < L:
+        n = T // (2 * b)
+        part = block_sums(k.view(B, n, 2, b, C)[:, :, 0], x.view(B, n, 2, b, 2, C)[:, :, 0], level_bias(b))
+        ref, sums = state[0].view(B, n, 2, b, C), state[1].view(B, n, 2, b, 2, C)  # [batch, run, half, i, ...]
+        second = merge((ref[:, :, 1], sums[:, :, 1]), part)
+        state = (torch.stack([ref[:, :, 0], second[0]], dim=2).view(B, T, C),
+                 torch.stack([sums[:, :, 0], second[1]], dim=2).view(B, T, 2, C))
+        b *= 2
+    return state
+
+
+def from_previous_block(k, x, bias_of, L):
+    """The part of the keys of block i - 1 for the rows of block i, blocks of L positions (L dividing T)."""
+    B, T, C = k.shape
+    n = T // L
+    blocks = torch.arange(T, device=k.device).view(n, L)
+    ref, sums = block_sums(k.view(B, n, L, C)[:, :-1], x.view(B, n, L, 2, C)[:, :-1],
+                           bias_of(blocks[1:, :, None], blocks[:-1, None, :]))  # (B, n - 1, L, ...): blocks 1 ..
+    ref = F.pad(ref, (0, 0, 0, 0, 1, 0), value=float("-inf"))  # block 0 has no block before it
+    return ref.flatten(1, 2), F.pad(sums, (0, 0, 0, 0, 0, 0, 1, 0)).flatten(1, 2)
+
+
+def gated_ratio(q, part):
+    """sigmoid(Q) * num / den from the part of all keys t' <= t of every row (den >= 1)."""
+    num, den = part[1].unbind(2)
+    return torch.sigmoid(q) * num / den
 
 
 def aft_simple(q, k, v):
-    """Causal AFT-simple (w = 0): prefix sums of exp(K) V and exp(K)."""
-    p = exp_keys(k)
-    return gated_ratio(q, torch.cat([p * v, p], dim=2).cumsum(dim=1))
+    """Causal AFT-simple (w = 0): running sums of exp(K) V and exp(K)."""
+    return gated_ratio(q, running_sums(k, v))
 
 
-def sum_beyond(x, s):
-    """Row t of the result is sum_{t' <= t - s} x_t': prefix sums delayed by s steps; x (B, T, ...)."""
-    T = x.size(1)
-    return F.pad(x.cumsum(dim=1), (0, 0, s, 0))[:, :T]
+def aft_full(q, k, v, w):
+    """Causal AFT-full. w (T, T) with w[t, t'] the bias of key t' for query t.
+
+    Each row merges its own key and, level by level, the earlier keys of its run of 2, 4, ..., L positions
+    (within_blocks, L >= T a power of two): (T/2b) products of (b x b) @ (b x 2C) per level, T^2 C in all."""
+    T = k.size(1)
+    L = 1 << (T - 1).bit_length()
+    k, v = padded(k, v, L)
+    w = F.pad(w, (0, L - T, 0, L - T))
+
+    def level_bias(b):  # w of the second half of each run of 2b positions for its first half: a view of w
+        n = L // (2 * b)
+        return w.view(n, 2 * b, n, 2 * b).diagonal(dim1=0, dim2=2).movedim(-1, 0)[None, :, b:, :b]
+
+    x = values(v)
+    ref, sums = within_blocks(k, x, level_bias, L, alone(k + w.diagonal()[:, None], x))
+    return gated_ratio(q, (ref[:, :T], sums[:, :T]))
 
 
-def band_sum(x, ew):
-    """Row t of the result is sum_{j < s} ew[t, j] x[t - j]; x (B, T, X), ew (T, s) zero where t - j < 0.
+def aft_banded(q, k, v, band):
+    """Causal AFT with w_{t,t'} = band[g, t, t - t'] for t - t' < s and 0 beyond; band (G, T, s), G feature groups.
 
-    Time is cut into blocks of s: block i's queries see keys in blocks i - 1 and i only, so the band is
-    one batched (s x 2s) @ (2s x X) product per block, O(T s X) work and O(T X) memory.
-    """
-    B, T, X = x.shape
-    s = ew.size(1)
-    n = -(-T // s)  # blocks of queries
-    xb = F.pad(x, (0, 0, s, n * s - T)).view(B, n + 1, s, X)  # block 0 holds zeros before the start
-    keys = torch.cat([xb[:, :-1], xb[:, 1:]], dim=2)  # (B, n, 2s, X): previous and own block
-    lag = s + torch.arange(s, device=x.device)[:, None] - torch.arange(2 * s, device=x.device)  # (s, 2s)
-    inside = (lag >= 0) & (lag < s)
-    ewb = F.pad(ew, (0, 0, 0, n * s - T)).view(n, s, s)  # (n, s, s): [block, query in block, j]
-    weights = ewb.gather(2, lag.clamp(0, s - 1).expand(n, s, 2 * s)) * inside  # (n, s, 2s)
-    return (weights @ keys).view(B, n * s, X)[:, :T]  # (B, n, s, X) -> (B, T, X)
+    Time is cut into blocks of L >= s positions (a power of two), so the window of a row lies in its own block
+    and the one before. Each row merges its own key, the earlier keys of its block (within_blocks), those of
+    the block before (from_previous_block) and, for t >= s, all keys t' <= t - s with w = 0 (running_sums)."""
+    B, T, C = k.shape
+    G, _, s = band.shape
+    L = 1 << (s - 1).bit_length()
+    n = -(-T // L) * L  # whole blocks
+    k, v = padded(k, v, n)
+    band = F.pad(band, (0, 0, 0, n - T))
+    pos = torch.arange(n, device=k.device)
+
+    def bias_of(rows, keys):  # (G, ...) biases of rows for earlier keys; -inf beyond the window
+        lag = rows - keys
+        return band[:, rows, lag.clamp(max=s - 1)].masked_fill(lag >= s, float("-inf"))
+
+    def level_bias(b):
+        runs = pos.view(n // (2 * b), 2, b)  # [run, half, i]
+        return bias_of(runs[:, 1, :, None], runs[:, 0, None, :])
+
+    x = values(v)
+    part = within_blocks(k, x, level_bias, L, alone(k + per_feature(band[:, :, 0], C), x))
+    if n > L:
+        part = merge(part, from_previous_block(k, x, bias_of, L))
+    if T > s:  # the keys beyond the window: running sums delayed by s
+        ref, sums = running_sums(k[:, : n - s], v[:, : n - s])
+        part = merge(part, (F.pad(ref, (0, 0, s, 0), value=float("-inf")), F.pad(sums, (0, 0, 0, 0, s, 0))))
+    return gated_ratio(q, (part[0][:, :T], part[1][:, :T]))
 
 
 def aft_local(q, k, v, w):
     """Causal AFT-local. w (T, s): w[t, j] is the bias of key t - j for query t (j < s); 0 beyond the window."""
-    T, s = w.shape
-    t = torch.arange(T, device=k.device)
-    exists = t[:, None] - torch.arange(s, device=k.device)[None, :] >= 0  # (T, s): key t - j is in the sequence
-    w = w.masked_fill(~exists, float("-inf"))
-    has_beyond = t >= s  # rows that also see keys beyond the window, with bias 0
-    m = torch.where(has_beyond, w.amax(dim=1).clamp_min(0), w.amax(dim=1)).detach()  # (T,) row maxima
-    ew = torch.exp(w - m[:, None])  # (T, s), 0 for keys before the sequence start
-    p = exp_keys(k)
-    x = torch.cat([p * v, p], dim=2)  # (B, T, 2C)
-    beyond_weight = torch.where(has_beyond, torch.exp(-m), 0.0)[:, None]  # exp(0 - m), 0 where unused
-    return gated_ratio(q, band_sum(x, ew) + beyond_weight * sum_beyond(x, s))
+    return aft_banded(q, k, v, w[None])
 
 
 def aft_conv(q, k, v, kernel):
-    """Causal AFT-conv. kernel (H, s): kernel[h, j] is the bias of key t - j for query t in head h."""
-    B, T, C = k.shape
-    H, s = kernel.shape
-    m = kernel.amax(dim=1).clamp_min(0).detach()  # (H,) the largest bias a head uses, window or beyond
-    ew = torch.exp(kernel - m[:, None]).repeat_interleave(C // H, dim=0)  # (C, s), channel c in head c // D
-    p = exp_keys(k)
-    x = torch.cat([p * v, p], dim=2)  # (B, T, 2C)
-    # depthwise causal convolution; conv1d correlates, so tap i meets key t - (s - 1 - i): flip the kernel
-    taps = torch.cat([ew, ew]).flip(1)[:, None, :]  # (2C, 1, s)
-    conv = F.conv1d(F.pad(x.transpose(1, 2), (s - 1, 0)), taps, groups=2 * C).transpose(1, 2)  # (B, T, 2C)
-    beyond_weight = torch.exp(-m).repeat_interleave(C // H).repeat(2)  # (2C,)
-    return gated_ratio(q, conv + beyond_weight * sum_beyond(x, s))
+    """Causal AFT-conv. kernel (H, s): kernel[h, j] is the bias of key t - j for query t in head h; 0 beyond."""
+    return aft_banded(q, k, v, kernel[:, None].expand(-1, k.size(1), -1))
 
 
 class AFTMixer(nn.Module):
@@ -168,6 +269,11 @@ class AFTMixer(nn.Module):
     def position_bias(self, T):
         """full: w (T, T); local: the band (T, s) with [t, j] = w_{t,t-j}; conv: the kernels (H, s)."""
         if self.variant == "conv":
+            # AFT-conv's reparameterisation as we remember the paper: w = gain * (w - mean(w)) / std(w) + bias per
+            # head, gain and bias learned and 0 at the start. Not checked against the paper's text (its section and
+            # equation number included), which we could not read beyond the introduction; ComVEX's unofficial
+            # AFT-conv agrees on (w - mean) / std and a gain starting at 0, but shares one gain and bias by all
+            # heads (a BatchNorm). The epsilon and the population std are our choices.
             kernel = self.kernel - self.kernel.mean(dim=1, keepdim=True)
             kernel = kernel / (kernel.std(dim=1, keepdim=True, correction=0) + 1e-5)
             return self.kernel_gain[:, None] * kernel + self.kernel_bias[:, None]
