@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_transformer import Block, configure_optimizers, init_weights, sample_next
+from sparse_transformer import Block, init_weights, sample_next
 
 VARIANTS = ("full", "simple", "local", "conv")
 
@@ -377,8 +377,8 @@ class AFT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, attn=AFTMixer(config)) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied (sparse_transformer.init_weights says why)
         init_weights(self, config.n_layer)
-        nn.init.zeros_(self.lm_head.weight)  # as the baseline: the official code starts W_out at zero
 
     def forward(self, idx, targets=None, cache=None):
         """cache: None, or (AFT-simple / AFT-local) one dict per block with the running sums so far."""
@@ -398,9 +398,6 @@ class AFT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        return configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):

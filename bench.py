@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # the CPU run uses it eagerly
 
-import data as datasets
 import kernels
 import sparse_transformer as st
 import train

@@ -31,7 +31,6 @@ import tarfile
 import urllib.request
 import wave
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np

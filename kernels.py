@@ -20,7 +20,7 @@ Conventions used throughout the repository:
   n*block .. (n+1)*block-1. A layout needs S - T to be a multiple of block, so its diagonal is the causal one.
 - a query that sees no key at all gets a zero output (and passes no gradient), never NaN.
 
-`python kernels.py` benchmarks the kernel against dense causal SDPA and FlexAttention (see the end).
+`python bench.py` measures the kernels against FlexAttention, dense SDPA and the LSH twin (stages kernels, lsh).
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings without triton
 

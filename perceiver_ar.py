@@ -9,7 +9,7 @@ embedding of input t (positions enter only through rotary encodings inside every
     z    += CrossAttn(LN(z), LN(e))   latent k sees inputs 0 .. M-N+k (its own position included)
     z    += MLP(LN(z))
     z    += SelfAttn(LN(z)),  z += MLP(LN(z))                     L = n_layer causal blocks over the N latents
-    logits_k = W_out LN(z_k)                                      predicts input M-N+k+1; W_out starts at zero
+    logits_k = W_out LN(z_k)                                      predicts input M-N+k+1
 
 MLP(h) = W_2 relu(W_1 h)^2 (squared ReLU). Rotary encodings rotate the first `rotary_frac` of each head's
 query/key dims by angles proportional to the absolute position. Cost: O(M N) for the cross-attention plus
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import attention
-from sparse_transformer import MLP, configure_optimizers, init_weights, sample_next
+from sparse_transformer import init_weights, sample_next
 
 
 @dataclass
@@ -92,8 +92,13 @@ class RotaryAttention(nn.Module):
         return self.proj(y), (k, v)
 
 
-class SquaredReLUMLP(MLP):
-    """The official code's feed-forward: W_2 relu(W_1 h)^2 (same layers as the Sparse Transformer's MLP)."""
+class SquaredReLUMLP(nn.Module):
+    """The official code's feed-forward: W_2 relu(W_1 h)^2, 4x wide."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         return self.proj(F.relu(self.fc(x)).square())
@@ -154,8 +159,8 @@ class PerceiverAR(nn.Module):
         self.blocks = nn.ModuleList([LatentBlock(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        init_weights(self, config.n_layer + 1)  # L + 1 residual stages: the cross-attend block and L blocks
-        nn.init.zeros_(self.lm_head.weight)  # official: the output layer starts at zero (uniform predictions)
+        # W_out untied and N(0, 0.02), not zero as in the official code: init_weights says why
+        init_weights(self, config.n_layer + 1)  # L + 1 residual stages: the cross-attend block and L blocks  # L + 1 residual stages: the cross-attend block and L blocks
 
     def run(self, z, z_pos, x, x_pos, past=None):
         """Latent embeddings z (B, N, C) at z_pos, inputs x (B, S, C) at x_pos -> logits (B, N, V) and, per
@@ -205,9 +210,6 @@ class PerceiverAR(nn.Module):
                 # Keeps log Z near 0 (stable low-precision logits); off in eval so eval loss is plain nats.
                 loss = loss + self.config.z_loss * torch.logsumexp(flat, dim=-1).square().mean()
         return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        return configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):

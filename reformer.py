@@ -9,6 +9,8 @@ decoder-only Transformer whose memory stays small on long sequences, through fou
   cuts them into chunks of m = `chunk`, and lets every chunk attend to itself and the previous chunk, causal
   by original position; the rounds combine by their log-sum-exp weights,
       out_i = sum_r exp(lse_r,i - logsumexp_r lse_r,i) o_r,i.
+  With `causal_lsh` (our option, not the paper's) each query instead attends to the `chunk` most recent keys
+  of its own bucket, a sliding window over the sorted order.
 - Reversible residual layers (section 4, RevNet): with the activations split in two halves,
       y1 = x1 + Attention(x2),   y2 = x2 + FeedForward(y1);
   the backward pass rebuilds x2 = y2 - FeedForward(y1) and x1 = y1 - Attention(x2), so no per-layer
@@ -16,10 +18,12 @@ decoder-only Transformer whose memory stays small on long sequences, through fou
 - Chunked feed-forward (section 4): the feed-forward runs on slices of the sequence, one at a time.
 And, from trax's Reformer, axial position embeddings: with T = n1 * n2, e(i) = [E1[i // n2]; E2[i % n2]].
 
-Caveat on causality: LSH attention never gives weight to a later position, but which earlier keys share a
-query's chunk depends on where all positions, later ones included, fall in the sort. A later token can
-therefore change an earlier output through the chunk boundaries (as in trax). With one chunk covering the
-sequence the model is exactly causal.
+Causality: the paper's LSH attention never gives weight to a later position, but which earlier keys share a
+query's chunk depends on where all positions, later ones included, fall in the sort, so a later token can change
+an earlier output through the chunk boundaries (as in trax; measured by the tests and README). Its training
+forward is therefore not exactly causal (`exactly_causal` is False), and train.py --evaluate also scores it on
+prefixes alone, as generation runs it. With `causal_lsh` a query's window holds only earlier keys of its own
+bucket, and a bucket depends on its own position only: exactly causal.
 """
 import math
 from contextlib import contextmanager
@@ -29,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_transformer import MLP, configure_optimizers, init_weights, sample_next
+from sparse_transformer import MLP, init_weights, sample_next
 from kernels import lsh_attention
 
 
@@ -43,7 +47,7 @@ class Config:
     dropout: float = 0.0
     bias: bool = True
     n_hashes: int = 4  # LSH rounds
-    n_buckets: int = 0  # even; 0 = 2 * T // chunk for a sequence of length T (trax's choice)
+    n_buckets: int = 0  # even; 0 = 2 * block_size // chunk (trax's 2T/chunk, fixed so prefixes hash alike)
     chunk: int = 64  # m: sorted positions per chunk; a chunk attends to itself and the previous chunk
     ff_chunks: int = 1  # the feed-forward runs on this many slices of the sequence, one after the other
     axial_shape: tuple = ()  # (n1, n2) with n1 * n2 = block_size; () = the most square factorisation
@@ -51,6 +55,7 @@ class Config:
     lsh_every: int = 1  # LSH in every lsh_every-th layer, chunked local attention in the others (trax enwik8: 4)
     same_bucket_mask: bool = False  # the paper's mask on keys of other buckets (off in trax's final code)
     dup_correction: bool = False  # the paper's -log(count) for keys seen in several rounds (off in trax)
+    causal_lsh: bool = False  # exactly causal LSH: the chunk most recent keys of a query's own bucket
 
 
 def hash_buckets(q, rotations):
@@ -79,14 +84,14 @@ class SharedQKAttention(nn.Module):
         self.v = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def rotations(self, T, device):
+    def rotations(self, device):
         """Random R (H, n_hashes, D, n_buckets/2): fresh in every training forward, fixed per layer in eval.
 
         The training seed is drawn from torch's CPU generator, so the reversible backward, which restores that
         generator's state, draws the same rotations again.
         """
         cfg = self.config
-        n_buckets = cfg.n_buckets or 2 * (T // cfg.chunk)
+        n_buckets = cfg.n_buckets or 2 * (cfg.block_size // cfg.chunk)
         seed = int(torch.randint(2**62, (1,))) if self.training else self.layer_idx
         generator = torch.Generator(device=device).manual_seed(seed)
         shape = (self.n_head, cfg.n_hashes, cfg.n_embd // self.n_head, n_buckets // 2)
@@ -100,11 +105,11 @@ class SharedQKAttention(nn.Module):
         # multiplies by D^-0.5 as well).
         k = F.normalize(q, dim=-1)
         if self.use_lsh:
-            buckets = hash_buckets(q, self.rotations(T, x.device))  # (B, H, n_hashes, T)
+            buckets = hash_buckets(q, self.rotations(x.device))  # (B, H, n_hashes, T)
         else:  # one bucket and one round: the sort keeps the order, so chunks are consecutive positions
             buckets = torch.zeros(B, self.n_head, 1, T, dtype=torch.long, device=x.device)
         y = lsh_attention(q, k, v, buckets, self.config.chunk, same_bucket=self.config.same_bucket_mask,
-                          dedup=self.config.dup_correction)
+                          dedup=self.config.dup_correction, causal=self.config.causal_lsh)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
         return self.proj(y)
 
@@ -236,8 +241,8 @@ class AxialPositionEmbedding(nn.Module):
 class Reformer(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.chunk < 1 or config.block_size % config.chunk != 0:
-            raise ValueError(f"block_size ({config.block_size}) must be a positive multiple of chunk ({config.chunk})")
+        if config.chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {config.chunk}")
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
         for name in ("n_hashes", "ff_chunks", "lsh_every"):
@@ -252,16 +257,15 @@ class Reformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([ReversibleBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(2 * config.n_embd, bias=config.bias)  # over the concatenated halves, as trax
-        self.lm_head = nn.Linear(2 * config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(2 * config.n_embd, config.vocab_size, bias=False)  # untied: init_weights says why
         init_weights(self, config.n_layer)
+        # Whether a later token can never change an earlier output (train.py's contract; see the top)
+        self.exactly_causal = config.causal_lsh or not any(b.attn.use_lsh for b in self.blocks)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
-        if T % self.config.chunk != 0:
-            raise ValueError(f"the Reformer needs the sequence length ({T}) to be a multiple of chunk "
-                             f"({self.config.chunk}); pad or crop the input")
         x = self.drop(self.wte(idx) + self.wpe(T))  # (B, T, C)
         if self.config.reversible and torch.is_grad_enabled():
             x1, x2 = ReversibleSequence.apply(x, x, self.blocks)
@@ -275,21 +279,12 @@ class Reformer(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        return configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=False):
-        """Append max_new_tokens sampled tokens to idx (B, T).
-
-        No cache (use_cache is accepted for the common interface and has no effect): each new token changes
-        the sort of every hash round, so every new token recomputes the whole prefix (at most block_size
-        tokens), right-padded with zeros to a multiple of chunk. The padding comes after the token being
-        predicted, so it reaches it only through the chunk boundaries (see the causality caveat at the top).
-        """
+        """Append max_new_tokens sampled tokens to idx (B, T), each predicted from exactly its prefix (at most
+        block_size tokens, no padding). No cache (use_cache is accepted for the common interface and has no
+        effect): each new token changes the sort of every hash round, so the whole prefix is recomputed."""
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            T = context.size(1)
-            logits, _ = self(F.pad(context, (0, -T % self.config.chunk)))
-            idx = torch.cat([idx, sample_next(logits[:, T - 1], temperature, top_k, generator)], dim=1)
+            logits, _ = self(idx[:, -self.config.block_size:])
+            idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
         return idx

@@ -21,7 +21,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import time
 import wave
 import zipfile
 import zlib
@@ -472,6 +471,49 @@ def test_loss_falls_within_a_few_dozen_steps(text_file, tmp_path):
     assert hist[-1]["val_loss"] < math.log(256) - 1.0
 
 
+@pytest.mark.parametrize("name", list(train.MODELS))
+def test_every_model_starts_its_output_layer_by_the_one_init_rule(name):
+    """sparse_transformer.init_weights: the output layer starts N(0, 0.02) in every model, tied to the token
+    embedding except in the Reformer and Perceiver AR (measured reasons in init_weights), so a fresh model
+    predicts almost uniformly; nothing starts at zero."""
+    torch.manual_seed(0)
+    model = train.build_model(name, dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64))
+    tied = model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+    assert tied == (name not in ("reformer", "perceiver_ar"))
+    assert 0.018 < model.lm_head.weight.std().item() < 0.022
+    x, y = torch.randint(0, 256, (2, 4, 64))
+    assert abs(model(x, y)[1].item() - math.log(256)) < 0.05
+
+
+def test_learning_speed_does_not_regress(text_file, tmp_path):
+    """A tiny model on real text for 200 steps, validation bits averaged over three seeds. Measured on 2 cores,
+    identical with 1 and 2 threads: seeds 1-5 give 3.53, 3.43, 3.46, 3.74, 3.40; with the output layer started
+    at zero (the regression this guards against) 4.27, 4.18, 4.39, 4.44, 4.36. The threshold sits between,
+    0.4 bits from the mean of either."""
+    def bits(seed, zero_head=False):
+        build = train.build_model
+
+        def built(name, config):
+            model = build(name, config)
+            if zero_head:
+                model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
+            return model
+        train.build_model = built
+        try:
+            history = train.main(["--data", f"text:{text_path}", "--n_layer", "2", "--n_head", "2", "--n_embd", "64",
+                                  "--block_size", "64", "--batch_size", "8", "--max_iters", "200", "--eval_interval",
+                                  "200", "--eval_iters", "10", "--warmup", "20", "--lr", "3e-3", "--seed", str(seed),
+                                  "--device", "cpu", "--out_dir", str(tmp_path / f"{seed}{zero_head}")])
+        finally:
+            train.build_model = build
+        return history[-1]["val_loss"] / math.log(2)
+
+    text_path = tmp_path / "pydoc.txt"  # Python's own help text: on every machine
+    text_path.write_bytes(bytes(datasets.load_offline_text().splits["train"].numpy()))
+    assert np.mean([bits(seed) for seed in (1, 2, 3)]) < 3.9
+    assert bits(1, zero_head=True) > 3.9  # the test bites
+
+
 def test_killed_run_resumes_with_the_same_losses(text_file, tmp_path):
     common = ["--data", f"text:{text_file}", "--lr_decay_iters", "16", "--eval_interval", "8",
               "--dropout", "0.1"] + TINY
@@ -488,7 +530,6 @@ def test_whole_split_evaluation_scores_every_token_once(name):
     torch.manual_seed(0)
     extra = {"n_latents": 8} if name == "perceiver_ar" else {}
     model = train.build_model(name, dict(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, **extra))
-    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # zero-initialised heads would make every bit 8.0
     stream = torch.randint(0, 256, (32 * 4 + 6,), dtype=torch.uint8)
     d = datasets.Data("s", "text", {"test": stream})
     bits, count, total = train.evaluate_split(model, d, "test", 32, 3, "cpu", train.nullcontext())
@@ -503,6 +544,22 @@ def test_whole_split_evaluation_scores_every_token_once(name):
     assert (count, total) == (n, len(stream) - 1) and bits == pytest.approx(nats / n / math.log(2), rel=1e-5)
     # 133 targets: 4 windows x 32 (a 5-token tail is left), or 13 windows x 8 (the first 24 are context only)
     assert count == {"transformer": 4 * 32, "perceiver_ar": 13 * 8}[name]
+
+
+@pytest.mark.parametrize("name,settings,agree", [("transformer", {}, True), ("reformer", dict(causal_lsh=True), True),
+                                                  ("reformer", {}, False)], ids=["transformer", "causal_lsh", "lsh"])
+def test_prefix_evaluation_agrees_with_the_window_exactly_when_the_forward_is_causal(name, settings, agree):
+    """evaluate_prefixes feeds each scored position its prefix alone: for an exactly causal forward that is the
+    same prediction as inside the whole window; for the paper's LSH (chunk boundaries move with later tokens)
+    it is not, and the prefix figure is the honest one."""
+    torch.manual_seed(0)
+    model = train.build_model(name, dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32, chunk=8,
+                                         **settings) if name == "reformer" else
+                              dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
+    d = datasets.Data("s", "text", {"val": torch.randint(0, 256, (2000,), dtype=torch.uint8)})
+    prefix, window, n = train.evaluate_prefixes(model, d, "val", 64, "cpu", train.nullcontext())
+    assert n == 8 * 16
+    assert (abs(prefix - window) < 1e-5) == agree, (prefix, window)
 
 
 def test_ddp_trains_with_two_cpu_processes(text_file, tmp_path):
@@ -1230,11 +1287,8 @@ def test_factorized_and_image_position_embeddings_sum_their_coordinates():
     torch.testing.assert_close(emb(t), torch.stack([row[p // 8] + col[p % 8] for p in range(60)]), rtol=0, atol=0)
 
 
-def test_output_weights_start_at_zero_and_branch_outputs_are_scaled():
+def test_branch_outputs_are_scaled_by_depth():
     model = SparseTransformer(tiny(n_layer=8, n_embd=64))
-    _, loss = model(torch.randint(0, 11, (2, 64)), torch.randint(0, 11, (2, 64)))
-    assert torch.all(model.lm_head.weight == 0)
-    torch.testing.assert_close(loss, torch.tensor(math.log(11)))
     std = model.blocks[0].attn.proj.weight.std().item()
     assert 0.5 * 0.02 / 4 < std < 1.5 * 0.02 / 4  # 0.02 / sqrt(2 * 8)
 
@@ -1489,11 +1543,11 @@ def test_bucket_is_argmax_over_rotations_and_their_negation():
 def test_hash_rotations_are_fresh_in_training_and_fixed_in_eval():
     attn = Reformer(tiny_config()).blocks[1].attn
     attn.train()
-    assert not torch.equal(attn.rotations(32, torch.device("cpu")), attn.rotations(32, torch.device("cpu")))
+    assert not torch.equal(attn.rotations(torch.device("cpu")), attn.rotations(torch.device("cpu")))
     attn.eval()
-    r1 = attn.rotations(32, torch.device("cpu"))
+    r1 = attn.rotations(torch.device("cpu"))
     assert r1.shape == (2, 2, 8, 2)  # (H, n_hashes, D, n_buckets / 2)
-    assert torch.equal(r1, attn.rotations(32, torch.device("cpu")))
+    assert torch.equal(r1, attn.rotations(torch.device("cpu")))
 
 
 @pytest.mark.parametrize("kw", [dict(chunk=16, block_size=16), dict(chunk=4, block_size=16, lsh_every=3)],
@@ -1563,25 +1617,27 @@ def test_axial_position_embedding_concatenates_row_and_column_vectors():
         torch.testing.assert_close(e[i], torch.cat([pos.rows[i // 8], pos.cols[i % 8]]))
 
 
-def test_bad_sequence_lengths_and_shapes_raise_value_error():
-    model = Reformer(tiny_config())
-    with pytest.raises(ValueError, match="multiple of chunk"):
-        model(torch.zeros(1, 12, dtype=torch.long))
+def test_any_length_runs_and_bad_lengths_and_shapes_raise_value_error():
+    model = Reformer(tiny_config()).eval()
+    assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)  # not a multiple of chunk
     with pytest.raises(ValueError, match="exceeds"):
         model(torch.zeros(1, 40, dtype=torch.long))
     with pytest.raises(ValueError, match="axial_shape"):
         Reformer(tiny_config(axial_shape=(3, 8)))
-    with pytest.raises(ValueError, match="multiple of chunk"):
-        Reformer(tiny_config(block_size=36))
 
 
-def test_generate_pads_an_unaligned_prefix_and_appends_tokens():
+def test_generate_predicts_each_token_from_exactly_its_prefix(monkeypatch):
+    """No padding in the forward: every step runs the model on the prefix as it stands, so generation computes
+    what the prefix-only evaluation scores."""
     torch.manual_seed(0)
     model = Reformer(tiny_config()).eval()
+    lengths = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, targets=None: lengths.append(idx.size(1)) or forward(idx))
     prefix = torch.randint(11, (2, 5))
     out = model.generate(prefix, 4, top_k=5)
     assert out.shape == (2, 9) and torch.equal(out[:, :5], prefix) and out.max() < 11
-
+    assert lengths == [5, 6, 7, 8]
 
 
 def test_reversible_layers_keep_activation_memory_constant_in_depth():
@@ -2101,29 +2157,109 @@ def test_cached_generation_matches_uncached(prompt_len, monkeypatch):
 def test_copy_task_is_learned_across_512_tokens():
     """Second half of each sequence repeats the first; the latents cover the second half, so every
     prediction is a copy from M/2 + 1 = 513 positions back. Threshold 0.1 * ln(V): a model that copies only a
-    fraction f of positions and guesses the rest scores at least (1 - f) ln V, so this needs f > 0.9."""
+    fraction f of positions and guesses the rest scores at least (1 - f) ln V, so this needs f > 0.9.
+    Training stops once a held-out batch is below half the threshold; a third, fresh batch is then judged.
+    Measured, seeds 0-2 x 1 and 2 threads: stops at step 70 for every seed and thread count, fresh loss
+    0.019 / 0.046 / 0.087 against the threshold 0.277."""
     torch.manual_seed(0)
     M, V, B = 1024, 16, 8
 
-    def copy_batch():
-        half = torch.randint(0, V, (B, M // 2 + 1))
+    def copy_batch(generator=None):
+        half = torch.randint(0, V, (B, M // 2 + 1), generator=generator)
         return torch.cat([half, half[:, :-1]], dim=1)  # (B, M + 1): token t + M/2 + 1 copies token t
 
-    model = PerceiverAR(perceiver_ar.Config(block_size=M, vocab_size=V, n_layer=1, n_head=4, n_embd=64,
+    def loss_on(seq):
+        model.eval()
+        with torch.no_grad():
+            loss = model(seq[:, :-1], seq[:, 1:])[1].item()
+        model.train()
+        return loss
+
+    model = PerceiverAR(perceiver_ar.Config(block_size=M, vocab_size=V, n_layer=1, n_head=4, n_embd=128,
                                             n_latents=M // 2))
-    opt = model.configure_optimizers(0.0, 2e-3, (0.9, 0.99), "cpu")
-    start = time.time()
-    for step in range(300):  # seed 0 passes the threshold at step ~130 (about 25 s on 2 cores)
+    opt = train.configure_optimizers(model, 0.0, 2e-3, (0.9, 0.99), "cpu")
+    held_out = copy_batch(torch.Generator().manual_seed(1000))
+    for step in range(300):
         seq = copy_batch()
         _, loss = model(seq[:, :-1], seq[:, 1:])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if loss.item() < 0.07 * math.log(V):  # stop early, with a margin for the fresh test batch
+        if step % 10 == 9 and loss_on(held_out) < 0.05 * math.log(V):
             break
-    model.eval()
-    seq = copy_batch()
-    _, loss = model(seq[:, :-1], seq[:, 1:])
-    print(f"copy task: loss {loss.item():.3f} nats after {step + 1} steps, {time.time() - start:.1f} s")
-    assert loss.item() < 0.1 * math.log(V)
+    fresh = loss_on(copy_batch(torch.Generator().manual_seed(2000)))
+    print(f"copy task: fresh loss {fresh:.3f} nats after {step + 1} steps")
+    assert fresh < 0.1 * math.log(V)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# causality: every model, every attention mode, both backends, at normal scale and with extreme keys
+
+CAUSAL_CASES = {  # name: (model, Config settings beyond the shared tiny ones, exactly causal?)
+    "transformer": ("transformer", {}, True),
+    "sparse_local": ("transformer", dict(pattern="local", stride=8, attn_block=16), True),
+    **{f"sparse_strided_{c}": ("sparse_strided", dict(stride=4, attn_block=16, combine=c), True)
+       for c in st.COMBINES},
+    **{f"sparse_fixed_{c}": ("sparse_fixed", dict(stride=32, summary=16, n_offsets=2, attn_block=16, combine=c),
+                             True) for c in st.COMBINES},
+    "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, causal_lsh=True), True),
+    "reformer_causal_lsh_dedup": ("reformer", dict(chunk=8, n_hashes=3, causal_lsh=True, dup_correction=True), True),
+    "reformer_local_chunks": ("reformer", dict(chunk=8, lsh_every=3), True),
+    "reformer_paper_lsh": ("reformer", dict(chunk=8, n_hashes=2), False),
+    "aft_full": ("aft_full", {}, True), "aft_full_factorised": ("aft_full", dict(w_rank=4), True),
+    "aft_simple": ("aft_simple", {}, True), "aft_local": ("aft_local", dict(window=8), True),
+    "aft_conv": ("aft_conv", dict(window=8), True),
+    "perceiver_ar": ("perceiver_ar", dict(n_latents=64), True),
+}
+KEY_WEIGHTS = ("qkv.weight", "qk.weight", ".q.weight", ".kv.weight")  # query/key projections of every model
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0], ids=["normal", "keys_x100"])
+@pytest.mark.parametrize("backend", ["dense", "triton"])
+@pytest.mark.parametrize("case", CAUSAL_CASES)
+def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monkeypatch):
+    """Two probes through the real model, for cut points t: d logits_t / d embedding_j is exactly 0 for every
+    j > t (the continuous paths), and new tokens at positions > t leave logits_0..t exactly as they were (the
+    discrete ones, such as where positions sort). The Reformer's paper LSH is the one exception and must leak,
+    through its sort (the gradient cannot see that), so the probe bites."""
+    name, settings, exactly_causal = CAUSAL_CASES[case]
+    if backend == "triton":
+        if not name.startswith(("transformer", "sparse", "reformer", "perceiver")):
+            pytest.skip("the model runs no attention kernel")
+        for module, fn in ((st, "attention"), (perceiver_ar, "attention"), (reformer, "lsh_attention")):
+            monkeypatch.setattr(module, fn, functools.partial(getattr(kernels, fn), backend="triton"))
+    torch.manual_seed(0)
+    n_layer = 1 if backend == "triton" else 2  # the interpreter is slow; two layers run on the dense path
+    model = train.build_model(name, dict(block_size=128 if name == "perceiver_ar" else 64, vocab_size=11,
+                                         n_layer=n_layer, n_head=2, n_embd=32, **settings)).eval()
+    assert getattr(model, "exactly_causal", True) == exactly_causal
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(KEY_WEIGHTS):
+                p.mul_(scale)
+    embedded = []  # the token embeddings of each forward; the first one's gradient is read
+
+    def keep(module, inputs, out):
+        if out.requires_grad:
+            out.retain_grad()
+        embedded.append(out)
+    model.wte.register_forward_hook(keep)
+    T = model.config.block_size
+    idx = torch.randint(11, (2, T))
+    logits = model(idx)[0]  # (2, k, V): the last k positions
+    first = T - logits.size(1)
+    moved = []
+    for t in (first + 5, T - 20):
+        embedded[0].grad = None
+        logits[:, t - first].sum().backward(retain_graph=True)
+        assert torch.isfinite(embedded[0].grad).all()
+        assert embedded[0].grad[:, t + 1:].abs().max() == 0, t  # (2, T, C): no path from later positions
+        changed = idx.clone()
+        changed[:, t + 1:] = (idx[:, t + 1:] + torch.randint(1, 11, (2, T - t - 1))) % 11
+        with torch.no_grad():
+            moved.append((model(changed)[0][:, :t + 1 - first] - logits[:, :t + 1 - first]).abs().max().item())
+    if exactly_causal:
+        assert max(moved) == 0, moved
+    else:
+        assert max(moved) > 1e-3, moved
