@@ -1,7 +1,7 @@
 """
 Every speed and memory claim of the README, measured side by side in one run.
 
-    python bench.py --budget 420          # on a GPU: every default stage within 7 minutes; out/bench.json
+    python bench.py --budget 420          # on a GPU: every default stage within 7 minutes; out_bench/
     python bench.py                       # on a CPU: every default stage at tiny sizes (the test suite runs this)
     python bench.py --stages models --lengths 256,1024,4096 --n_layer 2 --n_embd 128 --n_head 4 --batch_size 2
     python bench.py --stages same_budget --seeds 3 --steps 1000 --data text:PATH    # the README's CPU table
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, from: {', '.join(ALL_STAGES)}")
     p.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out_dir", default="out", help="where bench.json and bench.md go")
+    p.add_argument("--out_dir", default="out_bench", help="where bench.json and bench.md go")
     p.add_argument("--tiny", action="store_true", help="the CPU sizes on any device (a quick smoke run)")
     g = p.add_argument_group("models, generate and same_budget stages")
     g.add_argument("--models", default=",".join(train.MODELS), help="comma-separated model names")
@@ -196,7 +196,7 @@ def autocast(device):
 
 def build(name, **settings):
     """Model `name` of train.MODELS with the given Config settings, byte vocabulary, no dropout."""
-    return train.build_model(name, {"vocab_size": 256, **train.MODELS[name][2], **settings})
+    return train.build_model(name, {"vocab_size": 256, **settings})
 
 
 def training_step(name, batch, T, device, **settings):
@@ -522,36 +522,49 @@ def stage_models(args, device):
 
 SAME_BUDGET = ["--block_size", "256", "--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--batch_size", "8",
                "--eval_iters", "20", "--warmup", "30", "--lr", "2e-3"]
-SAME_PARAMS = {"aft_full": ["--w_rank", "32"],  # a full 256 x 256 w per layer would add 30% parameters
-               "perceiver_ar": ["--n_layer", "3"]}  # its cross-attention block is a fourth block
+SAME_RUNS = {  # model: (row label, its flags) for each row; parameter counts stay within 10% of the Transformer's
+    "aft_full": [("aft_full", ["--w_rank", "32"])],  # a full 256 x 256 w per layer would add 30% parameters
+    "perceiver_ar": [("perceiver_ar", ["--n_layer", "3"])],  # its cross-attention block is a fourth block
+    "reformer": [("reformer", []), ("reformer, causal_lsh", ["--causal_lsh", "True"])],
+}
 
 
 def stage_same_budget(args, device):
     """train.py on args.data for args.steps steps per model and seed (1..args.seeds), one loop and setting for
-    all (SAME_BUDGET; SAME_PARAMS keeps parameter counts within 10%); validation bits on 20 fixed batches."""
+    all; validation bits on 20 fixed batches. A model whose forward is not exactly causal is also scored on 2048
+    positions fed their prefix alone (train.evaluate_prefixes), the figure to compare."""
     rows = []
     for name in args.models:
-        runs = []
-        for seed in range(1, args.seeds + 1):
-            out = os.path.join(args.out_dir, "same_budget", f"{name}_{seed}")
-            argv = ["--model", name, "--data", args.data, "--max_iters", str(args.steps), "--eval_interval",
-                    str(args.steps), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
-            t0 = time.time()
-            history = train.main(argv + SAME_BUDGET + SAME_PARAMS.get(name, []))
-            seconds = time.time() - t0
-            runs.append(dict(bits=history[-1]["val_loss"] / math.log(2), seconds=seconds,
-                             tokens_per_s=args.steps * 8 * 256 / seconds))
-            print(f"  {name} seed {seed}: {runs[-1]['bits']:.3f} bits, {seconds:.0f} s")
-        ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
-        bits = torch.tensor([r["bits"] for r in runs])
-        rows.append(dict(model=name, status="ok", params_m=sum(v.numel() for v in ckpt["model"].values()) / 1e6,
-                         bits=bits.mean().item(), spread=(bits.max() - bits.min()).item(), seeds=len(runs),
-                         per_seed=[r["bits"] for r in runs], tokens_per_s=sum(r["tokens_per_s"] for r in runs)
-                         / len(runs), settings=" ".join(SAME_PARAMS.get(name, []))))
+        for label, flags in SAME_RUNS.get(name, [(name, [])]):
+            runs = []
+            for seed in range(1, args.seeds + 1):
+                out = os.path.join(args.out_dir, "same_budget", f"{label.replace(', ', '_')}_{seed}")
+                argv = ["--model", name, "--data", args.data, "--max_iters", str(args.steps), "--eval_interval",
+                        str(args.steps), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
+                t0 = time.time()
+                history = train.main(argv + SAME_BUDGET + flags)
+                seconds = time.time() - t0
+                ckpt, model, data = train.load_trained(out, device)
+                tokens = args.steps * ckpt["args"]["batch_size"] * ckpt["args"]["block_size"]
+                run = dict(bits=history[-1]["val_loss"] / math.log(2), tokens_per_s=tokens / seconds,
+                           params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+                if not getattr(model, "exactly_causal", True):
+                    run["prefix_bits"], run["window_bits"], _ = train.evaluate_prefixes(
+                        model, data, "val", ckpt["model_config"]["block_size"], device, nullcontext(), n_windows=64,
+                        n_positions=32)
+                runs.append(run)
+                print(f"  {label} seed {seed}: {run}, {seconds:.0f} s")
+            mean = lambda key: sum(r[key] for r in runs) / len(runs) if key in runs[0] else None
+            bits = [r["bits"] for r in runs]
+            rows.append(dict(model=label, status="ok", params_m=runs[0]["params_m"], bits=mean("bits"),
+                             spread=max(bits) - min(bits), per_seed=bits, prefix_bits=mean("prefix_bits"),
+                             window_bits=mean("window_bits"), tokens_per_s=mean("tokens_per_s")))
     show(f"Same budget: {args.steps} steps of batch 8 x 256 tokens on {args.data}, 4 layers, width 128, "
-         f"seeds 1..{args.seeds}; validation bits per byte on 20 fixed batches", rows,
-         [("model", "model", ""), ("settings", "settings", ""), ("params (M)", "params_m", ".2f"),
-          ("val bits (mean)", "bits", ".3f"), ("max - min", "spread", ".3f"), ("tokens/s", "tokens_per_s", ",.0f")])
+         f"seeds 1..{args.seeds}; validation bits per byte on 20 fixed batches (mean over seeds), and for a forward "
+         f"that is not exactly causal on 2048 positions fed their prefix alone vs inside their windows", rows,
+         [("model", "model", ""), ("params (M)", "params_m", ".3f"), ("val bits", "bits", ".3f"),
+          ("max - min", "spread", ".3f"), ("prefix-only bits", "prefix_bits", ".3f"),
+          ("same positions, windowed", "window_bits", ".3f"), ("tokens/s", "tokens_per_s", ",.0f")])
     return rows
 
 

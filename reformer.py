@@ -47,7 +47,7 @@ class Config:
     dropout: float = 0.0
     bias: bool = True
     n_hashes: int = 4  # LSH rounds
-    n_buckets: int = 0  # even; 0 = 2 * block_size // chunk (trax's 2T/chunk, fixed so prefixes hash alike)
+    n_buckets: int = 0  # even; 0 = 2 * block_size / chunk (trax's 2T/chunk, fixed so prefixes hash alike)
     chunk: int = 64  # m: sorted positions per chunk; a chunk attends to itself and the previous chunk
     ff_chunks: int = 1  # the feed-forward runs on this many slices of the sequence, one after the other
     axial_shape: tuple = ()  # (n1, n2) with n1 * n2 = block_size; () = the most square factorisation
@@ -91,7 +91,7 @@ class SharedQKAttention(nn.Module):
         generator's state, draws the same rotations again.
         """
         cfg = self.config
-        n_buckets = cfg.n_buckets or 2 * (cfg.block_size // cfg.chunk)
+        n_buckets = cfg.n_buckets or 2 * -(-cfg.block_size // cfg.chunk)  # two per chunk, rounded up
         seed = int(torch.randint(2**62, (1,))) if self.training else self.layer_idx
         generator = torch.Generator(device=device).manual_seed(seed)
         shape = (self.n_head, cfg.n_hashes, cfg.n_embd // self.n_head, n_buckets // 2)

@@ -802,6 +802,16 @@ def test_every_registered_model_trains_through_train_py(name, text_file, tmp_pat
     assert math.isfinite(hist[-1]["val_loss"]) and (tmp_path / "ckpt.pt").exists()
 
 
+@pytest.mark.parametrize("name", list(train.MODELS))
+def test_generation_gives_the_same_tokens_with_and_without_the_cache(name):
+    """Greedy decoding past block_size (where caches restart or slide) must not depend on use_cache."""
+    torch.manual_seed(0)
+    model = train.build_model(name, dict(block_size=32, vocab_size=11, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompt = torch.randint(11, (2, 5))
+    cached, uncached = (model.generate(prompt, 40, top_k=1, use_cache=c) for c in (True, False))
+    assert torch.equal(cached, uncached)
+
+
 def test_model_settings_become_flags_and_reach_the_model(text_file, tmp_path):
     args = train.parse_args(["--model", "aft_local", "--window", "8", "--w_rank", "4"])
     assert args.model_overrides == {"window": 8, "w_rank": 4}
@@ -847,6 +857,19 @@ def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(t
     assert {"device", "torch", "triton", "command", "results"} <= set(record)
     assert record["results"]["aft"][1]["vs_transformer"] > 0
     assert (tmp_path / "bench.md").read_text().count("|---") >= len(bench.DEFAULT_STAGES)
+
+
+def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_prefixes(text_file, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(bench, "SAME_BUDGET", ["--block_size", "64", "--n_layer", "1", "--n_head", "2", "--n_embd",
+                                               "32", "--batch_size", "2", "--eval_iters", "2", "--warmup", "1"])
+    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "same_budget", "--models",
+                       "transformer,reformer", "--steps", "2", "--seeds", "1", "--data", f"text:{text_file}"])
+    rows = {r["model"]: r for r in rows["same_budget"]}
+    assert list(rows) == ["transformer", "reformer", "reformer, causal_lsh"]
+    assert all(math.isfinite(r["bits"]) and r["params_m"] > 0 for r in rows.values())
+    assert rows["reformer"]["prefix_bits"] is not None and rows["transformer"]["prefix_bits"] is None
+    assert rows["reformer, causal_lsh"]["prefix_bits"] is None  # exactly causal: its windowed bits are honest
 
 
 def test_bench_skips_what_the_budget_cannot_fit(tmp_path):

@@ -205,9 +205,10 @@ def autocast_for(args, device):
 # Model, optimizer, schedule
 
 def build_model(name, config_dict):
-    module, cls, _ = MODELS[name]
+    """Model `name` from Config values; the variant's own values (MODELS) are filled in."""
+    module, cls, variant = MODELS[name]
     mod = importlib.import_module(module)
-    return getattr(mod, cls)(mod.Config(**config_dict))
+    return getattr(mod, cls)(mod.Config(**{**config_dict, **variant}))
 
 
 def model_config(name, args, vocab_size, **overrides):
