@@ -38,6 +38,7 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # the CPU run uses it eagerly
 
 import kernels
+import sample
 import sparse_transformer as st
 import train
 
@@ -532,7 +533,7 @@ SAME_RUNS = {  # model: (row label, its flags) for each row; parameter counts st
 def stage_same_budget(args, device):
     """train.py on args.data for args.steps steps per model and seed (1..args.seeds), one loop and setting for
     all; validation bits on 20 fixed batches. A model whose forward is not exactly causal is also scored on 2048
-    positions fed their prefix alone (train.evaluate_prefixes), the figure to compare."""
+    positions fed their prefix alone (sample.evaluate_prefixes), the figure to compare."""
     rows = []
     for name in args.models:
         for label, flags in SAME_RUNS.get(name, [(name, [])]):
@@ -540,32 +541,55 @@ def stage_same_budget(args, device):
             for seed in range(1, args.seeds + 1):
                 out = os.path.join(args.out_dir, "same_budget", f"{label.replace(', ', '_')}_{seed}")
                 argv = ["--model", name, "--data", args.data, "--max_iters", str(args.steps), "--eval_interval",
-                        str(args.steps), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
+                        str(max(1, args.steps // 10)), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
                 t0 = time.time()
                 history = train.main(argv + SAME_BUDGET + flags)
                 seconds = time.time() - t0
-                ckpt, model, data = train.load_trained(out, device)
+                ckpt, model, data = sample.load_trained(out, device)
                 tokens = args.steps * ckpt["args"]["batch_size"] * ckpt["args"]["block_size"]
                 run = dict(bits=history[-1]["val_loss"] / math.log(2), tokens_per_s=tokens / seconds,
                            params_m=sum(p.numel() for p in model.parameters()) / 1e6)
                 if not getattr(model, "exactly_causal", True):
-                    run["prefix_bits"], run["window_bits"], _ = train.evaluate_prefixes(
+                    run["prefix_bits"], run["window_bits"], _ = sample.evaluate_prefixes(
                         model, data, "val", ckpt["model_config"]["block_size"], device, nullcontext(), n_windows=64,
                         n_positions=32)
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    run["curve"] = [(r["step"], r["val_bits"]) for r in map(json.loads, f)]
                 runs.append(run)
-                print(f"  {label} seed {seed}: {run}, {seconds:.0f} s")
+                print(f"  {label} seed {seed}: {run['bits']:.3f} bits, {seconds:.0f} s")
             mean = lambda key: sum(r[key] for r in runs) / len(runs) if key in runs[0] else None
             bits = [r["bits"] for r in runs]
+            curve = [(step, sum(r["curve"][i][1] for r in runs) / len(runs)) for i, (step, _) in
+                     enumerate(runs[0]["curve"])]  # validation bits at each evaluation, mean over seeds
             rows.append(dict(model=label, status="ok", params_m=runs[0]["params_m"], bits=mean("bits"),
                              spread=max(bits) - min(bits), per_seed=bits, prefix_bits=mean("prefix_bits"),
-                             window_bits=mean("window_bits"), tokens_per_s=mean("tokens_per_s")))
+                             window_bits=mean("window_bits"), tokens_per_s=mean("tokens_per_s"), curve=curve))
     show(f"Same budget: {args.steps} steps of batch 8 x 256 tokens on {args.data}, 4 layers, width 128, "
          f"seeds 1..{args.seeds}; validation bits per byte on 20 fixed batches (mean over seeds), and for a forward "
          f"that is not exactly causal on 2048 positions fed their prefix alone vs inside their windows", rows,
          [("model", "model", ""), ("params (M)", "params_m", ".3f"), ("val bits", "bits", ".3f"),
           ("max - min", "spread", ".3f"), ("prefix-only bits", "prefix_bits", ".3f"),
           ("same positions, windowed", "window_bits", ".3f"), ("tokens/s", "tokens_per_s", ",.0f")])
+    plot_curves(rows, os.path.join(args.out_dir, "same_budget.png"))
     return rows
+
+
+def plot_curves(rows, path):
+    """Validation bits against steps, one line per row, when matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(pip install matplotlib for the curves in {path}; the table above has the figures)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.plot(*zip(*row["curve"]), marker="o", markersize=3, label=row["model"])
+    ax.set(xlabel="step", ylabel="validation bits per byte (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------------------

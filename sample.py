@@ -1,10 +1,12 @@
 """
-Generate from a trained checkpoint: text to the terminal, images to a PNG grid, audio to WAV files, and for the
-copy task the fraction of tokens recalled. The model and its data set come from out_dir/ckpt.pt.
+Use a trained checkpoint: generate from it (text to the terminal, images to a PNG grid, audio to WAV files, and
+for the copy task the fraction of tokens recalled), or score it on a whole split (--evaluate). The model and its
+data set come from out_dir/ckpt.pt.
 
     python sample.py --out_dir out --prompt "The history of"      # text: 3 continuations
     python sample.py --out_dir out_cifar --num_samples 4            # images: out_cifar/samples.png
     python sample.py --out_dir out_audio --seconds 5                # audio: out_audio/sample_1.wav ...
+    python sample.py --out_dir out --evaluate test                  # bits per byte over the whole test split
 
 Its own file (as in nanoGPT) because it shares nothing with the training loop but the checkpoint; the PNG and
 WAV writers use the standard library only.
@@ -19,6 +21,7 @@ import zlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data as datasets
@@ -41,8 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--evaluate", choices=["val", "test"], default=None,
+                   help="instead of generating, score the checkpoint on the whole split in consecutive windows")
+    p.add_argument("--batch_size", type=int, default=16, help="--evaluate: windows per forward")
     args = p.parse_args(argv)
-    for flag in ("num_samples", "max_new_tokens", "completions", "top_k"):
+    for flag in ("num_samples", "max_new_tokens", "completions", "top_k", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     for flag in ("seconds", "temperature"):
@@ -55,6 +61,92 @@ def parse_args(argv=None):
         p.error(problem)
     return args
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a checkpoint and scoring it on a whole split
+
+def load_trained(out_dir, device):
+    """The checkpoint in out_dir, its model (in eval mode, on device) and its data set."""
+    ckpt = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), purpose="reading a trained model")
+    model = train.build_model(ckpt["args"]["model"], ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    return ckpt, model, data
+
+
+def split_windows(data, split, block_size):
+    """The rows of a split (1-D stream or [N, L] rows with the start token in front) and T, the window length."""
+    tokens = data.splits[split]
+    rows = [tokens] if tokens.dim() == 1 else [torch.cat([torch.tensor([data.bos]), r.long()]) for r in tokens]
+    return rows, min(block_size, len(rows[0]) - 1)
+
+
+@torch.no_grad()
+def evaluate_split(model, data, split, block_size, batch_size, device, ctx):
+    """Bits per token over a whole split in consecutive windows of block_size. Each window scores the targets
+    of its last `k` positions (all of them for most models, the latents for Perceiver AR) and the next window
+    starts k positions later, so every scored token is predicted once; within a row (images, audio) the first
+    window starts at the start token. Returns (bits, tokens scored, tokens in the split)."""
+    model.eval()
+    rows, T = split_windows(data, split, block_size)
+    with ctx:
+        k = model(rows[0][None, :T].long().to(device))[0].size(1)  # positions the model scores per window
+    windows = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, k) if s + T + 1 <= len(rows[r])]
+    nats, count = 0.0, 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=f"evaluate {split}", unit="batch"):
+        seq = torch.stack([rows[r][s:s + T + 1] for r, s in windows[i:i + batch_size]]).long().to(device)
+        with ctx:
+            logits = model(seq[:, :-1])[0]  # (b, k, V): the last k positions
+        targets = seq[:, -logits.size(1):]
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                reduction="sum").item()
+        count += targets.numel()
+    return nats / count / math.log(2), count, sum(len(r) - 1 for r in rows)
+
+
+@torch.no_grad()
+def evaluate_prefixes(model, data, split, block_size, device, ctx, n_windows=8, n_positions=16):
+    """Bits of a model fed only each scored position's prefix, as generation feeds it, beside the bits its
+    ordinary forward gives on the same positions: n_positions positions spread over each of n_windows windows
+    spread over the split. For an exactly causal model the two agree to rounding; for the Reformer's LSH sort
+    (a later token moves the chunk boundaries) they need not, and the prefix figure is the honest one."""
+    model.eval()
+    rows, T = split_windows(data, split, block_size)
+    starts = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, T)]
+    picked = [starts[i] for i in torch.linspace(0, len(starts) - 1, min(n_windows, len(starts))).long().tolist()]
+    seq = torch.stack([rows[r][s:s + T + 1] for r, s in picked]).long().to(device)  # (b, T + 1)
+    positions = torch.linspace(0, T - 1, min(n_positions, T)).long().tolist()
+    with ctx:
+        window = model(seq[:, :-1])[0]  # (b, T, V)
+        prefix = torch.stack([model(seq[:, :t + 1])[0][:, -1] for t in positions], dim=1)  # (b, P, V)
+    targets = seq[:, 1:][:, positions].reshape(-1)
+    bits = [F.cross_entropy(lg.float().reshape(-1, lg.size(-1)), targets).item() / math.log(2)
+            for lg in (prefix, window[:, positions])]
+    return bits[0], bits[1], targets.numel()
+
+
+def evaluate_checkpoint(args):
+    device = train.default_device(args)
+    ckpt, model, data = load_trained(args.out_dir, device)
+    if not data.splits:
+        raise ValueError(f"{data.name} is generated on the fly and has no fixed split; sample.py reports recall")
+    _, _, ctx = train.autocast_for(args, device)
+    block_size = ckpt["model_config"]["block_size"]
+    bits, count, total = evaluate_split(model, data, args.evaluate, block_size, args.batch_size, device, ctx)
+    print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {data.name} {args.evaluate}: {bits:.4f} "
+          f"{data.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
+    if getattr(model, "exactly_causal", True):
+        return bits
+    prefix, window, n = evaluate_prefixes(model, data, args.evaluate, block_size, device, ctx)
+    print(f"its forward is not exactly causal, so on {n} positions fed their prefix alone (as generation does): "
+          f"{prefix:.4f} {data.unit}, against {window:.4f} from the whole windows")
+    return bits, prefix
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation: text, images, copy recall, audio
 
 def write_png(path, img):
     """uint8 [H, W, 3] -> PNG: signature, IHDR, one zlib-compressed IDAT (filter 0 per row), IEND."""
@@ -163,8 +255,10 @@ def sample_audio(model, data, args, gen, device, rate):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
     device = train.default_device(args)
-    ckpt, model, data = train.load_trained(args.out_dir, device)
+    ckpt, model, data = load_trained(args.out_dir, device)
     config = ckpt["model_config"]
     print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {data.describe()}")
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -17,6 +17,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -514,6 +515,24 @@ def test_learning_speed_does_not_regress(text_file, tmp_path):
     assert bits(1, zero_head=True) > 3.9  # the test bites
 
 
+def test_every_run_keeps_its_evaluations_in_a_metrics_file_across_resume(text_file, tmp_path):
+    base = ["--data", f"text:{text_file}", "--eval_interval", "2", "--out_dir", str(tmp_path)] + TINY
+    train.main(base + ["--max_iters", "4"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copy(ckpt, tmp_path / "at4.pt")
+    train.main(base + ["--max_iters", "6", "--resume"])
+    shutil.copy(tmp_path / "at4.pt", ckpt)  # as if killed after step 6 was logged but before it was saved
+    train.main(base + ["--max_iters", "8", "--resume"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8] and (tmp_path / "metrics.jsonl").read_text().startswith(
+        "\n".join(lines))
+    assert all(set(r) == {"step", "tokens", "train_bits", "val_bits", "lr", "tokens_per_s", "time"} for r in records)
+    assert records[-1]["tokens"] == 8 * 4 * 32 and all(r["tokens_per_s"] > 0 for r in records)
+    train.main(base + ["--max_iters", "2"])  # a fresh run into the same folder starts the file anew
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_killed_run_resumes_with_the_same_losses(text_file, tmp_path):
     common = ["--data", f"text:{text_file}", "--lr_decay_iters", "16", "--eval_interval", "8",
               "--dropout", "0.1"] + TINY
@@ -532,7 +551,7 @@ def test_whole_split_evaluation_scores_every_token_once(name):
     model = train.build_model(name, dict(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, **extra))
     stream = torch.randint(0, 256, (32 * 4 + 6,), dtype=torch.uint8)
     d = datasets.Data("s", "text", {"test": stream})
-    bits, count, total = train.evaluate_split(model, d, "test", 32, 3, "cpu", train.nullcontext())
+    bits, count, total = sample.evaluate_split(model, d, "test", 32, 3, "cpu", train.nullcontext())
     k = 32 if name == "transformer" else 8
     nats, n = 0.0, 0
     for s in range(0, len(stream) - 32, k):
@@ -557,7 +576,7 @@ def test_prefix_evaluation_agrees_with_the_window_exactly_when_the_forward_is_ca
                                          **settings) if name == "reformer" else
                               dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
     d = datasets.Data("s", "text", {"val": torch.randint(0, 256, (2000,), dtype=torch.uint8)})
-    prefix, window, n = train.evaluate_prefixes(model, d, "val", 64, "cpu", train.nullcontext())
+    prefix, window, n = sample.evaluate_prefixes(model, d, "val", 64, "cpu", train.nullcontext())
     assert n == 8 * 16
     assert (abs(prefix - window) < 1e-5) == agree, (prefix, window)
 
@@ -691,7 +710,7 @@ def test_unusable_out_dir_and_missing_checkpoint_are_one_sentence(text_file, tmp
         train.main(["--data", f"text:{text_file}", "--out_dir", str(afile)] + TINY)
     with pytest.raises(ValueError, match="cannot be written"):
         train.main(["--data", f"text:{text_file}", "--out_dir", str(afile / "run")] + TINY)
-    for call in (lambda: train.main(["--evaluate", "test", "--out_dir", str(tmp_path)]),
+    for call in (lambda: sample.main(["--evaluate", "test", "--out_dir", str(tmp_path)]),
                  lambda: sample.main(["--out_dir", str(tmp_path), "--device", "cpu"])):
         with pytest.raises(FileNotFoundError, match="train one first") as e:
             call()

@@ -4,18 +4,18 @@ Train any nanolong model on any data set, on a CPU, one GPU, or many under torch
     python train.py --model aft_local                          # enwik8, or offline a fallback text
     python train.py --model sparse_strided --data cifar10 --block_size 3072 --stride 96
     python train.py --resume                                   # continue out/ckpt.pt exactly where it stopped
-    python train.py --evaluate test                            # score out/ckpt.pt on the whole test split
     torchrun --standalone --nproc_per_node 8 train.py --model reformer --block_size 65536
 
 Flags below are common to all models; every field of the chosen model's Config is a flag too (--pattern,
 --n_hashes, --window, --n_latents, ...): `python train.py --model NAME --help` lists them. The file reads top to
 bottom: models and flags, optimizer and schedule, evaluation, checkpoints, then the loop (main). sample.py
-generates from a checkpoint, bench.py measures speed and memory.
+generates from a checkpoint or scores it on a whole split, bench.py measures speed and memory.
 """
 import argparse
 import ast
 import dataclasses
 import importlib
+import json
 import math
 import os
 import sys
@@ -38,7 +38,7 @@ import kernels
 # settings it cannot take; forward(idx, targets=None) -> (logits, loss) with logits (B, T or the last k
 # positions, V) and loss the mean cross-entropy in nats against the matching targets; generate(idx,
 # max_new_tokens, temperature, top_k, generator, use_cache) -> idx; `exactly_causal = False` only if a later
-# token can change an earlier output (evaluation then also scores it on prefixes alone).
+# token can change an earlier output (sample.py --evaluate then also scores it on prefixes alone).
 MODELS = {  # name: (module, model class, Config values that make the variant)
     "transformer": ("sparse_transformer", "SparseTransformer", {}),
     "sparse_strided": ("sparse_transformer", "SparseTransformer", {"pattern": "strided"}),
@@ -90,8 +90,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out_dir", default="out")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt (its model and data)")
-    p.add_argument("--evaluate", choices=["val", "test"], default=None,
-                   help="score out_dir/ckpt.pt on the whole split in consecutive windows, then exit")
     p.add_argument("-h", "--help", action="store_true")
     args, _ = p.parse_known_args(argv)
     if args.model not in MODELS:
@@ -160,7 +158,7 @@ def check_args(args):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (value < 0 or value != value):
             return f"--{name} {value}: must not be negative ({MODEL_ZERO_MEANS})"
     problem = check_device(args.device)
-    if problem or args.resume or args.evaluate:
+    if problem or args.resume:
         return problem  # a checkpoint brings its own model settings, checked when it was trained
     try:  # the model's own checks, on the meta device: no memory, no time
         with torch.device("meta"):
@@ -238,7 +236,7 @@ def lr_at(step, args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation during training (sample.py --evaluate scores a checkpoint on a whole split)
 
 @torch.no_grad()
 def evaluate(model, data, args, device, ctx):
@@ -256,75 +254,6 @@ def evaluate(model, data, args, device, ctx):
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
-
-
-def split_windows(data, split, block_size):
-    """The rows of a split (1-D stream or [N, L] rows with the start token in front) and T, the window length."""
-    tokens = data.splits[split]
-    rows = [tokens] if tokens.dim() == 1 else [torch.cat([torch.tensor([data.bos]), r.long()]) for r in tokens]
-    return rows, min(block_size, len(rows[0]) - 1)
-
-
-@torch.no_grad()
-def evaluate_split(model, data, split, block_size, batch_size, device, ctx):
-    """Bits per token over a whole split in consecutive windows of block_size. Each window scores the targets
-    of its last `k` positions (all of them for most models, the latents for Perceiver AR) and the next window
-    starts k positions later, so every scored token is predicted once; within a row (images, audio) the first
-    window starts at the start token. Returns (bits, tokens scored, tokens in the split)."""
-    model.eval()
-    rows, T = split_windows(data, split, block_size)
-    with ctx:
-        k = model(rows[0][None, :T].long().to(device))[0].size(1)  # positions the model scores per window
-    windows = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, k) if s + T + 1 <= len(rows[r])]
-    nats, count = 0.0, 0
-    for i in tqdm(range(0, len(windows), batch_size), desc=f"evaluate {split}", unit="batch"):
-        seq = torch.stack([rows[r][s:s + T + 1] for r, s in windows[i:i + batch_size]]).long().to(device)
-        with ctx:
-            logits = model(seq[:, :-1])[0]  # (b, k, V): the last k positions
-        targets = seq[:, -logits.size(1):]
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                reduction="sum").item()
-        count += targets.numel()
-    return nats / count / math.log(2), count, sum(len(r) - 1 for r in rows)
-
-
-@torch.no_grad()
-def evaluate_prefixes(model, data, split, block_size, device, ctx, n_windows=8, n_positions=16):
-    """Bits of a model fed only each scored position's prefix, as generation feeds it, beside the bits its
-    ordinary forward gives on the same positions: n_positions positions spread over each of n_windows windows
-    spread over the split. For an exactly causal model the two agree to rounding; for the Reformer's LSH sort
-    (a later token moves the chunk boundaries) they need not, and the prefix figure is the honest one."""
-    model.eval()
-    rows, T = split_windows(data, split, block_size)
-    starts = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, T)]
-    picked = [starts[i] for i in torch.linspace(0, len(starts) - 1, min(n_windows, len(starts))).long().tolist()]
-    seq = torch.stack([rows[r][s:s + T + 1] for r, s in picked]).long().to(device)  # (b, T + 1)
-    positions = torch.linspace(0, T - 1, min(n_positions, T)).long().tolist()
-    with ctx:
-        window = model(seq[:, :-1])[0]  # (b, T, V)
-        prefix = torch.stack([model(seq[:, :t + 1])[0][:, -1] for t in positions], dim=1)  # (b, P, V)
-    targets = seq[:, 1:][:, positions].reshape(-1)
-    bits = [F.cross_entropy(lg.float().reshape(-1, lg.size(-1)), targets).item() / math.log(2)
-            for lg in (prefix, window[:, positions])]
-    return bits[0], bits[1], targets.numel()
-
-
-def evaluate_checkpoint(args):
-    device = default_device(args)
-    ckpt, model, data = load_trained(args.out_dir, device)
-    if not data.splits:
-        raise ValueError(f"{data.name} is generated on the fly and has no fixed split; sample.py reports recall")
-    _, _, ctx = autocast_for(args, device)
-    block_size = ckpt["model_config"]["block_size"]
-    bits, count, total = evaluate_split(model, data, args.evaluate, block_size, args.batch_size, device, ctx)
-    print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {data.name} {args.evaluate}: {bits:.4f} "
-          f"{data.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
-    if getattr(model, "exactly_causal", True):
-        return bits
-    prefix, window, n = evaluate_prefixes(model, data, args.evaluate, block_size, device, ctx)
-    print(f"its forward is not exactly causal, so on {n} positions fed their prefix alone (as generation does): "
-          f"{prefix:.4f} {data.unit}, against {window:.4f} from the whole windows")
-    return bits, prefix
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,16 +274,6 @@ def load_checkpoint(path, purpose="--resume"):
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by this train.py")
     return ckpt
-
-
-def load_trained(out_dir, device):
-    """The checkpoint in out_dir, its model (in eval mode, on device) and its data set."""
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), purpose="reading a trained model")
-    model = build_model(ckpt["args"]["model"], ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
-    return ckpt, model, data
 
 
 def check_resume(ckpt, args, path):
@@ -387,6 +306,21 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def append_metrics(path, record, first, resumed_at):
+    """Append one evaluation to the JSON-lines file at path, after its checkpoint is written so that the two
+    agree. The first append of a fresh run starts the file anew; that of a resumed run keeps the lines up to the
+    step it resumed from."""
+    if first:
+        kept = []
+        if resumed_at is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resumed_at]
+        with open(path, "w") as f:
+            f.writelines(kept)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 class Diverged(RuntimeError):
     """Training produced non-finite or worse-than-guessing numbers; the last good checkpoint is kept."""
 
@@ -417,9 +351,10 @@ def setup_distributed(args):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
-def train_step(model, optimizer, scaler, sampler, args, ctx, ddp):
-    """One optimizer step over grad_accum micro-batches -> (loss, gradient norm). A non-finite gradient skips
-    the update, so the weights stay as they were (with fp16 the loss scaler makes that decision itself)."""
+def train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step):
+    """One optimizer step over grad_accum micro-batches -> mean loss. A non-finite gradient stops the run before
+    the update, so the weights and the last checkpoint stay as they were (with fp16 the loss scaler skips such
+    steps itself, as it calibrates its scale)."""
     loss_sum = 0.0
     for micro in range(args.grad_accum):
         x, y = sampler.next_batch()
@@ -431,11 +366,14 @@ def train_step(model, optimizer, scaler, sampler, args, ctx, ddp):
         loss_sum += loss.item()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf).item()
-    if math.isfinite(norm) or scaler.is_enabled():
-        scaler.step(optimizer)
+    if not math.isfinite(norm) and not scaler.is_enabled():
+        raise Diverged(f"training diverged at step {step + 1}: the gradient is not finite (loss {loss_sum:.3g}), so "
+                       f"the update was not made and the last checkpoint was left as it was; lower --lr (now "
+                       f"{args.lr:g}) or raise --warmup")
+    scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, norm
+    return loss_sum
 
 
 def checkpoint_state(model, optimizer, scaler, sampler, step, args, config, val_loss, device_type, ddp):
@@ -466,8 +404,6 @@ def restore(ckpt, model, optimizer, scaler, sampler, rank, device_type):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.evaluate:
-        return evaluate_checkpoint(args)
     check_out_dir(args.out_dir)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
@@ -498,26 +434,20 @@ def main(argv=None):
 
     history = []  # per step {step, loss} and per evaluation {step, train_loss, val_loss}, for tests and notebooks
     bar = tqdm(range(step, args.max_iters), initial=step, total=args.max_iters, disable=not master, desc="train")
-    t0, bad_steps = time.time(), 0
+    start, last_eval, t_eval = step, step, time.time()
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        loss, norm = train_step(model, optimizer, scaler, sampler, args, ctx, ddp)
-        bad_steps = 0 if math.isfinite(norm) or scaler.is_enabled() else bad_steps + 1
-        if bad_steps == 3:
-            raise Diverged(f"training diverged at step {step + 1}: the gradient was not finite for 3 steps in a "
-                           f"row (loss {loss:.3g}), so those updates were skipped and {ckpt_path} was left as it "
-                           f"was; lower --lr (now {args.lr:g}) or raise --warmup")
+        loss = train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step)
         history.append({"step": step, "loss": loss})
-        t1 = time.time()
-        bar.set_postfix(loss=f"{loss:.4f}", bits=f"{loss / math.log(2):.3f}",
-                        tok_s=f"{tokens_per_step / max(t1 - t0, 1e-9):,.0f}")
-        t0 = t1
+        bar.set_postfix(loss=f"{loss:.4f}", bits=f"{loss / math.log(2):.3f}")
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+            tokens_per_s = tokens_per_step * (step + 1 - last_eval) / (time.time() - t_eval)
             losses = evaluate(model, data, args, device, ctx)
             history.append({"step": step, **{f"{k}_loss": v for k, v in losses.items()}})
-            bar.write(f"step {step + 1}: train {losses['train'] / math.log(2):.4f} {data.unit}, "
-                      f"val {losses['val'] / math.log(2):.4f} {data.unit}")
+            bits = {k: v / math.log(2) for k, v in losses.items()}
+            bar.write(f"step {step + 1}: train {bits['train']:.4f} {data.unit}, val {bits['val']:.4f} {data.unit}, "
+                      f"{tokens_per_s:,.0f} tokens/s")
             if not losses["val"] < math.log(data.vocab_size) + 1:  # NaN fails this too
                 raise Diverged(f"training diverged by step {step + 1}: validation loss {losses['val']:.3g} nats "
                                f"is worse than guessing uniformly, so {ckpt_path} was not overwritten; lower --lr")
@@ -525,6 +455,11 @@ def main(argv=None):
                                      device_type, ddp)
             if master:
                 save_checkpoint(ckpt_path, state)
+                record = dict(step=step + 1, tokens=(step + 1) * tokens_per_step, train_bits=bits["train"],
+                              val_bits=bits["val"], lr=lr_at(step, args), tokens_per_s=tokens_per_s, time=time.time())
+                append_metrics(os.path.join(args.out_dir, "metrics.jsonl"), record, first=last_eval == start,
+                               resumed_at=start if ckpt else None)
+            last_eval, t_eval = step + 1, time.time()
     bar.close()
     if ddp:
         dist.destroy_process_group()
