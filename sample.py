@@ -12,6 +12,7 @@ Its own file (as in nanoGPT) because it shares nothing with the training loop bu
 WAV writers use the standard library only.
 """
 import argparse
+import dataclasses
 import math
 import os
 import struct
@@ -47,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--evaluate", choices=["val", "test"], default=None,
                    help="instead of generating, score the checkpoint on the whole split in consecutive windows")
     p.add_argument("--batch_size", type=int, default=16, help="--evaluate: windows per forward")
+    p.add_argument("--show_attention", action="store_true",
+                   help="instead of generating, draw what each output depends on (out_dir/attention.png)")
+    p.add_argument("--model", default=None, choices=[*train.MODELS, "all"],
+                   help="--show_attention: draw freshly built models (small settings) instead of the checkpoint")
     args = p.parse_args(argv)
     for flag in ("num_samples", "max_new_tokens", "completions", "top_k", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -143,6 +148,91 @@ def evaluate_checkpoint(args):
           f"{prefix:.4f} {data.unit}, against {window:.4f} from the whole windows")
     return bits, prefix
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pictures of what each output depends on, measured through the real model
+
+PICTURE_SETTINGS = {  # small settings at which every pattern is visible in a 64-token picture
+    "transformer": {}, "sparse_strided": dict(stride=8, attn_block=4),
+    "sparse_fixed": dict(stride=16, summary=4, n_offsets=2, attn_block=4),
+    "reformer": dict(chunk=8, n_hashes=2), "reformer_causal_lsh": dict(chunk=8, n_hashes=2, causal_lsh=True),
+    "aft_full": {}, "aft_simple": {}, "aft_local": dict(window=8), "aft_conv": dict(window=8),
+    "perceiver_ar": dict(n_latents=16)}
+
+
+@torch.enable_grad()  # also under sample.main's no_grad
+def dependence_maps(model, idx):
+    """What each output depends on, for one sequence idx (1, T). Per token mixer (the `attn` modules: attention or
+    AFT's mixer) in forward order, a (T_out, T_in) map of |d out_t / d in_j| (its key input where queries and keys
+    differ); then, for the whole network, the largest change of the logits at t when token j is replaced: that
+    one also sees discrete paths (where positions sort), which have no gradient."""
+    if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
+        model.config = dataclasses.replace(model.config, reversible=False)
+    mixers = [m for name, m in model.named_modules() if name.endswith("attn")]
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append((inputs, out))) for m in mixers]
+    logits = model(idx)[0]
+    for h in hooks:
+        h.remove()
+    maps = []
+    for inputs, out in seen:
+        y = out[0] if isinstance(out, tuple) else out  # (1, T_out, C)
+        x = max((t for t in inputs if torch.is_tensor(t) and t.is_floating_point()), key=lambda t: t.size(1))
+        probe = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(0)).to(y)
+        rows = [torch.autograd.grad((y[0, t] * probe).sum(), x, retain_graph=True)[0][0].norm(dim=-1)
+                for t in range(y.size(1))]
+        maps.append(torch.stack(rows).detach())  # (T_out, T_in)
+    with torch.no_grad():
+        changed = idx.repeat(idx.size(1), 1)  # (T, T): row j has token j replaced
+        changed.diagonal().add_(1).remainder_(model.config.vocab_size)
+        moved = (model(changed)[0] - logits.detach()).abs().amax(-1)  # (T, T_out): replaced j, output t
+    return maps + [moved.T]
+
+
+def picture(maps, scale=4, gap=8):
+    """Panels side by side: gray where an output (row) depends on an input (column), darker for more; white where
+    it does not; the future (column after the row's own position) pale red, deep red where something is there."""
+    height = max(m.size(0) for m in maps) * scale
+    panels = []
+    for m in maps:
+        T_out, T_in = m.shape
+        own = T_in - T_out + torch.arange(T_out)[:, None]  # the input position of each output row
+        future = torch.arange(T_in)[None, :] > own
+        level = torch.log10(m.clamp_min(1e-30))
+        nonzero = m > 0
+        shade = 44 + 176 * ((level.max() - level) / 3).clamp(max=1)  # 44 (strongest) .. 220 (3 decades weaker)
+        img = torch.full((T_out, T_in, 3), 255.0)
+        img[future] = torch.tensor([255.0, 225, 225])
+        img[nonzero] = shade[nonzero][:, None].expand(-1, 3)
+        img[nonzero & future] = torch.tensor([200.0, 0, 0])
+        img = img.to(torch.uint8).numpy().repeat(scale, axis=0).repeat(scale, axis=1)
+        panels.append(np.pad(img, ((height - img.shape[0], 0), (0, gap), (0, 0)), constant_values=255))
+    return np.concatenate(panels, axis=1)[:, :-gap]
+
+
+def show_attention(args, device):
+    """Write out_dir/attention.png for the checkpoint, or attention_NAME.png for freshly built models."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.model is None:
+        ckpt, model, _ = load_trained(args.out_dir, device)
+        jobs = [("attention", model, min(ckpt["model_config"]["block_size"], 256))]
+    else:
+        names = PICTURE_SETTINGS if args.model == "all" else [args.model]
+        jobs = [(f"attention_{name}", picture_model(name), 64) for name in names]
+    for file, model, T in jobs:
+        model.to(device).eval()
+        idx = torch.randint(model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(args.seed))
+        path = os.path.join(args.out_dir, f"{file}.png")
+        write_png(path, picture([m.cpu() for m in dependence_maps(model, idx.to(device))]))
+        print(f"wrote {path}: one panel per layer's token mixer, then the whole network")
+
+
+def picture_model(name):
+    torch.manual_seed(0)
+    model = name.replace("_causal_lsh", "")
+    return train.build_model(model, dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32,
+                                         **PICTURE_SETTINGS[name]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,6 +348,8 @@ def main(argv=None):
     if args.evaluate:
         return evaluate_checkpoint(args)
     device = train.default_device(args)
+    if args.show_attention:
+        return show_attention(args, device)
     ckpt, model, data = load_trained(args.out_dir, device)
     config = ckpt["model_config"]
     print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {data.describe()}")

@@ -2238,6 +2238,39 @@ def test_copy_task_is_learned_across_512_tokens():
 # ----------------------------------------------------------------------------------------------------------
 # causality: every model, every attention mode, both backends, at normal scale and with extreme keys
 
+@pytest.mark.parametrize("name", list(sample.PICTURE_SETTINGS))
+def test_pictures_show_nothing_in_the_future_except_for_the_paper_lsh(name):
+    """The README's pictures are the causality probe seen as an image: no panel of a causal model has anything
+    above its diagonal; the whole-network panel of the paper's LSH has (its sort moves with later tokens)."""
+    maps = sample.dependence_maps(sample.picture_model(name).eval(), torch.randint(256, (1, 64)))
+    for m in maps:
+        T_out, T_in = m.shape
+        future = torch.arange(T_in)[None, :] > T_in - T_out + torch.arange(T_out)[:, None]
+        assert (m[future] == 0).all() or (name == "reformer" and m is maps[-1]), name
+        assert (m[~future] > 0).any()
+    if name == "reformer":
+        assert (maps[-1].triu(1) > 0).any()
+
+
+@pytest.mark.parametrize("name", ["sparse_strided", "sparse_fixed"])
+def test_strided_and_fixed_pictures_are_their_pattern_definitions(name):
+    model = sample.picture_model(name).eval()
+    maps = sample.dependence_maps(model, torch.randint(256, (1, 64)))
+    pos = torch.arange(64)
+    for layer in (0, 1):  # interleaved: the two parts of the pattern, one per layer
+        keys = element_mask(model.config, layer, pos, pos).any(0)  # (T, T) over the heads
+        own_query = torch.eye(64, dtype=torch.bool) & keys.any(1, keepdim=True)  # through q_t, if t sees a key
+        assert torch.equal(maps[layer] > 0, keys | own_query), layer
+
+
+def test_show_attention_writes_one_png_per_model(tmp_path):
+    sample.main(["--show_attention", "--model", "sparse_fixed", "--out_dir", str(tmp_path), "--device", "cpu"])
+    w, h, pixels = read_png(tmp_path / "attention_sparse_fixed.png")
+    assert (w, h) == (3 * 64 * 4 + 2 * 8, 64 * 4)  # two layers and the whole network, 4x, 8-pixel gaps
+    assert (pixels[0, -1] == [255, 225, 225]).all()  # top right of the last panel: the future, empty
+
+
+
 CAUSAL_CASES = {  # name: (model, Config settings beyond the shared tiny ones, exactly causal?)
     "transformer": ("transformer", {}, True),
     "sparse_local": ("transformer", dict(pattern="local", stride=8, attn_block=16), True),
