@@ -44,7 +44,7 @@ import train
 
 GPU_STAGES = ("kernels", "lsh", "reformer", "aft", "perceiver")
 DEFAULT_STAGES = GPU_STAGES + ("generate", "memory")
-ALL_STAGES = DEFAULT_STAGES + ("models", "same_budget")
+ALL_STAGES = DEFAULT_STAGES + ("models", "same_budget", "recall")
 
 # Sizes per stage: what the targets name on a GPU, and tiny ones that run everything quickly on a CPU.
 SIZES = {
@@ -80,6 +80,8 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=1000, help="same_budget: optimizer steps per run")
     g.add_argument("--seeds", type=int, default=3, help="same_budget: runs per model (seeds 1..N)")
     g.add_argument("--data", default="enwik8", help="same_budget: the --data of train.py")
+    g.add_argument("--distances", default="128,256,512,1024", help="recall: copy distances d (block size 2d)")
+    g.add_argument("--recall_steps", type=int, default=400, help="recall: optimizer steps per run")
     args = p.parse_args(argv)
     bad = lambda flag, why: p.error(f"--{flag} {getattr(args, flag)!r}: {why}")
     stages = args.stages.split(",")
@@ -87,13 +89,15 @@ def parse_args(argv=None):
         bad("stages", f"choose from {', '.join(ALL_STAGES)}")
     if any(m not in train.MODELS for m in args.models.split(",")):
         bad("models", f"choose from {', '.join(train.MODELS)}")
-    if not all(n.isdigit() and int(n) > 0 for n in args.lengths.split(",")):
-        bad("lengths", "give positive integers separated by commas, e.g. 1024,4096")
-    for flag in ("budget", "n_layer", "n_head", "n_embd", "batch_size", "steps", "seeds"):
+    for flag in ("lengths", "distances"):
+        if not all(n.isdigit() and int(n) > 0 for n in getattr(args, flag).split(",")):
+            bad(flag, "give positive integers separated by commas, e.g. 1024,4096")
+    for flag in ("budget", "n_layer", "n_head", "n_embd", "batch_size", "steps", "seeds", "recall_steps"):
         if getattr(args, flag) <= 0:
             bad(flag, "must be positive")
     args.stages, args.models = stages, args.models.split(",")
     args.lengths = [int(n) for n in args.lengths.split(",")]
+    args.distances = [int(n) for n in args.distances.split(",")]
     return args
 
 
@@ -593,6 +597,60 @@ def plot_curves(rows, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Stage recall: what each model can remember, on the copy task at growing distances
+
+RECALL = ["--data", "copy", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "16", "--lr", "3e-3",
+          "--warmup", "20", "--eval_iters", "4"]
+RECALL_SETTINGS = {"aft_full": ["--w_rank", "32"],  # a full (2d x 2d) w per layer would dwarf every other model
+                   "perceiver_ar": ["--n_layer", "1"]}  # + its cross-attention block: two blocks, as the others
+
+
+@torch.no_grad()
+def copy_accuracy(model, d, device, n_rows=16, n_positions=32):
+    """Fraction of copied tokens predicted exactly (argmax) on fresh rows [start, x, x] with |x| = d: at
+    n_positions positions of the second half, where every target repeats the token d positions back. A forward
+    that is not exactly causal predicts each from its prefix alone (the sort could carry the answer back)."""
+    half = torch.randint(0, 256, (n_rows, d), generator=torch.Generator().manual_seed(999))
+    seq = torch.cat([torch.full((n_rows, 1), 256), half, half], dim=1).to(device)  # (B, 2d + 1)
+    positions = torch.linspace(d, 2 * d - 1, n_positions).long().tolist()  # inputs whose targets are copies
+    if getattr(model, "exactly_causal", True):
+        logits = model(seq[:, :-1])[0]  # (B, k, V): the last k positions
+        predicted = logits[:, [t - (2 * d - logits.size(1)) for t in positions]].argmax(-1)
+    else:
+        predicted = torch.stack([model(seq[:, :t + 1])[0][:, -1].argmax(-1) for t in positions], dim=1)
+    return (predicted == seq[:, [t + 1 for t in positions]]).float().mean().item()
+
+
+def stage_recall(args, device):
+    """Every model learns the copy task (data.py's `copy`: each row's second half repeats its first) at each
+    distance d for args.recall_steps steps, same size and budget for all; accuracy on fresh rows, mean over seeds
+    1..args.seeds. Chance is 1/256."""
+    rows = []
+    for name in args.models:
+        for label, flags in SAME_RUNS.get(name, [(name, [])]) if name == "reformer" else [(name, [])]:
+            row = dict(model=label, status="ok")
+            for d in args.distances:
+                accuracy = []
+                for seed in range(1, args.seeds + 1):
+                    out = os.path.join(args.out_dir, "recall", f"{label.replace(', ', '_')}_{d}_{seed}")
+                    settings = RECALL_SETTINGS.get(name, []) + (["--n_latents", str(d)] if name == "perceiver_ar"
+                                                                 else [])
+                    train.main(["--model", name, "--block_size", str(2 * d), "--max_iters", str(args.recall_steps),
+                                "--eval_interval", str(args.recall_steps), "--seed", str(seed), "--out_dir", out,
+                                "--device", str(device)] + RECALL + settings + flags)
+                    _, model, _ = sample.load_trained(out, device)
+                    accuracy.append(copy_accuracy(model, d, device))
+                row[f"d{d}"] = sum(accuracy) / len(accuracy)
+                row[f"d{d}_seeds"] = accuracy
+                print(f"  {label} d={d}: copy accuracy {accuracy}")
+            rows.append(row)
+    show(f"Recall: copy accuracy across d positions after {args.recall_steps} steps (2 layers, width 64, batch 16, "
+         f"lr 3e-3), mean over seeds 1..{args.seeds}; chance 0.004", rows,
+         [("model", "model", "")] + [(f"d = {d}", f"d{d}", ".2f") for d in args.distances])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The targets the README states for one H100, checked against this run's figures
 
 def find(rows, **match):
@@ -661,7 +719,7 @@ def main(argv=None):
                   perceiver=lambda: stage_perceiver(sizes, device),
                   generate=lambda: stage_generate(sizes, device, args.models),
                   memory=lambda: stage_memory(sizes, device), models=lambda: stage_models(args, device),
-                  same_budget=lambda: stage_same_budget(args, device))
+                  same_budget=lambda: stage_same_budget(args, device), recall=lambda: stage_recall(args, device))
     results = {}
     for name in args.stages:
         print(f"\n## {name}")

@@ -891,6 +891,31 @@ def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_pr
     assert rows["reformer, causal_lsh"]["prefix_bits"] is None  # exactly causal: its windowed bits are honest
 
 
+def test_bench_recall_stage_trains_every_model_at_every_distance(tmp_path):
+    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "recall", "--models",
+                       "reformer,perceiver_ar", "--distances", "8,16", "--recall_steps", "1", "--seeds", "1"])["recall"]
+    assert [r["model"] for r in rows] == ["reformer", "reformer, causal_lsh", "perceiver_ar"]
+    assert all(0 <= r[f"d{d}"] <= 1 for r in rows for d in (8, 16))
+
+
+def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forward_leaks():
+    """An oracle that copies the token d back scores 1; one that would need a later token scores chance."""
+    class Oracle(torch.nn.Module):
+        exactly_causal = False
+
+        def __init__(self, shift):
+            super().__init__()
+            self.shift, self.calls = shift, []
+
+        def forward(self, idx):
+            self.calls.append(idx.size(1))
+            source = torch.roll(idx, self.shift - 1, dims=1)  # position t sees token t + 1 - shift
+            return F.one_hot(source, 257).float(), None
+    good, cheat = Oracle(16), Oracle(0)  # shift 0 reads token t + 1: the answer itself, possible only by leaking
+    assert bench.copy_accuracy(good, 16, "cpu") == 1.0
+    assert bench.copy_accuracy(cheat, 16, "cpu") < 0.1 and len(cheat.calls) == 32  # one prefix per position
+
+
 def test_bench_skips_what_the_budget_cannot_fit(tmp_path):
     results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "reformer,aft",
                           "--budget", "0.001"])
