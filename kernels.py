@@ -95,38 +95,59 @@ def dense_attention(q, k, v, causal=True, layout=None, block=64, window=None, sc
 # each (layout head, key block) the query blocks, with blocks that lie wholly outside the causal mask or the
 # window dropped. Inside the kernels the causal mask and the window are one band of visible keys,
 #     p - window < j <= p + future        (p: the query's absolute position),
-# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. Only tiles the
-# band's edge cuts get a per-element mask; all others are computed whole. Scores live in log2 units
+# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. Each list puts the
+# tiles the band's edge cuts first: the kernels walk those in a loop with a per-element mask, then the rest in
+# a loop without one (as the Triton fused-attention tutorial and FlexAttention do). Scores live in log2 units
 # (scale * log2(e) is folded into one multiplier) so the kernels use exp2, and the forward saves the
 # log-sum-exp per query row (log2 units) for the backward. Masked scores are -inf and the running max starts
 # finite, so a row that sees no key gets probabilities 2^(-inf) = 0, never NaN, forward and backward.
 
 _index_cache = {}  # (layout content, shapes, band) -> CSR lists on the device; see block_lists
+_layout_keys = {}  # id(layout) -> (layout, its version, its content key); see _layout_key
 LOG2E = math.log2(math.e)  # 2^(x * LOG2E) = e^x
 
 
+def _layout_key(layout):
+    """The layout's content as a hashable key, serialised once per tensor: the same tensor again (models keep
+    their layouts) reuses its key unless it was modified in place since (torch bumps its _version); a rebuilt
+    tensor of the same content gets an equal key. Holding the tensor keeps its id from being reused."""
+    if layout is None:
+        return None
+    seen = _layout_keys.get(id(layout))
+    if seen is None or seen[0] is not layout or seen[1] != layout._version:
+        seen = (layout, layout._version, (tuple(layout.shape), layout.to("cpu", torch.bool).numpy().tobytes()))
+        if len(_layout_keys) >= 64:
+            _layout_keys.pop(next(iter(_layout_keys)))
+        _layout_keys[id(layout)] = seen
+    return seen[2]
+
+
 def block_lists(layout, block, T, S, future, window, device):
-    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows), int32 on `device`.
-    Query block m of layout head h visits key blocks cols[row_ptr[h*T/block + m] : row_ptr[h*T/block + m + 1]];
-    key block n is visited by query blocks rows[col_ptr[h*S/block + n] : col_ptr[h*S/block + n + 1]].
-    Cached on the layout's content (not identity: models rebuild their layouts every call), shapes and band."""
-    content = None if layout is None else (tuple(layout.shape), layout.to("cpu", torch.bool).numpy().tobytes())
-    key = (content, block, T, S, future, window, str(device))
+    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid), int32 on
+    `device`. Query block m of layout head h (list row i = h*T/block + m) visits key blocks
+    cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge; key block n
+    (list column i = h*S/block + n) is visited by query blocks rows[col_ptr[i] : col_ptr[i + 1]], likewise split
+    at col_mid[i]. Cached on the layout's content, shapes and band."""
+    key = (_layout_key(layout), block, T, S, future, window, str(device))
     if key not in _index_cache:
         if layout is None:
             layout = torch.ones(1, T // block, S // block, dtype=torch.bool)
         q_first = S - T + torch.arange(T // block)[:, None] * block  # first query position of each block
         k_first = torch.arange(S // block)[None, :] * block
-        visible = layout.to("cpu", torch.bool) & (k_first <= q_first + block - 1 + future) \
-            & (k_first + block - 1 > q_first - window)  # (H or 1, T/block, S/block)
+        q_last, k_last = q_first + block - 1, k_first + block - 1
+        visible = layout.to("cpu", torch.bool) & (k_first <= q_last + future) & (k_last > q_first - window)
+        cut = (k_last > q_first + future) | (k_first <= q_last - window)  # (T/block, S/block)
 
-        def csr(v):  # (H', R, C) bool -> row pointers over the H'*R rows, column indices
+        def csr(v, edge):  # (H', R, C) bools -> row pointers over the H'*R rows, first whole tiles, columns
             ptr = F.pad(v.sum(-1).flatten().cumsum(0), (1, 0))
-            return ptr.to(device, torch.int32), v.nonzero()[:, 2].to(device, torch.int32)
+            mid = ptr[:-1] + (v & edge).sum(-1).flatten()
+            idx = torch.cat([v & edge, v & ~edge], dim=-1).nonzero()[:, 2] % v.size(-1)  # cut tiles first
+            return ptr.to(device, torch.int32), idx.to(device, torch.int32), mid.to(device, torch.int32)
 
         if len(_index_cache) >= 64:  # a handful of layouts per model; keep memory bounded all the same
             _index_cache.pop(next(iter(_index_cache)))
-        _index_cache[key] = (*csr(visible), *csr(visible.transpose(1, 2)))
+        (row_ptr, cols, row_mid), (col_ptr, rows, col_mid) = csr(visible, cut), csr(visible.mT, cut.T)
+        _index_cache[key] = (row_ptr, cols, col_ptr, rows, row_mid, col_mid)
     return _index_cache[key]
 
 
@@ -136,6 +157,11 @@ else:  # the kernels are then never launched; defining them as plain functions k
     def jit(fn=None, **options):
         return fn if fn is not None else (lambda fn: fn)
 
+# Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only enter scalar
+# arithmetic, so one compiled kernel serves every value (T and S, multiples of the block, are always
+# divisible by 16, which Triton uses to align loads).
+SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]
+
 
 @jit
 def _band(q_pos, k_pos, future, window):
@@ -143,45 +169,51 @@ def _band(q_pos, k_pos, future, window):
     return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
 
 
-@jit
-def _cut(q_lo, q_hi, k_lo, k_hi, future, window):
-    """Whether the band's edge crosses the tile [q_lo, q_hi] x [k_lo, k_hi]: only then is a mask needed."""
-    return (k_hi > q_lo + future) | (k_lo <= q_hi - window)
-
-
-# Forward. One program computes the output rows of one query block (BLOCK rows) of one (batch, head):
-# grid (T / BLOCK, B * H). q, the running max m, the running sum l and the output accumulator stay in SRAM
-# while the program walks its list of key blocks in sub-tiles of BLOCK_N keys. Per sub-tile, with s the
+# Forward. One program computes BLOCK_M output rows (of one query block, BLOCK rows) of one (batch, head):
+# grid (T / BLOCK_M, B * H). q, the running max m, the running sum l and the output accumulator stay in SRAM
+# while the program walks its block's list of key blocks in sub-tiles of BLOCK_N keys. Per sub-tile, with s the
 # scores in log2 units:
 #     m' = max(m, rowmax(s))
 #     l' = l * 2^(m - m') + rowsum(2^(s - m'))
 #     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
-@jit
-def _fwd_kernel(Q, K, V, O, LSE, row_ptr, cols, qk_scale, H, T, S, layout_heads, future, window,
-                BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    qb, bh = tl.program_id(0), tl.program_id(1)
+@jit(do_not_specialize=SPARSE_SCALARS)
+def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future, window,
+                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
     Q += bh.to(tl.int64) * T * D
     O += bh.to(tl.int64) * T * D
     K += bh.to(tl.int64) * S * D
     V += bh.to(tl.int64) * S * D
     LSE += bh.to(tl.int64) * T
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
-    q_lo = S - T + qb * BLOCK  # absolute position of the block's first query
-    m_i = tl.full([BLOCK], -1.0e30, tl.float32)  # finite, so a fully masked tile gives 2^(-inf) = 0, not NaN
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, D], tl.float32)
-    SPLIT = BLOCK // BLOCK_N
-    row = (bh % H) % layout_heads * (T // BLOCK) + qb
-    for it in range(tl.load(row_ptr + row) * SPLIT, tl.load(row_ptr + row + 1) * SPLIT):
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite, so a fully masked tile gives 2^(-inf) = 0, not NaN
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    row = (bh % H) % layout_heads * (T // BLOCK) + pid * BLOCK_M // BLOCK
+    lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
+    band = (S - T + offs_m, future, window)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, mid, qk_scale, band, BLOCK, BLOCK_N, D, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, mid, hi, qk_scale, band, BLOCK, BLOCK_N, D, False)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
+    tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i))
+
+
+@jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, band, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+               D: tl.constexpr, MASKED: tl.constexpr):
+    """The recurrence over the key list's entries lo .. hi-1; band = (query positions, future, window)."""
+    SPLIT = BLOCK // BLOCK_N  # sub-tiles per list entry
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for it in range(lo * SPLIT, hi * SPLIT):
         k_lo = tl.load(cols + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_N
         kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, BLOCK_N)
         s = tl.dot(q, kT) * qk_scale
-        if _cut(q_lo, q_lo + BLOCK - 1, k_lo, k_lo + BLOCK_N - 1, future, window):
-            s = tl.where(_band(q_lo + tl.arange(0, BLOCK)[:, None], (k_lo + offs_n)[None, :], future, window),
-                         s, float("-inf"))
+        if MASKED:
+            s = tl.where(_band(band[0][:, None], (k_lo + offs_n)[None, :], band[1], band[2]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -189,22 +221,42 @@ def _fwd_kernel(Q, K, V, O, LSE, row_ptr, cols, qk_scale, H, T, S, layout_heads,
         v = tl.load(V + (k_lo + offs_n)[:, None] * D + offs_d[None, :])  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
-    tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
-    tl.store(LSE + offs_m, m_i + tl.log2(l_i))
+    return acc, l_i, m_i
 
 
-# Backward, dK and dV. One program computes the gradients of one key block (BLOCK keys) of one (batch, head):
-# grid (S / BLOCK, B * H). k, v and the dk, dv accumulators stay in SRAM while the program walks the query
-# blocks that visit it, in sub-tiles of BLOCK_M queries. With P recomputed from the saved lse and
-# delta_i = sum_d out_id * dout_id:
+# Backward, delta_i = sum_d out_id * dout_id in fp32 for every query row, read by both gradient kernels (and by
+# the LSH ones). One program per BLOCK rows of the row-major (n_rows, D) out and dout; grid (n_rows / BLOCK).
+@jit(do_not_specialize=["n_rows"])
+def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < n_rows)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < n_rows)
+
+
+def _delta(o, do):
+    """rowsum(o * do) in fp32 by _delta_kernel: contiguous (..., T, D) -> (..., T)."""
+    delta = torch.empty(o.shape[:-1], device=o.device, dtype=torch.float32)
+    n_rows, D = delta.numel(), o.size(-1)
+    _delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, D=D, BLOCK_D=triton.next_power_of_2(D),
+                                              BLOCK=64)
+    return delta
+
+
+# Backward, dK and dV. One program computes the gradients of BLOCK_N keys (of one key block, BLOCK keys) of one
+# (batch, head): grid (S / BLOCK_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the program walks
+# the query blocks that visit its block, in sub-tiles of BLOCK_M queries. With P recomputed from the saved lse
+# and delta:
 #     P = 2^(s - lse)                      (the forward's softmax, exactly)
 #     dv += P^T dout,   dP = dout v^T
 #     dk += scale * (P * (dP - delta))^T q
-@jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, rows, qk_scale, scale, H, T, S, layout_heads,
-                     future, window, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
-    kb, bh = tl.program_id(0), tl.program_id(1)
+@jit(do_not_specialize=SPARSE_SCALARS)
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T, S,
+                     layout_heads, future, window, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
     Q += bh.to(tl.int64) * T * D
     DO += bh.to(tl.int64) * T * D
     K += bh.to(tl.int64) * S * D
@@ -213,42 +265,55 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, rows, qk_scale, s
     DV += bh.to(tl.int64) * S * D
     LSE += bh.to(tl.int64) * T
     DELTA += bh.to(tl.int64) * T
-    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k = tl.load(K + offs_n[:, None] * D + offs_d[None, :])
     v = tl.load(V + offs_n[:, None] * D + offs_d[None, :])
-    dk = tl.zeros([BLOCK, D], tl.float32)
-    dv = tl.zeros([BLOCK, D], tl.float32)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    col = (bh % H) % layout_heads * (S // BLOCK) + pid * BLOCK_N // BLOCK
+    lo, mid, hi = tl.load(col_ptr + col), tl.load(col_mid + col), tl.load(col_ptr + col + 1)
+    band = (offs_n, S - T, future, window)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, mid, qk_scale, band, BLOCK, BLOCK_M, D, True)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, mid, hi, qk_scale, band, BLOCK, BLOCK_M, D, False)
+    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+
+@jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, band, BLOCK: tl.constexpr,
+                BLOCK_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The sums over the query list's entries lo .. hi-1; band = (key positions, S - T, future, window)."""
     SPLIT = BLOCK // BLOCK_M
-    col = (bh % H) % layout_heads * (S // BLOCK) + kb
-    for it in range(tl.load(col_ptr + col) * SPLIT, tl.load(col_ptr + col + 1) * SPLIT):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    for it in range(lo * SPLIT, hi * SPLIT):
         m_lo = tl.load(rows + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_M  # first query row of the sub-tile
         qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, BLOCK_M)
         sT = tl.dot(k, qT) * qk_scale
-        q_lo = S - T + m_lo
-        if _cut(q_lo, q_lo + BLOCK_M - 1, kb * BLOCK, kb * BLOCK + BLOCK - 1, future, window):
-            sT = tl.where(_band((q_lo + offs_m)[None, :], offs_n[:, None], future, window), sT, float("-inf"))
+        if MASKED:
+            q_pos = band[1] + m_lo + offs_m
+            sT = tl.where(_band(q_pos[None, :], band[0][:, None], band[2], band[3]), sT, float("-inf"))
         pT = tl.exp2(sT - tl.load(LSE + m_lo + offs_m)[None, :])
         do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (BLOCK_M, D)
         dv += tl.dot(pT.to(do.dtype), do)
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - tl.load(DELTA + m_lo + offs_m)[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
-    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
-    tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+    return dk, dv
 
 
-# Backward, dQ. One program computes dq for one query block (BLOCK rows) of one (batch, head): grid
-# (T / BLOCK, B * H). q, dout, lse, delta and the dq accumulator stay in SRAM while the program walks the same
+# Backward, dQ. One program computes dq for BLOCK_M query rows (of one query block) of one (batch, head): grid
+# (T / BLOCK_M, B * H). q, dout, lse, delta and the dq accumulator stay in SRAM while the program walks the same
 # key list as the forward, in sub-tiles of BLOCK_N keys:
 #     P = 2^(s - lse)
 #     dP = dout v^T
 #     dq += scale * (P * (dP - delta)) k
-@jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, row_ptr, cols, qk_scale, scale, H, T, S, layout_heads,
-                   future, window, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    qb, bh = tl.program_id(0), tl.program_id(1)
+@jit(do_not_specialize=SPARSE_SCALARS)
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S, layout_heads,
+                   future, window, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
     Q += bh.to(tl.int64) * T * D
     DO += bh.to(tl.int64) * T * D
     DQ += bh.to(tl.int64) * T * D
@@ -256,101 +321,151 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, row_ptr, cols, qk_scale, scale, 
     V += bh.to(tl.int64) * S * D
     LSE += bh.to(tl.int64) * T
     DELTA += bh.to(tl.int64) * T
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
     do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :])
     lse = tl.load(LSE + offs_m)
     delta = tl.load(DELTA + offs_m)
-    q_lo = S - T + qb * BLOCK
-    dq = tl.zeros([BLOCK, D], tl.float32)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    row = (bh % H) % layout_heads * (T // BLOCK) + pid * BLOCK_M // BLOCK
+    lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
+    band = (S - T + offs_m, future, window)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, mid, qk_scale, band, BLOCK, BLOCK_N, D, True)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, band, BLOCK, BLOCK_N, D, False)
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+
+
+@jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, band, BLOCK: tl.constexpr,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The sum over the key list's entries lo .. hi-1; band = (query positions, future, window)."""
     SPLIT = BLOCK // BLOCK_N
-    row = (bh % H) % layout_heads * (T // BLOCK) + qb
-    for it in range(tl.load(row_ptr + row) * SPLIT, tl.load(row_ptr + row + 1) * SPLIT):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for it in range(lo * SPLIT, hi * SPLIT):
         k_lo = tl.load(cols + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_N
         kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, BLOCK_N)
         vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
         s = tl.dot(q, kT) * qk_scale
-        if _cut(q_lo, q_lo + BLOCK - 1, k_lo, k_lo + BLOCK_N - 1, future, window):
-            s = tl.where(_band(q_lo + tl.arange(0, BLOCK)[:, None], (k_lo + offs_n)[None, :], future, window),
-                         s, float("-inf"))
+        if MASKED:
+            s = tl.where(_band(band[0][:, None], (k_lo + offs_n)[None, :], band[1], band[2]), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = p * (tl.dot(do, vT) - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
-    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+    return dq
 
 
-def launch_config(block, D, itemsize=2):
-    """Inner tile sizes and launch parameters (chosen for H100s, checked to fit A100s; the interpreter ignores
-    warps and stages). A program owns one layout block; the tiles it walks may be narrower (the list entry is
-    split). Fewer pipeline stages for wide rows keep the buffers inside shared memory."""
-    row_bytes = D * itemsize
-    return dict(fwd_n=min(block, 64), bwd_inner=min(block, 32), fwd_warps=8 if block >= 128 else 4,
-                bwd_warps=8 if block * D >= 128 * 64 else 4,
-                stages=3 if row_bytes <= 128 else 2 if row_bytes <= 256 else 1)
+def _aligned(x):
+    """x contiguous and 16-byte aligned, the case every compiled kernel is built and checked for (Triton would
+    compile a slower one of its own for a pointer that is not)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def _arch(device):
+    """A CUDA device's compute capability as one number (90 for sm_90); None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def launch_config(block, D, dtype, arch):
+    """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles it walks,
+    warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages).
+
+    Chosen by compiling for sm_80/86/89/90 (the compile check in test_all.py), after FlexAttention's defaults:
+    a forward program owns 128 query rows; a backward program holds twice as much per row (k, v and two fp32
+    accumulators), so it owns fewer rows the wider they are; sub-tiles are 64 wide, but 32 for fp32 rows of 128
+    and in the backward outside sm_90; 8 warps for the largest tiles; a third pipeline stage where shared memory
+    has room (163 KB a block on sm_80, 227 KB on sm_90; 99 KB on sm_86 and sm_89)."""
+    arch = arch or 90
+    row_bytes = D * torch.empty(0, dtype=dtype).element_size()
+    width = min(block, 64 if row_bytes <= 256 else 32)
+    inner = width if arch == 90 else min(block, 32)
+    fwd_rows, bwd_rows = min(block, 128), min(block, 128, 128 * 128 // row_bytes)
+    stages = 3 if arch in (80, 90) else 2
+    fwd = dict(num_warps=8 if fwd_rows * row_bytes >= 32768 else 4, num_stages=stages)
+    bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4, num_stages=stages)
+    return dict(fwd=dict(BLOCK_M=fwd_rows, BLOCK_N=width, **fwd), dkdv=dict(BLOCK_N=bwd_rows, BLOCK_M=inner, **bwd),
+                dq=dict(BLOCK_M=bwd_rows, BLOCK_N=inner, **bwd))
 
 
 class _BlockSparseAttention(torch.autograd.Function):
-    """Launches the three kernels; q, k, v contiguous (B, H, T or S, D), lists from block_lists."""
+    """Launches the kernels; q, k, v (B, H, T or S, D), lists from block_lists."""
 
     @staticmethod
     def forward(ctx, q, k, v, lists, block, future, window, scale):
+        q, k, v = (_aligned(x) for x in (q, k, v))
         B, H, T, D = q.shape
         S = k.size(2)
-        row_ptr, cols, col_ptr, rows = lists
+        row_ptr, cols, col_ptr, rows, row_mid, col_mid = lists
         layout_heads = (row_ptr.numel() - 1) // (T // block)
-        cfg = launch_config(block, D, q.element_size())
+        cfg = launch_config(block, D, q.dtype, _arch(q.device))
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(T // block, B * H)](
-            q, k, v, o, lse, row_ptr, cols, scale * LOG2E, H, T, S, layout_heads, future, window,
-            BLOCK=block, BLOCK_N=cfg["fwd_n"], D=D,
-            num_warps=cfg["fwd_warps"], num_stages=cfg["stages"])
-        ctx.save_for_backward(q, k, v, o, lse, row_ptr, cols, col_ptr, rows)
-        ctx.args = (block, future, window, scale, layout_heads)
+        _fwd_kernel[(T // cfg["fwd"]["BLOCK_M"], B * H)](
+            q, k, v, o, lse, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future, window,
+            BLOCK=block, D=D, **cfg["fwd"])
+        ctx.save_for_backward(q, k, v, o, lse, *lists)
+        ctx.args = (block, future, window, scale, layout_heads, cfg)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, row_ptr, cols, col_ptr, rows = ctx.saved_tensors
-        block, future, window, scale, layout_heads = ctx.args
+        q, k, v, o, lse, row_ptr, cols, col_ptr, rows, row_mid, col_mid = ctx.saved_tensors
+        block, future, window, scale, layout_heads, cfg = ctx.args
         B, H, T, D = q.shape
         S = k.size(2)
-        cfg = launch_config(block, D, q.element_size())
-        do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1)  # (B, H, T)
+        do = _aligned(do)
+        delta = _delta(o, do)  # (B, H, T)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = dict(D=D, num_warps=cfg["bwd_warps"], num_stages=cfg["stages"])
-        _bwd_dkdv_kernel[(S // block, B * H)](
-            q, k, v, do, lse, delta, dk, dv, col_ptr, rows, scale * LOG2E, scale, H, T, S,
-            layout_heads, future, window, BLOCK=block, BLOCK_M=cfg["bwd_inner"], **common)
-        _bwd_dq_kernel[(T // block, B * H)](
-            q, k, v, do, lse, delta, dq, row_ptr, cols, scale * LOG2E, scale, H, T, S,
-            layout_heads, future, window, BLOCK=block, BLOCK_N=cfg["bwd_inner"], **common)
+        _bwd_dkdv_kernel[(S // cfg["dkdv"]["BLOCK_N"], B * H)](
+            q, k, v, do, lse, delta, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
+            layout_heads, future, window, BLOCK=block, D=D, **cfg["dkdv"])
+        _bwd_dq_kernel[(T // cfg["dq"]["BLOCK_M"], B * H)](
+            q, k, v, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
+            layout_heads, future, window, BLOCK=block, D=D, **cfg["dq"])
         return dq, dk, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The public function
 
-def _triton_unfit(q, k, v, block):
-    """Why the Triton kernel cannot take these inputs (a sentence), or None when it can."""
-    T, S, D = q.size(2), k.size(2), q.size(3)
-    if triton is None:
-        return "triton is not installed; use backend='dense' or install triton"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+def _gpu_unfit(arch):
+    """Why no Triton kernel runs on GPU sm_`arch` (a sentence), or None."""
+    if arch is not None and arch < 80:
+        return (f"the Triton kernels need sm_80 or newer, got sm_{arch} (Triton compiles tl.dot without tensor "
+                f"cores there; the dense path uses them)")
+    return None
+
+
+def _sparse_config_unfit(arch, dtype, D, block):
+    """Why the block-sparse kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a
+    sentence; None when they do. The compile check in test_all.py compiles every configuration let through."""
     if block not in TRITON_BLOCKS:
         return f"the Triton kernel takes block sizes {TRITON_BLOCKS}, got {block}"
     if D not in TRITON_HEAD_DIMS:
         return f"the Triton kernel takes head dims {TRITON_HEAD_DIMS}, got {D}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernel takes fp16/bf16/fp32 inputs, got {dtype}"
+    return _gpu_unfit(arch)
+
+
+def _triton_unfit(q, k, v, block):
+    """Why the Triton kernel cannot take these inputs (a sentence), or None when it can."""
+    T, S = q.size(2), k.size(2)
+    if triton is None:
+        return "triton is not installed; use backend='dense' or install triton"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    if not q.dtype == k.dtype == v.dtype:
+        return f"the Triton kernel needs q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
     if T % block or S % block:
         return (f"the Triton kernel needs T and S to be multiples of block={block}, got T={T}, S={S}; "
                 f"pad the sequence or use backend='dense'")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
-        return f"the Triton kernel needs q, k, v of one dtype, fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}"
-    return None
+    return _sparse_config_unfit(_arch(q.device), q.dtype, q.size(3), block)
 
 
 def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=None, backend=None):
@@ -497,100 +612,120 @@ def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, d
     return o, lse.view(B, H, R, T).gather(3, rank)
 
 
-# Shared by the three kernels: the masked logits of a tile of queries (rows) against a tile of keys (columns).
-# Order of operations, same as the reference: q.k * scale; the self logit; minus log(count of rounds whose
-# window holds the key) with dedup; -inf for keys later in the original order or outside round r's window.
-# LOC holds loc (B, H, R, T) of sort_by_bucket; bh * R + r is the row of round r.
+# Shared by the three kernels: the logits s = scale * q.k of a tile of queries against a tile of keys, masked.
+# Order of operations, same as the reference: the self logit; minus log(count of rounds whose window holds the
+# key) with dedup; -inf for keys later in the original order or outside round r's window. qpos, kpos and k_ok
+# come shaped to broadcast against s (queries x keys, or keys x queries in the dK/dV kernel). LOC holds loc
+# (B, H, R, T) of sort_by_bucket; bh * R + r is the row of round r.
 @jit
-def _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP: tl.constexpr):
-    s = tl.dot(q, tl.trans(k)) * scale
-    s = tl.where(kpos[None, :] == qpos[:, None], self_logit, s)
+def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DEDUP: tl.constexpr):
+    s = tl.where(kpos == qpos, self_logit, s)
     if DEDUP:
         count = tl.zeros(s.shape, dtype=tl.int32)
         for r2 in range(R):
             count += _lsh_window(LOC + (bh * R + r2) * T, qpos, kpos, span).to(tl.int32)
         s = s - tl.log(tl.maximum(count, 1).to(tl.float32))
-    allowed = k_ok[None, :] & (kpos[None, :] <= qpos[:, None]) \
-        & _lsh_window(LOC + (bh * R + r) * T, qpos, kpos, span)
+    allowed = k_ok & (kpos <= qpos) & _lsh_window(LOC + (bh * R + r) * T, qpos, kpos, span)
     return tl.where(allowed, s, float("-inf"))
 
 
 @jit
 def _lsh_window(LOC_ROUND, qpos, kpos, span):
-    """(queries, keys) mask of the keys in each query's window, for the round whose loc row is LOC_ROUND."""
-    return _in_window(tl.load(LOC_ROUND + qpos)[:, None], tl.load(LOC_ROUND + kpos)[None, :], span)
+    """Whether each key is in each query's window, for the round whose loc row is LOC_ROUND."""
+    return _in_window(tl.load(LOC_ROUND + qpos), tl.load(LOC_ROUND + kpos), span)
 
 
 @jit
-def _load_rows(X, base, pos, ok, offs_d, d_ok, D: tl.constexpr):
-    # rows X[base + pos] of a row-major (.., T, D) tensor: the in-kernel gather that replaces a sorted copy
-    return tl.load(X + base + pos[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+def _load_rows(X, base, pos, ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows X[base + pos] of a row-major (.., T, D) tensor, (len(pos), BLOCK_D) with zeros past D and where not
+    ok: the in-kernel gather that replaces a sorted copy."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (offs_d < D)[None, :]
+    return tl.load(X + base + pos[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
 
 
-# Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only count (round r
-# of R, the window's span) or give lengths whose alignment the constexpr D already shows, so one compiled
-# kernel serves every value.
-LSH_SCALARS = ["r", "R", "span", "T"]
+@jit
+def _store_rows(X, base, pos, ok, x, D: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE):
+    """X[base + pos] = x (plus what X held there when ACCUMULATE), for the rows that are ok."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = X + base + pos[:, None] * D + offs_d[None, :]
+    mask = ok[:, None] & (offs_d < D)[None, :]
+    if ACCUMULATE:
+        x += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, x.to(X.dtype.element_ty), mask=mask)
+
+
+# Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only count or give
+# lengths whose alignment the constexpr D already shows, so one compiled kernel serves every value.
+LSH_SCALARS = ["r", "R", "span", "chunk", "T"]
 
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
-# (B*H, T/chunk). SRAM: the chunk's BLOCK_M query rows and the 2*BLOCK_M key and value rows of the previous and
-# own chunk, each gathered from the unsorted q/k/v through the sorted positions ST; the (BLOCK_M, 2*BLOCK_M)
-# logit tile. The whole window fits in one tile, so the round's softmax is exact in one pass:
-#   m_i = max_j s_ij;  l_i = sum_j exp(s_ij - m_i);  o_i = sum_j exp(s_ij - m_i) v_j / l_i
-# Rounds then merge like flash attention's key blocks, into a running max M, sum L (relative to M) and output
-# kept at the query's original position (the store undoes the sort); every position sits in exactly one chunk
-# per round, so no two programs of a launch touch the same row:
-#   M' = max(M, m);  a = exp(M - M'), b = exp(m - M');  L' = L a + l b;  out' = (out L a + o l b) / L'
+# (B*H, T/chunk). SRAM: the chunk's BLOCK_M query rows (BLOCK_M: chunk rounded up to a power of two, at least
+# 16), then in turn tiles of BLOCK_N key and value rows from the previous and the own chunk (sorted indices
+# (c-1)*chunk .. (c+1)*chunk - 1), each row gathered from the unsorted q/k/v through the sorted positions ST,
+# and their (BLOCK_M, BLOCK_N) logits. Over the key tiles, the round's softmax by the flash-attention recurrence
+# (start m = -1e30, l = 0, o = 0):
+#   m' = max(m, rowmax(s));  l' = l exp(m - m') + rowsum(exp(s - m'));  o' = o exp(m - m') + exp(s - m') v
+# which leaves m = max_j s_ij exactly (a query's own key is always in its window), l = sum_j exp(s_ij - m).
+# Rounds then merge the same way, into a running max M, sum L (relative to M) and output kept at the query's
+# original position (the store undoes the sort); every position sits in exactly one chunk per round, so no two
+# programs of a launch touch the same row:
+#   M' = max(M, m);  a = exp(M - M'), b = exp(m - M');  L' = L a + l b;  out' = (out L a + (o / l) l b) / L'
 # M and L stay separate rather than one log-sum-exp M + log L: M is an exact logit, so a row whose only key is
 # itself (logit SELF_LOGIT = -5e4, where one fp32 ulp is 0.004) keeps exact weights. The running output is
 # fp32 (ACC) until the last round writes O in the input dtype. Only (B, H, T, D) is ever stored, never the
 # (B, H, R, T, D) per-round outputs.
 @jit(do_not_specialize=LSH_SCALARS)
-def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, scale, self_logit, T,
-                    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DEDUP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
+def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r  # row of this round in ST and LOC: (B, H, R, T)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, 2 * BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q_ok = offs_m < CHUNK
-    qpos = tl.load(ST + bhr * T + c * CHUNK + offs_m % CHUNK)  # padding rows repeat real ones, never stored
-    k_chunk = c - 1 + offs_n // BLOCK_M  # keys: the previous chunk, then this one
-    k_ok = ((offs_n % BLOCK_M) < CHUNK) & (k_chunk >= 0)
-    kpos = tl.load(ST + bhr * T + k_chunk * CHUNK + offs_n % BLOCK_M, mask=k_ok, other=0)
-    q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
-    k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    s = _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP)
-    m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])
-    l = tl.sum(p, axis=1)
-    out = tl.dot(p.to(v.dtype), v) / l[:, None]
-    rows = bh * T * D + qpos[:, None] * D + offs_d[None, :]
-    row_ok = q_ok[:, None] & d_ok[None, :]
-    if not FIRST:  # merge with the rounds before (every round has the self logit, so M is finite)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_ok = offs_m < chunk
+    qpos = tl.load(ST + bhr * T + c * chunk + offs_m % chunk)  # padding rows repeat real ones, never stored
+    q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range((c - 1) * chunk, (c + 1) * chunk, BLOCK_N):  # keys: the previous chunk, then this one
+        k_idx = start + offs_n  # sorted indices
+        k_ok = (k_idx >= 0) & (k_idx < (c + 1) * chunk)
+        kpos = tl.load(ST + bhr * T + k_idx, mask=k_ok, other=0)
+        k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
+        v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
+        s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
+                      T, span, self_logit, DEDUP)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        o = o * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = o / l[:, None]
+    if r > 0:  # merge with the rounds before (every round has the self logit, so M is finite)
         m_before = tl.load(M + bh * T + qpos)
         l_before = tl.load(L + bh * T + qpos)
         m_new = tl.maximum(m_before, m)
         a = l_before * tl.exp(m_before - m_new)
         b = l * tl.exp(m - m_new)
-        out = (tl.load(ACC + rows, mask=row_ok, other=0.0) * a[:, None] + out * b[:, None]) / (a + b)[:, None]
+        out = (_load_rows(ACC, bh * T * D, qpos, q_ok, D, BLOCK_D) * a[:, None] + out * b[:, None]) \
+            / (a + b)[:, None]
         m, l = m_new, a + b
-    if LAST:
-        tl.store(O + rows, out.to(O.dtype.element_ty), mask=row_ok)
+    if r == R - 1:
+        _store_rows(O, bh * T * D, qpos, q_ok, out, D, BLOCK_D, False)
     else:
-        tl.store(ACC + rows, out, mask=row_ok)
+        _store_rows(ACC, bh * T * D, qpos, q_ok, out, D, BLOCK_D, False)
     tl.store(M + bh * T + qpos, m, mask=q_ok)
     tl.store(L + bh * T + qpos, l, mask=q_ok)
 
 
 # The backward needs no per-round quantity: the combined output is one softmax over all rounds' windows, a key
 # counted once per round that sees it, out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i.
-# So, as in flash attention, with delta_i = sum_d out_id * dout_id:
+# So, as in flash attention, with delta_i = sum_d out_id * dout_id (_delta_kernel):
 #   dv_j = sum_ri P_rij dout_i;  dS_rij = P_rij (dout_i . v_j - delta_i);
 #   dk_j = scale * sum_ri dS_rij q_i;  dq_i = scale * sum_rj dS_rij k_j
 # One launch per round adds that round's terms into fp32 (B, H, T, D) accumulators; as in the forward, the
@@ -598,79 +733,73 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, scale, self_logi
 #
 # dK and dV. One program = the keys of chunk c of (bh, round r); grid (B*H, T/chunk). The queries that see
 # these keys are those of chunk c and chunk c+1, so each key row gets the round's whole gradient from one
-# program. SRAM: BLOCK_M key/value rows, 2*BLOCK_M query/dout rows with their M, L and delta.
+# program. SRAM: BLOCK_M key/value rows, then in turn tiles of BLOCK_N query/dout rows from those two chunks
+# with their M, L and delta; the logits transposed, (keys, queries), as in _bwd_dkdv_kernel.
 @jit(do_not_specialize=LSH_SCALARS)
-def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, scale, self_logit, T,
-                         CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DEDUP: tl.constexpr, FIRST: tl.constexpr):
+def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, chunk, scale, self_logit, T,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, 2 * BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    k_ok = offs_m < CHUNK
-    kpos = tl.load(ST + bhr * T + c * CHUNK + offs_m, mask=k_ok, other=0)
-    q_chunk = c + offs_n // BLOCK_M  # queries: this chunk, then the next one
-    q_ok = ((offs_n % BLOCK_M) < CHUNK) & (q_chunk < T // CHUNK)
-    qpos = tl.load(ST + bhr * T + q_chunk * CHUNK + offs_n % BLOCK_M, mask=q_ok, other=0)
-    k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
-    do = _load_rows(DO, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
-    m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get P = 0
-    l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
-    delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
-    # (2*BLOCK_M queries, BLOCK_M keys)
-    s = _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP)
-    p = tl.exp(s - m[:, None]) / l[:, None]
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-    rows = bh * T * D + kpos[:, None] * D + offs_d[None, :]
-    row_ok = k_ok[:, None] & d_ok[None, :]
-    if not FIRST:
-        dk += tl.load(DK + rows, mask=row_ok, other=0.0)
-        dv += tl.load(DV + rows, mask=row_ok, other=0.0)
-    tl.store(DK + rows, dk, mask=row_ok)
-    tl.store(DV + rows, dv, mask=row_ok)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ok = offs_m < chunk
+    kpos = tl.load(ST + bhr * T + c * chunk + offs_m, mask=k_ok, other=0)
+    k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
+    v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(c * chunk, (c + 2) * chunk, BLOCK_N):  # queries: this chunk, then the next one
+        q_idx = start + offs_n  # sorted indices
+        q_ok = (q_idx < T) & (q_idx < (c + 2) * chunk)
+        qpos = tl.load(ST + bhr * T + q_idx, mask=q_ok, other=0)
+        q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
+        do = _load_rows(DO, bh * T * D, qpos, q_ok, D, BLOCK_D)
+        m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get P = 0
+        l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
+        delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
+        sT = _lsh_mask(tl.dot(k, tl.trans(q)) * scale, qpos[None, :], kpos[:, None], k_ok[:, None], LOC, bh, r, R,
+                       T, span, self_logit, DEDUP)  # (BLOCK_M keys, BLOCK_N queries)
+        pT = tl.exp(sT - m[None, :]) / l[None, :]
+        dv += tl.dot(pT.to(do.dtype), do)
+        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q)
+    _store_rows(DK, bh * T * D, kpos, k_ok, dk * scale, D, BLOCK_D, r > 0)
+    _store_rows(DV, bh * T * D, kpos, k_ok, dv, D, BLOCK_D, r > 0)
 
 
 # dQ. One program = the queries of chunk c of (bh, round r); grid (B*H, T/chunk); the forward's tiles plus the
 # queries' dout, M, L and delta.
 @jit(do_not_specialize=LSH_SCALARS)
-def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, scale, self_logit, T,
-                       CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DEDUP: tl.constexpr, FIRST: tl.constexpr):
+def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk, scale, self_logit, T,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, 2 * BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q_ok = offs_m < CHUNK
-    qpos = tl.load(ST + bhr * T + c * CHUNK + offs_m, mask=q_ok, other=0)
-    k_chunk = c - 1 + offs_n // BLOCK_M
-    k_ok = ((offs_n % BLOCK_M) < CHUNK) & (k_chunk >= 0)
-    kpos = tl.load(ST + bhr * T + k_chunk * CHUNK + offs_n % BLOCK_M, mask=k_ok, other=0)
-    q = _load_rows(Q, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
-    k = _load_rows(K, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    v = _load_rows(V, bh * T * D, kpos, k_ok, offs_d, d_ok, D)
-    do = _load_rows(DO, bh * T * D, qpos, q_ok, offs_d, d_ok, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_ok = offs_m < chunk
+    qpos = tl.load(ST + bhr * T + c * chunk + offs_m, mask=q_ok, other=0)
+    q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
+    do = _load_rows(DO, bh * T * D, qpos, q_ok, D, BLOCK_D)
     m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))
     l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
     delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
-    s = _lsh_logits(q, k, qpos, kpos, k_ok, LOC, bh, r, R, T, span, scale, self_logit, DEDUP)
-    p = tl.exp(s - m[:, None]) / l[:, None]
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k) * scale
-    rows = bh * T * D + qpos[:, None] * D + offs_d[None, :]
-    row_ok = q_ok[:, None] & d_ok[None, :]
-    if not FIRST:
-        dq += tl.load(DQ + rows, mask=row_ok, other=0.0)
-    tl.store(DQ + rows, dq, mask=row_ok)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range((c - 1) * chunk, (c + 1) * chunk, BLOCK_N):
+        k_idx = start + offs_n
+        k_ok = (k_idx >= 0) & (k_idx < (c + 1) * chunk)
+        kpos = tl.load(ST + bhr * T + k_idx, mask=k_ok, other=0)
+        k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
+        v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
+        s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
+                      T, span, self_logit, DEDUP)
+        p = tl.exp(s - m[:, None]) / l[:, None]
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    _store_rows(DQ, bh * T * D, qpos, q_ok, dq * scale, D, BLOCK_D, r > 0)
 
 
 class _LSHAttentionTriton(torch.autograd.Function):
@@ -678,44 +807,52 @@ class _LSHAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, buckets, chunk, scale, same_bucket, dedup, causal):
+        q, k, v = (_aligned(x) for x in (q, k, v))
         B, H, T, D = q.shape
         R = buckets.shape[2]
         st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
         st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
-        q, k, v = (x.contiguous() for x in (q, k, v))
         out = torch.empty_like(q)
         acc = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) if R > 1 else out
         m, l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
-        # tl.dot needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked.
-        # A program holds (BLOCK_M, 2 * BLOCK_M) logits and 2 * BLOCK_M rows of width BLOCK_D; warps grow with
-        # them, as far as that keeps them in registers when compiled for sm_90 (8 warps at chunk 64, as in
-        # Triton's fused-attention tutorial; 16 warps cap a thread at 128 registers and spill more there). At
-        # chunk 128 even 16 warps spill: correct, but slower. Not timed on a GPU: none was at hand.
-        block_m, block_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
-        warps = 16 if block_m >= 128 else 8 if block_m >= 64 or block_d >= 128 else 4
-        meta = dict(CHUNK=chunk, BLOCK_M=block_m, D=D, BLOCK_D=block_d, DEDUP=dedup, num_warps=warps)
+        cfg = lsh_launch_config(chunk, D, _arch(q.device), dedup)
         grid = (B * H, T // chunk)
         for r in range(R):
-            _lsh_fwd_kernel[grid](q, k, v, st, loc, acc, out, m, l, r, R, span, scale, SELF_LOGIT, T,
-                                  FIRST=r == 0, LAST=r == R - 1, **meta)
+            _lsh_fwd_kernel[grid](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT, T,
+                                  D=D, DEDUP=dedup, **cfg)
         ctx.save_for_backward(q, k, v, st, loc, out, m, l)
-        ctx.grid, ctx.meta, ctx.scalars = grid, meta, (R, span, scale)
+        ctx.grid, ctx.cfg, ctx.scalars = grid, cfg, (R, span, chunk, scale, dedup)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, st, loc, out, m, l = ctx.saved_tensors
         B, H, T, D = q.shape
-        R, span, scale = ctx.scalars
-        do = do.to(q.dtype).contiguous()
-        delta = (do.float() * out.float()).sum(-1)  # (B, H, T)
+        R, span, chunk, scale, dedup = ctx.scalars
+        do = _aligned(do.to(q.dtype))
+        delta = _delta(out, do)  # (B, H, T)
         dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) for _ in range(3))
         args = (q, k, v, st, loc, do, m, l, delta)
         for r in range(R):
-            scalars = (r, R, span, scale, SELF_LOGIT, T)
-            _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, *scalars, FIRST=r == 0, **ctx.meta)
-            _lsh_bwd_dq_kernel[ctx.grid](*args, dq, *scalars, FIRST=r == 0, **ctx.meta)
+            scalars = (r, R, span, chunk, scale, SELF_LOGIT, T)
+            _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, *scalars, D=D, DEDUP=dedup, **ctx.cfg)
+            _lsh_bwd_dq_kernel[ctx.grid](*args, dq, *scalars, D=D, DEDUP=dedup, **ctx.cfg)
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None, None, None
+
+
+def lsh_launch_config(chunk, D, arch, dedup):
+    """Tile sizes and launch parameters of the three LSH kernels on sm_`arch` (None: the interpreter). tl.dot
+    needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked. As in
+    launch_config, the walked tiles are 64 wide on sm_90 (for head dims up to 64) and 32 otherwise (16 for
+    dedup's count tile next to (64, 128) ones on sm_90), and 8 warps hold the larger tiles; one pipeline stage,
+    as a program walks only two chunks (checked by the compile check in test_all.py)."""
+    block_m, block_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
+    block_n = 32
+    if (arch or 90) == 90:
+        block_n = 64 if block_d <= 64 else 16 if dedup and block_m * block_d >= 8192 else 32
+    block_n = min(block_m, block_n)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_m * block_d >= 4096 else 4,
+                num_stages=1)
 
 
 def combine_rounds(o, lse):
@@ -724,21 +861,29 @@ def combine_rounds(o, lse):
     return (o * w[..., None].to(o.dtype)).sum(2)
 
 
-def _lsh_triton_unfit(q, chunk):
-    """Why the LSH kernels cannot take these inputs (a sentence), or None when they can. A program holds a
-    chunk's whole (chunk, 2 * chunk) logit tile, so chunks beyond 128 do not fit (128 already spills registers),
-    and fp32 rows of 128 would need more shared memory than an H100 has (both found by compiling for sm_90)."""
+def _lsh_config_unfit(arch, dtype, D, chunk, dedup):
+    """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence; None
+    when they do. The compile check in test_all.py compiles every configuration let through."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the LSH Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
+    if chunk > 64:
+        return (f"the LSH Triton kernels take chunks of at most 64 (a program holds chunk x chunk logit tiles in "
+                f"registers; 128 spills them), got {chunk}")
+    if D > 128 or (dtype == torch.float32 and D > (32 if dedup else 64)):
+        return (f"the LSH Triton kernels take head dims up to 128, in fp32 up to 64, 32 with dedup (wider fp32 rows "
+                f"overflow shared memory or registers; use bf16 autocast), got {D} in {dtype}")
+    if arch is not None and D not in TRITON_HEAD_DIMS:
+        return f"the LSH Triton kernels take head dims {TRITON_HEAD_DIMS} on a GPU (those are compile-checked), got {D}"
+    return _gpu_unfit(arch)
+
+
+def _lsh_triton_unfit(q, chunk, dedup):
+    """Why the LSH kernels cannot take these inputs (a sentence), or None when they can."""
     if triton is None:
-        return "the LSH Triton kernel needs triton, which is not installed"
+        return "the LSH Triton kernels need triton, which is not installed"
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return "the LSH Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the LSH Triton kernel takes fp16/bf16/fp32 inputs, got {q.dtype}"
-    if chunk > 128:
-        return f"the LSH Triton kernel takes chunks of at most 128, got {chunk}"
-    if q.dtype == torch.float32 and q.size(-1) > 64:
-        return f"the LSH Triton kernel takes fp32 inputs up to head dim 64 (use bf16 autocast), got {q.size(-1)}"
-    return None
+        return "the LSH Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    return _lsh_config_unfit(_arch(q.device), q.dtype, q.size(-1), chunk, dedup)
 
 
 def pad_to_chunks(q, k, v, buckets, chunk):
@@ -765,7 +910,7 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=F
     global last_lsh_backend
     if backend not in (None, "triton", "dense"):
         raise ValueError(f"unknown LSH attention backend {backend!r}; choose 'triton', 'dense' or leave it unset")
-    unfit = _lsh_triton_unfit(q, chunk)
+    unfit = _lsh_triton_unfit(q, chunk, dedup)
     if backend == "triton" and unfit:
         raise ValueError(unfit + "; use backend='dense'")
     if backend is None:

@@ -1027,9 +1027,12 @@ def test_dense_fallback_matches_reference_with_empty_rows():
 
 
 def test_kernel_sub_tiles_match_reference(monkeypatch):
-    """Tiles narrower than the layout block (a list entry walked in pieces), with the window's edge inside."""
+    """Programs and tiles narrower than the layout block (a block's rows split between programs, a list entry
+    walked in pieces), with the window's edge inside."""
+    def sixteen_wide(*args):  # programs own 16 rows of a 32-row block and walk 16-wide sub-tiles
+        return {kernel: {**cfg, "BLOCK_M": 16, "BLOCK_N": 16} for kernel, cfg in config(*args).items()}
     config = kernels.launch_config
-    monkeypatch.setattr(kernels, "launch_config", lambda *args: {**config(*args), "fwd_n": 16, "bwd_inner": 16})
+    monkeypatch.setattr(kernels, "launch_config", sixteen_wide)
     q, k, v, dout = random_inputs(1, 2, 64, 64, 16, seed=3)
     mask = dict(causal=True, layout=random_layout(1, 64, 64, 32, seed=3), block=32, window=24)
     assert_close_to_reference(lambda q, k, v: attention(q, k, v, backend="triton", **mask), q, k, v, dout,
@@ -1046,56 +1049,163 @@ def test_kernel_in_fp16_with_scale_matches_reference():
                               dout, atol=2e-2, scale=0.3, **mask)
 
 
-# Run in a fresh process without TRITON_INTERPRET (this file sets it, and interpreted kernels do not compile):
-# compile the kernels as train.py launches them (bf16, block 128 / chunk 64, head dim 64) for an H100, sm_90,
-# with the ptxas that Triton ships, and print each kernel's shared memory, registers and stack bytes.
-H100_COMPILE = """
+# The compile check. A fresh process without TRITON_INTERPRET (this file sets it, and interpreted kernels do not
+# compile) runs the kernels' own launch code, forward and backward, on CPU tensors, with a driver that only tells
+# Triton which GPU to compile for. Every launch then compiles exactly what it compiles on that GPU (the same
+# signature, constexprs, 16-byte alignment and divisibility-by-16 attributes, warps and stages) with the ptxas
+# Triton ships, and stops before running. Per compiled kernel it prints shared memory, registers, stack bytes
+# (spills) and whether the PTX uses wgmma. Argument: a JSON list of [arch, kind, dtype, D, block or chunk].
+COMPILE_CHECK = r"""
 import json, os, re, subprocess, sys, tempfile
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 import kernels
 
-def usage(fn, pointers, constexprs, num_warps, num_stages):
-    floats = {"qk_scale", "scale", "self_logit"}
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name) or
-                 ("fp32" if name in floats else "i32") for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+
+class CompileOnlyDriver:  # all that a launch asks the driver before it runs the kernel
+    def __init__(self, arch):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return self.target.arch  # a device per architecture keeps their compiled kernels apart
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+compiled = []
+JITFunction.__getitem__ = lambda fn, grid: lambda *args, **kw: compiled.append(
+    fn.run(*args, grid=grid, warmup=True, **kw))  # a launch up to the compiled kernel, not run
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def usage(kernel):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(kernel.asm["cubin"])
         f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return [compiled.metadata.shared] + [int(re.search(key + r":(\\d+)", res).group(1)) for key in ("REG", "STACK")]
+        res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    registers, stack = (int(re.search(key + r":(\d+)", res).group(1)) for key in ("REG", "STACK"))
+    return [kernel.metadata.shared, registers, stack, "wgmma" in kernel.asm["ptx"]]
 
-bf16, cfg = "*bf16", kernels.launch_config(128, 64)
-sparse = dict(Q=bf16, K=bf16, V=bf16, O=bf16, DO=bf16, DQ=bf16, DK=bf16, DV=bf16, LSE="*fp32", DELTA="*fp32",
-              row_ptr="*i32", cols="*i32", col_ptr="*i32", rows="*i32")
-lsh = dict(sparse, ST="*i32", LOC="*i32", ACC="*fp32", M="*fp32", L="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32")
-lsh_meta = dict(CHUNK=64, BLOCK_M=64, D=64, BLOCK_D=64, DEDUP=False, FIRST=False)
-print(json.dumps({
-    "fwd": usage(kernels._fwd_kernel, sparse, dict(BLOCK=128, BLOCK_N=cfg["fwd_n"], D=64), cfg["fwd_warps"],
-                 cfg["stages"]),
-    "dkdv": usage(kernels._bwd_dkdv_kernel, sparse, dict(BLOCK=128, BLOCK_M=cfg["bwd_inner"], D=64),
-                  cfg["bwd_warps"], cfg["stages"]),
-    "dq": usage(kernels._bwd_dq_kernel, sparse, dict(BLOCK=128, BLOCK_N=cfg["bwd_inner"], D=64), cfg["bwd_warps"],
-                cfg["stages"]),
-    "lsh_fwd": usage(kernels._lsh_fwd_kernel, lsh, dict(lsh_meta, LAST=True), 8, 1),
-    "lsh_dkdv": usage(kernels._lsh_bwd_dkdv_kernel, lsh, lsh_meta, 8, 1),
-    "lsh_dq": usage(kernels._lsh_bwd_dq_kernel, lsh, lsh_meta, 8, 1)}))
+
+def launch(kind, dtype, D, size):  # forward and backward of the autograd Function the public function calls
+    T = 2 * size
+    q, k, v = (torch.randn(1, 2, T, D, dtype=getattr(torch, dtype), requires_grad=True) for _ in range(3))
+    if kind == "sparse":
+        lists = kernels.block_lists(None, size, T, T, 0, T + 1, q.device)
+        out = kernels._BlockSparseAttention.apply(q, k, v, lists, size, 0, T + 1, D ** -0.5)
+    else:
+        buckets = torch.randint(4, (1, 2, 2, T))
+        out = kernels._LSHAttentionTriton.apply(q, k, v, buckets, size, 1.0, False, kind == "lsh-dedup", False)
+    out.backward(torch.ones_like(out))
+
+
+for arch, kind, dtype, D, size in json.loads(sys.argv[1]):
+    triton.runtime.driver.set_active(CompileOnlyDriver(arch))
+    kernels._arch = lambda device: arch
+    compiled.clear()
+    launch(kind, dtype, D, size)
+    print(json.dumps([arch, kind, dtype, D, size, {k.metadata.name: usage(k) for k in compiled}]), flush=True)
 """
+ARCHS = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # sm_XY: shared memory a block may use
+DTYPES = ("float16", "bfloat16", "float32")
+LSH_TILES = (16, 32, 64)  # any chunk up to 64 compiles to one of these tiles (chunk rounded up to a power of 2)
 
 
-def test_kernels_compile_for_h100_without_spills():
-    # What the interpreter cannot show: the kernels compile for the GPU, keep their tiles in registers (no
-    # stack, i.e. no spills) and fit the H100's 227 KB of shared memory per block.
+def dispatch_unfit(arch, kind, dtype, D, size):
+    """Why the dispatch would not launch this configuration on sm_`arch` (a sentence), or None."""
+    if kind == "sparse":
+        return kernels._sparse_config_unfit(arch, getattr(torch, dtype), D, size)
+    return kernels._lsh_config_unfit(arch, getattr(torch, dtype), D, size, kind == "lsh-dedup")
+
+
+def launchable(configs):
+    return [c for c in configs if dispatch_unfit(*c) is None]
+
+
+def all_gpu_configs():
+    """Every (arch, kind, dtype, D, block or chunk) the dispatch launches on the five architectures."""
+    sizes = dict(sparse=kernels.TRITON_BLOCKS, lsh=LSH_TILES, **{"lsh-dedup": LSH_TILES})
+    return launchable([(arch, kind, dtype, D, size) for arch in ARCHS for kind in sizes for dtype in DTYPES
+                       for D in kernels.TRITON_HEAD_DIMS for size in sizes[kind]])
+
+
+def default_gpu_configs():
+    """The configurations the models launch by default (bf16 autocast; Sparse Transformer and Perceiver AR at
+    D = 64, block 64; the Reformer at D = 64, chunk 64) and the largest each kind and dtype takes, on each
+    architecture the dispatch launches on. sm_89 compiles exactly as sm_86 and fp16 as bf16 (same shared
+    memory, registers and stack in the exhaustive check), so they are left out here."""
+    configs = []
+    for arch in (80, 86, 90):
+        configs += [(arch, "sparse", "bfloat16", 64, 64), (arch, "lsh", "bfloat16", 64, 64)]
+        for kind, dtype in itertools.product(("sparse", "lsh-dedup"), ("bfloat16", "float32")):
+            fits = [c for c in all_gpu_configs() if c[:3] == (arch, kind, dtype)]
+            configs += [max(fits, key=lambda c: c[3:])] if fits else []
+    return launchable(configs)
+
+
+def compile_for_gpus(configs, processes=2):
+    """{(arch, kind, dtype, D, size): {kernel: [shared bytes, registers, stack bytes, wgmma]}}, compiled in
+    `processes` parallel subprocesses."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", H100_COMPILE], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    for kernel, (shared, registers, stack) in json.loads(run.stdout.splitlines()[-1]).items():
-        assert shared <= 227 * 1024 and stack == 0, (kernel, shared, registers, stack)
+    runs = [subprocess.Popen([sys.executable, "-c", COMPILE_CHECK, json.dumps(configs[i::processes])], env=env,
+                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+    results = {}
+    for run in runs:
+        out, err = run.communicate(timeout=1800)
+        assert run.returncode == 0, err[-3000:]
+        for line in out.splitlines():
+            *config, kernels_used = json.loads(line)
+            results[tuple(config)] = kernels_used
+    return results
+
+
+def assert_fits(results):
+    """Shared memory within the architecture's limit, and no spills from running out of registers: none at all
+    at 255 registers a thread. Below that ptxas sometimes spills a few words anyway, to run more blocks at once
+    (its occupancy heuristic, which no launch option overrides, and which differs between ptxas versions):
+    up to 32 bytes of stack pass there."""
+    for (arch, kind, dtype, D, size), used in results.items():
+        for kernel, (shared, registers, stack, _) in used.items():
+            spills = stack > (0 if registers >= 255 else 32)
+            assert shared <= ARCHS[arch] and not spills, (arch, kind, dtype, D, size, kernel, shared, registers, stack)
+
+
+def test_kernels_compile_for_every_gpu_within_its_shared_memory_and_without_spills():
+    # What the interpreter cannot show: each launch the dispatch makes by default on sm_80 .. sm_90 (sm_75 takes
+    # the dense path, see the next test) compiles, keeps its tiles in registers and fits the architecture's
+    # shared memory; on sm_90 the default blocks of 64 and chunks of 64 take Hopper's wgmma.
+    # NANOLONG_COMPILE_ALL=1 checks every configuration the dispatch can launch instead (15 minutes on 2 cores).
+    every = os.environ.get("NANOLONG_COMPILE_ALL") == "1"
+    results = compile_for_gpus(all_gpu_configs() if every else default_gpu_configs())
+    assert_fits(results)
+    for kind in ("sparse", "lsh"):
+        used = results[(90, kind, "bfloat16", 64, 64)]
+        assert all(wgmma for kernel, (*_, wgmma) in used.items() if "delta" not in kernel), used
+    print("\n".join(f"{config}: {used}" for config, used in results.items()))
+
+
+def test_dispatch_refuses_what_does_not_fit_a_gpu_with_a_reason(monkeypatch):
+    assert dispatch_unfit(75, "sparse", "float16", 64, 64).startswith("the Triton kernels need sm_80")
+    assert dispatch_unfit(75, "lsh", "bfloat16", 64, 64).startswith("the Triton kernels need sm_80")
+    assert dispatch_unfit(90, "lsh", "bfloat16", 64, 128).startswith("the LSH Triton kernels take chunks of at most 64")
+    assert dispatch_unfit(90, "lsh", "bfloat16", 48, 64).startswith("the LSH Triton kernels take head dims")
+    for config in [(arch, kind, dtype, D, size) for arch in ARCHS for kind in ("sparse", "lsh", "lsh-dedup")
+                   for dtype in DTYPES for D in kernels.TRITON_HEAD_DIMS for size in (16, 32, 64, 128)]:
+        reason = dispatch_unfit(*config)
+        assert reason is None or (reason.startswith("the ") and "\n" not in reason), (config, reason)
+    monkeypatch.setattr(kernels, "_arch", lambda device: 75)  # both public functions ask the device's arch
+    q, k, v, _ = random_inputs(1, 1, 32, 32, 16)
+    with pytest.raises(ValueError, match="need sm_80"):
+        attention(q, k, v, block=16, backend="triton")
+    with pytest.raises(ValueError, match="need sm_80"):
+        lsh_attention(q, k, v, torch.zeros(1, 1, 1, 32, dtype=torch.long), 8, backend="triton")
 
 
 def test_rows_without_visible_keys_give_zero_output_and_finite_grads():
@@ -1120,10 +1230,25 @@ def test_automatic_backend_is_dense_on_cpu():
 
 
 def test_layout_index_lists_are_cached_by_content():
+    # A model's own layout tensor is looked up by identity (its content is not serialised again), a rebuilt one
+    # by content; a layout changed in place gets new lists.
     layout = random_layout(2, 64, 64, 16)
     first = kernels.block_lists(layout, 16, 64, 64, 0, 65, "cpu")
+    assert kernels.block_lists(layout, 16, 64, 64, 0, 65, "cpu") is first
     assert kernels.block_lists(layout.clone(), 16, 64, 64, 0, 65, "cpu") is first
     assert kernels.block_lists(~layout, 16, 64, 64, 0, 65, "cpu") is not first
+    layout[0] = ~layout[0]
+    changed = kernels.block_lists(layout, 16, 64, 64, 0, 65, "cpu")
+    assert changed is not first and not torch.equal(changed[1], first[1])
+
+
+def test_layout_lists_put_the_tiles_the_band_cuts_first():
+    # Causal, window 40 (query p sees keys p - 39 .. p), block 16, T = S = 64: query block 3 (rows 48..63) sees
+    # key blocks 0 and 1 cut by the window (row 63 sees keys from 24 on), 2 whole and 3 cut by the diagonal.
+    layout = torch.ones(1, 4, 4, dtype=torch.bool)
+    row_ptr, cols, col_ptr, rows, row_mid, col_mid = kernels.block_lists(layout, 16, 64, 64, 0, 40, "cpu")
+    assert cols[row_ptr[3]:row_mid[3]].tolist() == [0, 1, 3] and cols[row_mid[3]:row_ptr[4]].tolist() == [2]
+    assert rows[col_ptr[0]:col_mid[0]].tolist() == [0, 2, 3] and rows[col_mid[0]:col_ptr[1]].tolist() == [1]
 
 
 @pytest.mark.parametrize("bad", [
@@ -1423,6 +1548,22 @@ def test_lsh_kernel_matches_reference_forward_and_backward(chunk, R, T, mode):
         torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("chunk", [32, 24])
+def test_lsh_kernel_walking_narrower_key_tiles_matches_reference(chunk, monkeypatch):
+    # Outside sm_90 the kernels walk a chunk pair in tiles narrower than the chunk; with chunk 24 the tiles
+    # straddle chunk boundaries. Dedup and rounds included.
+    config = kernels.lsh_launch_config
+    monkeypatch.setattr(kernels, "lsh_launch_config", lambda *args: {**config(*args), "BLOCK_N": 16})
+    q, v, buckets = random_lsh_inputs(T=3 * chunk + 5, R=2, seed=chunk)
+    grad_out = torch.randn(1, 2, 3 * chunk + 5, 16)
+    results = {}
+    for backend in ("dense", "triton"):
+        out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, backend=backend, dedup=True)
+        results[backend] = (out.detach(), *torch.autograd.grad((out * grad_out).sum(), (q, v)))
+    for ref, tri in zip(results["dense"], results["triton"]):
+        torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_lsh_kernel_in_fp16_matches_float64_reference():
     # fp16 inputs: logits and the merged output in fp32, the output stored in fp16, gradients summed in fp32
     q, v, buckets = random_lsh_inputs(R=3, dtype=torch.float16, seed=4)
@@ -1459,10 +1600,10 @@ def test_lsh_backend_is_chosen_automatically_and_refuses_what_the_kernel_cannot_
     q, v, buckets = random_lsh_inputs()
     lsh_attention(q, q, v, buckets, 8)
     assert kernels.last_lsh_backend == "dense"  # CPU tensors
-    with pytest.raises(ValueError, match="chunks of at most 128"):
-        lsh_attention(*(x.repeat(1, 1, 8, 1) for x in (q, q, v)), buckets.repeat(1, 1, 1, 8), 256, backend="triton")
+    with pytest.raises(ValueError, match="chunks of at most 64"):
+        lsh_attention(q, q, v, buckets, 128, backend="triton")
     wide = torch.randn(1, 1, 16, 128)
-    with pytest.raises(ValueError, match="fp32 inputs up to head dim 64"):
+    with pytest.raises(ValueError, match="in fp32 up to 64"):
         lsh_attention(wide, wide, wide, buckets[:, :1, :, :16], 8, backend="triton")
     with pytest.raises(ValueError, match="unknown LSH attention backend"):
         lsh_attention(q, q, v, buckets, 8, backend="cuda")
@@ -1548,10 +1689,10 @@ def later_inputs_effect(backend, R, scale, causal, dedup=False, T=44, t=21, chun
     """How much the LSH output before position t moves when q, k, v and the buckets at positions >= t change,
     and the largest gradient of the output at t with respect to q, k, v at positions after t."""
     g = torch.Generator().manual_seed(R)
-    q, k, v = (scale * torch.randn(1, 2, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    buckets = torch.randint(4, (1, 2, R, T), generator=g)
+    q, k, v = (scale * torch.randn(1, 1, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    buckets = torch.randint(4, (1, 1, R, T), generator=g)
     changed = [x.clone() for x in (q, k, v, buckets)]
-    for x, new in zip(changed, (q, k, v, torch.randint(4, (1, 2, R, T), generator=g))):
+    for x, new in zip(changed, (q, k, v, torch.randint(4, (1, 1, R, T), generator=g))):
         x[..., t:] = new[..., t:].flip(-1) if x.is_floating_point() else new[..., t:]  # other values after t
     if backend == "triton":
         q, k, v, changed[0], changed[1], changed[2] = (x.float() for x in (q, k, v, *changed[:3]))
@@ -2363,3 +2504,134 @@ def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monke
         assert max(moved) == 0, moved
     else:
         assert max(moved) > 1e-3, moved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU tests (skipped without CUDA): every kernel configuration the dispatch launches, compiled and run, against
+# the float64 reference, and one training step of every model. The rest of this file runs the kernels in
+# Triton's interpreter, so these run on their own: `TRITON_INTERPRET=0 python -m pytest test_all.py -k gpu`.
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ["TRITON_INTERPRET"] == "1",
+                               reason="needs a CUDA GPU and compiled kernels: TRITON_INTERPRET=0 pytest -k gpu")
+# dtype, and the error a kernel may have where PyTorch's own is near 0: fp32 multiplies in TF32 (10 mantissa
+# bits, as fp16) in the kernels and exactly in PyTorch
+GPU_DTYPES = {"bf16": (torch.bfloat16, 2e-3), "fp16": (torch.float16, 1e-3), "fp32": (torch.float32, 1e-2)}
+
+
+@pytest.fixture(scope="module")
+def gpu_arch():
+    """This GPU's architecture (90 for sm_90), its kernels compiled beforehand in parallel processes (the
+    compile check's launches fill Triton's cache), so that the tests below load them instead of compiling
+    one after another."""
+    major, minor = torch.cuda.get_device_capability()
+    arch = 10 * major + minor
+    configs = [c for c in all_gpu_configs() if c[0] == arch]
+    if configs:
+        compile_for_gpus(configs, processes=min(16, os.cpu_count() or 1))
+    return arch
+
+
+def error_vs_float64(fn, ref_fn, inputs, dout):
+    """max |fn - ref| over the output and the input gradients, each relative to the reference's largest
+    value, with fn on the GPU in the inputs' dtype and ref_fn on the CPU in float64."""
+    ours = outputs_and_grads(fn, *inputs, dout)
+    cpu = [x.detach().cpu().double().requires_grad_() for x in inputs]
+    ref = outputs_and_grads(ref_fn, *cpu, dout.cpu().double())
+    return max(((a.cpu().double() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))
+
+
+def gpu_layouts(nb, heads):
+    """The Sparse Transformer's block patterns over nb x nb tiles (stride 2 tiles), and a random one."""
+    qb, kb = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    causal = kb <= qb
+    return dict(local=(causal & (qb - kb < 2))[None], strided=(causal & ((qb - kb) % 2 == 0))[None],
+                fixed=torch.stack([causal & ((qb // 2 == kb // 2) | (kb % 2 == h % 2)) for h in range(heads)]),
+                random=torch.rand(heads, nb, nb, generator=torch.Generator().manual_seed(nb)) < 0.5)
+
+
+def sparse_gpu_cases(block, heads, T):
+    """(name, T, S, attention kwargs): causal and not, with and without windows and layouts."""
+    layouts = gpu_layouts(T // block, heads)
+    return [("causal", T, T, dict()), ("not-causal-cross", T // 2, T, dict(causal=False)),
+            ("window", T, T, dict(window=block + 7)),
+            ("local+window", T, T, dict(layout=layouts["local"], window=2 * block)),
+            ("strided", T, T, dict(layout=layouts["strided"])), ("fixed-per-head", T, T, dict(layout=layouts["fixed"])),
+            ("random-not-causal", T, T, dict(layout=layouts["random"], causal=False))]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("block", kernels.TRITON_BLOCKS)
+def test_gpu_block_sparse_kernel_matches_float64_reference(gpu_arch, dtype, D, block):
+    # Forward and gradients of the compiled kernel within 3x the error of PyTorch's own attention (SDPA) in
+    # the same dtype, plus a floor, under every mask kind.
+    dtype, floor = GPU_DTYPES[dtype]
+    reason = kernels._sparse_config_unfit(gpu_arch, dtype, D, block)
+    if reason:  # the dispatch takes the dense path here
+        pytest.skip(reason)
+    for name, T, S, mask in sparse_gpu_cases(block, 2, 4 * max(block, 64)):
+        q, k, v, dout = (x.cuda() for x in random_inputs(2, 2, T, S, D, dtype, seed=block + D))
+        mask = dict(block=block, **mask)
+        ours = error_vs_float64(lambda q, k, v: attention(q, k, v, backend="triton", **mask),
+                                lambda q, k, v: reference(q, k, v, **mask), (q, k, v), dout)
+        sdpa = error_vs_float64(lambda q, k, v: attention(q, k, v, backend="dense", **mask),
+                                lambda q, k, v: reference(q, k, v, **mask), (q, k, v), dout)
+        assert ours <= 3 * sdpa + floor, (name, ours, sdpa)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("chunk", [8, 32, 64])
+def test_gpu_lsh_kernel_matches_float64_reference(gpu_arch, dtype, D, chunk):
+    # 1 to 4 rounds in every mode the dispatch runs on the kernels, on a length chunk does not divide; the
+    # error within 3x that of the dense twin in the same dtype, plus a floor.
+    dtype, floor = GPU_DTYPES[dtype]
+    modes = [mode for mode in LSH_MODES
+             if not kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, LSH_MODES[mode].get("dedup", False))]
+    if not modes:  # the dispatch takes the dense twin here
+        pytest.skip(kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, False))
+    T = 6 * chunk + 5
+    for R, mode in itertools.product(range(1, 5), modes):
+        g = torch.Generator().manual_seed(R)
+        q, v, dout = (torch.randn(2, 2, T, D, generator=g).to("cuda", dtype) for _ in range(3))
+        buckets = torch.randint(4, (2, 2, R, T), generator=g).cuda()  # buckets longer than a chunk
+        k = F.normalize(q.float(), dim=-1).to(dtype)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+        def run(backend):
+            return lambda q, k, v: lsh_attention(q, k, v, buckets.to(q.device), chunk, backend=backend,
+                                                 **LSH_MODES[mode])
+        ours = error_vs_float64(run("triton"), run("dense"), (q, k, v), dout)
+        twin = error_vs_float64(run("dense"), run("dense"), (q, k, v), dout)
+        assert ours <= 3 * twin + floor, (R, mode, ours, twin)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", list(train.MODELS))
+def test_gpu_every_model_takes_a_training_step(gpu_arch, name):
+    # bf16 autocast as train.py runs it; the attention models take the Triton kernels.
+    torch.manual_seed(0)
+    config = dict(block_size=256, vocab_size=256, n_layer=2, n_head=4, n_embd=256, dropout=0.0,
+                  **train.MODELS[name][2])
+    if train.MODELS[name][0] == "sparse_transformer":
+        config.update(attn_block=64, summary=64, n_offsets=2)  # blocks that take wgmma on sm_90
+    model = train.build_model(name, config).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(256, (2, 257), device="cuda")
+    kernels.last_backend = kernels.last_lsh_backend = None
+    losses = []
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert math.isfinite(losses[0]) and losses[1] < losses[0]  # the step learned something about the batch
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if name in ("transformer", "sparse_strided", "sparse_fixed", "perceiver_ar"):
+        assert kernels.last_backend == "triton"
+    if name == "reformer":
+        assert kernels.last_lsh_backend == "triton"
