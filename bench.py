@@ -546,21 +546,23 @@ def stage_same_budget(args, device):
                 out = os.path.join(args.out_dir, "same_budget", f"{label.replace(', ', '_')}_{seed}")
                 argv = ["--model", name, "--data", args.data, "--max_iters", str(args.steps), "--eval_interval",
                         str(max(1, args.steps // 10)), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
-                t0 = time.time()
-                history = train.main(argv + SAME_BUDGET + flags)
-                seconds = time.time() - t0
+                metrics = os.path.join(out, "metrics.jsonl")
+                if not (os.path.exists(metrics) and read_jsonl(metrics)[-1]["step"] == args.steps):
+                    # an interrupted run continues from its last checkpoint; a finished one is reused as it is
+                    resume = ["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else []
+                    train.main(argv + SAME_BUDGET + flags + resume)
+                evaluations = read_jsonl(metrics)
                 ckpt, model, data = sample.load_trained(out, device)
-                tokens = args.steps * ckpt["args"]["batch_size"] * ckpt["args"]["block_size"]
-                run = dict(bits=history[-1]["val_loss"] / math.log(2), tokens_per_s=tokens / seconds,
+                run = dict(bits=evaluations[-1]["val_bits"],  # tokens/s between evaluations, evaluation excluded
+                           tokens_per_s=sum(r["tokens_per_s"] for r in evaluations) / len(evaluations),
                            params_m=sum(p.numel() for p in model.parameters()) / 1e6)
                 if not getattr(model, "exactly_causal", True):
                     run["prefix_bits"], run["window_bits"], _ = sample.evaluate_prefixes(
                         model, data, "val", ckpt["model_config"]["block_size"], device, nullcontext(), n_windows=64,
                         n_positions=32)
-                with open(os.path.join(out, "metrics.jsonl")) as f:
-                    run["curve"] = [(r["step"], r["val_bits"]) for r in map(json.loads, f)]
+                run["curve"] = [(r["step"], r["val_bits"]) for r in evaluations]
                 runs.append(run)
-                print(f"  {label} seed {seed}: {run['bits']:.3f} bits, {seconds:.0f} s")
+                print(f"  {label} seed {seed}: {run['bits']:.3f} bits, {run['tokens_per_s']:,.0f} tokens/s")
             mean = lambda key: sum(r[key] for r in runs) / len(runs) if key in runs[0] else None
             bits = [r["bits"] for r in runs]
             curve = [(step, sum(r["curve"][i][1] for r in runs) / len(runs)) for i, (step, _) in
@@ -576,6 +578,11 @@ def stage_same_budget(args, device):
           ("same positions, windowed", "window_bits", ".3f"), ("tokens/s", "tokens_per_s", ",.0f")])
     plot_curves(rows, os.path.join(args.out_dir, "same_budget.png"))
     return rows
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def plot_curves(rows, path):

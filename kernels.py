@@ -378,15 +378,17 @@ def launch_config(block, D, dtype, arch):
     Chosen by compiling for sm_80/86/89/90 (the compile check in test_all.py), after FlexAttention's defaults:
     a forward program owns 128 query rows; a backward program holds twice as much per row (k, v and two fp32
     accumulators), so it owns fewer rows the wider they are; sub-tiles are 64 wide, but 32 for fp32 rows of 128
-    and in the backward outside sm_90; 8 warps for the largest tiles; a third pipeline stage where shared memory
-    has room (163 KB a block on sm_80, 227 KB on sm_90; 99 KB on sm_86 and sm_89)."""
+    and in the backward outside sm_90; 8 warps for the larger tiles (where fewer spill registers, or where
+    more make ptxas trade registers for occupancy and spill); a third pipeline stage where shared memory has
+    room (163 KB a block on sm_80, 227 KB on sm_90; 99 KB on sm_86 and sm_89)."""
     arch = arch or 90
     row_bytes = D * torch.empty(0, dtype=dtype).element_size()
     width = min(block, 64 if row_bytes <= 256 else 32)
     inner = width if arch == 90 else min(block, 32)
     fwd_rows, bwd_rows = min(block, 128), min(block, 128, 128 * 128 // row_bytes)
     stages = 3 if arch in (80, 90) else 2
-    fwd = dict(num_warps=8 if fwd_rows * row_bytes >= 32768 else 4, num_stages=stages)
+    fwd = dict(num_warps=8 if fwd_rows == 128 and D >= 64 or fwd_rows * row_bytes >= 32768 else 4,
+               num_stages=stages)
     bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4, num_stages=stages)
     return dict(fwd=dict(BLOCK_M=fwd_rows, BLOCK_N=width, **fwd), dkdv=dict(BLOCK_N=bwd_rows, BLOCK_M=inner, **bwd),
                 dq=dict(BLOCK_M=bwd_rows, BLOCK_N=inner, **bwd))
@@ -523,6 +525,9 @@ def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=No
 # - causal=True: the `chunk` most recent keys of its own bucket up to itself, i.e. the keys of its bucket at sorted
 #   indices s - chunk + 1 .. s for a query at sorted index s: a sliding window in sorted order. A position's
 #   bucket depends on that position alone, so the window depends only on positions <= the query: exactly causal.
+#   Exactly also in floating point: each bucket starts a fresh chunk of the sorted order (empty slots, st = -1,
+#   fill the end of its last chunk), so a query's chunk, and where each key of its window sits in the tiles, depend
+#   only on how many earlier positions share its bucket; the same sums run in the same order whatever comes later.
 #   The window lies in the own and previous chunk, so the kernels below take it unchanged.
 # Both are one test on a per-round integer `loc` of every position (sort_by_bucket): key j is in query i's window
 # exactly when loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (its logit is
@@ -542,20 +547,31 @@ last_lsh_backend = None  # "triton" or "dense": which path the most recent lsh_a
 
 
 def sort_by_bucket(buckets, chunk, same_bucket=False, causal=False):
-    """buckets (B, H, R, T) -> sorted positions st, inverse permutation rank, window ids loc, all (B, H, R, T),
-    and span: key j lies in query i's window of a round exactly when in_window(loc_i, loc_j, span).
+    """buckets (B, H, R, T) -> sorted positions st (B, H, R, P), sorted index of each position rank, window ids
+    loc, both (B, H, R, T), and span: key j lies in query i's window of a round exactly when
+    in_window(loc_i, loc_j, span).
 
-    st[..., s] is the original position at sorted index s; rank[..., t] the sorted index of position t.
-    loc[..., t] is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket (rank grows with
-    the bucket, so other buckets land 2 or more away, or below); with causal, t's sorted index plus
-    chunk * bucket (span chunk: the chunk latest sorted indices of the same bucket).
+    st[..., s] is the original position at sorted index s (-1 for an empty slot); rank[..., t] the sorted index
+    of position t. loc[..., t] is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket
+    (rank grows with the bucket, so other buckets land 2 or more away, or below). With causal, every bucket
+    starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk * bucket (span chunk:
+    the chunk latest sorted indices of the same bucket; another bucket lands chunk or more away).
     """
     T = buckets.shape[-1]
     pos = torch.arange(T, device=buckets.device)
     st = torch.argsort(buckets.long() * T + pos, dim=-1)  # keys are unique, so this is the stable order
-    rank = torch.empty_like(st).scatter_(-1, st, pos.expand_as(st))
     if causal:
+        sorted_buckets = buckets.long().gather(-1, st)
+        starts = torch.ones_like(st, dtype=torch.bool)
+        starts[..., 1:] = sorted_buckets[..., 1:] != sorted_buckets[..., :-1]
+        in_bucket = pos - torch.where(starts, pos, 0).cummax(-1).values  # how many earlier positions share it
+        # the padded sorted index: the number of chunks begun before, plus the place in the own chunk
+        padded = (torch.cumsum(in_bucket % chunk == 0, -1) - 1) * chunk + in_bucket % chunk  # (B, H, R, T)
+        P = (int(padded[..., -1].max()) // chunk + 1) * chunk
+        st = torch.full((*st.shape[:-1], P), -1, dtype=st.dtype, device=st.device).scatter_(-1, padded, st)
+        rank = torch.empty_like(padded).scatter_(-1, st.gather(-1, padded), padded)
         return st, rank, rank + chunk * buckets.long(), chunk
+    rank = torch.empty_like(st).scatter_(-1, st, pos.expand_as(st))
     loc = rank // chunk
     if same_bucket:
         loc = loc + 2 * buckets.long()
@@ -575,41 +591,44 @@ def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, d
     """The plain PyTorch twin: per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) by sort + gather.
     T must be a multiple of chunk (lsh_attention pads any other length)."""
     B, H, T, D = q.shape
-    R, N = buckets.shape[2], T // chunk
     st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
+    R, P = st.shape[2:]
+    N = P // chunk
 
     def gather_rows(x):  # (B, H, T, E) -> rows in each round's sorted order, chunked: (B, H, R, N, m, E)
         E = x.shape[-1]
-        rows = x[:, :, None].expand(B, H, R, T, E).gather(3, st[..., None].expand(B, H, R, T, E))
-        return rows.view(B, H, R, N, chunk, E)
+        rows = x[:, :, None].expand(B, H, R, T, E).gather(3, st.clamp(min=0)[..., None].expand(B, H, R, P, E))
+        return rows.view(B, H, R, N, chunk, E)  # an empty slot holds row 0, masked below
 
     def with_previous(x):  # (B, H, R, N, m, ...) -> (B, H, R, N, 2m, ...): previous chunk's rows, then own
         return torch.cat([x.roll(1, dims=3), x], dim=4)
 
     sq = gather_rows(q)  # (B, H, R, N, m, D)
     sk, sv = with_previous(gather_rows(k)), with_previous(gather_rows(v))  # (B, H, R, N, 2m, D)
-    qpos = st.view(B, H, R, N, chunk)
+    qpos = st.view(B, H, R, N, chunk)  # -1 in empty slots
     kpos = with_previous(qpos)  # (B, H, R, N, 2m)
     s = (sq @ sk.transpose(-1, -2)) * scale  # (B, H, R, N, m, 2m)
     is_self = kpos[..., None, :] == qpos[..., :, None]
     s = s.masked_fill(is_self, SELF_LOGIT)
     if dedup:
         # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
-        qloc = loc.gather(3, qpos.reshape(B, H, 1, R * T).expand(B, H, R, R * T)).view(B, H, R, R, N, chunk)
-        kloc = loc.gather(3, kpos.reshape(B, H, 1, 2 * R * T).expand(B, H, R, 2 * R * T))
+        qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, R * P).expand(B, H, R, R * P))
+        qloc = qloc.view(B, H, R, R, N, chunk)
+        kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, 2 * R * P).expand(B, H, R, 2 * R * P))
         kloc = kloc.view(B, H, R, R, N, 2 * chunk)
         count = in_window(qloc[..., :, None], kloc[..., None, :], span).sum(2)  # (B, H, R, N, m, 2m)
         s = s - count.clamp(min=1).to(s.dtype).log()
     first = torch.zeros(N, 2 * chunk, dtype=torch.bool, device=q.device)
     first[0, :chunk] = True  # the first chunk has no previous chunk
-    sloc = loc.gather(3, st).view(B, H, R, N, chunk)  # this round's loc of the sorted rows
-    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & ~first[:, None, :] \
+    sloc = loc.gather(3, st.clamp(min=0)).view(B, H, R, N, chunk)  # this round's loc of the sorted rows
+    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & (kpos[..., None, :] >= 0) & ~first[:, None, :] \
         & in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)
+    allowed |= (qpos < 0)[..., None]  # an empty slot's row: any finite result, never read back
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, R, N, m)
     so = torch.exp(s - lse[..., None]) @ sv  # (B, H, R, N, m, D)
-    o = so.view(B, H, R, T, D).gather(3, rank[..., None].expand(B, H, R, T, D))  # undo the sort
-    return o, lse.view(B, H, R, T).gather(3, rank)
+    o = so.view(B, H, R, P, D).gather(3, rank[..., None].expand(B, H, R, T, D))  # undo the sort
+    return o, lse.view(B, H, R, P).gather(3, rank)
 
 
 # Shared by the three kernels: the logits s = scale * q.k of a tile of queries against a tile of keys, masked.
@@ -636,6 +655,14 @@ def _lsh_window(LOC_ROUND, qpos, kpos, span):
 
 
 @jit
+def _sorted_positions(ST_ROUND, idx, ok):
+    """The original positions at sorted indices idx of a round (its row of ST), and which are real: not masked
+    by ok, nor an empty slot of the causal layout (-1). Positions that are not real read as 0."""
+    pos = tl.load(ST_ROUND + idx, mask=ok, other=-1)
+    return tl.maximum(pos, 0), pos >= 0
+
+
+@jit
 def _load_rows(X, base, pos, ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows X[base + pos] of a row-major (.., T, D) tensor, (len(pos), BLOCK_D) with zeros past D and where not
     ok: the in-kernel gather that replaces a sorted copy."""
@@ -657,11 +684,11 @@ def _store_rows(X, base, pos, ok, x, D: tl.constexpr, BLOCK_D: tl.constexpr, ACC
 
 # Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only count or give
 # lengths whose alignment the constexpr D already shows, so one compiled kernel serves every value.
-LSH_SCALARS = ["r", "R", "span", "chunk", "T"]
+LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
-# (B*H, T/chunk). SRAM: the chunk's BLOCK_M query rows (BLOCK_M: chunk rounded up to a power of two, at least
+# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM: the chunk's BLOCK_M query rows (BLOCK_M: chunk rounded up to a power of two, at least
 # 16), then in turn tiles of BLOCK_N key and value rows from the previous and the own chunk (sorted indices
 # (c-1)*chunk .. (c+1)*chunk - 1), each row gathered from the unsorted q/k/v through the sorted positions ST,
 # and their (BLOCK_M, BLOCK_N) logits. Over the key tiles, the round's softmax by the flash-attention recurrence
@@ -677,7 +704,7 @@ LSH_SCALARS = ["r", "R", "span", "chunk", "T"]
 # fp32 (ACC) until the last round writes O in the input dtype. Only (B, H, T, D) is ever stored, never the
 # (B, H, R, T, D) per-round outputs.
 @jit(do_not_specialize=LSH_SCALARS)
-def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T,
+def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T, P,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -685,16 +712,15 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
     bhr = bh * R + r  # row of this round in ST and LOC: (B, H, R, T)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    q_ok = offs_m < chunk
-    qpos = tl.load(ST + bhr * T + c * chunk + offs_m % chunk)  # padding rows repeat real ones, never stored
+    qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m % chunk, offs_m >= 0)  # rows past
+    q_ok &= offs_m < chunk  # chunk repeat real ones, and like empty slots are never stored
     q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range((c - 1) * chunk, (c + 1) * chunk, BLOCK_N):  # keys: the previous chunk, then this one
         k_idx = start + offs_n  # sorted indices
-        k_ok = (k_idx >= 0) & (k_idx < (c + 1) * chunk)
-        kpos = tl.load(ST + bhr * T + k_idx, mask=k_ok, other=0)
+        kpos, k_ok = _sorted_positions(ST + bhr * P, k_idx, (k_idx >= 0) & (k_idx < (c + 1) * chunk))
         k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
         v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
         s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
@@ -705,6 +731,7 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
         l = l * alpha + tl.sum(p, 1)
         o = o * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
+    l = tl.where(q_ok, l, 1.0)  # an empty slot's row saw no key: kept finite, never stored
     out = o / l[:, None]
     if r > 0:  # merge with the rounds before (every round has the self logit, so M is finite)
         m_before = tl.load(M + bh * T + qpos)
@@ -736,7 +763,7 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
 # program. SRAM: BLOCK_M key/value rows, then in turn tiles of BLOCK_N query/dout rows from those two chunks
 # with their M, L and delta; the logits transposed, (keys, queries), as in _bwd_dkdv_kernel.
 @jit(do_not_specialize=LSH_SCALARS)
-def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, chunk, scale, self_logit, T,
+def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, chunk, scale, self_logit, T, P,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -744,16 +771,14 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, 
     bhr = bh * R + r
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    k_ok = offs_m < chunk
-    kpos = tl.load(ST + bhr * T + c * chunk + offs_m, mask=k_ok, other=0)
+    kpos, k_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m, offs_m < chunk)
     k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
     v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(c * chunk, (c + 2) * chunk, BLOCK_N):  # queries: this chunk, then the next one
         q_idx = start + offs_n  # sorted indices
-        q_ok = (q_idx < T) & (q_idx < (c + 2) * chunk)
-        qpos = tl.load(ST + bhr * T + q_idx, mask=q_ok, other=0)
+        qpos, q_ok = _sorted_positions(ST + bhr * P, q_idx, (q_idx < P) & (q_idx < (c + 2) * chunk))
         q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
         do = _load_rows(DO, bh * T * D, qpos, q_ok, D, BLOCK_D)
         m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get P = 0
@@ -772,7 +797,7 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, 
 # dQ. One program = the queries of chunk c of (bh, round r); grid (B*H, T/chunk); the forward's tiles plus the
 # queries' dout, M, L and delta.
 @jit(do_not_specialize=LSH_SCALARS)
-def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk, scale, self_logit, T,
+def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk, scale, self_logit, T, P,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
@@ -780,8 +805,7 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk,
     bhr = bh * R + r
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    q_ok = offs_m < chunk
-    qpos = tl.load(ST + bhr * T + c * chunk + offs_m, mask=q_ok, other=0)
+    qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m, offs_m < chunk)
     q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
     do = _load_rows(DO, bh * T * D, qpos, q_ok, D, BLOCK_D)
     m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))
@@ -790,8 +814,7 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range((c - 1) * chunk, (c + 1) * chunk, BLOCK_N):
         k_idx = start + offs_n
-        k_ok = (k_idx >= 0) & (k_idx < (c + 1) * chunk)
-        kpos = tl.load(ST + bhr * T + k_idx, mask=k_ok, other=0)
+        kpos, k_ok = _sorted_positions(ST + bhr * P, k_idx, (k_idx >= 0) & (k_idx < (c + 1) * chunk))
         k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
         v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
         s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
@@ -809,16 +832,16 @@ class _LSHAttentionTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, buckets, chunk, scale, same_bucket, dedup, causal):
         q, k, v = (_aligned(x) for x in (q, k, v))
         B, H, T, D = q.shape
-        R = buckets.shape[2]
         st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
+        R, P = st.shape[2:]
         st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
         out = torch.empty_like(q)
         acc = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) if R > 1 else out
         m, l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
         cfg = lsh_launch_config(chunk, D, _arch(q.device), dedup)
-        grid = (B * H, T // chunk)
+        grid = (B * H, P // chunk)
         for r in range(R):
-            _lsh_fwd_kernel[grid](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT, T,
+            _lsh_fwd_kernel[grid](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT, T, P,
                                   D=D, DEDUP=dedup, **cfg)
         ctx.save_for_backward(q, k, v, st, loc, out, m, l)
         ctx.grid, ctx.cfg, ctx.scalars = grid, cfg, (R, span, chunk, scale, dedup)
@@ -829,12 +852,13 @@ class _LSHAttentionTriton(torch.autograd.Function):
         q, k, v, st, loc, out, m, l = ctx.saved_tensors
         B, H, T, D = q.shape
         R, span, chunk, scale, dedup = ctx.scalars
+        P = st.shape[-1]
         do = _aligned(do.to(q.dtype))
         delta = _delta(out, do)  # (B, H, T)
         dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) for _ in range(3))
         args = (q, k, v, st, loc, do, m, l, delta)
         for r in range(R):
-            scalars = (r, R, span, chunk, scale, SELF_LOGIT, T)
+            scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
             _lsh_bwd_dkdv_kernel[ctx.grid](*args, dk, dv, *scalars, D=D, DEDUP=dedup, **ctx.cfg)
             _lsh_bwd_dq_kernel[ctx.grid](*args, dq, *scalars, D=D, DEDUP=dedup, **ctx.cfg)
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None, None, None
@@ -851,8 +875,8 @@ def lsh_launch_config(chunk, D, arch, dedup):
     if (arch or 90) == 90:
         block_n = 64 if block_d <= 64 else 16 if dedup and block_m * block_d >= 8192 else 32
     block_n = min(block_m, block_n)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_m * block_d >= 4096 else 4,
-                num_stages=1)
+    warps = 8 if block_m * block_d >= 4096 or dedup and block_m >= 64 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=1)
 
 
 def combine_rounds(o, lse):

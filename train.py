@@ -52,7 +52,6 @@ MODELS = {  # name: (module, model class, Config values that make the variant)
 }
 SHARED_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout")
 DATA_FLAGS = ("data", "audio_rate", "audio_seq_len")  # a checkpoint's data set: fixed when resuming
-MODEL_ZERO_MEANS = "0 means automatic or off where the model's --help says so"
 
 # ----------------------------------------------------------------------------------------------------------
 # Flags: parsed and checked in one place, so a value the code cannot take stops here with one sentence
@@ -113,6 +112,7 @@ def parse_args(argv=None):
     for f in own:
         delattr(args, f.name)
     args.given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # flags typed on the command line
+    del args.help
     problem = check_args(args)
     if problem:
         mp.error(problem)
@@ -130,7 +130,10 @@ def flag_type(annotation):
         return boolean
     if annotation is tuple:
         def int_tuple(text):
-            value = ast.literal_eval(text) if text.strip() else ()
+            try:
+                value = ast.literal_eval(text) if text.strip() else ()
+            except (ValueError, SyntaxError) as e:  # argparse turns only ValueError into its one-line message
+                raise ValueError(text) from e
             if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) for v in value):
                 raise ValueError(text)
             return tuple(value)
@@ -156,7 +159,7 @@ def check_args(args):
         return f"--dropout {args.dropout}: must be a fraction in [0, 1)"
     for name, value in args.model_overrides.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (value < 0 or value != value):
-            return f"--{name} {value}: must not be negative ({MODEL_ZERO_MEANS})"
+            return f"--{name} {value}: must not be negative (0 means automatic or off where --help says so)"
     problem = check_device(args.device)
     if problem or args.resume:
         return problem  # a checkpoint brings its own model settings, checked when it was trained
