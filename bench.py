@@ -546,12 +546,7 @@ def stage_same_budget(args, device):
                 out = os.path.join(args.out_dir, "same_budget", f"{label.replace(', ', '_')}_{seed}")
                 argv = ["--model", name, "--data", args.data, "--max_iters", str(args.steps), "--eval_interval",
                         str(max(1, args.steps // 10)), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
-                metrics = os.path.join(out, "metrics.jsonl")
-                if not (os.path.exists(metrics) and read_jsonl(metrics)[-1]["step"] == args.steps):
-                    # an interrupted run continues from its last checkpoint; a finished one is reused as it is
-                    resume = ["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else []
-                    train.main(argv + SAME_BUDGET + flags + resume)
-                evaluations = read_jsonl(metrics)
+                evaluations = train_once(argv + SAME_BUDGET + flags, out, args.steps)
                 ckpt, model, data = sample.load_trained(out, device)
                 run = dict(bits=evaluations[-1]["val_bits"],  # tokens/s between evaluations, evaluation excluded
                            tokens_per_s=sum(r["tokens_per_s"] for r in evaluations) / len(evaluations),
@@ -578,6 +573,16 @@ def stage_same_budget(args, device):
           ("same positions, windowed", "window_bits", ".3f"), ("tokens/s", "tokens_per_s", ",.0f")])
     plot_curves(rows, os.path.join(args.out_dir, "same_budget.png"))
     return rows
+
+
+def train_once(argv, out, steps):
+    """train.main(argv) into out for `steps` steps, and its evaluations (metrics.jsonl). A run already finished
+    there is reused as it is, an interrupted one continues from its last checkpoint: a long stage that stops
+    halfway loses nothing."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not (os.path.exists(metrics) and read_jsonl(metrics)[-1]["step"] == steps):
+        train.main(argv + (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else []))
+    return read_jsonl(metrics)
 
 
 def read_jsonl(path):
@@ -642,9 +647,9 @@ def stage_recall(args, device):
                     out = os.path.join(args.out_dir, "recall", f"{label.replace(', ', '_')}_{d}_{seed}")
                     settings = RECALL_SETTINGS.get(name, []) + (["--n_latents", str(d)] if name == "perceiver_ar"
                                                                  else [])
-                    train.main(["--model", name, "--block_size", str(2 * d), "--max_iters", str(args.recall_steps),
+                    train_once(["--model", name, "--block_size", str(2 * d), "--max_iters", str(args.recall_steps),
                                 "--eval_interval", str(args.recall_steps), "--seed", str(seed), "--out_dir", out,
-                                "--device", str(device)] + RECALL + settings + flags)
+                                "--device", str(device)] + RECALL + settings + flags, out, args.recall_steps)
                     _, model, _ = sample.load_trained(out, device)
                     accuracy.append(copy_accuracy(model, d, device))
                 row[f"d{d}"] = sum(accuracy) / len(accuracy)
