@@ -52,9 +52,17 @@ class Config:
     summary: int = 32  # c: the summary positions at the end of each fixed block
     n_offsets: int = 4  # fixed: head h reads the summary sub-block h mod n_offsets from the block's end
     combine: str = "interleaved"  # how A1 and A2 combine: "interleaved", "merged" or "multihead"
-    attn_block: int = 32  # tile size of the block-sparse kernel
+    attn_block: int = 0  # tile size of the block-sparse kernel; 0 = auto_attn_block
     recompute: bool = False  # recompute each block in the backward pass instead of storing activations
     pos_emb: str = "learned"  # "learned" (one per position), "factorized" (row, column), "image" (row, col, channel)
+
+
+def auto_attn_block(config):
+    """The official code's 32, which keeps the patterns of short sequences fine; 64 from block_size 4096 on, where
+    a GPU run is likely and an H100 needs tiles of 64 rows for its fast matrix instructions (wgmma: 32-row tiles
+    compile to the older mma), whenever the pattern tiles into 64s (fixed: stride and summary multiples of 64)."""
+    tiles = config.pattern != "fixed" or config.stride % 64 == 0 and config.summary % 64 == 0
+    return 64 if config.block_size >= 4096 and tiles else 32
 
 
 def auto_stride(config):
@@ -402,6 +410,8 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 class SparseTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.attn_block == 0:
+            config = dataclasses.replace(config, attn_block=auto_attn_block(config))
         check_config(config)
         if config.stride == 0:
             config = dataclasses.replace(config, stride=auto_stride(config))

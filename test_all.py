@@ -694,7 +694,7 @@ BAD_FLAGS = [
     (["--model", "reformer", "--axial_shape", "(3,)"], "axial_shape"),
     (["--model", "reformer", "--axial_shape", "(3,"], "--axial_shape: invalid tuple of ints"),
     (["--model", "reformer", "--reversible", "maybe"], "--reversible: invalid true/false value"),
-    (["--model", "sparse_fixed", "--attn_block", "0"], "attn_block"),
+    (["--model", "sparse_fixed", "--attn_block", "-1"], "attn_block"),
     (["--model", "sparse_strided", "--stride", "7"], "stride"), (["--model", "aft_local", "--window", "0"], "window"),
     (["--model", "aft_full", "--w_rank", "-2"], "--w_rank -2"), (["--model", "perceiver_ar", "--n_latents", "-1"],
                                                                   "--n_latents -1"),
@@ -1000,6 +1000,15 @@ def test_recompute_keeps_no_attention_maps_for_the_backward():
     assert saved[False, 256] > 5 * saved[False, 64]  # n x n tensors are kept without recompute (4x n: > 4x)
     assert saved[True, 256] <= 4 * saved[True, 64] + 1  # linear in n with it
     assert saved[True, 256] < saved[False, 256] / 10
+
+
+def test_automatic_tile_is_64_where_long_sequences_tile_into_it_and_32_elsewhere():
+    auto = lambda **kw: st.auto_attn_block(Config(**kw))
+    assert auto(block_size=4096, pattern="strided") == 64 and auto(block_size=1024, pattern="strided") == 32
+    assert auto(block_size=4096, pattern="fixed") == 32  # the default summary of 32 is no multiple of 64
+    assert auto(block_size=4096, pattern="fixed", summary=64) == 64
+    model = SparseTransformer(Config(block_size=4096, n_layer=1, n_head=2, n_embd=16, pattern="strided"))
+    assert (model.config.attn_block, model.config.stride) == (64, 64)  # l = sqrt(n) still tiles
 
 
 def test_bad_lengths_and_settings_raise_value_error_with_a_helpful_sentence():
