@@ -614,7 +614,11 @@ def plot_curves(rows, path):
 RECALL = ["--data", "copy", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "16", "--lr", "3e-3",
           "--warmup", "20", "--eval_iters", "4"]
 RECALL_SETTINGS = {"aft_full": ["--w_rank", "32"],  # a full (2d x 2d) w per layer would dwarf every other model
-                   "perceiver_ar": ["--n_layer", "1"]}  # + its cross-attention block: two blocks, as the others
+                   "perceiver_ar": ["--n_layer", "1"],  # + its cross-attention block: two blocks, as the others
+                   # patterns that stay sparse at these lengths: tiles of 8 let the strided stride be ~sqrt(2d)
+                   # (8 or 16, not 2 or 4), and fixed blocks of 16 (the paper's 128 would cover the whole row)
+                   "sparse_strided": ["--attn_block", "8"],
+                   "sparse_fixed": ["--attn_block", "8", "--stride", "16", "--summary", "8", "--n_offsets", "2"]}
 
 
 @torch.no_grad()

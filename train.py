@@ -463,7 +463,8 @@ def main(argv=None):
                                resumed_at=start if ckpt else None)
             last_eval, t_eval = step + 1, time.time()
     bar.close()
-    if ddp:
+    if ddp:  # wait until rank 0 has written its checkpoint: a rank leaving early can hang in gloo's teardown
+        dist.barrier()
         dist.destroy_process_group()
     return history
 
