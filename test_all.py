@@ -1091,7 +1091,7 @@ def dense_shared_qk_attention(q, v):
 
 
 LSH_MODES = {"paper": dict(), "same-bucket-dedup": dict(same_bucket=True, dedup=True),
-             "causal-dedup": dict(causal=True, dedup=True)}
+             "causal": dict(causal=True), "causal-dedup": dict(causal=True, dedup=True)}
 
 
 @pytest.mark.parametrize("chunk,R,T", [(8, 1, 32), (8, 3, 36), (16, 2, 32)])
