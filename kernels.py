@@ -688,7 +688,8 @@ LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
-# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM: the chunk's BLOCK_M query rows (BLOCK_M: chunk rounded up to a power of two, at least
+# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM: the
+# chunk's BLOCK_M query rows (BLOCK_M: chunk rounded up to a power of two, at least
 # 16), then in turn tiles of BLOCK_N key and value rows from the previous and the own chunk (sorted indices
 # (c-1)*chunk .. (c+1)*chunk - 1), each row gathered from the unsorted q/k/v through the sorted positions ST,
 # and their (BLOCK_M, BLOCK_N) logits. Over the key tiles, the round's softmax by the flash-attention recurrence
@@ -709,11 +710,12 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
                     DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    bhr = bh * R + r  # row of this round in ST and LOC: (B, H, R, T)
+    bhr = bh * R + r  # row of this round in ST (B, H, R, P) and LOC (B, H, R, T)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m % chunk, offs_m >= 0)  # rows past
-    q_ok &= offs_m < chunk  # chunk repeat real ones, and like empty slots are never stored
+    # rows past chunk repeat real ones; like empty slots, they are never stored
+    qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m % chunk, offs_m >= 0)
+    q_ok &= offs_m < chunk
     q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)

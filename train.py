@@ -463,8 +463,9 @@ def main(argv=None):
                                resumed_at=start if ckpt else None)
             last_eval, t_eval = step + 1, time.time()
     bar.close()
-    if ddp:  # wait until rank 0 has written its checkpoint: a rank leaving early can hang in gloo's teardown
+    if ddp:  # every rank done, and the DDP wrapper freed while all are alive: else gloo's teardown can hang
         dist.barrier()
+        del model
         dist.destroy_process_group()
     return history
 
