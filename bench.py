@@ -580,9 +580,11 @@ def train_once(argv, out, steps):
     there is reused as it is, an interrupted one continues from its last checkpoint: a long stage that stops
     halfway loses nothing."""
     metrics = os.path.join(out, "metrics.jsonl")
-    if not (os.path.exists(metrics) and read_jsonl(metrics)[-1]["step"] == steps):
+    evaluations = read_jsonl(metrics) if os.path.exists(metrics) else []
+    if not evaluations or evaluations[-1]["step"] != steps:
         train.main(argv + (["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else []))
-    return read_jsonl(metrics)
+        evaluations = read_jsonl(metrics)
+    return evaluations
 
 
 def read_jsonl(path):

@@ -568,8 +568,8 @@ def sort_by_bucket(buckets, chunk, same_bucket=False, causal=False):
         # the padded sorted index: the number of chunks begun before, plus the place in the own chunk
         padded = (torch.cumsum(in_bucket % chunk == 0, -1) - 1) * chunk + in_bucket % chunk  # (B, H, R, T)
         P = (int(padded[..., -1].max()) // chunk + 1) * chunk
+        rank = torch.empty_like(padded).scatter_(-1, st, padded)  # position st[s] sits at padded[s]
         st = torch.full((*st.shape[:-1], P), -1, dtype=st.dtype, device=st.device).scatter_(-1, padded, st)
-        rank = torch.empty_like(padded).scatter_(-1, st.gather(-1, padded), padded)
         return st, rank, rank + chunk * buckets.long(), chunk
     rank = torch.empty_like(st).scatter_(-1, st, pos.expand_as(st))
     loc = rank // chunk
