@@ -17,8 +17,9 @@ Stages, in the order they run (the first five are the project's GPU targets):
   models     (on request) training tokens/s and peak memory of every model at several lengths
   same_budget (on request) short training runs of every model under one budget, several seeds
 
-Within --budget seconds: a cell (one size of one stage) starts only when the time left exceeds an estimate
-of its cost (4x the stage's previous cell); the others are printed as skipped. Out-of-memory is a table entry.
+Within --budget seconds: each stage gets a share of the time left (STAGE_WEIGHT), and a cell (one size of one
+stage) starts only when the stage's time left exceeds an estimate of its cost (4x the stage's previous cell);
+the others are printed as skipped. Out-of-memory is a table entry.
 Each stage prints a markdown table; out_dir/bench.json holds the device, versions, command and every figure.
 """
 import argparse
@@ -29,6 +30,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 
@@ -105,6 +107,10 @@ def parse_args(argv=None):
 # Measuring: time per call, peak memory, out-of-memory as a result, the budget
 
 DEADLINE = math.inf  # time.time() by which the run must end; set by main()
+STAGE_DEADLINE = math.inf  # by which the running stage must end: its share of the time left, set by main()
+# Shares of the time left: a stage gets weight / (sum of the weights of it and the stages after it), so an early
+# stage cannot starve the later ones, and what a stage leaves unused goes to those after it.
+STAGE_WEIGHT = dict(kernels=4, reformer=3)  # the others 1
 
 
 def sync(device):
@@ -112,15 +118,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
-    """Mean milliseconds per call of fn(): one warm-up call (compilation, autotuning), one call to size the
-    loop, then as many calls as fill about half a second on a GPU (a few on a CPU)."""
-    fn()
+def timed(fn, device, warm_up=True):
+    """Mean milliseconds per call of fn(): one warm-up call (compilation, autotuning; warm_up=False when the
+    caller made it), one call to size the loop, then as many calls as fill about half a second on a GPU (a few
+    on a CPU); a call of a quarter second or more is timed once, its noise being small beside it."""
+    if warm_up:
+        fn()
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
     once = time.perf_counter() - t0
+    if once >= 0.25:
+        return 1000 * once
     n = max(1, min(50, int((0.5 if device.type == "cuda" else 0.05) / max(once, 1e-9))))
     t0 = time.perf_counter()
     for _ in range(n):
@@ -140,16 +150,23 @@ def peak_gib(fn, device, above=0):
     return (torch.cuda.max_memory_allocated(device) - above) / 2**30
 
 
+def failure(error):
+    """Print the traceback; return the status a table shows: "error: Type: first line of the message"."""
+    traceback.print_exc()
+    return f"error: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+
+
 def attempt(cell):
-    """cell() -> dict of figures, or {"status": "OOM"} when the device runs out of memory."""
+    """cell() -> dict of figures, {"status": "OOM"} when the device runs out of memory, or {"status": "error: ..."}
+    with the traceback printed: a GPU is lent for minutes, so one failing cell must not cost the others."""
     try:
         return {"status": "ok", **cell()}
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM"}
-    except RuntimeError as e:  # the CPU allocator's out-of-memory is a plain RuntimeError
-        if "can't allocate memory" not in str(e):
-            raise
-        return {"status": "OOM"}
+    except Exception as e:  # the CPU allocator's out-of-memory is a plain RuntimeError
+        if "can't allocate memory" in str(e):
+            return {"status": "OOM"}
+        return {"status": failure(e)}
     finally:
         gc.collect()
         if torch.cuda.is_available():
@@ -157,17 +174,19 @@ def attempt(cell):
 
 
 def run_cells(cells, first_guess):
-    """Run (label, cell) pairs in order while the budget lasts: a cell starts only if 4x the previous cell's
-    time (first_guess seconds for the first) fits before the deadline. Returns one dict per cell."""
-    results, estimate = [], first_guess
+    """Run (label, cell) pairs in order while the stage's time lasts: a cell starts only if 4x the time of the
+    previous cell of the same model (first_guess seconds for the first) fits before the stage's deadline.
+    Returns one dict per cell."""
+    results, estimates = [], {}
     for label, cell in cells:
-        if time.time() + estimate > DEADLINE:
+        estimate = estimates.get(label.get("model"), first_guess)
+        if time.time() + estimate > STAGE_DEADLINE:
             results.append({**label, "status": f"skipped: budget (needs ~{estimate:.0f} s)"})
             print(f"  {label}: skipped, ~{estimate:.0f} s would overrun the budget")
             continue
         t0 = time.time()
         results.append({**label, **attempt(cell)})
-        estimate = 4 * (time.time() - t0)
+        estimates[label.get("model")] = 4 * (time.time() - t0)
         print(f"  {label}: {results[-1]['status']} ({time.time() - t0:.1f} s)")
     return results
 
@@ -217,9 +236,10 @@ def training_step(name, batch, T, device, **settings):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        ms = timed(step, device)
+        peak = peak_gib(step, device)  # the first step: the optimizer's state is allocated, as in every run
+        ms = timed(step, device, warm_up=False)
         return dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6, step_ms=ms,
-                    tokens_per_s=batch * T / ms * 1000, peak_gib=peak_gib(step, device))
+                    tokens_per_s=batch * T / ms * 1000, peak_gib=peak)
     return cell
 
 
@@ -263,6 +283,11 @@ def flex_block_mask(layout, block, n, window, device):
     partial, full = kv_lists(visible & cut), kv_lists(visible & ~cut)
     return BlockMask.from_kv_blocks(*partial, full_kv_num_blocks=full[0], full_kv_indices=full[1],
                                     BLOCK_SIZE=block, mask_mod=mask_mod)
+
+
+# FlexAttention's own tiles: forward (M, N) and backward (M1, N1, M2, N2) must divide the mask's 64-position
+# blocks; its sm_90 defaults for D=64 (128-row forward, 128-wide backward tiles) do not, and fail to compile.
+FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64)
 
 
 def stage_kernels(sizes, device):
@@ -309,11 +334,17 @@ def stage_kernels(sizes, device):
                 row.update(ours_fwd_ms=ours[1], ours_fb_ms=ours[2], ours_peak_gib=ours[3],
                            ours_fwd_tflops=flops / ours[1] / 1e9, ours_fb_tflops=3.5 * flops / ours[2] / 1e9)
             if flex is not None:
-                mask = flex_block_mask(layout, block, n, window, device)
-                # FlexAttention has no backward on a CPU: there it is timed forward only
-                theirs = measure(lambda q, k, v: flex(q, k, v, block_mask=mask), q, k, v, do,
-                                 backward=device.type == "cuda")
-                row.update(flex_fwd_ms=theirs[1], flex_fb_ms=theirs[2], flex_peak_gib=theirs[3])
+                try:  # a failing FlexAttention (its compile) must not cost our kernel's figures
+                    mask = flex_block_mask(layout, block, n, window, device)
+                    # FlexAttention has no backward on a CPU: there it is timed forward only
+                    options = FLEX_TILES if device.type == "cuda" else None
+                    theirs = measure(lambda q, k, v: flex(q, k, v, block_mask=mask, kernel_options=options),
+                                     q, k, v, do, backward=device.type == "cuda")
+                    row.update(flex_fwd_ms=theirs[1], flex_fb_ms=theirs[2], flex_peak_gib=theirs[3])
+                except torch.cuda.OutOfMemoryError:
+                    row["flex_status"] = "OOM"
+                except Exception as e:
+                    row["flex_status"] = failure(e)
             if ours and theirs:
                 row["max_diff"] = (ours[0].float() - theirs[0].float()).abs().max().item()
                 if theirs[2]:
@@ -337,7 +368,7 @@ def stage_kernels(sizes, device):
                           ("f+b / flex", "fb_vs_flex", ".2f"), ("ours GiB", "ours_peak_gib", ".2f"),
                           ("flex GiB", "flex_peak_gib", ".2f"), ("SDPA fwd", "sdpa_fwd_ms", ".3f"),
                           ("SDPA TF/s", "sdpa_fwd_tflops", ".0f"), ("SDPA f+b", "sdpa_fb_ms", ".3f"),
-                          ("max diff", "max_diff", ".1e")])
+                          ("max diff", "max_diff", ".1e"), ("flex failed", "flex_status", "")])
     return rows
 
 
@@ -368,7 +399,7 @@ def stage_lsh(sizes, device):
             return dict(out=fwd().detach(), fb_ms=timed(both, device), peak_gib=peak_gib(both, device, above=base))
         return run
 
-    rows = run_cells([({"backend": b}, cell(b)) for b in backends], first_guess=30 if device.type == "cuda" else 1)
+    rows = run_cells([({"backend": b}, cell(b)) for b in backends], first_guess=10 if device.type == "cuda" else 1)
     if len(rows) == 2 and all(r["status"] == "ok" for r in rows):
         dense, ours = rows
         ours.update(speedup=dense["fb_ms"] / ours["fb_ms"], max_diff=(ours["out"].float() - dense["out"].float())
@@ -396,12 +427,12 @@ def stage_reformer(sizes, device):
     beside the dense Transformer of the same shape (positions factorised so its embedding table stays small)."""
     c = sizes["reformer"]
     shape = dict(n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"])
-    cells = []
-    for name, extra in (("reformer", lambda n: dict(ff_chunks=max(1, n // 16384))),
-                        ("transformer", lambda n: dict(pos_emb="factorized"))):
-        cells += [({"model": name, "n": n}, training_step(name, 1, n, device, **shape, **extra(n)))
-                  for n in c["lengths"]]
-    rows = run_cells(cells, first_guess=30 if device.type == "cuda" else 1)
+    extra = dict(reformer=lambda n: dict(ff_chunks=max(1, n // 16384)),
+                 transformer=lambda n: dict(pos_emb="factorized"))
+    # side by side at each n, so the dense model is measured as far as the budget takes it
+    cells = [({"model": name, "n": n}, training_step(name, 1, n, device, **shape, **extra[name](n)))
+             for n in c["lengths"] for name in ("reformer", "transformer")]
+    rows = run_cells(cells, first_guess=10 if device.type == "cuda" else 1)
     show(f"Training step, batch 1, {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads", rows,
          STEP_COLUMNS)
     return rows
@@ -412,7 +443,7 @@ def stage_aft(sizes, device):
     shape = dict(n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"])
     cells = [({"model": name, "n": c["T"]}, training_step(name, c["batch"], c["T"], device, **shape))
              for name in ("transformer", "aft_local", "aft_simple")]
-    rows = run_cells(cells, first_guess=30 if device.type == "cuda" else 1)
+    rows = run_cells(cells, first_guess=10 if device.type == "cuda" else 1)
     base = rows[0]
     for r in rows[1:]:
         if r["status"] == base["status"] == "ok":
@@ -428,7 +459,7 @@ def stage_perceiver(sizes, device):
     c = sizes["perceiver"]
     cell = training_step("perceiver_ar", 1, c["T"], device, n_latents=c["n_latents"], n_layer=c["n_layer"],
                          n_embd=c["n_embd"], n_head=c["n_head"])
-    rows = run_cells([({"model": "perceiver_ar", "n": c["T"]}, cell)], first_guess=30 if device.type == "cuda" else 1)
+    rows = run_cells([({"model": "perceiver_ar", "n": c["T"]}, cell)], first_guess=10 if device.type == "cuda" else 1)
     show(f"Perceiver AR training step, batch 1, {c['n_latents']} latents, {c['n_layer']} latent layers, "
          f"width {c['n_embd']}", rows, STEP_COLUMNS)
     return rows
@@ -688,10 +719,10 @@ def targets(results):
 
     kernel_rows = results.get("kernels", [])
     for n in (16384, 65536):
-        for r in (r for r in kernel_rows if r["n"] == n):
+        for r in (r for r in kernel_rows if r.get("n") == n):
             out.append((f"block-sparse fwd+bwd <= 0.8x FlexAttention, n={n}, {r['layout']}",
                         verdict(r.get("fb_vs_flex"), 0.8, "lower", ".2f")))
-    best = max((r.get("ours_fwd_tflops", 0) for r in kernel_rows if r["n"] == 65536), default=None)
+    best = max((r.get("ours_fwd_tflops", 0) for r in kernel_rows if r.get("n") == 65536), default=None)
     out.append(("block-sparse forward >= 300 TFLOP/s on the computed tiles at 64K (best layout)",
                 verdict(best or None, 300, "higher", ".0f")))
     lsh = find(results.get("lsh", []), backend="triton") or {}
@@ -723,8 +754,21 @@ def device_record(device):
     return record
 
 
+def write_record(args, record, results, verdicts):
+    """out_dir/bench.json (device, versions, command, every figure) and bench.md (the tables); returns the first."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "bench.json")
+    with open(path, "w") as f:
+        json.dump(dict(record, budget_s=args.budget, seconds=round(time.time() - (DEADLINE - args.budget), 1),
+                       results=results, targets=verdicts), f, indent=1)
+    with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
+        f.write(f"{record['gpu'] or 'CPU'}, torch {record['torch']}, triton {record['triton']}: `{record['command']}`"
+                "\n\n" + "\n\n".join(TABLES) + "\n")
+    return path
+
+
 def main(argv=None):
-    global DEADLINE
+    global DEADLINE, STAGE_DEADLINE
     args = parse_args(argv)
     device = torch.device(train.default_device(args))
     DEADLINE = time.time() + args.budget
@@ -739,21 +783,20 @@ def main(argv=None):
                   memory=lambda: stage_memory(sizes, device), models=lambda: stage_models(args, device),
                   same_budget=lambda: stage_same_budget(args, device), recall=lambda: stage_recall(args, device))
     results = {}
-    for name in args.stages:
-        print(f"\n## {name}")
-        results[name] = stages[name]()
+    for i, name in enumerate(args.stages):
+        weights = [STAGE_WEIGHT.get(stage, 1) for stage in args.stages[i:]]
+        STAGE_DEADLINE = time.time() + (DEADLINE - time.time()) * weights[0] / sum(weights)
+        print(f"\n## {name} (until {STAGE_DEADLINE - time.time():.0f} s from now)")
+        try:
+            results[name] = stages[name]()
+        except Exception as e:  # outside any cell (e.g. FlexAttention's compile): recorded, the next stage runs
+            results[name] = [{"status": failure(e)}]
+        path = write_record(args, record, results, [])  # after every stage, so a killed run keeps what it measured
     verdicts = targets(results) if device.type == "cuda" else []
     if verdicts:
         show("Targets (for one H100; see README)", [dict(target=t, verdict=v) for t, v in verdicts],
              [("target", "target", ""), ("verdict", "verdict", "")])
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "bench.json")
-    with open(path, "w") as f:
-        json.dump(dict(record, budget_s=args.budget, seconds=round(time.time() - (DEADLINE - args.budget), 1),
-                       results=results, targets=verdicts), f, indent=1)
-    with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
-        f.write(f"{record['gpu'] or 'CPU'}, torch {record['torch']}, triton {record['triton']}: `{record['command']}`"
-                "\n\n" + "\n\n".join(TABLES) + "\n")
+        path = write_record(args, record, results, verdicts)
     print(f"\nwrote {path} and bench.md")
     return results
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention
+from kernels import attention, decoding_sdpa
 from sparse_transformer import init_weights, sample_next
 
 
@@ -233,19 +233,20 @@ class PerceiverAR(nn.Module):
         M, N = self.config.block_size, self.n_latents
         g = N // 2
         s = p = None  # window start and first latent of the current segment (indices into idx)
-        for _ in range(max_new_tokens):
-            T = idx.size(1)
-            reset = s is None or T - s > M or T - p > N
-            if reset:
-                s = max(0, T - (M - g))
-                p = max(s, T - (N - g))
-            if not use_cache:
-                logits, _ = self(idx[:, s:], n_latents=T - p)
-            elif reset:
-                logits, cache = self.encode(idx[:, s:], T - p)
-            else:
-                e = self.wte(idx[:, -1:])  # (B, 1, C): the newest token is a new input and a new latent
-                pos = torch.full((1, 1), T - 1 - s, device=idx.device)
-                logits, cache = self.run(e, pos, e, pos, cache)
-            idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
+        with decoding_sdpa():  # every step has a new key length
+            for _ in range(max_new_tokens):
+                T = idx.size(1)
+                reset = s is None or T - s > M or T - p > N
+                if reset:
+                    s = max(0, T - (M - g))
+                    p = max(s, T - (N - g))
+                if not use_cache:
+                    logits, _ = self(idx[:, s:], n_latents=T - p)
+                elif reset:
+                    logits, cache = self.encode(idx[:, s:], T - p)
+                else:
+                    e = self.wte(idx[:, -1:])  # (B, 1, C): the newest token is a new input and a new latent
+                    pos = torch.full((1, 1), T - 1 - s, device=idx.device)
+                    logits, cache = self.run(e, pos, e, pos, cache)
+                idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
         return idx

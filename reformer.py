@@ -162,8 +162,9 @@ class ReversibleBlock(nn.Module):
         g_rng = rng_state(x2.device)
         return y1, x2 + self.g(y1), (f_rng, g_rng)
 
-    def backward_pass(self, y1, y2, dy1, dy2, rng):
-        """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter grads go to .grad."""
+    def backward_pass(self, y1, y2, dy1, dy2, rng, overwrite):
+        """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter grads go to .grad.
+        overwrite: whether the inputs are dead afterwards, so that the results may reuse their memory."""
         f_rng, g_rng = rng
         y1 = y1.detach().requires_grad_()
         gy1 = []
@@ -172,16 +173,21 @@ class ReversibleBlock(nn.Module):
                 g_s = self.g_slice(y1_s)
                 torch.autograd.backward(g_s, dy2_s)  # frees this slice's activations before the next one
                 gy1.append(g_s.detach())
+        # In place where a tensor is dead afterwards (the fresh .grad buffers always; the inputs when overwrite):
+        # memory that grows with the sequence is the reason for this class, and every (B, T, C) buffer not
+        # allocated is a few percent of the peak.
         with torch.no_grad():
-            x2 = y2 - torch.cat(gy1, dim=1)
-            dx1 = dy1 + y1.grad
+            x2 = y2.sub_(torch.cat(gy1, dim=1)) if overwrite else y2 - torch.cat(gy1, dim=1)
+            dx1 = dy1.add_(y1.grad) if overwrite else y1.grad.add_(dy1)
+        del gy1, y2, dy1
+        y1.grad = None
         x2.requires_grad_()
         with torch.enable_grad(), replayed_rng(f_rng, x2.device):
             fx2 = self.f(x2)
             torch.autograd.backward(fx2, dx1)
         with torch.no_grad():
-            x1 = y1 - fx2
-            dx2 = dy2 + x2.grad
+            x1 = y1.detach().sub_(fx2) if overwrite else y1 - fx2
+            dx2 = dy2.add_(x2.grad) if overwrite else x2.grad.add_(dy2)
         return x1, x2.detach(), dx1, dx2
 
 
@@ -204,8 +210,9 @@ class ReversibleSequence(torch.autograd.Function):
         y1, y2 = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            for block, rng in zip(reversed(ctx.blocks), reversed(ctx.rng)):
-                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, rng)
+            for i, (block, rng) in enumerate(zip(reversed(ctx.blocks), reversed(ctx.rng))):
+                # the saved outputs stay intact (a second backward may read them); rebuilt ones are ours to reuse
+                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, rng, overwrite=i > 0)
         return dy1, dy2, None
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention, causal_mask
+from kernels import attention, causal_mask, decoding_sdpa
 
 PATTERNS = ("all", "local", "strided", "fixed")
 COMBINES = ("interleaved", "merged", "multihead")
@@ -450,11 +450,12 @@ class SparseTransformer(nn.Module):
         With use_cache each step feeds only the tokens not yet cached; once the sequence outgrows block_size
         every position of the window shifts, so from then on each step runs the whole window again."""
         cache = [{} for _ in self.blocks]
-        for _ in range(max_new_tokens):
-            if use_cache and idx.size(1) <= self.config.block_size:
-                done = cache[0]["k"].size(2) if cache[0] else 0
-                logits, _ = self(idx[:, done:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -self.config.block_size:])
-            idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
+        with decoding_sdpa():
+            for _ in range(max_new_tokens):
+                if use_cache and idx.size(1) <= self.config.block_size:
+                    done = cache[0]["k"].size(2) if cache[0] else 0
+                    logits, _ = self(idx[:, done:], cache=cache)
+                else:
+                    logits, _ = self(idx[:, -self.config.block_size:])
+                idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
         return idx

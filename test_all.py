@@ -1130,8 +1130,9 @@ def test_lsh_kernel_walking_narrower_key_tiles_matches_reference(chunk, monkeypa
 
 def test_lsh_kernel_in_fp16_matches_float64_reference():
     # fp16 inputs: logits and the merged output in fp32, the output stored in fp16, gradients summed in fp32
-    q, v, buckets = random_lsh_inputs(R=3, dtype=torch.float16, seed=4)
-    grad_out = torch.randn(1, 2, 32, 16)
+    # for a quarter of the B*H = 6 heads at a time (groups of 2, across the batch boundary)
+    q, v, buckets = random_lsh_inputs(B=2, H=3, R=3, dtype=torch.float16, seed=4)
+    grad_out = torch.randn(2, 3, 32, 16)
     out = lsh_attention(q, F.normalize(q.float(), dim=-1).half(), v, buckets, 8, backend="triton")
     assert out.dtype == torch.float16
     dq, dv = torch.autograd.grad((out.float() * grad_out).sum(), (q, v))
@@ -1366,9 +1367,13 @@ def test_reversible_block_rebuilds_its_inputs(dtype, tol):
     x1, x2 = torch.randn(2, 2, 32, 16, dtype=dtype)
     with torch.no_grad():
         y1, y2, rng = block.forward_saving_rng(x1, x2)
-    zeros = torch.zeros_like(y1)
-    r1, r2, _, _ = block.backward_pass(y1, y2, zeros, zeros, rng)
+    dy1, dy2 = torch.randn(2, *y1.shape, dtype=dtype)
+    kept = [t.clone() for t in (y1, y2, dy1, dy2)]
+    r1, r2, *once = block.backward_pass(y1, y2, dy1, dy2, rng, overwrite=False)
     assert (r1 - x1).abs().max() < tol and (r2 - x2).abs().max() < tol
+    assert all(torch.equal(a, b) for a, b in zip(kept, (y1, y2, dy1, dy2)))  # the inputs are left as they were
+    again = block.backward_pass(*kept, rng, overwrite=True)  # may reuse the inputs' memory: the same results
+    assert all(torch.equal(a, b) for a, b in zip(again, (r1, r2, *once[2:])))
 
 
 def test_chunked_feed_forward_matches_unchunked():
@@ -2469,11 +2474,13 @@ def test_dispatch_refuses_what_does_not_fit_a_gpu_with_a_reason(monkeypatch):
         reason = dispatch_unfit(*config)
         assert reason is None or (reason.startswith("the ") and "\n" not in reason), (config, reason)
     monkeypatch.setattr(kernels, "_arch", lambda device: 75)  # both public functions ask the device's arch
-    q, k, v, _ = random_inputs(1, 1, 32, 32, 16)
+    compiled = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1"
+    device = "cuda" if compiled else "cpu"  # compiled kernels take CUDA tensors only
+    q, k, v, _ = (x.to(device) for x in random_inputs(1, 1, 32, 32, 16))
     with pytest.raises(ValueError, match="need sm_80"):
         attention(q, k, v, block=16, backend="triton")
     with pytest.raises(ValueError, match="need sm_80"):
-        lsh_attention(q, k, v, torch.zeros(1, 1, 1, 32, dtype=torch.long), 8, backend="triton")
+        lsh_attention(q, k, v, torch.zeros(1, 1, 1, 32, dtype=torch.long, device=device), 8, backend="triton")
 
 
 def test_rows_without_visible_keys_give_zero_output_and_finite_grads():
