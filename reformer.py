@@ -99,8 +99,10 @@ class SharedQKAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q = self.qk(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        v = self.v(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        # (B, T, C) -> (B, H, T, D), contiguous: the layout the kernels read, made here once, so that the q the
+        # kernels keep for the backward is the one the normalisation below keeps (not a copy of it)
+        H, D = self.n_head, C // self.n_head
+        q, v = (t.view(B, T, H, D).transpose(1, 2).contiguous() for t in (self.qk(x), self.v(x)))
         # Keys are unit vectors and logits are q.k with no 1/sqrt(D) factor, as in trax (lucidrains' version
         # multiplies by D^-0.5 as well).
         k = F.normalize(q, dim=-1)
