@@ -286,8 +286,10 @@ def flex_block_mask(layout, block, n, window, device):
 
 
 # FlexAttention's own tiles: forward (M, N) and backward (M1, N1, M2, N2) must divide the mask's 64-position
-# blocks; its sm_90 defaults for D=64 (128-row forward, 128-wide backward tiles) do not, and fail to compile.
-FLEX_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64)
+# blocks; its sm_90 defaults for D=64 (128-row forward, 128-wide backward tiles) do not, and fail to compile
+# (torch 2.11 on an H100). Unprefixed, the backward's names reach the forward's template too, which then found
+# no valid configuration: fwd_ and bwd_ address each pass alone, as flex_attention's documentation says.
+FLEX_TILES = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64)
 
 
 def stage_kernels(sizes, device):
