@@ -429,7 +429,9 @@ def stage_reformer(sizes, device):
     beside the dense Transformer of the same shape (positions factorised so its embedding table stays small)."""
     c = sizes["reformer"]
     shape = dict(n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"])
-    extra = dict(reformer=lambda n: dict(ff_chunks=max(1, n // 16384)),
+    # the Reformer's feed-forward in slices of 16K positions, its attention a head at a time from 2^18 on
+    extra = dict(reformer=lambda n: dict(ff_chunks=max(1, n // 16384),
+                                         attn_chunks=min(c["n_head"], n // 2**16 or 1)),
                  transformer=lambda n: dict(pos_emb="factorized"))
     # side by side at each n, so the dense model is measured as far as the budget takes it
     cells = [({"model": name, "n": n}, training_step(name, 1, n, device, **shape, **extra[name](n)))

@@ -50,6 +50,7 @@ class Config:
     n_buckets: int = 0  # even; 0 = 2 * block_size / chunk (trax's 2T/chunk, fixed so prefixes hash alike)
     chunk: int = 64  # m: sorted positions per chunk; a chunk attends to itself and the previous chunk
     ff_chunks: int = 1  # the feed-forward runs on this many slices of the sequence, one after the other
+    attn_chunks: int = 1  # the attention runs on this many groups of heads, one after the other (<= n_head)
     axial_shape: tuple = ()  # (n1, n2) with n1 * n2 = block_size; () = the most square factorisation
     reversible: bool = True  # False: the same network with ordinary autograd (stores every layer's activations)
     lsh_every: int = 1  # LSH in every lsh_every-th layer, chunked local attention in the others (trax enwik8: 4)
@@ -97,23 +98,30 @@ class SharedQKAttention(nn.Module):
         shape = (self.n_head, cfg.n_hashes, cfg.n_embd // self.n_head, n_buckets // 2)
         return torch.randn(shape, device=device, generator=generator)
 
-    def forward(self, x):
+    def forward(self, x, heads=None, rotations=None):
+        """x (B, T, C) -> (B, T, C). heads=(h0, h1): only heads h0..h1-1, and their share of the output
+        projection (its bias with the share of head 0), with the caller's rotations (drawn once for all heads)."""
         B, T, C = x.shape
-        # (B, T, C) -> (B, H, T, D), contiguous: the layout the kernels read, made here once, so that the q the
-        # kernels keep for the backward is the one the normalisation below keeps (not a copy of it)
-        H, D = self.n_head, C // self.n_head
-        q, v = (t.view(B, T, H, D).transpose(1, 2).contiguous() for t in (self.qk(x), self.v(x)))
+        D = C // self.n_head
+        h0, h1 = heads or (0, self.n_head)
+        rows = slice(h0 * D, h1 * D)  # these heads' rows of the q/k and v projections, columns of the output's
+
+        def project(linear):  # (B, T, C) -> (B, H', T, D), contiguous: the layout the kernels read, made once
+            bias = linear.bias[rows] if linear.bias is not None else None
+            return F.linear(x, linear.weight[rows], bias).view(B, T, h1 - h0, D).transpose(1, 2).contiguous()
+        q, v = project(self.qk), project(self.v)
         # Keys are unit vectors and logits are q.k with no 1/sqrt(D) factor, as in trax (lucidrains' version
         # multiplies by D^-0.5 as well).
         k = F.normalize(q, dim=-1)
         if self.use_lsh:
-            buckets = hash_buckets(q, self.rotations(x.device))  # (B, H, n_hashes, T)
+            rotations = self.rotations(x.device) if rotations is None else rotations
+            buckets = hash_buckets(q, rotations[h0:h1])  # (B, H', n_hashes, T)
         else:  # one bucket and one round: the sort keeps the order, so chunks are consecutive positions
-            buckets = torch.zeros(B, self.n_head, 1, T, dtype=torch.long, device=x.device)
+            buckets = torch.zeros(B, h1 - h0, 1, T, dtype=torch.long, device=x.device)
         y = lsh_attention(q, k, v, buckets, self.config.chunk, same_bucket=self.config.same_bucket_mask,
                           dedup=self.config.dup_correction, causal=self.config.causal_lsh)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
-        return self.proj(y)
+        y = y.transpose(1, 2).reshape(B, T, (h1 - h0) * D)  # (B, H', T, D) -> (B, T, H' D)
+        return F.linear(y, self.proj.weight[:, rows], self.proj.bias if h0 == 0 else None)
 
 
 def rng_state(device):
@@ -132,6 +140,11 @@ def replayed_rng(state, device):
         yield
 
 
+def wide(x):
+    """x in float32 at least: the dtype head groups' parts are summed in (16-bit under autocast)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class ReversibleBlock(nn.Module):
     """y1 = x1 + f(x2), y2 = x2 + g(y1) with f = attention and g = the chunked feed-forward (section 4)."""
 
@@ -142,10 +155,21 @@ class ReversibleBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.ff_chunks = config.ff_chunks
+        self.ff_chunks, self.attn_chunks = config.ff_chunks, config.attn_chunks
 
     def f(self, x2):
-        return self.dropout(self.attn(self.ln_1(x2)))
+        if self.attn_chunks == 1:
+            return self.dropout(self.attn(self.ln_1(x2)))
+        return sum(wide(part) for part in self.f_parts(self.ln_1(x2)))
+
+    def f_parts(self, h):
+        """f from the normalised h as attn_chunks parts that add up to it, a group of heads each (attention is
+        per head, the output projection a sum over heads), so that the backward can free each group's
+        activations before the next. The rotations and the dropout mask are drawn once, for all groups."""
+        rotations = self.attn.rotations(h.device) if self.attn.use_lsh else None
+        keep = self.dropout(torch.ones_like(h)) if self.training and self.dropout.p > 0 else 1.0  # 0 or 1/(1-p)
+        for heads in torch.arange(self.attn.n_head).chunk(self.attn_chunks):
+            yield self.attn(h, (int(heads[0]), int(heads[-1]) + 1), rotations) * keep
 
     def g_slice(self, y1):
         return self.dropout(self.mlp(self.ln_2(y1)))
@@ -185,8 +209,17 @@ class ReversibleBlock(nn.Module):
         y1.grad = None
         x2.requires_grad_()
         with torch.enable_grad(), replayed_rng(f_rng, x2.device):
-            fx2 = self.f(x2)
-            torch.autograd.backward(fx2, dx1)
+            if self.attn_chunks == 1:
+                fx2 = self.f(x2)
+                torch.autograd.backward(fx2, dx1)
+            else:  # group by group of heads, as the feed-forward goes slice by slice; the same sum as f()
+                h = self.ln_1(x2)
+                h_in = h.detach().requires_grad_()
+                fx2 = 0
+                for part in self.f_parts(h_in):
+                    torch.autograd.backward(part, dx1)
+                    fx2 = fx2 + wide(part.detach())
+                torch.autograd.backward(h, h_in.grad)
         with torch.no_grad():
             x1 = y1.detach().sub_(fx2) if overwrite else y1 - fx2
             dx2 = dy2.add_(x2.grad) if overwrite else x2.grad.add_(dy2)
@@ -254,6 +287,8 @@ class Reformer(nn.Module):
             raise ValueError(f"chunk must be at least 1, got {config.chunk}")
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        if not 1 <= config.attn_chunks <= config.n_head:
+            raise ValueError(f"attn_chunks must be between 1 and n_head ({config.n_head}), got {config.attn_chunks}")
         for name in ("n_hashes", "ff_chunks", "lsh_every"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")

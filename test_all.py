@@ -691,6 +691,7 @@ BAD_FLAGS = [
     (["--model", "reformer", "--n_hashes", "two"], "--n_hashes: invalid int value: 'two'"),
     (["--model", "reformer", "--n_hashes", "0"], "n_hashes"), (["--model", "reformer", "--chunk", "0"], "chunk"),
     (["--model", "reformer", "--ff_chunks", "0"], "ff_chunks"), (["--model", "reformer", "--lsh_every", "0"], "lsh_every"),
+    (["--model", "reformer", "--attn_chunks", "9"], "attn_chunks"),
     (["--model", "reformer", "--axial_shape", "(3,)"], "axial_shape"),
     (["--model", "reformer", "--axial_shape", "(3,"], "--axial_shape: invalid tuple of ints"),
     (["--model", "reformer", "--reversible", "maybe"], "--reversible: invalid true/false value"),
@@ -1340,10 +1341,12 @@ def test_reformer_future_tokens_do_not_change_past_logits(kw):
     assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-3
 
 
-def test_reversible_gradients_match_ordinary_backprop():
-    # Training mode with dropout and fresh hashes: the reversible recompute must replay both exactly.
+@pytest.mark.parametrize("n_head,attn_chunks", [(2, 1), (4, 2), (4, 4)])
+def test_reversible_gradients_match_ordinary_backprop(n_head, attn_chunks):
+    # Training mode with dropout and fresh hashes: the reversible recompute must replay both exactly, also
+    # when the attention goes group by group of heads.
     torch.manual_seed(0)
-    cfg = tiny_config(dropout=0.1, ff_chunks=2, lsh_every=2)
+    cfg = tiny_config(dropout=0.1, ff_chunks=2, lsh_every=2, n_head=n_head, attn_chunks=attn_chunks)
     model = Reformer(cfg).double().train()
     idx = torch.randint(11, (2, 32))
     grads, losses = [], []
@@ -1360,10 +1363,12 @@ def test_reversible_gradients_match_ordinary_backprop():
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-8, msg=name)
 
 
+@pytest.mark.parametrize("attn_chunks", [1, 2])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
-def test_reversible_block_rebuilds_its_inputs(dtype, tol):
+def test_reversible_block_rebuilds_its_inputs(dtype, tol, attn_chunks):
     torch.manual_seed(0)
-    block = ReversibleBlock(tiny_config(dropout=0.1, ff_chunks=3), layer_idx=0).to(dtype).train()
+    block = ReversibleBlock(tiny_config(dropout=0.1, ff_chunks=3, attn_chunks=attn_chunks), layer_idx=0)
+    block = block.to(dtype).train()
     x1, x2 = torch.randn(2, 2, 32, 16, dtype=dtype)
     with torch.no_grad():
         y1, y2, rng = block.forward_saving_rng(x1, x2)
@@ -1374,6 +1379,23 @@ def test_reversible_block_rebuilds_its_inputs(dtype, tol):
     assert all(torch.equal(a, b) for a, b in zip(kept, (y1, y2, dy1, dy2)))  # the inputs are left as they were
     again = block.backward_pass(*kept, rng, overwrite=True)  # may reuse the inputs' memory: the same results
     assert all(torch.equal(a, b) for a, b in zip(again, (r1, r2, *once[2:])))
+
+
+def test_attention_by_groups_of_heads_matches_all_heads_at_once():
+    torch.manual_seed(0)
+    whole = Reformer(tiny_config(n_head=4)).double().eval()
+    grouped = Reformer(tiny_config(n_head=4, attn_chunks=3)).double().eval()  # groups of 2, 2 heads
+    grouped.load_state_dict(whole.state_dict())
+    idx = torch.randint(11, (2, 32))
+    outputs = []
+    for model in (whole, grouped):
+        logits, loss = model(idx, idx)
+        loss.backward()  # the reversible backward puts the parameters' gradients in .grad
+        outputs.append([logits, *(p.grad for p in model.parameters())])
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="attn_chunks"):
+        Reformer(tiny_config(n_head=4, attn_chunks=5))
 
 
 def test_chunked_feed_forward_matches_unchunked():
