@@ -429,15 +429,17 @@ def stage_reformer(sizes, device):
     beside the dense Transformer of the same shape (positions factorised so its embedding table stays small)."""
     c = sizes["reformer"]
     shape = dict(n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"])
-    # the Reformer's feed-forward in slices of 16K positions, its attention a head at a time from 2^18 on
-    extra = dict(reformer=lambda n: dict(ff_chunks=max(1, n // 16384),
+    # the Reformer with trax's factorised hash (hashing O(n^1.5), not O(n^2); from 2 x 64 buckets, the CPU sizes
+    # have fewer), its feed-forward in slices of 16K positions, its attention a head at a time from 2^18 on
+    extra = dict(reformer=lambda n: dict(factorize_hash=n >= 4096, ff_chunks=max(1, n // 16384),
                                          attn_chunks=min(c["n_head"], n // 2**16 or 1)),
                  transformer=lambda n: dict(pos_emb="factorized"))
     # side by side at each n, so the dense model is measured as far as the budget takes it
     cells = [({"model": name, "n": n}, training_step(name, 1, n, device, **shape, **extra[name](n)))
              for n in c["lengths"] for name in ("reformer", "transformer")]
     rows = run_cells(cells, first_guess=10 if device.type == "cuda" else 1)
-    show(f"Training step, batch 1, {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads", rows,
+    show(f"Training step, batch 1, {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads (Reformer: "
+         f"factorised hash, attention a head at a time from 2^18)", rows,
          STEP_COLUMNS)
     return rows
 

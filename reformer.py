@@ -48,6 +48,7 @@ class Config:
     bias: bool = True
     n_hashes: int = 4  # LSH rounds
     n_buckets: int = 0  # even; 0 = 2 * block_size / chunk (trax's 2T/chunk, fixed so prefixes hash alike)
+    factorize_hash: bool = False  # trax's option: n_buckets as n1 x n2 buckets of two hashes (see hash_buckets)
     chunk: int = 64  # m: sorted positions per chunk; a chunk attends to itself and the previous chunk
     ff_chunks: int = 1  # the feed-forward runs on this many slices of the sequence, one after the other
     attn_chunks: int = 1  # the attention runs on this many groups of heads, one after the other (<= n_head)
@@ -59,18 +60,39 @@ class Config:
     causal_lsh: bool = False  # exactly causal LSH: the chunk most recent keys of a query's own bucket
 
 
-def hash_buckets(q, rotations):
-    """Angular LSH (section 3): q (B, H, T, D), rotations (H, R, D, n_buckets/2) -> buckets (B, H, R, T)."""
+def bucket_factors(config):
+    """The hash's factors, whose product is the number of buckets: (n_buckets,), the paper's hash, or with
+    factorize_hash trax's (n1, n2), both even, n1 the largest such divisor up to sqrt(n_buckets)."""
+    n = config.n_buckets or 2 * -(-config.block_size // config.chunk)  # two per chunk, rounded up
+    if not config.factorize_hash:
+        return (n,)
+    n1 = [d for d in range(2, math.isqrt(n) + 1, 2) if n % d == 0 and n // d % 2 == 0]
+    if not n1:
+        raise ValueError(f"factorize_hash needs n_buckets = n1 * n2 with n1, n2 even; {n} is not (set n_buckets)")
+    return n1[-1], n // n1[-1]
+
+
+def hash_buckets(q, rotations, factors=None):
+    """Angular LSH (section 3): q (B, H, T, D), rotations (H, R, D, sum(factors)/2) -> buckets (B, H, R, T).
+
+    One factor (the default, n_buckets = 2 x the columns): bucket = argmax([xR; -xR]). Several, trax's
+    factorised hash: factor n_i hashes x on its own n_i/2 columns, and bucket = b_1 + n_1 (b_2 + n_2 (...)).
+    With the default 2T/chunk buckets one factor means T/chunk columns, O(T^2) work in all; two, O(T^1.5)."""
     B, H, T, _ = q.shape
-    half = rotations.shape[-1]  # n_buckets / 2, which grows with T by default: slice T so that each
-    step = max(1, 2**24 // (B * H * rotations.shape[1] * half))  # projection holds at most 2^24 numbers
+    columns = rotations.shape[-1]  # which grows with T by default: slice T so that each
+    step = max(1, 2**24 // (B * H * rotations.shape[1] * columns))  # projection holds at most 2^24 numbers
+    factors = factors or (2 * columns,)
     buckets = []
     for q_slice in q.detach().float().split(step, dim=2):
-        xr = torch.einsum("bhtd,hrdk->bhrtk", q_slice, rotations)  # (B, H, R, step, n_buckets/2)
-        # argmax over [xR; -xR] without building it: the largest of xR, or the most negative one shifted by
-        # n_buckets/2; a tie goes to xR, which comes first in the concatenation
-        top, low = xr.max(dim=-1), xr.min(dim=-1)
-        buckets.append(torch.where(top.values >= -low.values, top.indices, low.indices + half))
+        xr = torch.einsum("bhtd,hrdk->bhrtk", q_slice, rotations)  # (B, H, R, step, columns)
+        bucket, scale = 0, 1
+        for xr_f, n in zip(xr.split([n // 2 for n in factors], dim=-1), factors):
+            # argmax over [xR; -xR] without building it: the largest of xR, or the most negative one shifted by
+            # n/2; a tie goes to xR, which comes first in the concatenation
+            top, low = xr_f.max(dim=-1), xr_f.min(dim=-1)
+            bucket = bucket + scale * torch.where(top.values >= -low.values, top.indices, low.indices + n // 2)
+            scale *= n
+        buckets.append(bucket)
     return torch.cat(buckets, dim=-1)
 
 
@@ -80,22 +102,22 @@ class SharedQKAttention(nn.Module):
     def __init__(self, config, layer_idx, use_lsh):
         super().__init__()
         self.config, self.layer_idx, self.use_lsh = config, layer_idx, use_lsh
-        self.n_head = config.n_head
+        self.n_head, self.factors = config.n_head, bucket_factors(config)
         self.qk = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.v = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def rotations(self, device):
-        """Random R (H, n_hashes, D, n_buckets/2): fresh in every training forward, fixed per layer in eval.
+        """Random R (H, n_hashes, D, n/2 summed over the factors n): fresh in every training forward, fixed per
+        layer in eval.
 
         The training seed is drawn from torch's CPU generator, so the reversible backward, which restores that
         generator's state, draws the same rotations again.
         """
         cfg = self.config
-        n_buckets = cfg.n_buckets or 2 * -(-cfg.block_size // cfg.chunk)  # two per chunk, rounded up
         seed = int(torch.randint(2**62, (1,))) if self.training else self.layer_idx
         generator = torch.Generator(device=device).manual_seed(seed)
-        shape = (self.n_head, cfg.n_hashes, cfg.n_embd // self.n_head, n_buckets // 2)
+        shape = (self.n_head, cfg.n_hashes, cfg.n_embd // self.n_head, sum(n // 2 for n in self.factors))
         return torch.randn(shape, device=device, generator=generator)
 
     def forward(self, x, heads=None, rotations=None):
@@ -115,7 +137,7 @@ class SharedQKAttention(nn.Module):
         k = F.normalize(q, dim=-1)
         if self.use_lsh:
             rotations = self.rotations(x.device) if rotations is None else rotations
-            buckets = hash_buckets(q, rotations[h0:h1])  # (B, H', n_hashes, T)
+            buckets = hash_buckets(q, rotations[h0:h1], self.factors)  # (B, H', n_hashes, T)
         else:  # one bucket and one round: the sort keeps the order, so chunks are consecutive positions
             buckets = torch.zeros(B, h1 - h0, 1, T, dtype=torch.long, device=x.device)
         y = lsh_attention(q, k, v, buckets, self.config.chunk, same_bucket=self.config.same_bucket_mask,

@@ -692,6 +692,7 @@ BAD_FLAGS = [
     (["--model", "reformer", "--n_hashes", "0"], "n_hashes"), (["--model", "reformer", "--chunk", "0"], "chunk"),
     (["--model", "reformer", "--ff_chunks", "0"], "ff_chunks"), (["--model", "reformer", "--lsh_every", "0"], "lsh_every"),
     (["--model", "reformer", "--attn_chunks", "9"], "attn_chunks"),
+    (["--model", "reformer", "--n_buckets", "6", "--factorize_hash", "True"], "factorize_hash"),
     (["--model", "reformer", "--axial_shape", "(3,)"], "axial_shape"),
     (["--model", "reformer", "--axial_shape", "(3,"], "--axial_shape: invalid tuple of ints"),
     (["--model", "reformer", "--reversible", "maybe"], "--reversible: invalid true/false value"),
@@ -1312,6 +1313,21 @@ def test_bucket_is_argmax_over_rotations_and_their_negation():
     rot = torch.randn(1, 1, 4, 2**19)  # 2^20 buckets: hashed in slices of 32 positions, 2 slices for 50
     xr = x[0, 0] @ rot[0, 0]
     assert torch.equal(hash_buckets(x, rot)[0, 0, 0], torch.cat([xr, -xr], -1).argmax(-1))
+
+
+def test_factorised_hash_combines_one_angular_hash_per_factor():
+    # trax's factorised hash: n1 = 4 and n2 = 6 buckets from 2 + 3 columns, bucket = b1 + 4 * b2
+    x, rot = torch.randn(2, 3, 40, 8), torch.randn(3, 2, 8, 5)
+    buckets = hash_buckets(x, rot, (4, 6))
+    first, second = hash_buckets(x, rot[..., :2]), hash_buckets(x, rot[..., 2:])
+    assert torch.equal(buckets, first + 4 * second) and 0 <= buckets.min() and buckets.max() < 24
+    assert reformer.bucket_factors(tiny_config(block_size=2**20, chunk=64, n_buckets=0, factorize_hash=True)) == (128, 256)
+    assert reformer.bucket_factors(tiny_config(n_buckets=12, factorize_hash=True)) == (2, 6)
+    with pytest.raises(ValueError, match="factorize_hash"):
+        Reformer(tiny_config(n_buckets=6, factorize_hash=True))
+    model = Reformer(tiny_config(n_buckets=16, factorize_hash=True)).train()  # 4 x 4 buckets, 2 + 2 columns
+    assert model.blocks[0].attn.rotations(torch.device("cpu")).shape == (2, 2, 8, 4)
+    model(torch.randint(11, (2, 32)), torch.randint(11, (2, 32)))[1].backward()
 
 
 def test_hash_rotations_are_fresh_in_training_and_fixed_in_eval():
