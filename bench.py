@@ -18,8 +18,8 @@ Stages, in the order they run (the first five are the project's GPU targets):
   same_budget (on request) short training runs of every model under one budget, several seeds
 
 Within --budget seconds: each stage gets a share of the time left (STAGE_WEIGHT), and a cell (one size of one
-stage) starts only when the stage's time left exceeds an estimate of its cost (4x the stage's previous cell);
-the others are printed as skipped. Out-of-memory is a table entry.
+model) starts only when the stage's time left exceeds an estimate of its cost (4x that model's previous cell);
+the others are printed as skipped. Out-of-memory and errors are table entries.
 Each stage prints a markdown table; out_dir/bench.json holds the device, versions, command and every figure.
 """
 import argparse
@@ -163,8 +163,8 @@ def attempt(cell):
         return {"status": "ok", **cell()}
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM"}
-    except Exception as e:  # the CPU allocator's out-of-memory is a plain RuntimeError
-        if "can't allocate memory" in str(e):
+    except Exception as e:
+        if "can't allocate memory" in str(e):  # the CPU allocator's out-of-memory is a plain RuntimeError
             return {"status": "OOM"}
         return {"status": failure(e)}
     finally:
@@ -336,17 +336,17 @@ def stage_kernels(sizes, device):
                 row.update(ours_fwd_ms=ours[1], ours_fb_ms=ours[2], ours_peak_gib=ours[3],
                            ours_fwd_tflops=flops / ours[1] / 1e9, ours_fb_tflops=3.5 * flops / ours[2] / 1e9)
             if flex is not None:
-                try:  # a failing FlexAttention (its compile) must not cost our kernel's figures
+                def flex_figures():
+                    nonlocal theirs
                     mask = flex_block_mask(layout, block, n, window, device)
                     # FlexAttention has no backward on a CPU: there it is timed forward only
                     options = FLEX_TILES if device.type == "cuda" else None
                     theirs = measure(lambda q, k, v: flex(q, k, v, block_mask=mask, kernel_options=options),
                                      q, k, v, do, backward=device.type == "cuda")
-                    row.update(flex_fwd_ms=theirs[1], flex_fb_ms=theirs[2], flex_peak_gib=theirs[3])
-                except torch.cuda.OutOfMemoryError:
-                    row["flex_status"] = "OOM"
-                except Exception as e:
-                    row["flex_status"] = failure(e)
+                    return dict(flex_fwd_ms=theirs[1], flex_fb_ms=theirs[2], flex_peak_gib=theirs[3])
+                figures = attempt(flex_figures)  # a failing FlexAttention (its compile) costs none of our figures
+                status = figures.pop("status")
+                row.update(figures, **({} if status == "ok" else {"flex_status": status}))
             if ours and theirs:
                 row["max_diff"] = (ours[0].float() - theirs[0].float()).abs().max().item()
                 if theirs[2]:
