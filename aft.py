@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from sparse_transformer import Block, init_weights, sample_next
 
 VARIANTS = ("full", "simple", "local", "conv")
@@ -179,8 +180,21 @@ def gated_ratio(q, part):
     return torch.sigmoid(q) * num / den
 
 
-def aft_simple(q, k, v):
+def kernel_runs(k, backend, band=None):
+    """Whether kernels.aft_sums computes the sums: by default for CUDA tensors it takes; backend "triton" or
+    "dense" forces the Triton kernels or the PyTorch path here."""
+    if backend not in (None, "triton", "dense"):
+        raise ValueError(f"unknown AFT backend {backend!r}; choose 'triton', 'dense' or leave it unset")
+    unfit = kernels.aft_unfit(k, band)
+    if backend == "triton" and unfit:
+        raise ValueError(unfit + "; use backend='dense'")
+    return backend == "triton" or (backend is None and k.is_cuda and not unfit)
+
+
+def aft_simple(q, k, v, backend=None):
     """Causal AFT-simple (w = 0): running sums of exp(K) V and exp(K)."""
+    if kernel_runs(k, backend):
+        return torch.sigmoid(q) * kernels.aft_sums(k, v)
     return gated_ratio(q, running_sums(k, v))
 
 
@@ -203,12 +217,14 @@ def aft_full(q, k, v, w):
     return gated_ratio(q, (ref[:, :T], sums[:, :T]))
 
 
-def aft_banded(q, k, v, band):
+def aft_banded(q, k, v, band, backend=None):
     """Causal AFT with w_{t,t'} = band[g, t, t - t'] for t - t' < s and 0 beyond; band (G, T, s), G feature groups.
 
     Time is cut into blocks of L >= s positions (a power of two), so the window of a row lies in its own block
     and the one before. Each row merges its own key, the earlier keys of its block (within_blocks), those of
     the block before (from_previous_block) and, for t >= s, all keys t' <= t - s with w = 0 (running_sums)."""
+    if kernel_runs(k, backend, band):
+        return torch.sigmoid(q) * kernels.aft_sums(k, v, band)
     B, T, C = k.shape
     G, _, s = band.shape
     L = 1 << (s - 1).bit_length()
@@ -235,14 +251,14 @@ def aft_banded(q, k, v, band):
     return gated_ratio(q, (part[0][:, :T], part[1][:, :T]))
 
 
-def aft_local(q, k, v, w):
+def aft_local(q, k, v, w, backend=None):
     """Causal AFT-local. w (T, s): w[t, j] is the bias of key t - j for query t (j < s); 0 beyond the window."""
-    return aft_banded(q, k, v, w[None])
+    return aft_banded(q, k, v, w[None], backend)
 
 
-def aft_conv(q, k, v, kernel):
+def aft_conv(q, k, v, kernel, backend=None):
     """Causal AFT-conv. kernel (H, s): kernel[h, j] is the bias of key t - j for query t in head h; 0 beyond."""
-    return aft_banded(q, k, v, kernel[:, None].expand(-1, k.size(1), -1))
+    return aft_banded(q, k, v, kernel[:, None].expand(-1, k.size(1), -1), backend)
 
 
 class AFTMixer(nn.Module):
@@ -252,6 +268,7 @@ class AFTMixer(nn.Module):
         super().__init__()
         C, L, r = config.n_embd, config.block_size, config.w_rank
         self.variant = config.variant
+        self.backend = None  # AFT-simple, -local, -conv: "triton" or "dense" forces a path; None: Triton on CUDA
         self.window = 0 if config.variant == "simple" else config.window  # keys not yet in the running sums
         self.qkv = nn.Linear(C, 3 * C, bias=config.bias)
         self.proj = nn.Linear(C, C, bias=config.bias)
@@ -296,14 +313,18 @@ class AFTMixer(nn.Module):
             self.prime(x, cache)
             return self.forward(x)
         q, k, v = self.qkv(x).split(C, dim=2)
+        dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):  # exp and sums in float32 at least
-            dtype = torch.promote_types(q.dtype, torch.float32)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            if self.variant == "simple":
-                y = aft_simple(q, k, v)
+            q = q.to(dtype)
+            if self.variant == "full" or not kernel_runs(k, self.backend):  # the kernels upcast k, v as they load
+                k, v = k.to(dtype), v.to(dtype)
+            if self.variant == "full":
+                y = aft_full(q, k, v, self.position_bias(T).to(dtype))
+            elif self.variant == "simple":
+                y = aft_simple(q, k, v, self.backend)
             else:
-                mixer = {"full": aft_full, "local": aft_local, "conv": aft_conv}[self.variant]
-                y = mixer(q, k, v, self.position_bias(T).to(dtype))
+                banded = aft_local if self.variant == "local" else aft_conv
+                y = banded(q, k, v, self.position_bias(T).to(dtype), self.backend)
         return self.proj(y.to(x.dtype))
 
     def window_bias(self, t, n):

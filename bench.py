@@ -260,11 +260,16 @@ def model_layouts(n, block, band, H):
             ("fixed", st.layer_layout(fixed, 0, "fixed", n), None)]
 
 
-def flex_block_mask(layout, block, n, window, device):
-    """FlexAttention's BlockMask for the tiles `attention(layout=layout, window=window)` computes: tiles the
-    causal or window edge cuts are partial (masked element by element), the others full."""
+def flex_block_mask(layout, block, n, window, device, flex_block=128):
+    """FlexAttention's BlockMask for what `attention(layout=layout, window=window)` computes, in Flex's own blocks
+    of `flex_block` positions (its default, 128): a block is full where all its tiles of the layout are visible
+    and uncut by the causal or window edge, partial (masked element by element) where some are visible.
+
+    Blocks of 128, not the layout's 64: Flex's sm_90 backward for head dim 64 (torch 2.11) tiles by 128 and takes
+    only masks whose blocks its tiles divide; a 64-block mask failed to compile on an H100 whatever the
+    kernel_options (inductor filters its configurations by its default tiles, not by those options)."""
     from torch.nn.attention.flex_attention import BlockMask
-    nb = n // block
+    nb, f = n // block, max(1, flex_block // block)
     first = torch.arange(nb, device=device) * block  # first position of each tile row / column
     q_lo, k_lo = first[:, None], first[None, :]
     w = n + 1 if window is None else window
@@ -272,24 +277,21 @@ def flex_block_mask(layout, block, n, window, device):
     cut = (k_lo + block - 1 > q_lo) | (k_lo <= q_lo + block - 1 - w)  # the band's edge crosses it
     visible = layout.to(device) & inside  # (H or 1, nb, nb)
 
-    def kv_lists(tiles):  # (H', nb, nb) -> counts (1, H', nb), indices (1, H', nb, nb), listed tiles first
-        order = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True)
-        return tiles.sum(-1, dtype=torch.int32)[None], order.to(torch.int32)[None]
+    def coarse(tiles, reduce):  # (H', nb, nb) -> (H', nb / f, nb / f): each f x f group of tiles reduced
+        return reduce(reduce(tiles.view(tiles.size(0), nb // f, f, nb // f, f), dim=4), dim=2)
+
+    def kv_lists(blocks):  # (H', m, m) -> counts (1, H', m), indices (1, H', m, m), listed blocks first
+        order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+        return blocks.sum(-1, dtype=torch.int32)[None], order.to(torch.int32)[None]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx > q_idx - w) & visible[h % visible.size(0), q_idx // block,
                                                                    kv_idx // block]
 
-    partial, full = kv_lists(visible & cut), kv_lists(visible & ~cut)
+    full = coarse(visible & ~cut, torch.all)
+    partial, full = kv_lists(coarse(visible, torch.any) & ~full), kv_lists(full)
     return BlockMask.from_kv_blocks(*partial, full_kv_num_blocks=full[0], full_kv_indices=full[1],
-                                    BLOCK_SIZE=block, mask_mod=mask_mod)
-
-
-# FlexAttention's own tiles: forward (M, N) and backward (M1, N1, M2, N2) must divide the mask's 64-position
-# blocks; its sm_90 defaults for D=64 (128-row forward, 128-wide backward tiles) do not, and fail to compile
-# (torch 2.11 on an H100). Unprefixed, the backward's names reach the forward's template too, which then found
-# no valid configuration: fwd_ and bwd_ address each pass alone, as flex_attention's documentation says.
-FLEX_TILES = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64)
+                                    BLOCK_SIZE=block * f, mask_mod=mask_mod)
 
 
 def stage_kernels(sizes, device):
@@ -338,11 +340,11 @@ def stage_kernels(sizes, device):
             if flex is not None:
                 def flex_figures():
                     nonlocal theirs
+                    torch._dynamo.reset()  # each cell compiles its own: past dynamo's recompile limit Flex runs eagerly
                     mask = flex_block_mask(layout, block, n, window, device)
                     # FlexAttention has no backward on a CPU: there it is timed forward only
-                    options = FLEX_TILES if device.type == "cuda" else None
-                    theirs = measure(lambda q, k, v: flex(q, k, v, block_mask=mask, kernel_options=options),
-                                     q, k, v, do, backward=device.type == "cuda")
+                    theirs = measure(lambda q, k, v: flex(q, k, v, block_mask=mask), q, k, v, do,
+                                     backward=device.type == "cuda")
                     return dict(flex_fwd_ms=theirs[1], flex_fb_ms=theirs[2], flex_peak_gib=theirs[3])
                 figures = attempt(flex_figures)  # a failing FlexAttention (its compile) costs none of our figures
                 status = figures.pop("status")

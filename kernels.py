@@ -849,7 +849,7 @@ class _LSHAttentionTriton(torch.autograd.Function):
         out = torch.empty_like(q)
         acc = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) if R > 1 else out
         m, l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
-        cfg = lsh_launch_config(chunk, D, _arch(q.device), dedup)
+        cfg = lsh_launch_config(chunk, D, q.dtype, _arch(q.device), dedup)
         grid = (B * H, P // chunk)
         for r in range(R):
             _lsh_fwd_kernel[grid](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT, T, P,
@@ -888,18 +888,21 @@ class _LSHAttentionTriton(torch.autograd.Function):
         return *grads, None, None, None, None, None, None
 
 
-def lsh_launch_config(chunk, D, arch, dedup):
+def lsh_launch_config(chunk, D, dtype, arch, dedup):
     """Tile sizes and launch parameters of the three LSH kernels on sm_`arch` (None: the interpreter). tl.dot
     needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked. As in
     launch_config, the walked tiles are 64 wide on sm_90 (for head dims up to 64) and 32 otherwise (16 for
-    dedup's count tile next to (64, 128) ones on sm_90), and 8 warps hold the larger tiles; one pipeline stage,
-    as a program walks only two chunks (checked by the compile check in test_all.py)."""
+    dedup's count tile next to (64, 128) ones on sm_90); 8 warps for tiles of rows over 8 KB, where 4 spill
+    registers (fp32 rows of 64 and wider), 4 otherwise (bf16, chunk 64, D 64 on an H100: 5.6 ms fwd+bwd against
+    8.2 with 8 warps); one pipeline stage, as a program walks only two chunks (2 stages: 10.4 ms). The compile
+    check in test_all.py checks each for spills."""
     block_m, block_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
     block_n = 32
     if (arch or 90) == 90:
         block_n = 64 if block_d <= 64 else 16 if dedup and block_m * block_d >= 8192 else 32
     block_n = min(block_m, block_n)
-    warps = 8 if block_m * block_d >= 4096 or dedup and block_m >= 64 else 4
+    tile_bytes = block_m * block_d * torch.empty(0, dtype=dtype).element_size()
+    warps = 8 if tile_bytes > 8192 or dedup and block_m >= 64 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=1)
 
 
@@ -972,3 +975,236 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=F
         k, v = k.to(q.dtype), v.to(q.dtype)
         out = _LSHAttentionTriton.apply(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal)
     return out[:, :, :T]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AFT's causal sums (Zhai et al. 2021, arXiv 2105.14103; aft.py holds the model and the PyTorch path)
+#
+# Per row t and feature c: o_t = sum_{t' <= t} exp(z) V_t' / sum_{t' <= t} exp(z), z = K_t' + w_{t,t'}, where w is
+# band[g, t, t - t'] for lags below s (g the feature's group: AFT-conv's head) and 0 beyond: AFT-local and -conv,
+# and AFT-simple with s = 0. The keys beyond the window (t' <= t - s) are running sums, the s inside it a loop.
+# Sums are parts as in aft.py: a stabiliser ref and two sums referred to it; two parts merge by referring both
+# to the larger ref (online softmax). The forward's rows are chunks of BLOCK_T positions, a program per chunk and
+# BLOCK_C features: a carry kernel walks the chunks in order and leaves each chunk the part of the keys before its
+# own far keys; the main kernel scans its chunk's far keys (tl.associative_scan), merges the carry and adds the
+# window, two passes (the row's largest term, then the sums under it), and writes o and lse = log sum exp(z).
+# Row t reads keys <= t alone, and a key it does not read never enters its sums: exactly causal in every bit.
+# The backward runs the same way from the last chunk: for key t', the rows t >= t' + s through a suffix carry
+# and scan of (-lse_t, dO_t, dO_t o_t), the rows t' + j (j < s) in the loop; dw is summed over the batch and the
+# features of a group from per-program partial sums. All arithmetic is float32 (float64 for float64 inputs).
+# ---------------------------------------------------------------------------------------------------------------
+
+@jit
+def _merge_parts(ref_a, x_a, y_a, ref_b, x_b, y_b):
+    """Two parts (ref, x, y) -> their union, referred to the larger ref; ref = -inf is a part with no term."""
+    ref = tl.maximum(ref_a, ref_b)
+    finite = tl.where(ref == float("-inf"), 0.0, ref)
+    a, b = tl.exp(ref_a - finite), tl.exp(ref_b - finite)
+    return ref, x_a * a + x_b * b, y_a * a + y_b * b
+
+
+@jit
+def _aft_tile(X, b, rows, cols, T, C, other, ok, DT: tl.constexpr):
+    """X[b, rows, cols] of a (B, T, C) tensor as DT, `other` outside 0 <= rows < T (and where ok is False)."""
+    mask = ok & (rows >= 0)[:, None] & (rows < T)[:, None] & (cols < C)[None, :]
+    return tl.load(X + b * T * C + rows[:, None] * C + cols[None, :], mask=mask, other=other).to(DT)
+
+
+@jit
+def _aft_fwd_carry_kernel(K, V, CARRY, T, C, s, n_chunks, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                          F64: tl.constexpr):
+    DT: tl.constexpr = tl.float64 if F64 else tl.float32
+    cb, b = tl.program_id(0), tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    ref = tl.full((BLOCK_C,), float("-inf"), DT)
+    x, y = tl.zeros((BLOCK_C,), DT), tl.zeros((BLOCK_C,), DT)
+    for i in range(n_chunks):
+        out = CARRY + ((b * n_chunks + i) * 3) * C + cols  # (B, n_chunks, 3, C): the far keys before chunk i's
+        tl.store(out, ref, mask=cols < C)
+        tl.store(out + C, x, mask=cols < C)
+        tl.store(out + 2 * C, y, mask=cols < C)
+        keys = i * BLOCK_T - s + tl.arange(0, BLOCK_T)  # the far keys of chunk i's rows t, t' = t - s
+        k = _aft_tile(K, b, keys, cols, T, C, float("-inf"), True, DT)
+        v = _aft_tile(V, b, keys, cols, T, C, 0.0, True, DT)
+        top = tl.max(k, axis=0)
+        e = tl.exp(k - tl.where(top == float("-inf"), 0.0, top)[None, :])
+        ref, x, y = _merge_parts(ref, x, y, top, tl.sum(e * v, axis=0), tl.sum(e, axis=0))
+
+
+@jit
+def _aft_fwd_kernel(K, V, W, CARRY, O, LSE, T, C, s, n_chunks, w_group, w_row, group_size,
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    DT: tl.constexpr = tl.float64 if F64 else tl.float32
+    cb, i, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = i * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    carry = CARRY + ((b * n_chunks + i) * 3) * C + cols
+    ref_c = tl.load(carry, mask=cols < C, other=float("-inf")).to(DT)
+    x_c = tl.load(carry + C, mask=cols < C, other=0.0).to(DT)
+    y_c = tl.load(carry + 2 * C, mask=cols < C, other=0.0).to(DT)
+    # the keys beyond the window: running sums over t' = t - s of this chunk, after the carry
+    k = _aft_tile(K, b, rows - s, cols, T, C, float("-inf"), True, DT)
+    v = _aft_tile(V, b, rows - s, cols, T, C, 0.0, True, DT)
+    ref, x, y = tl.associative_scan((k, v, tl.where(k == float("-inf"), 0.0, 1.0).to(DT)), 0, _merge_parts)
+    ref, x, y = _merge_parts(ref_c[None, :], x_c[None, :], y_c[None, :], ref, x, y)
+    # the window: lags j < s with their bias, first the row's largest term, then the sums under it
+    w = W + ((cb * BLOCK_C) // group_size) * w_group + rows * w_row  # (BLOCK_T,) pointers to band[g, t, 0]
+    top = ref
+    for j in range(s):
+        z = _aft_tile(K, b, rows - j, cols, T, C, float("-inf"), True, DT)
+        top = tl.maximum(top, z + tl.load(w + j, mask=(rows < T) & (rows >= j), other=0.0).to(DT)[:, None])
+    top = tl.where(top == float("-inf"), 0.0, top)  # only rows past the end have no term
+    scale = tl.exp(ref - top)
+    num, den = x * scale, y * scale
+    for j in range(s):
+        z = _aft_tile(K, b, rows - j, cols, T, C, float("-inf"), True, DT)
+        e = tl.exp(z + tl.load(w + j, mask=(rows < T) & (rows >= j), other=0.0).to(DT)[:, None] - top)
+        num += e * _aft_tile(V, b, rows - j, cols, T, C, 0.0, True, DT)
+        den += e
+    ok = (rows < T)[:, None] & (cols < C)[None, :]
+    offsets = b * T * C + rows[:, None] * C + cols[None, :]
+    tl.store(O + offsets, num / den, mask=ok)
+    tl.store(LSE + offsets, top + tl.log(den), mask=ok)
+
+
+@jit
+def _aft_bwd_carry_kernel(LSE, O, DO, CARRY, T, C, s, n_chunks, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                          F64: tl.constexpr):
+    DT: tl.constexpr = tl.float64 if F64 else tl.float32
+    cb, b = tl.program_id(0), tl.program_id(1)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    ref = tl.full((BLOCK_C,), float("-inf"), DT)
+    x, y = tl.zeros((BLOCK_C,), DT), tl.zeros((BLOCK_C,), DT)
+    for n in range(n_chunks):
+        i = n_chunks - 1 - n
+        out = CARRY + ((b * n_chunks + i) * 3) * C + cols  # the far rows after chunk i's
+        tl.store(out, ref, mask=cols < C)
+        tl.store(out + C, x, mask=cols < C)
+        tl.store(out + 2 * C, y, mask=cols < C)
+        rows = i * BLOCK_T + s + tl.arange(0, BLOCK_T)  # the rows t = t' + s of chunk i's keys t'
+        neg_lse = -_aft_tile(LSE, b, rows, cols, T, C, float("inf"), True, DT)
+        do = _aft_tile(DO, b, rows, cols, T, C, 0.0, True, DT)
+        top = tl.max(neg_lse, axis=0)
+        e = tl.exp(neg_lse - tl.where(top == float("-inf"), 0.0, top)[None, :]) * do
+        ref, x, y = _merge_parts(ref, x, y, top, tl.sum(e, axis=0),
+                                 tl.sum(e * _aft_tile(O, b, rows, cols, T, C, 0.0, True, DT), axis=0))
+
+
+@jit
+def _aft_bwd_kernel(K, V, W, O, LSE, DO, CARRY, DK, DV, DW, T, C, s, n_chunks, w_group, w_row, group_size,
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    DT: tl.constexpr = tl.float64 if F64 else tl.float32
+    cb, i, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    keys = i * BLOCK_T + BLOCK_T - 1 - tl.arange(0, BLOCK_T)  # last first: the scan below runs to earlier keys
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    carry = CARRY + ((b * n_chunks + i) * 3) * C + cols
+    ref_c = tl.load(carry, mask=cols < C, other=float("-inf")).to(DT)
+    x_c = tl.load(carry + C, mask=cols < C, other=0.0).to(DT)
+    y_c = tl.load(carry + 2 * C, mask=cols < C, other=0.0).to(DT)
+    # the rows t >= t' + s, which weigh key t' by exp(K_t' - lse_t): suffix sums of exp(-lse) dO and exp(-lse) dO o
+    neg_lse = -_aft_tile(LSE, b, keys + s, cols, T, C, float("inf"), True, DT)
+    do = _aft_tile(DO, b, keys + s, cols, T, C, 0.0, True, DT)
+    do_o = do * _aft_tile(O, b, keys + s, cols, T, C, 0.0, True, DT)
+    ref, x, y = tl.associative_scan((neg_lse, do, do_o), 0, _merge_parts)
+    ref, x, y = _merge_parts(ref_c[None, :], x_c[None, :], y_c[None, :], ref, x, y)
+    k = _aft_tile(K, b, keys, cols, T, C, 0.0, True, DT)
+    v = _aft_tile(V, b, keys, cols, T, C, 0.0, True, DT)
+    f = tl.exp(k + ref)  # <= 1: every such row's lse includes exp(K_t')
+    dv = f * x
+    dk = f * (v * x - y)
+    # the rows t' + j inside the window, with their bias
+    key_ok = keys < T
+    w = W + ((cb * BLOCK_C) // group_size) * w_group + keys * w_row
+    for j in range(s):
+        row_ok = key_ok & (keys + j < T)
+        z = k + tl.load(w + j * w_row + j, mask=row_ok, other=0.0).to(DT)[:, None]
+        p = tl.exp(z - _aft_tile(LSE, b, keys + j, cols, T, C, float("inf"), key_ok[:, None], DT))
+        do = _aft_tile(DO, b, keys + j, cols, T, C, 0.0, key_ok[:, None], DT)
+        dz = p * do * (v - _aft_tile(O, b, keys + j, cols, T, C, 0.0, key_ok[:, None], DT))
+        dv += p * do
+        dk += dz
+        # (B, n_blocks, T, s): this program's sum over its features of dw[g, t' + j, j]
+        tl.store(DW + ((b * tl.num_programs(0) + cb) * T + keys + j) * s + j, tl.sum(dz, axis=1), mask=row_ok)
+    ok = key_ok[:, None] & (cols < C)[None, :]
+    offsets = b * T * C + keys[:, None] * C + cols[None, :]
+    tl.store(DK + offsets, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+def aft_launch_config(C, group_size):
+    """Rows and features of a program: chunks of 64 positions; up to 64 features (128 bytes of float32 per row),
+    a power of two that divides the feature group's size, so that a program reads one group's band."""
+    return dict(BLOCK_T=64, BLOCK_C=min(64, group_size & -group_size, triton.next_power_of_2(C)), num_warps=8)
+
+
+class _AFTSums(torch.autograd.Function):
+    """o (B, T, C) from k, v (B, T, C) and band (G, T, s) or None; see the section comment."""
+
+    @staticmethod
+    def forward(ctx, k, v, band):
+        k, v = _aligned(k), _aligned(v.to(k.dtype))
+        B, T, C = k.shape
+        F64 = k.dtype == torch.float64
+        acc = torch.float64 if F64 else torch.float32
+        if band is None:
+            band = k.new_zeros(1, 1, 0, dtype=acc)
+        G, s = band.size(0), band.size(2)
+        cfg = aft_launch_config(C, C // G)
+        n_chunks, n_blocks = -(-T // cfg["BLOCK_T"]), -(-C // cfg["BLOCK_C"])
+        carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=acc)
+        o, lse = (torch.empty(B, T, C, device=k.device, dtype=acc) for _ in range(2))
+        _aft_fwd_carry_kernel[(n_blocks, B)](k, v, carry, T, C, s, n_chunks, F64=F64, **cfg)
+        _aft_fwd_kernel[(n_blocks, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks, band.stride(0),
+                                                  band.stride(1), C // G, F64=F64, **cfg)
+        ctx.save_for_backward(k, v, band, o, lse)
+        ctx.cfg, ctx.shape = cfg, (n_chunks, n_blocks)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        k, v, band, o, lse = ctx.saved_tensors
+        B, T, C = k.shape
+        (G, _, s), (n_chunks, n_blocks), cfg = band.shape, ctx.shape, ctx.cfg
+        F64 = k.dtype == torch.float64
+        do = _aligned(do)
+        carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=lse.dtype)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dw = torch.zeros(B, n_blocks, T, s, device=k.device, dtype=lse.dtype)  # per program, summed below
+        _aft_bwd_carry_kernel[(n_blocks, B)](lse, o, do, carry, T, C, s, n_chunks, F64=F64, **cfg)
+        _aft_bwd_kernel[(n_blocks, n_chunks, B)](k, v, band, o, lse, do, carry, dk, dv, dw, T, C, s, n_chunks,
+                                                  band.stride(0), band.stride(1), C // G, F64=F64, **cfg)
+        dband = dw.view(B, G, n_blocks // G, T, s).sum((0, 2)) if ctx.needs_input_grad[2] else None
+        return dk, dv, dband
+
+
+def _aft_config_unfit(arch, dtype):
+    """Why the AFT kernels do not launch for inputs of dtype on sm_`arch` (None: the interpreter), or None."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"the AFT Triton kernels take fp16/bf16/fp32/fp64 inputs, got {dtype}"
+    if arch is not None and dtype == torch.float64:
+        return "the AFT Triton kernels take fp64 in the interpreter only (the tests'); on a GPU fp16/bf16/fp32"
+    return _gpu_unfit(arch)
+
+
+def aft_unfit(k, band=None):
+    """Why the AFT kernels cannot take these inputs (a sentence), or None when they can."""
+    if triton is None:
+        return "the AFT Triton kernels need triton, which is not installed"
+    if not k.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the AFT Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    if band is not None and k.size(2) % band.size(0):
+        return f"the AFT band's {band.size(0)} feature groups must divide the {k.size(2)} features"
+    return _aft_config_unfit(_arch(k.device), k.dtype)
+
+
+def aft_sums(k, v, band=None):
+    """Causal AFT sums: o_t = sum_{t'<=t} exp(K_t' + w_{t,t'}) V_t' / sum_{t'<=t} exp(K_t' + w_{t,t'}) per feature;
+    k, v (B, T, C); band None (w = 0, AFT-simple) or (G, T, s): w_{t,t'} = band[g, t, t - t'] for t - t' < s
+    and 0 beyond, g = c // (C / G) the feature's group. Returns o (B, T, C) in float32 (float64 for float64
+    inputs), the precision of all its arithmetic. The Triton kernels only (aft.py holds the PyTorch path)."""
+    unfit = aft_unfit(k, band)
+    if unfit:
+        raise ValueError(unfit)
+    if band is not None:
+        band = band.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
+    return _AFTSums.apply(k, v, band)

@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import 
 import bz2
 import dataclasses
 import functools
+import gc
 import gzip
 import hashlib
 import importlib
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import wave
+import weakref
 import zipfile
 import zlib
 
@@ -1398,6 +1400,22 @@ def test_reversible_block_rebuilds_its_inputs(dtype, tol, attn_chunks):
     assert all(torch.equal(a, b) for a, b in zip(again, (r1, r2, *once[2:])))
 
 
+def test_grouped_attention_backward_under_autocast_frees_each_layers_activations():
+    # Autocast keeps its 16-bit copy of a float32 leaf that requires grad (it takes it for a weight) until the
+    # context ends, and the copy's graph keeps the leaf alive: the normalised input the head groups share must
+    # not reach the projections as such a leaf, or every layer's would live through the whole backward.
+    block = ReversibleBlock(tiny_config(n_head=4, attn_chunks=2, ff_chunks=2), layer_idx=0).train()
+    x1, x2 = torch.randn(2, 2, 32, 16)
+    with torch.no_grad():
+        y1, y2, rng = block.forward_saving_rng(x1, x2)
+    inputs, f_parts = [], block.f_parts
+    block.f_parts = lambda h: inputs.append(weakref.ref(h)) or f_parts(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block.backward_pass(y1, y2, *torch.randn(2, 2, 32, 16), rng, overwrite=False)
+        gc.collect()
+        assert len(inputs) == 1 and inputs[0]() is None  # freed while the context is still open
+
+
 def test_attention_by_groups_of_heads_matches_all_heads_at_once():
     torch.manual_seed(0)
     whole = Reformer(tiny_config(n_head=4)).double().eval()
@@ -1685,12 +1703,16 @@ def bias_param(mixer):
     return mixer.kernel_bias if mixer.variant == "conv" else mixer.w
 
 
-@pytest.mark.parametrize("variant", ["full", "simple", "local", "conv"])
+@pytest.mark.parametrize("variant,backend", [("full", "dense"), ("simple", "dense"), ("local", "dense"),
+                                             ("conv", "dense"), ("simple", "triton"), ("local", "triton"),
+                                             ("conv", "triton")])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_large_keys_and_biases_match_float64(variant, sign, dtype):
-    """|K| ~ 80 and |w| ~ 60 under autocast: exp(K + w) overflows even float32 without the maxima."""
+def test_half_precision_large_keys_and_biases_match_float64(variant, backend, sign, dtype):
+    """|K| ~ 80 and |w| ~ 60 under autocast: exp(K + w) overflows even float32 without the maxima. The Triton
+    kernels read the 16-bit k and v themselves, the PyTorch path their float32 copies."""
     mixer = random_mixer(variant, n_embd=8, n_head=2, window=3).float()
+    mixer.backend = backend if variant != "full" else None
     with torch.no_grad():
         mixer.qkv.bias[8:16] = sign * 80.0  # the keys
         if variant != "simple":
@@ -1727,6 +1749,102 @@ def test_bf16_keys_spread_over_160_stay_finite(variant):
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(xb.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in mixer.parameters())
+
+
+# The Triton kernels of AFT-simple, -local and -conv (kernels.aft_sums), run by Triton's interpreter here
+
+AFT_KERNEL_CASES = {"simple": (1, 0), "local": (1, 5), "local-window-past-a-chunk": (1, 70), "conv-2-groups": (2, 5)}
+
+
+def aft_kernel_inputs(case, T, C=8, key_scale=1.0, dtype=torch.float64, seed=0):
+    """q, k, v (2, T, C) and the band (G, T, s) of a case, or None for AFT-simple; keys times key_scale."""
+    G, s = AFT_KERNEL_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, T, C, generator=g, dtype=dtype) for _ in range(3))
+    band = 3 * torch.randn(G, T, s, generator=g, dtype=dtype) if s else None
+    return q, k * key_scale, v, band
+
+
+def band_pairs(band, T, C):
+    """w_{t,t'} per feature (T, T, C) of a band (G, T, s): band[g, t, t - t'] for 0 <= t - t' < s, else 0."""
+    if band is None:
+        return torch.zeros(T, T, C, dtype=torch.float64)
+    G, _, s = band.shape
+    lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    inside = ((lag >= 0) & (lag < s))[None]
+    pairs = torch.where(inside, band[:, torch.arange(T)[:, None], lag.clamp(0, s - 1)], 0.0)  # (G, T, T)
+    return pairs.movedim(0, -1).repeat_interleave(C // G, dim=-1)
+
+
+def aft_mixing(q, k, v, band, backend):
+    return aft.aft_simple(q, k, v, backend) if band is None else aft.aft_banded(q, k, v, band, backend)
+
+
+@pytest.mark.parametrize("case", AFT_KERNEL_CASES)
+@pytest.mark.parametrize("key_scale", [1, 100])
+def test_aft_kernel_matches_paper_formula_forward_and_gradients(case, key_scale):
+    # T = 150: chunks of 64, the last one cut; a window of 70 reaches across a whole chunk. Keys x100 spread
+    # beyond float64's exp.
+    q, k, v, band = aft_kernel_inputs(case, 150, key_scale=key_scale)
+    inputs = [x.requires_grad_() for x in (q, k, v, band) if x is not None]
+    ours = aft_mixing(q, k, v, band, "triton")
+    expected = naive_aft(q, k, v, band_pairs(band, 150, 8))
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", ["simple", "local", "conv-2-groups"])
+def test_aft_kernel_is_exactly_causal_across_chunks(case):
+    """float32, keys x30: a change at j moves no output before j by a bit, also at chunk boundaries."""
+    q, k, v, band = (x if x is None else x.float() for x in aft_kernel_inputs(case, 200, key_scale=30.0))
+    out = kernels.aft_sums(k, v, band)
+    for j in (1, 63, 64, 65, 128, 199):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, j] += 50.0  # the new key dominates every later sum
+        v2[:, j] -= 3.0
+        moved = kernels.aft_sums(k2, v2, band)
+        assert torch.equal(moved[:, :j], out[:, :j]), f"position {j} moved earlier outputs"
+        assert not torch.equal(moved[:, j], out[:, j])
+
+
+@pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 3), ("conv", 0)])
+def test_mixer_on_the_kernels_equals_mixer_on_pytorch_ops(variant, w_rank):
+    mixer = random_mixer(variant, w_rank, block_size=12, n_embd=8, n_head=2)
+    x = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
+    outputs, grads = [], []
+    for backend in ("triton", "dense"):
+        mixer.backend = backend
+        outputs.append(mixer(x))
+        grads.append(torch.autograd.grad(outputs[-1].square().sum(), [x, *mixer.parameters()]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", ["simple", "local", "conv"])
+def test_tiny_model_on_the_kernels_is_exactly_causal(variant):
+    model = scale_keys(tiny_model(variant), 100)
+    for mixer in [m for m in model.modules() if isinstance(m, AFTMixer)]:
+        mixer.backend = "triton"
+    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(3))
+    logits = model(idx)[0]
+    for j in range(1, 12):
+        changed = idx.clone()
+        changed[:, j] = (idx[:, j] + 1) % 11
+        moved = model(changed)[0]
+        assert torch.equal(moved[:, :j], logits[:, :j]), f"position {j} moved earlier logits"
+        assert not torch.equal(moved[:, j], logits[:, j])
+
+
+def test_aft_backend_is_pytorch_on_cpu_and_a_bad_one_is_refused():
+    q, k, v, band = aft_kernel_inputs("local", 9)
+    assert not aft.kernel_runs(k, None, band)  # a CPU tensor: the PyTorch path, even with the interpreter on
+    with pytest.raises(ValueError, match="unknown AFT backend"):
+        aft.aft_simple(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="feature groups must divide"):
+        aft.aft_banded(q, k, v, torch.zeros(3, 9, 2, dtype=torch.float64), backend="triton")
 
 
 @pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2)])
@@ -2257,6 +2375,23 @@ def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forwar
     assert bench.copy_accuracy(cheat, 16, "cpu") < 0.1 and len(cheat.calls) == 32  # one prefix per position
 
 
+def test_flex_block_mask_in_flex_blocks_computes_the_model_layouts():
+    # bench hands FlexAttention the layouts in its own blocks of 128 positions (8 x 8 tiles of 16 here): full
+    # where every tile is visible and uncut (inside the fixed pattern's blocks of 256), partial (masked element
+    # by element) where some are.
+    from torch.nn.attention.flex_attention import flex_attention
+    n, block = 1024, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    kinds = []
+    for name, layout, window in bench.model_layouts(n, block, 256, 2):
+        mask = bench.flex_block_mask(layout, block, n, window, "cpu")
+        kinds.append((int(mask.kv_num_blocks.sum()), int(mask.full_kv_num_blocks.sum())))
+        expected = dense_attention(q, k, v, layout=layout, block=block, window=window)
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), expected, atol=1e-5, rtol=1e-5, msg=name)
+    assert all(partial > 0 for partial, _ in kinds) and any(full > 0 for _, full in kinds), kinds
+
+
 def test_bench_records_failures_and_goes_on(tmp_path, monkeypatch):
     # A GPU is lent for minutes: a failing FlexAttention costs none of our kernel's figures, a failing stage
     # none of the stages after it, and bench.json holds what was measured.
@@ -2427,6 +2562,10 @@ def launch(kind, dtype, D, size):  # forward and backward of the autograd Functi
     if kind == "sparse":
         lists = kernels.block_lists(None, size, T, T, 0, T + 1, q.device)
         out = kernels._BlockSparseAttention.apply(q, k, v, lists, size, 0, T + 1, D ** -0.5)
+    elif kind == "aft":  # D features, a window of size (0: AFT-simple)
+        k, v = (torch.randn(1, 256, D, dtype=getattr(torch, dtype), requires_grad=True) for _ in range(2))
+        band = torch.randn(1, 256, size, requires_grad=True) if size else None
+        out = kernels._AFTSums.apply(k, v, band)
     else:
         buckets = torch.randint(4, (1, 2, 2, T))
         out = kernels._LSHAttentionTriton.apply(q, k, v, buckets, size, 1.0, False, kind == "lsh-dedup", False)
@@ -2443,12 +2582,15 @@ for arch, kind, dtype, D, size in json.loads(sys.argv[1]):
 ARCHS = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # sm_XY: shared memory a block may use
 DTYPES = ("float16", "bfloat16", "float32")
 LSH_TILES = (16, 32, 64)  # any chunk up to 64 compiles to one of these tiles (chunk rounded up to a power of 2)
+AFT_WINDOWS = (0, 32)  # AFT-simple, and AFT-local's window (the AFT kernels' tiles do not depend on it)
 
 
 def dispatch_unfit(arch, kind, dtype, D, size):
     """Why the dispatch would not launch this configuration on sm_`arch` (a sentence), or None."""
     if kind == "sparse":
         return kernels._sparse_config_unfit(arch, getattr(torch, dtype), D, size)
+    if kind == "aft":
+        return kernels._aft_config_unfit(arch, getattr(torch, dtype))
     return kernels._lsh_config_unfit(arch, getattr(torch, dtype), D, size, kind == "lsh-dedup")
 
 
@@ -2460,17 +2602,19 @@ def all_gpu_configs():
     """Every (arch, kind, dtype, D, block or chunk) the dispatch launches on the five architectures."""
     sizes = dict(sparse=kernels.TRITON_BLOCKS, lsh=LSH_TILES, **{"lsh-dedup": LSH_TILES})
     return launchable([(arch, kind, dtype, D, size) for arch in ARCHS for kind in sizes for dtype in DTYPES
-                       for D in kernels.TRITON_HEAD_DIMS for size in sizes[kind]])
+                       for D in kernels.TRITON_HEAD_DIMS for size in sizes[kind]]
+                      + [(arch, "aft", dtype, 512, s) for arch in ARCHS for dtype in DTYPES for s in AFT_WINDOWS])
 
 
 def default_gpu_configs():
     """The configurations the models launch by default (bf16 autocast; Sparse Transformer and Perceiver AR at
-    D = 64, block 64; the Reformer at D = 64, chunk 64) and the largest each kind and dtype takes, on each
-    architecture the dispatch launches on. sm_89 compiles exactly as sm_86 and fp16 as bf16 (same shared
-    memory, registers and stack in the exhaustive check), so they are left out here."""
+    D = 64, block 64; the Reformer at D = 64, chunk 64; AFT-local at width 512, window 32) and the largest each
+    kind and dtype takes, on each architecture the dispatch launches on. sm_89 compiles exactly as sm_86 and fp16
+    as bf16 (same shared memory, registers and stack in the exhaustive check), so they are left out here."""
     configs = []
     for arch in (80, 86, 90):
-        configs += [(arch, "sparse", "bfloat16", 64, 64), (arch, "lsh", "bfloat16", 64, 64)]
+        configs += [(arch, "sparse", "bfloat16", 64, 64), (arch, "lsh", "bfloat16", 64, 64),
+                    (arch, "aft", "bfloat16", 512, 32)]
         for kind, dtype in itertools.product(("sparse", "lsh-dedup"), ("bfloat16", "float32")):
             fits = [c for c in all_gpu_configs() if c[:3] == (arch, kind, dtype)]
             configs += [max(fits, key=lambda c: c[3:])] if fits else []
@@ -2625,9 +2769,12 @@ def gpu_arch():
 def error_vs_float64(fn, ref_fn, inputs, dout):
     """max |fn - ref| over the output and the input gradients, each relative to the reference's largest
     value, with fn on the GPU in the inputs' dtype and ref_fn on the CPU in float64."""
-    ours = outputs_and_grads(fn, *inputs, dout)
+    def output_and_grads(fn, inputs, dout):
+        out = fn(*inputs)
+        return [out.detach(), *torch.autograd.grad(out, inputs, dout.to(out.dtype))]
+    ours = output_and_grads(fn, inputs, dout)
     cpu = [x.detach().cpu().double().requires_grad_() for x in inputs]
-    ref = outputs_and_grads(ref_fn, *cpu, dout.cpu().double())
+    ref = output_and_grads(ref_fn, cpu, dout.cpu().double())
     return max(((a.cpu().double() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))
 
 
@@ -2697,6 +2844,31 @@ def test_gpu_lsh_kernel_matches_float64_reference(gpu_arch, dtype, D, chunk):
         ours = error_vs_float64(run("triton"), run("dense"), (q, k, v), dout)
         twin = error_vs_float64(run("dense"), run("dense"), (q, k, v), dout)
         assert ours <= 3 * twin + floor, (R, mode, ours, twin)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("case", ["simple", "local", "conv-8-groups"])
+def test_gpu_aft_kernels_match_float64_reference(gpu_arch, dtype, case):
+    # AFT-local at the models' window of 32 over 1,000 positions (16 chunks, the last cut), keys x10; the error
+    # within 3x that of the PyTorch path on the same inputs upcast to float32, plus a 16-bit output's rounding.
+    dtype, _ = GPU_DTYPES[dtype]
+    g = torch.Generator().manual_seed(len(case))
+    q, k, v, dout = (torch.randn(2, 1000, 128, generator=g) for _ in range(4))
+    G, s = dict(simple=(1, 0), local=(1, 32)).get(case, (8, 32))
+    band = 3 * torch.randn(G, 1000, s, generator=g) if s else None
+    inputs = [x.to("cuda", dtype) for x in (q, 10 * k, v)] + ([band.cuda()] if s else [])
+    inputs = [x.requires_grad_() for x in inputs]
+
+    def run(backend, upcast=False):
+        def mixing(*xs):
+            q, k, v, *band = (x.float() if upcast else x for x in xs)
+            return aft_mixing(q, k, v, band[0] if band else None, backend)
+        return mixing
+    ours = error_vs_float64(run("triton"), run("dense"), inputs, dout.cuda())
+    twin = error_vs_float64(run("dense", upcast=True), run("dense"), inputs, dout.cuda())
+    floor = 1e-4 if dtype == torch.float32 else 5e-3
+    assert ours <= 3 * twin + floor, (ours, twin)
 
 
 @needs_gpu
