@@ -1192,8 +1192,14 @@ def aft_unfit(k, band=None):
         return "the AFT Triton kernels need triton, which is not installed"
     if not k.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return "the AFT Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-    if band is not None and k.size(2) % band.size(0):
-        return f"the AFT band's {band.size(0)} feature groups must divide the {k.size(2)} features"
+    B, T, C = k.shape
+    G, s = (1, 0) if band is None else (band.size(0), band.size(2))
+    if C % G:
+        return f"the AFT band's {G} feature groups must divide the {C} features"
+    partials = B * C // aft_launch_config(C, C // G)["BLOCK_C"] * T * s  # the backward's dw sums per program
+    if max(k.numel(), partials) >= 2**31:
+        return (f"the AFT Triton kernels index in 32 bits: B * T * C ({k.numel()}) and B * T * window * C / 64 "
+                f"({partials}) must stay below 2^31")
     return _aft_config_unfit(_arch(k.device), k.dtype)
 
 

@@ -1845,6 +1845,8 @@ def test_aft_backend_is_pytorch_on_cpu_and_a_bad_one_is_refused():
         aft.aft_simple(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="feature groups must divide"):
         aft.aft_banded(q, k, v, torch.zeros(3, 9, 2, dtype=torch.float64), backend="triton")
+    huge = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(2**14, 2**9, 2**8)  # 2^31 elements, one stored
+    assert "index in 32 bits" in kernels.aft_unfit(huge)
 
 
 @pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2)])

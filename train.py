@@ -435,13 +435,14 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
 
     history = []  # per step {step, loss} and per evaluation {step, train_loss, val_loss}, for tests and notebooks
-    bar = tqdm(range(step, args.max_iters), initial=step, total=args.max_iters, disable=not master, desc="train")
+    bar = tqdm(initial=step, total=args.max_iters, disable=not master, desc="train")  # shows the loop, not drives it
     start, last_eval, t_eval = step, step, time.time()
-    for step in bar:
+    for step in range(start, args.max_iters):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         loss = train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step)
         history.append({"step": step, "loss": loss})
+        bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", bits=f"{loss / math.log(2):.3f}")
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
             tokens_per_s = tokens_per_step * (step + 1 - last_eval) / (time.time() - t_eval)
