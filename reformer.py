@@ -210,9 +210,9 @@ class ReversibleBlock(nn.Module):
         g_rng = rng_state(x2.device)
         return y1, x2 + self.g(y1), (f_rng, g_rng)
 
-    def backward_pass(self, y1, y2, dy1, dy2, rng, overwrite):
+    def backward_pass(self, y1, y2, dy1, dy2, rng, reuse_y, reuse_dy):
         """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter grads go to .grad.
-        overwrite: whether the inputs are dead afterwards, so that the results may reuse their memory."""
+        reuse_y, reuse_dy: whether (y1, y2), (dy1, dy2) are dead afterwards, so the results may take their memory."""
         f_rng, g_rng = rng
         y1 = y1.detach().requires_grad_()
         gy1 = []
@@ -221,12 +221,12 @@ class ReversibleBlock(nn.Module):
                 g_s = self.g_slice(y1_s)
                 torch.autograd.backward(g_s, dy2_s)  # frees this slice's activations before the next one
                 gy1.append(g_s.detach())
-        # In place where a tensor is dead afterwards (the fresh .grad buffers always; the inputs when overwrite):
+        # In place where a tensor is dead afterwards (the fresh .grad buffers always; the inputs when reused):
         # memory that grows with the sequence is the reason for this class, and every (B, T, C) buffer not
         # allocated is a few percent of the peak.
         with torch.no_grad():
-            x2 = y2.sub_(torch.cat(gy1, dim=1)) if overwrite else y2 - torch.cat(gy1, dim=1)
-            dx1 = dy1.add_(y1.grad) if overwrite else y1.grad.add_(dy1)
+            x2 = y2.sub_(torch.cat(gy1, dim=1)) if reuse_y else y2 - torch.cat(gy1, dim=1)
+            dx1 = dy1.add_(y1.grad) if reuse_dy else y1.grad.add_(dy1)
         del gy1, y2, dy1
         y1.grad = None
         x2.requires_grad_()
@@ -247,8 +247,8 @@ class ReversibleBlock(nn.Module):
                     fx2 = fx2 + wide(part.detach())
                 torch.autograd.backward(h, h_in.grad)
         with torch.no_grad():
-            x1 = y1.detach().sub_(fx2) if overwrite else y1 - fx2
-            dx2 = dy2.add_(x2.grad) if overwrite else x2.grad.add_(dy2)
+            x1 = y1.detach().sub_(fx2) if reuse_y else y1 - fx2
+            dx2 = dy2.add_(x2.grad) if reuse_dy else x2.grad.add_(dy2)
         return x1, x2.detach(), dx1, dx2
 
 
@@ -263,17 +263,23 @@ class ReversibleSequence(torch.autograd.Function):
             ctx.rng.append(rng)
         device = x1.device.type  # the recompute must see the same autocast setting as the forward
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(x1, x2)
+        # The outputs as detached aliases, not saved tensors: the backward rebuilds the last layer's inputs in
+        # their memory (nothing else reads them by then), one (B, T, C) pair fewer at its peak. A second backward
+        # through the same graph therefore cannot work, and says so.
+        ctx.outputs = (x1.detach(), x2.detach())
         return x1, x2
 
     @staticmethod
     def backward(ctx, dy1, dy2):
-        y1, y2 = ctx.saved_tensors
+        if ctx.outputs is None:
+            raise RuntimeError("the reversible backward rebuilds the layers' inputs in its outputs' memory, so it "
+                               "runs once per forward: run the forward again instead of retain_graph=True")
+        (y1, y2), ctx.outputs = ctx.outputs, None
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             for i, (block, rng) in enumerate(zip(reversed(ctx.blocks), reversed(ctx.rng))):
-                # the saved outputs stay intact (a second backward may read them); rebuilt ones are ours to reuse
-                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, rng, overwrite=i > 0)
+                # the incoming gradients are not ours to overwrite (one tensor may be both); rebuilt ones are
+                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, rng, reuse_y=True, reuse_dy=i > 0)
         return dy1, dy2, None
 
 

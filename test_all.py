@@ -1393,11 +1393,19 @@ def test_reversible_block_rebuilds_its_inputs(dtype, tol, attn_chunks):
         y1, y2, rng = block.forward_saving_rng(x1, x2)
     dy1, dy2 = torch.randn(2, *y1.shape, dtype=dtype)
     kept = [t.clone() for t in (y1, y2, dy1, dy2)]
-    r1, r2, *once = block.backward_pass(y1, y2, dy1, dy2, rng, overwrite=False)
+    r1, r2, *once = block.backward_pass(y1, y2, dy1, dy2, rng, reuse_y=False, reuse_dy=False)
     assert (r1 - x1).abs().max() < tol and (r2 - x2).abs().max() < tol
     assert all(torch.equal(a, b) for a, b in zip(kept, (y1, y2, dy1, dy2)))  # the inputs are left as they were
-    again = block.backward_pass(*kept, rng, overwrite=True)  # may reuse the inputs' memory: the same results
+    again = block.backward_pass(*kept, rng, reuse_y=True, reuse_dy=True)  # in the inputs' memory: the same results
     assert all(torch.equal(a, b) for a, b in zip(again, (r1, r2, *once[2:])))
+
+
+def test_a_second_backward_through_the_reversible_layers_says_why_it_cannot_run():
+    model = Reformer(tiny_config())
+    loss = model(torch.randint(11, (2, 32)), torch.randint(11, (2, 32)))[1]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()
 
 
 def test_grouped_attention_backward_under_autocast_frees_each_layers_activations():
@@ -1411,7 +1419,7 @@ def test_grouped_attention_backward_under_autocast_frees_each_layers_activations
     inputs, f_parts = [], block.f_parts
     block.f_parts = lambda h: inputs.append(weakref.ref(h)) or f_parts(h)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        block.backward_pass(y1, y2, *torch.randn(2, 2, 32, 16), rng, overwrite=False)
+        block.backward_pass(y1, y2, *torch.randn(2, 2, 32, 16), rng, reuse_y=False, reuse_dy=False)
         gc.collect()
         assert len(inputs) == 1 and inputs[0]() is None  # freed while the context is still open
 
@@ -2198,7 +2206,7 @@ def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monke
         for n, p in model.named_parameters():
             if n.endswith(KEY_WEIGHTS):
                 p.mul_(scale)
-    embedded = []  # the token embeddings of each forward; the first one's gradient is read
+    embedded = []  # the token embeddings of each forward; the last one's gradient is read
 
     def keep(module, inputs, out):
         if out.requires_grad:
@@ -2207,14 +2215,14 @@ def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monke
     model.wte.register_forward_hook(keep)
     T = model.config.block_size
     idx = torch.randint(11, (2, T))
-    logits = model(idx)[0]  # (2, k, V): the last k positions
-    first = T - logits.size(1)
+    with torch.no_grad():
+        first = T - model(idx)[0].size(1)  # logits (2, k, V) cover the last k positions
     moved = []
     for t in (first + 5, T - 20):
-        embedded[0].grad = None
-        logits[:, t - first].sum().backward(retain_graph=True)
-        assert torch.isfinite(embedded[0].grad).all()
-        assert embedded[0].grad[:, t + 1:].abs().max() == 0, t  # (2, T, C): no path from later positions
+        logits = model(idx)[0]  # a forward for each backward: the Reformer's backward runs once per forward
+        logits[:, t - first].sum().backward()
+        assert torch.isfinite(embedded[-1].grad).all()
+        assert embedded[-1].grad[:, t + 1:].abs().max() == 0, t  # (2, T, C): no path from later positions
         changed = idx.clone()
         changed[:, t + 1:] = (idx[:, t + 1:] + torch.randint(1, 11, (2, T - t - 1))) % 11
         with torch.no_grad():
