@@ -21,6 +21,7 @@ Downloads go to a git-ignored cache (`data/` beside this file, or $NANOLONG_DATA
 import bz2
 import codecs
 import contextlib
+import functools
 import gzip
 import hashlib
 import math
@@ -65,6 +66,16 @@ class Data:
     def describe(self):
         sizes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.splits.items()) or "generated on the fly"
         return f"data: {self.name} ({self.kind}; {sizes}){' - ' + self.note if self.note else ''}"
+
+    @functools.cached_property
+    def record(self):
+        """What a checkpoint keeps of its data: the name of what was actually loaded (a stand-in's own name, a
+        resolved path) and an md5 of every split's tokens, so that other data is noticed when it is loaded again."""
+        h = hashlib.md5()
+        for split, tokens in sorted(self.splits.items()):
+            h.update(f"{split} {tuple(tokens.shape)};".encode())
+            h.update(tokens.contiguous().numpy())
+        return {"name": self.name, "md5": h.hexdigest()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -432,6 +443,11 @@ def load_audio(rate=AUDIO_RATE, seq_len=AUDIO_SEQ_LEN):
         return load_wav_dir(root, rate, seq_len)
     print(f"no .wav files under {root}: put a folder of recordings there (or pass --data wav:DIR); "
           f"using a SYNTHETIC signal of decaying tones instead")
+    return load_synthetic_audio(rate, seq_len)
+
+
+def load_synthetic_audio(rate=AUDIO_RATE, seq_len=AUDIO_SEQ_LEN):
+    """The labelled stand-in for `audio` without .wav files: the synthetic signal cut into rows and split."""
     x = synthetic_audio(rate, seconds=max(60, 25 * seq_len // rate))
     splits = {s: to_rows(part, seq_len) for s, part in split_stream(x).items()}
     return Data("audio (synthetic)", "audio", splits, vocab_size=257, bos=BOS, note="generated tones, not music")
@@ -463,6 +479,18 @@ def load(spec, audio_rate=AUDIO_RATE, audio_seq_len=AUDIO_SEQ_LEN):
         return load_wav_dir(arg, audio_rate, audio_seq_len)
     raise ValueError(f"unknown --data {spec!r}; choose enwik8, cifar10, audio, copy, text:PATH, wav:DIR or "
                      f"images:PATH")
+
+
+def load_recorded(record, spec, audio_rate=AUDIO_RATE, audio_seq_len=AUDIO_SEQ_LEN):
+    """The data a checkpoint's record (Data.record, or None) names: the stand-ins that enwik8 and audio fall back
+    to are rebuilt as they were trained on, whatever data/ holds now; anything else is loaded by its --data spec.
+    The caller compares the record."""
+    name = record and record["name"]
+    if name == "pydoc_data":
+        return load_offline_text()
+    if name == "audio (synthetic)":
+        return load_synthetic_audio(audio_rate, audio_seq_len)
+    return load(spec, audio_rate, audio_seq_len)
 
 
 class BatchSampler:

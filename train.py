@@ -15,9 +15,11 @@ import argparse
 import ast
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -51,6 +53,7 @@ MODELS = {  # name: (module, model class, Config values that make the variant)
 }
 SHARED_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout")
 DATA_FLAGS = ("data", "audio_rate", "audio_seq_len")  # a checkpoint's data set: fixed when resuming
+RUN_FLAGS = ("out_dir", "resume", "device", "compile")  # where and how this process runs: never the checkpoint's
 
 # ----------------------------------------------------------------------------------------------------------
 # Flags: parsed and checked in one place, so a value the code cannot take stops here with one sentence
@@ -100,9 +103,10 @@ def parse_args(argv=None):
     own = [f for f in dataclasses.fields(Config) if f.name not in SHARED_FIELDS and f.name not in variant]
     mp = argparse.ArgumentParser(prog=f"train.py --model {args.model}", parents=[p], add_help=False,
                                  allow_abbrev=False, usage=p.usage)
-    for f in own:
+    helps = field_comments(Config)
+    for f in own:  # argparse %-formats help texts, so a literal % is written %%
         mp.add_argument(f"--{f.name}", type=flag_type(f.type), default=None,
-                        help=f"{args.model} setting (default {f.default!r})")
+                        help=f"{helps[f.name]} (default {f.default!r})".replace("%", "%%"))
     if args.help:
         mp.print_help()
         sys.exit(0)
@@ -116,6 +120,15 @@ def parse_args(argv=None):
     if problem:
         mp.error(problem)
     return args
+
+
+def field_comments(Config):
+    """Each Config field's trailing comment by name, as written beside the field: its flag's help text."""
+    lines = inspect.getsource(Config).splitlines()
+    fields = [node for node in ast.parse("\n".join(lines)).body[0].body if isinstance(node, ast.AnnAssign)]
+    # the rest of a field's last line after its default value is blank or its comment
+    return {node.target.id: lines[node.end_lineno - 1][node.end_col_offset:].strip().lstrip("#").strip()
+            for node in fields}
 
 
 def flag_type(annotation):
@@ -262,14 +275,22 @@ def evaluate(model, data, args, device, ctx):
 # Checkpoints: everything needed to resume exactly, written so that a good one is never lost
 
 def load_checkpoint(path, purpose="--resume"):
+    """The checkpoint at path, read as data only: torch.load(weights_only=True) rebuilds tensors and plain values
+    (numbers, strings, lists, tuples, dicts) and refuses any other object before anything in the file runs, for
+    unpickling an object can run code it names."""
     if not os.path.exists(path):
         hint = ("drop --resume to start afresh" if purpose == "--resume" else
                 "train one first (python train.py --out_dir DIR) or point --out_dir at the run's folder")
         raise FileNotFoundError(f"{purpose} needs a checkpoint, but {path} does not exist; {hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "optimizer", "step", "args", "model_config", "rng", "samplers"} - set(ckpt)
     except Exception as e:  # truncated zip, bad pickle, wrong format: torch raises many types
+        other = re.search(r"GLOBAL (\S+)", str(e))  # how torch names the object it refused
+        if other:
+            raise ValueError(f"checkpoint {path} was refused: it holds a {other[1]} object where train.py writes "
+                             f"only tensors and plain values, and loading it could run code (none ran); use a "
+                             f"checkpoint that train.py wrote") from e
         reason = str(e).split(". ")[0][:120]  # torch's own message runs to a paragraph
         raise ValueError(f"checkpoint {path} is damaged and cannot be read ({type(e).__name__}: {reason}); "
                          f"restore a copy or start afresh in another --out_dir") from e
@@ -279,8 +300,11 @@ def load_checkpoint(path, purpose="--resume"):
 
 
 def check_resume(ckpt, args, path):
-    """Resuming takes the checkpoint's model, settings and data. A flag typed on the command line that says
-    otherwise is refused, naming both values; so is a --max_iters the checkpoint has already reached."""
+    """Resuming continues the checkpoint's run: its model, data and every setting (batch size, lr and schedule,
+    max_iters, evaluation, dtype, seed, ...) replace the defaults in args, all but RUN_FLAGS. A model or data flag
+    typed on the command line that differs from the checkpoint's is refused, naming both values; a typed training
+    flag overrides the checkpoint's, and {flag: the checkpoint's value} of those is returned to be printed. A
+    --max_iters the checkpoint has already reached is refused."""
     saved = {**ckpt["args"], **ckpt["model_config"]}
     for flag in sorted(args.given & (set(ckpt["model_config"]) | {"model", *DATA_FLAGS})):
         if flag == "block_size":
@@ -289,16 +313,38 @@ def check_resume(ckpt, args, path):
         if value != saved[flag]:
             raise ValueError(f"--{flag} {value} differs from the checkpoint's {saved[flag]} ({path}); resuming "
                              f"keeps the checkpoint's, so drop the flag, or train afresh in another --out_dir")
-    for flag in ("model", *DATA_FLAGS):
-        setattr(args, flag, ckpt["args"][flag])
-    if "block_size" not in args.given:
-        args.block_size = ckpt["args"]["block_size"]
+    overridden = {}
+    for flag, value in ckpt["args"].items():
+        if flag in RUN_FLAGS or not hasattr(args, flag):  # not hasattr: a flag this train.py no longer has
+            continue
+        if flag not in args.given:
+            setattr(args, flag, value)
+        elif getattr(args, flag) != value:
+            overridden[flag] = value
     if args.block_size > ckpt["model_config"]["block_size"]:
         raise ValueError(f"--block_size {args.block_size} is larger than the checkpoint model's block_size "
                          f"{ckpt['model_config']['block_size']}; use at most that")
     if args.max_iters <= ckpt["step"]:
         raise ValueError(f"{path} is already at step {ckpt['step']}, so --max_iters {args.max_iters} leaves "
                          f"nothing to do; pass a larger --max_iters to train on")
+    return overridden
+
+
+def checkpoint_data(ckpt, path, refused):
+    """The data ckpt was trained on, loaded again (an offline stand-in rebuilt as it was, whatever data/ holds now)
+    and held to the checkpoint's record of it: other data stops with one sentence ending in `refused` (what is
+    refused and what to do). A checkpoint written before records were kept gets a printed note instead."""
+    args, record = ckpt["args"], ckpt.get("data")
+    data = datasets.load_recorded(record, args["data"], args["audio_rate"], args["audio_seq_len"])
+    if record is None:
+        print(f"note: {path} predates data records, so its data cannot be checked; using {data.name}, what --data "
+              f"{args['data']} loads now")
+    elif data.record != record:
+        now = data.name if data.name != record["name"] else \
+            f"{data.name} with other contents (md5 {data.record['md5']}, recorded {record['md5']})"
+        raise ValueError(f"{path} was trained on {record['name']}, but --data {args['data']} now loads {now}; "
+                         f"{refused}")
+    return data
 
 
 def save_checkpoint(path, state):
@@ -325,6 +371,11 @@ def append_metrics(path, record, first, resumed_at):
 
 class Diverged(RuntimeError):
     """Training produced non-finite or worse-than-guessing numbers; the last good checkpoint is kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, saying the step reached and that of the last checkpoint; still a KeyboardInterrupt,
+    so a caller such as bench.py stops too."""
 
 
 def check_out_dir(path):
@@ -378,8 +429,9 @@ def train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step):
     return loss_sum
 
 
-def checkpoint_state(model, optimizer, scaler, sampler, step, args, config, val_loss, device_type, ddp):
-    """The checkpoint's contents; under DDP every rank's sampler and RNG, so each resumes on its own stream."""
+def checkpoint_state(model, optimizer, scaler, sampler, step, args, config, data, val_loss, device_type, ddp):
+    """The checkpoint's contents, tensors and plain values only (load_checkpoint reads nothing else): under DDP every
+    rank's sampler and RNG, so each resumes on its own stream, and the record of the data trained on."""
     samplers = [sampler.state_dict()]
     rng = {"torch": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
     if ddp:
@@ -390,7 +442,7 @@ def checkpoint_state(model, optimizer, scaler, sampler, step, args, config, val_
     args_record = {k: v for k, v in vars(args).items() if k != "given"}
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "args": args_record, "model_config": config, "rng": rng, "samplers": samplers,
-            "val_loss": val_loss}
+            "data": data.record, "val_loss": val_loss}
 
 
 def restore(ckpt, model, optimizer, scaler, sampler, rank, device_type):
@@ -409,14 +461,17 @@ def main(argv=None):
     check_out_dir(args.out_dir)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt is not None:
-        check_resume(ckpt, args, ckpt_path)
+    overridden = check_resume(ckpt, args, ckpt_path) if ckpt else {}
     ddp, rank, world, device = setup_distributed(args)
     master, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
     device_type, dtype, ctx = autocast_for(args, device)
     torch.manual_seed(args.seed + rank)
 
-    data = datasets.load(args.data, audio_rate=args.audio_rate, audio_seq_len=args.audio_seq_len)
+    if ckpt:
+        data = checkpoint_data(ckpt, ckpt_path, "resuming on other data is refused: restore the data it was trained "
+                                                "on, or train afresh in another --out_dir")
+    else:
+        data = datasets.load(args.data, audio_rate=args.audio_rate, audio_seq_len=args.audio_seq_len)
     log(data.describe())
     config = ckpt["model_config"] if ckpt else model_config(args.model, args, data.vocab_size, **args.model_overrides)
     model = build_model(args.model, config).to(device)
@@ -426,6 +481,9 @@ def main(argv=None):
     step = restore(ckpt, model, optimizer, scaler, sampler, rank, device_type) if ckpt else 0
     log(f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, config {config}"
         + (f"; resumed from {ckpt_path} at step {step}" if ckpt else ""))
+    changed = [f"{k}={getattr(args, k)} (checkpoint: {v})" for k, v in overridden.items() if getattr(args, k) != v]
+    if changed:  # (a typed --dtype auto may resolve to the checkpoint's own dtype)
+        log("from the command line, overriding the checkpoint: " + ", ".join(changed))
     log(f"{kernels.backend_info(device)}; device {device}, dtype {args.dtype}, {world} process(es)")
     log("flags: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "given"))
     raw_model = model
@@ -437,32 +495,47 @@ def main(argv=None):
     history = []  # per step {step, loss} and per evaluation {step, train_loss, val_loss}, for tests and notebooks
     bar = tqdm(initial=step, total=args.max_iters, disable=not master, desc="train")  # shows the loop, not drives it
     start, last_eval, t_eval = step, step, time.time()
-    for step in range(start, args.max_iters):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss = train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step)
-        history.append({"step": step, "loss": loss})
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", bits=f"{loss / math.log(2):.3f}")
-        if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
-            tokens_per_s = tokens_per_step * (step + 1 - last_eval) / (time.time() - t_eval)
-            losses = evaluate(model, data, args, device, ctx)
-            history.append({"step": step, **{f"{k}_loss": v for k, v in losses.items()}})
-            bits = {k: v / math.log(2) for k, v in losses.items()}
-            bar.write(f"step {step + 1}: train {bits['train']:.4f} {data.unit}, val {bits['val']:.4f} {data.unit}, "
-                      f"{tokens_per_s:,.0f} tokens/s")
-            if not losses["val"] < math.log(data.vocab_size) + 1:  # NaN fails this too
-                raise Diverged(f"training diverged by step {step + 1}: validation loss {losses['val']:.3g} nats "
-                               f"is worse than guessing uniformly, so {ckpt_path} was not overwritten; lower --lr")
-            state = checkpoint_state(raw_model, optimizer, scaler, sampler, step + 1, args, config, losses["val"],
-                                     device_type, ddp)
-            if master:
-                save_checkpoint(ckpt_path, state)
-                record = dict(step=step + 1, tokens=(step + 1) * tokens_per_step, train_bits=bits["train"],
-                              val_bits=bits["val"], lr=lr_at(step, args), tokens_per_s=tokens_per_s, time=time.time())
-                append_metrics(os.path.join(args.out_dir, "metrics.jsonl"), record, first=last_eval == start,
-                               resumed_at=start if ckpt else None)
-            last_eval, t_eval = step + 1, time.time()
+    saved = start if ckpt else None  # the step of the checkpoint on disk
+    try:
+        for step in range(start, args.max_iters):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            loss = train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step)
+            history.append({"step": step, "loss": loss})
+            bar.update()
+            tokens_per_s = tokens_per_step * (step + 1 - last_eval) / (time.time() - t_eval)  # since the evaluation
+            bar.set_postfix({"loss": f"{loss:.4f}", data.unit: f"{loss / math.log(2):.3f}",
+                             "tokens/s": f"{tokens_per_s:,.0f}"})
+            if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+                losses = evaluate(model, data, args, device, ctx)
+                history.append({"step": step, **{f"{k}_loss": v for k, v in losses.items()}})
+                bits = {k: v / math.log(2) for k, v in losses.items()}
+                if master:  # tqdm.write prints even for a disabled bar
+                    bar.write(f"step {step + 1}: train {bits['train']:.4f} {data.unit}, val {bits['val']:.4f} "
+                              f"{data.unit}, {tokens_per_s:,.0f} tokens/s")
+                if not losses["val"] < math.log(data.vocab_size) + 1:  # NaN fails this too
+                    raise Diverged(f"training diverged by step {step + 1}: validation loss {losses['val']:.3g} "
+                                   f"nats is worse than guessing uniformly, so {ckpt_path} was not overwritten; "
+                                   f"lower --lr")
+                state = checkpoint_state(raw_model, optimizer, scaler, sampler, step + 1, args, config, data,
+                                         losses["val"], device_type, ddp)
+                if master:
+                    save_checkpoint(ckpt_path, state)
+                saved = step + 1  # on disk (rank 0 wrote it): what a Ctrl-C from here on reports
+                if master:
+                    record = dict(step=step + 1, tokens=(step + 1) * tokens_per_step, train_bits=bits["train"],
+                                  val_bits=bits["val"], lr=lr_at(step, args), tokens_per_s=tokens_per_s,
+                                  time=time.time())
+                    append_metrics(os.path.join(args.out_dir, "metrics.jsonl"), record, first=last_eval == start,
+                                   resumed_at=start if ckpt else None)
+                last_eval, t_eval = step + 1, time.time()
+    except KeyboardInterrupt:
+        bar.close()
+        reached = history[-1]["step"] + 1 if history else start
+        kept = (f"the last checkpoint, {ckpt_path}, is at step {saved} (--resume continues from there)"
+                if saved is not None else f"no checkpoint was written (the first comes at step "
+                                          f"{min(args.eval_interval, args.max_iters)})")
+        raise Interrupted(f"stopped by Ctrl-C after step {reached} of {args.max_iters}; {kept}") from None
     bar.close()
     if ddp:  # every rank done, and the DDP wrapper freed while all are alive: else gloo's teardown can hang
         dist.barrier()
@@ -476,3 +549,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, Diverged) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # one line, no traceback, and the status shells give Ctrl-C (128 + SIGINT)
+        print(str(e) or "stopped by Ctrl-C before training began", file=sys.stderr)
+        sys.exit(130)
