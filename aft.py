@@ -19,7 +19,7 @@ softmax_t'(K_t' + w_{t,t'}); no T x T x d tensor is ever needed. Config.variant 
             w_{t,t'} = kernel_h[t - t'], and 0 beyond: the paper's numerator conv(exp(K) * V, exp(w) - 1) +
             sum(exp(K) * V), its denominator the same with exp(K). The kernel is reparameterised per head as
             gain * (kernel - mean) / std + bias, gain = bias = 0 at the start (the layer starts as AFT-simple);
-            see position_bias for what of this is checked against the paper.
+            docs/design.md says what of this is checked against the paper.
 
 Numerics: the exps run in float32 at least (also under autocast), and every output is computed from the
 positions <= t alone: a later token changes no earlier output, not even in the last bit, at any scale of the
@@ -61,7 +61,7 @@ class Config:
     n_head: int = 8  # used by AFT-conv only: one kernel per head
     n_embd: int = 512
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True  # biases in the linear layers and LayerNorms
     variant: str = "full"  # "full", "simple", "local" or "conv"
     window: int = 32  # AFT-local / AFT-conv: biases for t - t' < window (the paper's best s = 32)
     w_rank: int = 0  # AFT-full / AFT-local: 0 learns w itself, r > 0 learns w = w_u w_v^T of rank r
@@ -182,13 +182,8 @@ def gated_ratio(q, part):
 
 def kernel_runs(k, backend, band=None):
     """Whether kernels.aft_sums computes the sums: by default for CUDA tensors it takes; backend "triton" or
-    "dense" forces the Triton kernels or the PyTorch path here."""
-    if backend not in (None, "triton", "dense"):
-        raise ValueError(f"unknown AFT backend {backend!r}; choose 'triton', 'dense' or leave it unset")
-    unfit = kernels.aft_unfit(k, band)
-    if backend == "triton" and unfit:
-        raise ValueError(unfit + "; use backend='dense'")
-    return backend == "triton" or (backend is None and k.is_cuda and not unfit)
+    "dense" forces the Triton kernels or the PyTorch path here (kernels.triton_dispatch decides, as for attention)."""
+    return kernels.triton_dispatch("AFT", k, backend, kernels.aft_unfit, k, band)[0]
 
 
 def aft_simple(q, k, v, backend=None):
@@ -286,11 +281,9 @@ class AFTMixer(nn.Module):
     def position_bias(self, T):
         """full: w (T, T); local: the band (T, s) with [t, j] = w_{t,t-j}; conv: the kernels (H, s)."""
         if self.variant == "conv":
-            # AFT-conv's reparameterisation as we remember the paper: w = gain * (w - mean(w)) / std(w) + bias per
-            # head, gain and bias learned and 0 at the start. Not checked against the paper's text (its section and
-            # equation number included), which we could not read beyond the introduction; ComVEX's unofficial
-            # AFT-conv agrees on (w - mean) / std and a gain starting at 0, but shares one gain and bias by all
-            # heads (a BatchNorm). The epsilon and the population std are our choices.
+            # AFT-conv's reparameterisation per head, w = gain * (w - mean(w)) / std(w) + bias with gain and bias
+            # learned and 0 at the start: our reading of the paper, unchecked against its text (docs/design.md);
+            # the epsilon and the population std are our choices
             kernel = self.kernel - self.kernel.mean(dim=1, keepdim=True)
             kernel = kernel / (kernel.std(dim=1, keepdim=True, correction=0) + 1e-5)
             return self.kernel_gain[:, None] * kernel + self.kernel_bias[:, None]

@@ -39,7 +39,7 @@ class Config:
     n_head: int = 8
     n_embd: int = 512
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True  # biases in the linear layers and LayerNorms
     n_latents: int = 0  # N: the last N positions, the only ones that predict; 0 = min(1024, block_size // 2)
     rotary_frac: float = 0.5  # fraction of each head's dims rotated by the rotary encoding (official: 0.25-0.5)
     context_dropout: float = 0.0  # training only: fraction of the M - N context inputs removed per sequence
@@ -160,7 +160,7 @@ class PerceiverAR(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # W_out untied and N(0, 0.02), not zero as in the official code: init_weights says why
-        init_weights(self, config.n_layer + 1)  # L + 1 residual stages: the cross-attend block and L blocks  # L + 1 residual stages: the cross-attend block and L blocks
+        init_weights(self, config.n_layer + 1)  # L + 1 residual stages: the cross-attend block and L blocks
 
     def run(self, z, z_pos, x, x_pos, past=None):
         """Latent embeddings z (B, N, C) at z_pos, inputs x (B, S, C) at x_pos -> logits (B, N, V) and, per

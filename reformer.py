@@ -20,10 +20,10 @@ And, from trax's Reformer, axial position embeddings: with T = n1 * n2, e(i) = [
 
 Causality: the paper's LSH attention never gives weight to a later position, but which earlier keys share a
 query's chunk depends on where all positions, later ones included, fall in the sort, so a later token can change
-an earlier output through the chunk boundaries (as in trax; measured by the tests and README). Its training
-forward is therefore not exactly causal (`exactly_causal` is False), and train.py --evaluate also scores it on
-prefixes alone, as generation runs it. With `causal_lsh` a query's window holds only earlier keys of its own
-bucket, and a bucket depends on its own position only: exactly causal.
+an earlier output through the chunk boundaries (as in trax; a test asserts the leak). Its training forward is
+therefore not exactly causal (`exactly_causal` is False), and sample.py --evaluate also scores it on prefixes
+alone, as generation runs it (docs/design.md: what the leak is worth). With `causal_lsh` a query's window holds
+only earlier keys of its own bucket, and a bucket depends on its own position only: exactly causal.
 """
 import math
 from contextlib import contextmanager
@@ -45,7 +45,7 @@ class Config:
     n_head: int = 8
     n_embd: int = 512
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True  # biases in the linear layers and LayerNorms
     n_hashes: int = 4  # LSH rounds
     n_buckets: int = 0  # even; 0 = 2 * block_size / chunk (trax's 2T/chunk, fixed so prefixes hash alike)
     factorize_hash: bool = False  # trax's option: n_buckets as n1 x n2 buckets of two hashes (see hash_buckets)
@@ -239,9 +239,8 @@ class ReversibleBlock(nn.Module):
                 h_in = h.detach().requires_grad_()
                 fx2 = 0
                 # A view, not h_in itself: autocast takes a float32 leaf that requires grad for a weight and
-                # keeps its 16-bit copy until the autocast context ends, and the copy's graph keeps h_in and
-                # its grad alive, so every layer's would live through the whole backward (+10 KiB/token on an
-                # H100 at 2^18 tokens)
+                # caches its 16-bit copy until the autocast context ends, and that copy's graph would keep every
+                # layer's h_in and its grad alive through the whole backward (figures: docs/design.md)
                 for part in self.f_parts(h_in.view_as(h_in)):
                     torch.autograd.backward(part, dx1)
                     fx2 = fx2 + wide(part.detach())

@@ -19,8 +19,8 @@ Residual blocks are pre-activation (section 5.2), with dropout only at the end o
     ff(x) = W2 gelu(W1 x + b1) + b2
 
 W2 and the attention output projection start scaled by 1/sqrt(2L); W_out is the token embedding, not zero as in
-the official code (init_weights says why). `recompute`
-recomputes each block in the backward pass, as the paper does, so stored activations never hold n x n maps.
+the official code (init_weights says why). `recompute` recomputes each block in the backward pass, as the paper
+does, so stored activations never hold n x n maps.
 """
 import dataclasses
 import math
@@ -46,7 +46,7 @@ class Config:
     n_head: int = 8
     n_embd: int = 512
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True  # biases in the linear layers and LayerNorms
     pattern: str = "all"  # "all" (dense), "local", "strided" or "fixed"
     stride: int = 0  # l: width of the local band, the stride, or the length of a fixed block; 0 = auto_stride
     summary: int = 32  # c: the summary positions at the end of each fixed block
@@ -262,10 +262,7 @@ class CausalSelfAttention(nn.Module):
         n = -(-T // multiple) * multiple
         if n != T:
             q, k, v = (F.pad(t, (0, 0, 0, n - T)) for t in (q, k, v))
-        if cfg.pattern == "fixed":
-            y = self.fixed(q, k, v)
-        else:
-            y = self.strided(q, k, v)
+        y = self.fixed(q, k, v) if cfg.pattern == "fixed" else self.strided(q, k, v)
         return y[:, :, :T]
 
     def layout(self, kind, n):
@@ -275,7 +272,7 @@ class CausalSelfAttention(nn.Module):
 
     def fixed(self, q, k, v):
         """A1 and A2 of fixed are both whole tiles: one kernel call with a per-head layout."""
-        return attention(q, k, v, layout=self.layout("fixed", q.size(2)), block=self.config.attn_block)
+        return attention(q, k, v, layout=self.layout("fixed", q.size(2)), tile=self.config.attn_block)
 
     def strided(self, q, k, v):
         """The local band (pattern "local", A1 of strided) and the transposed A2 of strided, in their orders."""
@@ -294,14 +291,14 @@ class CausalSelfAttention(nn.Module):
 
     def local(self, q, k, v):
         layout = self.layout("local", q.size(2))  # (1, nb, nb)
-        return attention(q, k, v, layout=layout, block=self.config.attn_block, window=self.config.stride)
+        return attention(q, k, v, layout=layout, tile=self.config.attn_block, window=self.config.stride)
 
     def transposed(self, q, k, v):
         """A2 of strided, block-sparse: in the transposed order it is causal attention within each run."""
         blk, l = self.config.attn_block, self.config.stride
         q, k, v = (strided_transpose(t, l, blk) for t in (q, k, v))
         layout = self.layout("strided", q.size(2))  # (1, nb, nb)
-        return strided_untranspose(attention(q, k, v, layout=layout, block=blk), l)
+        return strided_untranspose(attention(q, k, v, layout=layout, tile=blk), l)
 
     def attend_cached(self, q, k, v, cache):
         """Decoding: append k, v to the cache; each new query attends to the cached keys its mask row allows."""
@@ -374,21 +371,12 @@ def init_weights(model, n_layer):
     """The one init of every model in this repository (all four model files call it): matrices N(0, 0.02) as in
     GPT-2, the output projection of each residual branch N(0, 0.02 / sqrt(2L)) (section 5.2), biases zero.
 
-    The output layer starts N(0, 0.02) too: it is the token embedding (tied, as in GPT-2 and nanoGPT) in the
-    Transformer, the Sparse Transformer and AFT, and a matrix of its own in the Reformer (it reads both
-    reversible halves, 2C wide) and in Perceiver AR. Measured in train.py's loop (README, Results): the dense
-    Transformer reaches 3.82-3.84 / 3.26 bits/byte at 300 / 1000 steps tied, 3.85-3.87 / 3.41 untied, nanoGPT's
-    GPT 3.83 / 3.26; the Reformer tied as [E E] 3.79-3.81 at 300 steps, untied 3.74-3.76. Perceiver AR tied
-    learns text faster (3.28 against 3.38 at 300 steps) but not its defining task: on the copy test (V=16,
-    513 positions back, width 128) it is still at 0.36-0.85 nats after 300 steps where untied is done in 70,
-    so it stays untied.
-
-    Not at zero, as the official code starts it: under AdamW the first update of a zero W_out is the sign of its
-    gradient (softmax - onehot)^T h, which is nearly rank one because the LayerNorm outputs h of a fresh network
-    share one direction. W_out then stays almost rank one for hundreds of steps (its top singular value holds
-    96-100% of its energy over steps 10-100, against 4-72% from N(0, 0.02)), so the gradient every other layer
-    receives through it, W_out^T (softmax - onehot), has essentially one direction: 4.36-4.48 bits/byte at 300
-    steps."""
+    The output layer W_out starts N(0, 0.02) too: the token embedding (tied, as in GPT-2 and nanoGPT) in the
+    Transformer, the Sparse Transformer and AFT; a matrix of its own in the Reformer (it reads both reversible
+    halves, 2C wide) and in Perceiver AR (tied, it learns its copy task far slower). Not zero, as in the official
+    code: AdamW's first update of a zero W_out is the sign of its gradient (softmax - onehot)^T h, nearly rank one
+    as the LayerNorm outputs h of a fresh network share one direction; W_out then stays nearly rank one for
+    hundreds of steps, and so does the gradient every layer below receives through it (docs/design.md: figures)."""
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
