@@ -1,29 +1,37 @@
 """
-Attention kernels shared by the models.
+Attention kernels shared by the models: three families, each a chapter of this file.
 
-Two public functions, each a Triton kernel on CUDA and a dense PyTorch twin everywhere else that computes the
-same function (`backend=` forces either; `last_backend` / `last_lsh_backend` say which one ran):
-- `attention(q, k, v, ...)`: softmax attention under three masks at once: the causal mask, an optional sliding
-  window, and an optional block layout (a boolean [H or 1, T/block, S/block] tensor saying which query-block x
-  key-block tiles are computed). The kernel is block-sparse flash attention (forward, dQ and dK/dV kernels,
-  online softmax, fp32 accumulation; fp32 inputs multiply in TF32 on the GPU, exactly in the interpreter).
-  `backend_info(device)` says which backend a device gets.
-- `lsh_attention(q, k, v, buckets, chunk, ...)`: the Reformer's LSH attention over hash rounds, the paper's
-  chunked windows or an exactly causal variant (see its section).
+Every chapter reads in the same order: (a) the definition and its dense PyTorch twin, which the tests hold the
+kernels to; (b) the Triton kernels; (c) the launcher and its launch settings; (d) the public entry point.
+
+  Preamble                    arch detection, alignment, launch_overrides, triton_dispatch (whether Triton runs
+                              and, if not, why: the one dispatch of all three families)
+  1. Block-sparse attention   (a) attention_mask, dense_attention  (b) _fwd_kernel with its tile loop _fwd_tiles,
+                              _bwd_dq_kernel, _bwd_dkdv_kernel  (c) tile_lists, launch_config  (d) attention
+  2. LSH attention            (a) sort_by_bucket, dense_lsh_attention  (b) _lsh_fwd_kernel, _lsh_bwd_dkdv_kernel,
+                              _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config  (d) lsh_attention
+  3. AFT sums                 (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel,
+                              _aft_fwd_kernel, _aft_bwd_carry_kernel, _aft_bwd_kernel  (c) aft_launch_config
+                              (d) aft_sums
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
 - causal masks are aligned bottom-right: query i sits at absolute position S - T + i and sees keys
   0 .. S - T + i. With T == S this is the usual causal mask; with T < S it is Perceiver AR's cross-attention.
 - window w: query position p sees key j only when j > p - w (the last w positions, itself included).
-- layout[h, m, n] allows query rows m*block .. (m+1)*block-1 (row index, not position) to see key columns
-  n*block .. (n+1)*block-1. A layout needs S - T to be a multiple of block, so its diagonal is the causal one.
+- a tile is a square of the attention matrix: layout[h, m, n] allows query rows m*tile .. (m+1)*tile-1 (row
+  index, not position) to see key columns n*tile .. (n+1)*tile-1. A layout needs S - T to be a multiple of tile,
+  so its diagonal is the causal one.
 - a query that sees no key at all gets a zero output (and passes no gradient), never NaN.
 
-`python bench.py` measures the kernels against FlexAttention, dense SDPA and the LSH twin (stages kernels, lsh).
+Each public function runs its Triton kernels on CUDA and its PyTorch twin elsewhere (`backend=` forces either;
+`last_backend` / `last_lsh_backend` say which one ran). docs/kernels.md documents the kernels, their launch
+settings and their measurements; `python bench.py` measures them against FlexAttention, dense SDPA and the LSH
+twin, and `python bench.py --stages kernel_sweep` sweeps launch settings through `launch_overrides`.
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings without triton
 
+import contextlib
 import math
 import os
 
@@ -37,9 +45,67 @@ try:
 except ImportError:  # then everything runs on the dense path
     triton = None
 
-last_backend = None  # "triton" or "dense": which path the most recent attention() call used
-TRITON_BLOCKS = (16, 32, 64, 128)  # layout blocks and head dims the Triton kernel takes (64/128 are fast)
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
+# ================================================================================================================
+# Preamble: what the three families share
+
+if triton is not None:
+    jit = triton.jit
+else:  # the kernels are then never launched; defining them as plain functions keeps the module importable
+    def jit(fn=None, **options):
+        return fn if fn is not None else (lambda fn: fn)
+
+# Triton decides at a kernel's definition (this import) whether it runs in the interpreter; so does the dispatch
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # head dims the block-sparse kernels take (and the LSH ones on a GPU)
+_archs = {}  # torch.device -> its architecture: asking the driver costs microseconds on every call
+
+
+def _arch(device):
+    """A CUDA device's compute capability as one number (90 for sm_90); None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    if device not in _archs:
+        major, minor = torch.cuda.get_device_capability(device)
+        _archs[device] = 10 * major + minor
+    return _archs[device]
+
+
+def _aligned(x):
+    """x contiguous and 16-byte aligned, the case every compiled kernel is built and checked for (Triton would
+    compile a slower one of its own for a pointer that is not)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def _gpu_unfit(arch):
+    """Why no Triton kernel runs on GPU sm_`arch` (a sentence), or None (also for arch None, the interpreter)."""
+    if arch is not None and arch < 80:
+        return (f"the Triton kernels need sm_80 or newer, got sm_{arch} (Triton compiles tl.dot without tensor "
+                f"cores there; the dense path uses them)")
+    return None
+
+
+def triton_dispatch(family, x, backend, family_unfit, *args):
+    """The dispatch of every family: (True, None) when its Triton kernels run on inputs like x, else (False, a
+    sentence saying why not). backend None picks them for CUDA tensors they take, "triton" forces them (a
+    ValueError says why they cannot), "dense" never runs them. family_unfit(arch, *args) is the family's own
+    check (dtype, head dim, tile): a sentence, or None when it takes the inputs on sm_`arch`."""
+    if backend not in (None, "triton", "dense"):
+        raise ValueError(f"unknown {family} backend {backend!r}; choose 'triton', 'dense' or leave it unset")
+    if backend == "dense":
+        return False, "backend='dense' asks for the PyTorch path"
+    if triton is None:
+        why = f"the {family} Triton kernels need triton, which is not installed"
+    elif not x.is_cuda and not INTERPRETED:
+        why = f"the {family} Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    else:
+        arch = _arch(x.device)
+        why = _gpu_unfit(arch) or family_unfit(arch, *args)
+    if why and backend == "triton":
+        raise ValueError(f"{why}; use backend='dense'")
+    if why is None and backend is None and not x.is_cuda:
+        why = "the inputs are CPU tensors: the interpreter runs the kernels only when backend='triton' asks"
+    return why is None, why
 
 
 def backend_info(device):
@@ -51,12 +117,50 @@ def backend_info(device):
     return f"attention backend: triton {triton.__version__} (CUDA)"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The dense fallback: the definition every kernel is tested against
+# Launch settings depend on shapes, dtype and architecture only: each configuration's are computed once (the
+# dispatch runs on every call of a model's layer) and can be overridden per kernel for a sweep.
+_launch_cache = {}  # (family, shapes, dtype, arch) -> settings
+_overrides = {}  # kernel -> settings replacing the chosen ones; see launch_overrides
+OVERRIDABLE = dict(fwd=("TILE_M", "TILE_N", "num_warps", "num_stages"),
+                   dkdv=("TILE_M", "TILE_N", "num_warps", "num_stages"),
+                   dq=("TILE_M", "TILE_N", "num_warps", "num_stages"), lsh=("TILE_N", "num_warps", "num_stages"))
 
-def layout_to_mask(layout, block, T, S):
-    """Expand a block layout [H or 1, T/block, S/block] to an element mask [H or 1, T, S]."""
-    return layout.repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)[:, :T, :S]
+
+@contextlib.contextmanager
+def launch_overrides(**settings):
+    """Inside the with statement, the given settings replace the chosen ones, per kernel: "fwd", "dkdv" and "dq" (the
+    block-sparse kernels; launch_config says what each setting is) and "lsh" (all three LSH kernels; see
+    lsh_launch_config), e.g. launch_overrides(dkdv=dict(num_warps=4), dq=dict(TILE_N=32, num_stages=2)). For
+    sweeps (bench.py's kernel_sweep) and tests; a setting the GPU cannot compile fails at the launch."""
+    global _overrides
+    for kernel, chosen in settings.items():
+        unknown = set(chosen) - set(OVERRIDABLE.get(kernel, ()))
+        if kernel not in OVERRIDABLE or unknown:
+            raise ValueError(f"launch_overrides takes {OVERRIDABLE} (kernel: settings), got {kernel}={chosen}")
+    before = _overrides
+    _overrides = {**before, **settings}
+    _launch_cache.clear()
+    try:
+        yield
+    finally:
+        _overrides = before
+        _launch_cache.clear()
+
+
+def _with_overrides(cfg):
+    """{kernel: settings} with the overrides of launch_overrides applied."""
+    return {kernel: {**settings, **_overrides.get(kernel, {})} for kernel, settings in cfg.items()}
+
+
+# ================================================================================================================
+# 1. Block-sparse attention: softmax attention under a causal mask, a sliding window and a tile layout at once
+#
+# (a) The definition: softmax(q k^T * scale) v over the keys the three masks let through, 0 for a query that sees
+# none; dense_attention computes it. The kernels visit only the tiles the layout lists (FlashAttention, section 3.3).
+
+def layout_to_mask(layout, tile, T, S):
+    """Expand a tile layout [H or 1, T/tile, S/tile] to an element mask [H or 1, T, S]."""
+    return layout.repeat_interleave(tile, dim=1).repeat_interleave(tile, dim=2)[:, :T, :S]
 
 
 def causal_mask(T, S, device):
@@ -65,7 +169,7 @@ def causal_mask(T, S, device):
     return torch.arange(S, device=device)[None, :] <= q_pos
 
 
-def attention_mask(T, S, causal=True, layout=None, block=64, window=None, device=None):
+def attention_mask(T, S, causal=True, layout=None, tile=64, window=None, device=None):
     """Element mask [H or 1, T, S] (True = may attend) of causal & window & layout, or None for no mask."""
     q_pos = torch.arange(S - T, S, device=device)[:, None]
     k_pos = torch.arange(S, device=device)[None, :]
@@ -73,22 +177,14 @@ def attention_mask(T, S, causal=True, layout=None, block=64, window=None, device
     if window is not None:
         mask = (k_pos > q_pos - window) if mask is None else mask & (k_pos > q_pos - window)
     if layout is not None:
-        block_mask = layout_to_mask(layout.to(device=device, dtype=torch.bool), block, T, S)
-        mask = block_mask if mask is None else block_mask & mask
+        tile_mask = layout_to_mask(layout.to(device=device, dtype=torch.bool), tile, T, S)
+        mask = tile_mask if mask is None else tile_mask & mask
     return mask if mask is None or mask.dim() == 3 else mask[None]
 
 
-def decoding_sdpa():
-    """A context for decoding loops: SDPA chooses among the flash, memory-efficient and math kernels only. Each
-    decoding step has a new key length, and on an H100 (torch 2.11) SDPA's default choice took ~64 ms for every
-    new shape against 0.3-0.5 ms for these: a 6-layer, 512-wide Transformer generated 20.8 tokens/s at a 4096
-    context with its cache, 327.9 inside this context (README, Results)."""
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def dense_attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=None):
+def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=None):
     """softmax(q k^T * scale, masked) v by F.scaled_dot_product_attention; rows with no visible key give 0."""
-    mask = attention_mask(q.size(-2), k.size(-2), causal, layout, block, window, q.device)
+    mask = attention_mask(q.size(-2), k.size(-2), causal, layout, tile, window, q.device)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     empty = ~mask.any(-1, keepdim=True)  # (H or 1, T, 1)
@@ -97,21 +193,202 @@ def dense_attention(q, k, v, causal=True, layout=None, block=64, window=None, sc
     return out.masked_fill(empty[None], 0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Block-sparse flash attention in Triton
-#
-# A layout becomes two lists in CSR form: for each (layout head, query block) the key blocks to visit, and for
-# each (layout head, key block) the query blocks, with blocks that lie wholly outside the causal mask or the
-# window dropped. Inside the kernels the causal mask and the window are one band of visible keys,
-#     p - window < j <= p + future        (p: the query's absolute position),
+# (b) The kernels. A program walks a list of tiles (tile_lists, part (c)). The causal mask and the window are one
+# band of visible keys, the same three named values past, future, window in every kernel and tile loop:
+#     past + i - window < j <= past + i + future    (query row i sits at position past + i, past = S - T)
 # with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. Each list puts the
-# tiles the band's edge cuts first: the kernels walk those in a loop with a per-element mask, then the rest in
-# a loop without one (as the Triton fused-attention tutorial and FlexAttention do). Scores live in log2 units
-# (scale * log2(e) is folded into one multiplier) so the kernels use exp2, and the forward saves the
-# log-sum-exp per query row (log2 units) for the backward. Masked scores are -inf and the running max starts
+# tiles the band's edge cuts first: the kernels walk those with a per-element mask, then the rest without one.
+# Scores live in log2 units (scale * log2(e) is folded into qk_scale) so the kernels use exp2; the forward saves
+# the log-sum-exp per row (log2 units) for the backward. Masked scores are -inf and the running max starts
 # finite, so a row that sees no key gets probabilities 2^(-inf) = 0, never NaN, forward and backward.
+SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
-_index_cache = {}  # (layout content, shapes, band) -> CSR lists on the device; see block_lists
+
+# Forward. One program computes TILE_M output rows (of one query tile, TILE rows) of one (batch, head): grid
+# (T / TILE_M, B * H). q, the running max m, the running sum l and the output accumulator stay in SRAM while the
+# program walks its tile's list of key tiles in sub-tiles of TILE_N keys. Per sub-tile, with s the scores:
+#     m' = max(m, rowmax(s))
+#     l' = l * 2^(m - m') + rowsum(2^(s - m'))
+#     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
+@jit(do_not_specialize=SPARSE_SCALARS)
+def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future, window,
+                TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    Q += bh.to(tl.int64) * T * D
+    O += bh.to(tl.int64) * T * D
+    K += bh.to(tl.int64) * S * D
+    V += bh.to(tl.int64) * S * D
+    LSE += bh.to(tl.int64) * T
+    offs_m = pid * TILE_M + tl.arange(0, TILE_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
+    m_i = tl.full([TILE_M], -1.0e30, tl.float32)  # finite, so a fully masked tile gives 2^(-inf) = 0, not NaN
+    l_i = tl.zeros([TILE_M], tl.float32)
+    acc = tl.zeros([TILE_M, D], tl.float32)
+    row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
+    lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
+    past = S - T
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, mid, qk_scale, offs_m, past, future, window,
+                               TILE, TILE_N, D, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window,
+                               TILE, TILE_N, D, False)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
+    tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i))
+
+
+@jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window, TILE: tl.constexpr,
+               TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The recurrence over the key list's entries lo .. hi-1, for the query rows offs_m."""
+    SPLIT = TILE // TILE_N  # sub-tiles per list entry
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, D)
+    for it in range(lo * SPLIT, hi * SPLIT):
+        k_lo = tl.load(cols + it // SPLIT) * TILE + (it % SPLIT) * TILE_N
+        kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, TILE_N)
+        s = tl.dot(q, kT) * qk_scale
+        if MASKED:
+            s = tl.where(_band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + (k_lo + offs_n)[:, None] * D + offs_d[None, :])  # (TILE_N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@jit
+def _band(q_pos, k_pos, future, window):
+    """Element mask of the band q_pos - window < k_pos <= q_pos + future, broadcast (absolute positions)."""
+    return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
+
+
+# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of one
+# (batch, head): grid (T / TILE_M, B * H). It computes its rows' delta = rowsum(out * dout) in fp32 and stores
+# it for the dK/dV kernel (a launch fewer than a kernel of its own). q, dout, lse, delta and the dq accumulator
+# stay in SRAM while the program walks the same key list as the forward, in sub-tiles of TILE_N keys:
+#     P = 2^(s - lse)
+#     dP = dout v^T
+#     dq += scale * (P * (dP - delta)) k
+@jit(do_not_specialize=SPARSE_SCALARS)
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S,
+                   layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+                   D: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    Q += bh.to(tl.int64) * T * D
+    O += bh.to(tl.int64) * T * D
+    DO += bh.to(tl.int64) * T * D
+    DQ += bh.to(tl.int64) * T * D
+    K += bh.to(tl.int64) * S * D
+    V += bh.to(tl.int64) * S * D
+    LSE += bh.to(tl.int64) * T
+    DELTA += bh.to(tl.int64) * T
+    offs_m = pid * TILE_M + tl.arange(0, TILE_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
+    do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :])
+    o = tl.load(O + offs_m[:, None] * D + offs_d[None, :])
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + offs_m, delta)
+    lse = tl.load(LSE + offs_m)
+    dq = tl.zeros([TILE_M, D], tl.float32)
+    row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
+    lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
+    past = S - T
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, mid, qk_scale, offs_m, past, future, window, TILE, TILE_N,
+                   D, True)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window, TILE, TILE_N,
+                   D, False)
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+
+
+@jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window, TILE: tl.constexpr,
+              TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The sum over the key list's entries lo .. hi-1, for the query rows offs_m."""
+    SPLIT = TILE // TILE_N
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, D)
+    for it in range(lo * SPLIT, hi * SPLIT):
+        k_lo = tl.load(cols + it // SPLIT) * TILE + (it % SPLIT) * TILE_N
+        kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, TILE_N)
+        vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
+        s = tl.dot(q, kT) * qk_scale
+        if MASKED:
+            s = tl.where(_band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window), s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        ds = p * (tl.dot(do, vT) - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    return dq
+
+
+# Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile, TILE keys) of one
+# (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the program walks
+# the query tiles that visit its tile, in sub-tiles of TILE_M queries. With P recomputed from the saved lse,
+# and delta as the dQ kernel (launched first) stored it:
+#     P = 2^(s - lse)                      (the forward's softmax, exactly)
+#     dv += P^T dout,   dP = dout v^T
+#     dk += scale * (P * (dP - delta))^T q
+@jit(do_not_specialize=SPARSE_SCALARS)
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T, S,
+                     layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr,
+                     TILE_N: tl.constexpr, D: tl.constexpr):
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    Q += bh.to(tl.int64) * T * D
+    DO += bh.to(tl.int64) * T * D
+    K += bh.to(tl.int64) * S * D
+    V += bh.to(tl.int64) * S * D
+    DK += bh.to(tl.int64) * S * D
+    DV += bh.to(tl.int64) * S * D
+    LSE += bh.to(tl.int64) * T
+    DELTA += bh.to(tl.int64) * T
+    offs_n = pid * TILE_N + tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + offs_n[:, None] * D + offs_d[None, :])
+    v = tl.load(V + offs_n[:, None] * D + offs_d[None, :])
+    dk = tl.zeros([TILE_N, D], tl.float32)
+    dv = tl.zeros([TILE_N, D], tl.float32)
+    col = (bh % H) % layout_heads * (S // TILE) + pid * TILE_N // TILE
+    lo, mid, hi = tl.load(col_ptr + col), tl.load(col_mid + col), tl.load(col_ptr + col + 1)
+    past = S - T
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, mid, qk_scale, offs_n, past, future, window,
+                         TILE, TILE_M, D, True)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, mid, hi, qk_scale, offs_n, past, future, window,
+                         TILE, TILE_M, D, False)
+    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+
+@jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, offs_n, past, future, window,
+                TILE: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The sums over the query list's entries lo .. hi-1, for the key rows offs_n (a key's row is its position)."""
+    SPLIT = TILE // TILE_M
+    offs_m = tl.arange(0, TILE_M)
+    offs_d = tl.arange(0, D)
+    for it in range(lo * SPLIT, hi * SPLIT):
+        m_lo = tl.load(rows + it // SPLIT) * TILE + (it % SPLIT) * TILE_M  # first query row of the sub-tile
+        qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, TILE_M)
+        sT = tl.dot(k, qT) * qk_scale
+        if MASKED:
+            sT = tl.where(_band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window), sT, float("-inf"))
+        pT = tl.exp2(sT - tl.load(LSE + m_lo + offs_m)[None, :])
+        do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (TILE_M, D)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - tl.load(DELTA + m_lo + offs_m)[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    return dk, dv
+
+
+# (c) The launcher. A layout becomes two lists in CSR form: for each (layout head, query tile) the key tiles to
+# visit, and for each (layout head, key tile) the query tiles, with tiles that lie wholly outside the band
+# dropped and the tiles its edge cuts first.
+
+_index_cache = {}  # (layout content, shapes, band) -> CSR lists on the device; see tile_lists
 _layout_keys = {}  # id(layout) -> (layout, its version, its content key); see _layout_key
 LOG2E = math.log2(math.e)  # 2^(x * LOG2E) = e^x
 
@@ -131,21 +408,21 @@ def _layout_key(layout):
     return seen[2]
 
 
-def block_lists(layout, block, T, S, future, window, device):
+def tile_lists(layout, tile, T, S, future, window, device):
     """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid), int32 on
-    `device`. Query block m of layout head h (list row i = h*T/block + m) visits key blocks
-    cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge; key block n
-    (list column i = h*S/block + n) is visited by query blocks rows[col_ptr[i] : col_ptr[i + 1]], likewise split
-    at col_mid[i]. Cached on the layout's content, shapes and band."""
-    key = (_layout_key(layout), block, T, S, future, window, str(device))
+    `device`. Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles
+    cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge; key tile n
+    (list column i = h*S/tile + n) is visited by query tiles rows[col_ptr[i] : col_ptr[i + 1]], likewise split
+    at col_mid[i]. Cached on the layout's content, shapes and band (future, window)."""
+    key = (_layout_key(layout), tile, T, S, future, window, str(device))
     if key not in _index_cache:
         if layout is None:
-            layout = torch.ones(1, T // block, S // block, dtype=torch.bool)
-        q_first = S - T + torch.arange(T // block)[:, None] * block  # first query position of each block
-        k_first = torch.arange(S // block)[None, :] * block
-        q_last, k_last = q_first + block - 1, k_first + block - 1
+            layout = torch.ones(1, T // tile, S // tile, dtype=torch.bool)
+        q_first = S - T + torch.arange(T // tile)[:, None] * tile  # first query position of each tile
+        k_first = torch.arange(S // tile)[None, :] * tile
+        q_last, k_last = q_first + tile - 1, k_first + tile - 1
         visible = layout.to("cpu", torch.bool) & (k_first <= q_last + future) & (k_last > q_first - window)
-        cut = (k_last > q_first + future) | (k_first <= q_last - window)  # (T/block, S/block)
+        cut = (k_last > q_first + future) | (k_first <= q_last - window)  # (T/tile, S/tile)
 
         def csr(v, edge):  # (H', R, C) bools -> row pointers over the H'*R rows, first whole tiles, columns
             ptr = F.pad(v.sum(-1).flatten().cumsum(0), (1, 0))
@@ -160,334 +437,133 @@ def block_lists(layout, block, T, S, future, window, device):
     return _index_cache[key]
 
 
-if triton is not None:
-    jit = triton.jit
-else:  # the kernels are then never launched; defining them as plain functions keeps the module importable
-    def jit(fn=None, **options):
-        return fn if fn is not None else (lambda fn: fn)
-
-# Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only enter scalar
-# arithmetic, so one compiled kernel serves every value (T and S, multiples of the block, are always
-# divisible by 16, which Triton uses to align loads).
-SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]
-
-
-@jit
-def _band(q_pos, k_pos, future, window):
-    """Element mask of the band, broadcast over q_pos and k_pos (absolute positions)."""
-    return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
-
-
-# Forward. One program computes BLOCK_M output rows (of one query block, BLOCK rows) of one (batch, head):
-# grid (T / BLOCK_M, B * H). q, the running max m, the running sum l and the output accumulator stay in SRAM
-# while the program walks its block's list of key blocks in sub-tiles of BLOCK_N keys. Per sub-tile, with s the
-# scores in log2 units:
-#     m' = max(m, rowmax(s))
-#     l' = l * 2^(m - m') + rowsum(2^(s - m'))
-#     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
-@jit(do_not_specialize=SPARSE_SCALARS)
-def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future, window,
-                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    Q += bh.to(tl.int64) * T * D
-    O += bh.to(tl.int64) * T * D
-    K += bh.to(tl.int64) * S * D
-    V += bh.to(tl.int64) * S * D
-    LSE += bh.to(tl.int64) * T
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite, so a fully masked tile gives 2^(-inf) = 0, not NaN
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    row = (bh % H) % layout_heads * (T // BLOCK) + pid * BLOCK_M // BLOCK
-    lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
-    band = (S - T + offs_m, future, window)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, mid, qk_scale, band, BLOCK, BLOCK_N, D, True)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, mid, hi, qk_scale, band, BLOCK, BLOCK_N, D, False)
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
-    tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
-    tl.store(LSE + offs_m, m_i + tl.log2(l_i))
-
-
-@jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, band, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-               D: tl.constexpr, MASKED: tl.constexpr):
-    """The recurrence over the key list's entries lo .. hi-1; band = (query positions, future, window)."""
-    SPLIT = BLOCK // BLOCK_N  # sub-tiles per list entry
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    for it in range(lo * SPLIT, hi * SPLIT):
-        k_lo = tl.load(cols + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_N
-        kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, BLOCK_N)
-        s = tl.dot(q, kT) * qk_scale
-        if MASKED:
-            s = tl.where(_band(band[0][:, None], (k_lo + offs_n)[None, :], band[1], band[2]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + (k_lo + offs_n)[:, None] * D + offs_d[None, :])  # (BLOCK_N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-# Backward, delta_i = sum_d out_id * dout_id in fp32 for every query row, read by both gradient kernels (and by
-# the LSH ones). One program per BLOCK rows of the row-major (n_rows, D) out and dout; grid (n_rows / BLOCK).
-@jit(do_not_specialize=["n_rows"])
-def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (rows < n_rows)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
-    tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < n_rows)
-
-
-def _delta(o, do):
-    """rowsum(o * do) in fp32 by _delta_kernel: contiguous (..., T, D) -> (..., T)."""
-    delta = torch.empty(o.shape[:-1], device=o.device, dtype=torch.float32)
-    n_rows, D = delta.numel(), o.size(-1)
-    _delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, D=D, BLOCK_D=triton.next_power_of_2(D),
-                                              BLOCK=64)
-    return delta
-
-
-# Backward, dK and dV. One program computes the gradients of BLOCK_N keys (of one key block, BLOCK keys) of one
-# (batch, head): grid (S / BLOCK_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the program walks
-# the query blocks that visit its block, in sub-tiles of BLOCK_M queries. With P recomputed from the saved lse
-# and delta:
-#     P = 2^(s - lse)                      (the forward's softmax, exactly)
-#     dv += P^T dout,   dP = dout v^T
-#     dk += scale * (P * (dP - delta))^T q
-@jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T, S,
-                     layout_heads, future, window, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, D: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    Q += bh.to(tl.int64) * T * D
-    DO += bh.to(tl.int64) * T * D
-    K += bh.to(tl.int64) * S * D
-    V += bh.to(tl.int64) * S * D
-    DK += bh.to(tl.int64) * S * D
-    DV += bh.to(tl.int64) * S * D
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    k = tl.load(K + offs_n[:, None] * D + offs_d[None, :])
-    v = tl.load(V + offs_n[:, None] * D + offs_d[None, :])
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    col = (bh % H) % layout_heads * (S // BLOCK) + pid * BLOCK_N // BLOCK
-    lo, mid, hi = tl.load(col_ptr + col), tl.load(col_mid + col), tl.load(col_ptr + col + 1)
-    band = (offs_n, S - T, future, window)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, mid, qk_scale, band, BLOCK, BLOCK_M, D, True)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, mid, hi, qk_scale, band, BLOCK, BLOCK_M, D, False)
-    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
-    tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
-
-
-@jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, band, BLOCK: tl.constexpr,
-                BLOCK_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
-    """The sums over the query list's entries lo .. hi-1; band = (key positions, S - T, future, window)."""
-    SPLIT = BLOCK // BLOCK_M
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    for it in range(lo * SPLIT, hi * SPLIT):
-        m_lo = tl.load(rows + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_M  # first query row of the sub-tile
-        qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, BLOCK_M)
-        sT = tl.dot(k, qT) * qk_scale
-        if MASKED:
-            q_pos = band[1] + m_lo + offs_m
-            sT = tl.where(_band(q_pos[None, :], band[0][:, None], band[2], band[3]), sT, float("-inf"))
-        pT = tl.exp2(sT - tl.load(LSE + m_lo + offs_m)[None, :])
-        do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (BLOCK_M, D)
-        dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - tl.load(DELTA + m_lo + offs_m)[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
-    return dk, dv
-
-
-# Backward, dQ. One program computes dq for BLOCK_M query rows (of one query block) of one (batch, head): grid
-# (T / BLOCK_M, B * H). q, dout, lse, delta and the dq accumulator stay in SRAM while the program walks the same
-# key list as the forward, in sub-tiles of BLOCK_N keys:
-#     P = 2^(s - lse)
-#     dP = dout v^T
-#     dq += scale * (P * (dP - delta)) k
-@jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S, layout_heads,
-                   future, window, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    Q += bh.to(tl.int64) * T * D
-    DO += bh.to(tl.int64) * T * D
-    DQ += bh.to(tl.int64) * T * D
-    K += bh.to(tl.int64) * S * D
-    V += bh.to(tl.int64) * S * D
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
-    do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :])
-    lse = tl.load(LSE + offs_m)
-    delta = tl.load(DELTA + offs_m)
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    row = (bh % H) % layout_heads * (T // BLOCK) + pid * BLOCK_M // BLOCK
-    lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
-    band = (S - T + offs_m, future, window)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, mid, qk_scale, band, BLOCK, BLOCK_N, D, True)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, band, BLOCK, BLOCK_N, D, False)
-    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
-
-
-@jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, band, BLOCK: tl.constexpr,
-              BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
-    """The sum over the key list's entries lo .. hi-1; band = (query positions, future, window)."""
-    SPLIT = BLOCK // BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    for it in range(lo * SPLIT, hi * SPLIT):
-        k_lo = tl.load(cols + it // SPLIT) * BLOCK + (it % SPLIT) * BLOCK_N
-        kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, BLOCK_N)
-        vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
-        s = tl.dot(q, kT) * qk_scale
-        if MASKED:
-            s = tl.where(_band(band[0][:, None], (k_lo + offs_n)[None, :], band[1], band[2]), s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        ds = p * (tl.dot(do, vT) - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
-    return dq
-
-
-def _aligned(x):
-    """x contiguous and 16-byte aligned, the case every compiled kernel is built and checked for (Triton would
-    compile a slower one of its own for a pointer that is not)."""
-    x = x.contiguous()
-    return x if x.data_ptr() % 16 == 0 else x.clone()
-
-
-def _arch(device):
-    """A CUDA device's compute capability as one number (90 for sm_90); None elsewhere (the interpreter)."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def launch_config(block, D, dtype, arch):
+def launch_config(tile, D, dtype, arch):
     """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles it walks,
-    warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages).
-
-    Chosen by compiling for sm_80/86/89/90 (the compile check in test_all.py), after FlexAttention's defaults:
-    a forward program owns 128 query rows; a backward program holds twice as much per row (k, v and two fp32
-    accumulators), so it owns fewer rows the wider they are; sub-tiles are 64 wide, but 32 for fp32 rows of 128
-    and in the backward outside sm_90; 8 warps for the larger tiles (where fewer spill registers, or where
-    more make ptxas trade registers for occupancy and spill); a third pipeline stage where shared memory has
-    room (163 KB a block on sm_80, 227 KB on sm_90; 99 KB on sm_86 and sm_89)."""
+    warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages). A forward
+    program owns up to 128 rows; a backward program fewer the wider its rows; sub-tiles 64 wide, 32 for fp32 rows
+    of 128 and in the backward outside sm_90; 8 warps for the larger tiles; 3 stages on sm_80 and sm_90, 2
+    elsewhere. docs/kernels.md says how these were chosen; the compile check in test_all.py checks them."""
     arch = arch or 90
-    row_bytes = D * torch.empty(0, dtype=dtype).element_size()
-    width = min(block, 64 if row_bytes <= 256 else 32)
-    inner = width if arch == 90 else min(block, 32)
-    fwd_rows, bwd_rows = min(block, 128), min(block, 128, 128 * 128 // row_bytes)
+    row_bytes = D * dtype.itemsize
+    width = min(tile, 64 if row_bytes <= 256 else 32)
+    inner = width if arch == 90 else min(tile, 32)
+    fwd_rows, bwd_rows = min(tile, 128), min(tile, 128, 128 * 128 // row_bytes)
     stages = 3 if arch in (80, 90) else 2
     fwd = dict(num_warps=8 if fwd_rows == 128 and D >= 64 or fwd_rows * row_bytes >= 32768 else 4,
                num_stages=stages)
     bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4, num_stages=stages)
-    return dict(fwd=dict(BLOCK_M=fwd_rows, BLOCK_N=width, **fwd), dkdv=dict(BLOCK_N=bwd_rows, BLOCK_M=inner, **bwd),
-                dq=dict(BLOCK_M=bwd_rows, BLOCK_N=inner, **bwd))
+    return dict(fwd=dict(TILE_M=fwd_rows, TILE_N=width, **fwd), dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, **bwd),
+                dq=dict(TILE_M=bwd_rows, TILE_N=inner, **bwd))
+
+
+def _sparse_launch(tile, D, dtype, arch):
+    """launch_config with the overrides, computed once per configuration."""
+    key = ("sparse", tile, D, dtype, arch)
+    if key not in _launch_cache:
+        cfg = _with_overrides(launch_config(tile, D, dtype, arch))
+        widths = [cfg[kernel][side] for kernel in cfg for side in ("TILE_M", "TILE_N")]
+        if any(tile % w or w < 16 for w in widths):  # a program's rows and sub-tiles lie inside one tile
+            raise ValueError(f"block-sparse programs and sub-tiles must divide tile={tile} and be at least 16 "
+                             f"wide, got {cfg}")
+        _launch_cache[key] = cfg
+    return _launch_cache[key]
+
+
+def _sparse_forward(q, k, v, lists, tile, future, window, scale, cfg):
+    """The forward kernel's launch: out (B, H, T, D) and lse (B, H, T, log2 units) for q, k, v (B, H, T or S, D)
+    contiguous and aligned, lists from tile_lists, cfg from _sparse_launch."""
+    B, H, T, D = q.shape
+    S = k.size(2)
+    row_ptr, cols, _, _, row_mid, _ = lists
+    layout_heads = (row_ptr.numel() - 1) // (T // tile)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    _fwd_kernel[(T // cfg["fwd"]["TILE_M"], B * H)](
+        q, k, v, o, lse, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future, window,
+        TILE=tile, D=D, **cfg["fwd"])
+    return o, lse
+
+
+def _sparse_attention(q, k, v, lists, tile, future, window, scale, arch):
+    """attention()'s Triton path after its checks, for sm_`arch`: through the autograd Function only when a
+    gradient is wanted (it costs microseconds a call)."""
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    cfg = _sparse_launch(tile, q.size(3), q.dtype, arch)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _BlockSparseAttention.apply(q, k, v, lists, (tile, future, window, scale, cfg))
+    return _sparse_forward(q, k, v, lists, tile, future, window, scale, cfg)[0]
 
 
 class _BlockSparseAttention(torch.autograd.Function):
-    """Launches the kernels; q, k, v (B, H, T or S, D), lists from block_lists."""
+    """The forward launch, and the backward's; lists and the settings (tile, future, window, scale, cfg) as
+    _sparse_forward takes them. Each argument costs apply() time: the settings travel as one."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lists, block, future, window, scale):
-        q, k, v = (_aligned(x) for x in (q, k, v))
-        B, H, T, D = q.shape
-        S = k.size(2)
-        row_ptr, cols, col_ptr, rows, row_mid, col_mid = lists
-        layout_heads = (row_ptr.numel() - 1) // (T // block)
-        cfg = launch_config(block, D, q.dtype, _arch(q.device))
-        o = torch.empty_like(q)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(T // cfg["fwd"]["BLOCK_M"], B * H)](
-            q, k, v, o, lse, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future, window,
-            BLOCK=block, D=D, **cfg["fwd"])
-        ctx.save_for_backward(q, k, v, o, lse, *lists)
-        ctx.args = (block, future, window, scale, layout_heads, cfg)
+    def forward(ctx, q, k, v, lists, settings):
+        o, lse = _sparse_forward(q, k, v, lists, *settings)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.lists, ctx.settings = lists, settings  # the cached index lists: no input, never modified
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, row_ptr, cols, col_ptr, rows, row_mid, col_mid = ctx.saved_tensors
-        block, future, window, scale, layout_heads, cfg = ctx.args
+        q, k, v, o, lse = ctx.saved_tensors
+        row_ptr, cols, col_ptr, rows, row_mid, col_mid = ctx.lists
+        tile, future, window, scale, cfg = ctx.settings
         B, H, T, D = q.shape
         S = k.size(2)
+        layout_heads = (row_ptr.numel() - 1) // (T // tile)
         do = _aligned(do)
-        delta = _delta(o, do)  # (B, H, T)
+        delta = torch.empty_like(lse)  # (B, H, T): written by the dQ kernel, read by the dK/dV kernel after it
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _bwd_dkdv_kernel[(S // cfg["dkdv"]["BLOCK_N"], B * H)](
+        _bwd_dq_kernel[(T // cfg["dq"]["TILE_M"], B * H)](
+            q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
+            layout_heads, future, window, TILE=tile, D=D, **cfg["dq"])
+        _bwd_dkdv_kernel[(S // cfg["dkdv"]["TILE_N"], B * H)](
             q, k, v, do, lse, delta, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
-            layout_heads, future, window, BLOCK=block, D=D, **cfg["dkdv"])
-        _bwd_dq_kernel[(T // cfg["dq"]["BLOCK_M"], B * H)](
-            q, k, v, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
-            layout_heads, future, window, BLOCK=block, D=D, **cfg["dq"])
-        return dq, dk, dv, None, None, None, None, None
+            layout_heads, future, window, TILE=tile, D=D, **cfg["dkdv"])
+        return dq, dk, dv, None, None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The public function
+# (d) The public function, its family's checks, and the SDPA context for decoding loops
 
-def _gpu_unfit(arch):
-    """Why no Triton kernel runs on GPU sm_`arch` (a sentence), or None."""
-    if arch is not None and arch < 80:
-        return (f"the Triton kernels need sm_80 or newer, got sm_{arch} (Triton compiles tl.dot without tensor "
-                f"cores there; the dense path uses them)")
+last_backend = None  # "triton" or "dense": which path the most recent attention() call used
+TRITON_TILES = (16, 32, 64, 128)  # layout tiles the Triton kernels take (64/128 are fast)
+
+
+def _sparse_config_unfit(arch, dtype, D, tile):
+    """Why the block-sparse kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a
+    sentence; None when they do (triton_dispatch checks the architecture itself). The compile check in
+    test_all.py compiles every configuration let through."""
+    if tile not in TRITON_TILES:
+        return f"the block-sparse Triton kernels take tiles {TRITON_TILES}, got {tile}"
+    if D not in TRITON_HEAD_DIMS:
+        return f"the block-sparse Triton kernels take head dims {TRITON_HEAD_DIMS}, got {D}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the block-sparse Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
     return None
 
 
-def _sparse_config_unfit(arch, dtype, D, block):
-    """Why the block-sparse kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a
-    sentence; None when they do. The compile check in test_all.py compiles every configuration let through."""
-    if block not in TRITON_BLOCKS:
-        return f"the Triton kernel takes block sizes {TRITON_BLOCKS}, got {block}"
-    if D not in TRITON_HEAD_DIMS:
-        return f"the Triton kernel takes head dims {TRITON_HEAD_DIMS}, got {D}"
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the Triton kernel takes fp16/bf16/fp32 inputs, got {dtype}"
-    return _gpu_unfit(arch)
-
-
-def _triton_unfit(q, k, v, block):
-    """Why the Triton kernel cannot take these inputs (a sentence), or None when it can."""
+def _sparse_unfit(arch, q, k, v, tile):
+    """Why the block-sparse kernels cannot take q, k, v on sm_`arch` (a sentence), or None when they can."""
     T, S = q.size(2), k.size(2)
-    if triton is None:
-        return "triton is not installed; use backend='dense' or install triton"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
     if not q.dtype == k.dtype == v.dtype:
-        return f"the Triton kernel needs q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
-    if T % block or S % block:
-        return (f"the Triton kernel needs T and S to be multiples of block={block}, got T={T}, S={S}; "
-                f"pad the sequence or use backend='dense'")
-    return _sparse_config_unfit(_arch(q.device), q.dtype, q.size(3), block)
+        return f"the block-sparse Triton kernels need q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if T % tile or S % tile:
+        return (f"the block-sparse Triton kernels need T and S to be multiples of tile={tile}, got T={T}, S={S}; "
+                f"pad the sequence")
+    return _sparse_config_unfit(arch, q.dtype, q.size(3), tile)
 
 
-def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=None, backend=None):
+def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=None, backend=None):
     """Masked softmax attention; q (B, H, T, D), k/v (B, H, S, D) -> (B, H, T, D).
 
-    causal: bottom-right aligned causal mask. layout: optional boolean [H or 1, T/block, S/block] tiles to
-    compute (rounded up when T or S is not a multiple of block; the Triton kernel needs exact multiples).
+    causal: bottom-right aligned causal mask. layout: optional boolean [H or 1, T/tile, S/tile] tiles to
+    compute (rounded up when T or S is not a multiple of tile; the Triton kernels need exact multiples).
     window: query position p sees keys j > p - window only. scale: defaults to 1/sqrt(D).
-    backend: None picks Triton for CUDA tensors whose shapes the kernel takes (see TRITON_BLOCKS,
+    backend: None picks Triton for CUDA tensors whose shapes the kernels take (see TRITON_TILES,
     TRITON_HEAD_DIMS) and the dense fallback otherwise; "triton" or "dense" forces one (ValueError if the
-    kernel cannot take the inputs). `last_backend` records the choice."""
+    kernels cannot take the inputs). `last_backend` records the choice."""
     global last_backend
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.size(3) != q.size(3):
         raise ValueError(f"attention needs q (B, H, T, D) and k, v (B, H, S, D); got q {tuple(q.shape)}, "
@@ -498,33 +574,35 @@ def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=No
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of positions (or None), got {window}")
     if layout is not None:
-        shape = (-(-T // block), -(-S // block))
+        shape = (-(-T // tile), -(-S // tile))
         if layout.dim() != 3 or layout.size(0) not in (1, H) or tuple(layout.shape[1:]) != shape:
             raise ValueError(f"layout must have shape (1 or H={H}, {shape[0]}, {shape[1]}) for T={T}, S={S}, "
-                             f"block={block}; got {tuple(layout.shape)}")
-        if (S - T) % block:
-            raise ValueError(f"with a layout, S - T must be a multiple of block={block} so the layout's diagonal "
+                             f"tile={tile}; got {tuple(layout.shape)}")
+        if (S - T) % tile:
+            raise ValueError(f"with a layout, S - T must be a multiple of tile={tile} so the layout's diagonal "
                              f"is the causal one; got T={T}, S={S}")
-    if backend not in (None, "triton", "dense"):
-        raise ValueError(f"unknown attention backend {backend!r}; choose 'triton', 'dense' or leave it unset")
-    unfit = _triton_unfit(q, k, v, block)
-    if backend == "triton" and unfit:
-        raise ValueError(unfit)
-    if backend == "dense" or unfit or (backend is None and not q.is_cuda):
+    runs, _ = triton_dispatch("attention", q, backend, _sparse_unfit, q, k, v, tile)
+    if not runs:
         last_backend = "dense"
-        return dense_attention(q, k, v, causal=causal, layout=layout, block=block, window=window, scale=scale)
+        return dense_attention(q, k, v, causal=causal, layout=layout, tile=tile, window=window, scale=scale)
     last_backend = "triton"
-    future = 0 if causal else S  # the band p - window < j <= p + future of the kernels' section comment
+    future = 0 if causal else S  # the band of the kernels' section comment
     window = S + 1 if window is None else min(window, S + 1)
-    lists = block_lists(layout, block, T, S, future, window, q.device)
+    lists = tile_lists(layout, tile, T, S, future, window, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _BlockSparseAttention.apply(q, k, v, lists, block, future, window, scale)
+    return _sparse_attention(q, k, v, lists, tile, future, window, scale, _arch(q.device))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# LSH attention (Reformer, Kitaev, Kaiser, Levskaya 2020, arXiv 2001.04451, section 3)
+def decoding_sdpa():
+    """A context for decoding loops: SDPA chooses among the flash, memory-efficient and math kernels only. Each
+    decoding step has a new key length, for which SDPA's default choice is far slower (docs/kernels.md)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+# ================================================================================================================
+# 2. LSH attention (Reformer, Kitaev, Kaiser, Levskaya 2020, arXiv 2001.04451, section 3)
 #
+# (a) The definition.
 # Per hash round r every position carries a bucket id. Positions are sorted by (bucket, position) and the sorted
 # sequence is cut into chunks of `chunk` rows. A query's keys in a round, two ways:
 # - the paper's (default): the keys of its own chunk and of the previous chunk (the first chunk has no previous
@@ -549,7 +627,6 @@ def attention(q, k, v, causal=True, layout=None, block=64, window=None, scale=No
 #   output is the softmax over the union of the windows, each key counted once.
 # Keys are passed separately from queries (the Reformer's k is the unit-normalised q); autograd adds the two
 # gradients when the caller computes k from q.
-# ---------------------------------------------------------------------------------------------------------------
 
 SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
 last_lsh_backend = None  # "triton" or "dense": which path the most recent lsh_attention call used
@@ -640,6 +717,14 @@ def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, d
     return o, lse.view(B, H, R, P).gather(3, rank)
 
 
+def combine_rounds(o, lse):
+    """out = sum_r exp(lse_r - logsumexp_r lse_r) o_r: (B, H, R, T, D), (B, H, R, T) -> (B, H, T, D)."""
+    w = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=2)
+    return (o * w[..., None].to(o.dtype)).sum(2)
+
+
+# (b) The kernels.
+#
 # Shared by the three kernels: the logits s = scale * q.k of a tile of queries against a tile of keys, masked.
 # Order of operations, same as the reference: the self logit; minus log(count of rounds whose window holds the
 # key) with dedup; -inf for keys later in the original order or outside round r's window. qpos, kpos and k_ok
@@ -672,18 +757,18 @@ def _sorted_positions(ST_ROUND, idx, ok):
 
 
 @jit
-def _load_rows(X, base, pos, ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows X[base + pos] of a row-major (.., T, D) tensor, (len(pos), BLOCK_D) with zeros past D and where not
+def _load_rows(X, base, pos, ok, D: tl.constexpr, TILE_D: tl.constexpr):
+    """Rows X[base + pos] of a row-major (.., T, D) tensor, (len(pos), TILE_D) with zeros past D and where not
     ok: the in-kernel gather that replaces a sorted copy."""
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, TILE_D)
     mask = ok[:, None] & (offs_d < D)[None, :]
     return tl.load(X + base + pos[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
 
 
 @jit
-def _store_rows(X, base, pos, ok, x, D: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE):
+def _store_rows(X, base, pos, ok, x, D: tl.constexpr, TILE_D: tl.constexpr, ACCUMULATE):
     """X[base + pos] = x (plus what X held there when ACCUMULATE), for the rows that are ok."""
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, TILE_D)
     ptrs = X + base + pos[:, None] * D + offs_d[None, :]
     mask = ok[:, None] & (offs_d < D)[None, :]
     if ACCUMULATE:
@@ -698,10 +783,10 @@ LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
 # (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM: the
-# chunk's BLOCK_M query rows (BLOCK_M: chunk rounded up to a power of two, at least
-# 16), then in turn tiles of BLOCK_N key and value rows from the previous and the own chunk (sorted indices
+# chunk's TILE_M query rows (TILE_M: chunk rounded up to a power of two, at least
+# 16), then in turn tiles of TILE_N key and value rows from the previous and the own chunk (sorted indices
 # (c-1)*chunk .. (c+1)*chunk - 1), each row gathered from the unsorted q/k/v through the sorted positions ST,
-# and their (BLOCK_M, BLOCK_N) logits. Over the key tiles, the round's softmax by the flash-attention recurrence
+# and their (TILE_M, TILE_N) logits. Over the key tiles, the round's softmax by the flash-attention recurrence
 # (start m = -1e30, l = 0, o = 0):
 #   m' = max(m, rowmax(s));  l' = l exp(m - m') + rowsum(exp(s - m'));  o' = o exp(m - m') + exp(s - m') v
 # which leaves m = max_j s_ij exactly (a query's own key is always in its window), l = sum_j exp(s_ij - m).
@@ -715,25 +800,25 @@ LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 # (B, H, R, T, D) per-round outputs.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T, P,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
                     DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r  # row of this round in ST (B, H, R, P) and LOC (B, H, R, T)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, TILE_M)
+    offs_n = tl.arange(0, TILE_N)
     # rows past chunk repeat real ones; like empty slots, they are never stored
     qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m % chunk, offs_m >= 0)
     q_ok &= offs_m < chunk
-    q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
-    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range((c - 1) * chunk, (c + 1) * chunk, BLOCK_N):  # keys: the previous chunk, then this one
+    q = _load_rows(Q, bh * T * D, qpos, q_ok, D, TILE_D)
+    m = tl.full([TILE_M], -1.0e30, tl.float32)
+    l = tl.zeros([TILE_M], tl.float32)
+    o = tl.zeros([TILE_M, TILE_D], tl.float32)
+    for start in range((c - 1) * chunk, (c + 1) * chunk, TILE_N):  # keys: the previous chunk, then this one
         k_idx = start + offs_n  # sorted indices
         kpos, k_ok = _sorted_positions(ST + bhr * P, k_idx, (k_idx >= 0) & (k_idx < (c + 1) * chunk))
-        k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
-        v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
+        k = _load_rows(K, bh * T * D, kpos, k_ok, D, TILE_D)
+        v = _load_rows(V, bh * T * D, kpos, k_ok, D, TILE_D)
         s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
                       T, span, self_logit, DEDUP)
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -750,20 +835,20 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
         m_new = tl.maximum(m_before, m)
         a = l_before * tl.exp(m_before - m_new)
         b = l * tl.exp(m - m_new)
-        out = (_load_rows(ACC, bh * T * D, qpos, q_ok, D, BLOCK_D) * a[:, None] + out * b[:, None]) \
+        out = (_load_rows(ACC, bh * T * D, qpos, q_ok, D, TILE_D) * a[:, None] + out * b[:, None]) \
             / (a + b)[:, None]
         m, l = m_new, a + b
     if r == R - 1:
-        _store_rows(O, bh * T * D, qpos, q_ok, out, D, BLOCK_D, False)
+        _store_rows(O, bh * T * D, qpos, q_ok, out, D, TILE_D, False)
     else:
-        _store_rows(ACC, bh * T * D, qpos, q_ok, out, D, BLOCK_D, False)
+        _store_rows(ACC, bh * T * D, qpos, q_ok, out, D, TILE_D, False)
     tl.store(M + bh * T + qpos, m, mask=q_ok)
     tl.store(L + bh * T + qpos, l, mask=q_ok)
 
 
 # The backward needs no per-round quantity: the combined output is one softmax over all rounds' windows, a key
 # counted once per round that sees it, out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i.
-# So, as in flash attention, with delta_i = sum_d out_id * dout_id (_delta_kernel):
+# So, as in flash attention, with delta_i = sum_d out_id * dout_id (_delta_kernel, below):
 #   dv_j = sum_ri P_rij dout_i;  dS_rij = P_rij (dout_i . v_j - delta_i);
 #   dk_j = scale * sum_ri dS_rij q_i;  dq_i = scale * sum_rj dS_rij k_j
 # One launch per round adds that round's terms into fp32 (B, H, T, D) accumulators; as in the forward, the
@@ -771,91 +856,147 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
 #
 # dK and dV. One program = the keys of chunk c of (bh, round r); grid (B*H, T/chunk). The queries that see
 # these keys are those of chunk c and chunk c+1, so each key row gets the round's whole gradient from one
-# program. SRAM: BLOCK_M key/value rows, then in turn tiles of BLOCK_N query/dout rows from those two chunks
+# program. SRAM: TILE_M key/value rows, then in turn tiles of TILE_N query/dout rows from those two chunks
 # with their M, L and delta; the logits transposed, (keys, queries), as in _bwd_dkdv_kernel.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, chunk, scale, self_logit, T, P,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
                          DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, TILE_M)
+    offs_n = tl.arange(0, TILE_N)
     kpos, k_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m, offs_m < chunk)
-    k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
-    v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
-    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(c * chunk, (c + 2) * chunk, BLOCK_N):  # queries: this chunk, then the next one
+    k = _load_rows(K, bh * T * D, kpos, k_ok, D, TILE_D)
+    v = _load_rows(V, bh * T * D, kpos, k_ok, D, TILE_D)
+    dk = tl.zeros([TILE_M, TILE_D], tl.float32)
+    dv = tl.zeros([TILE_M, TILE_D], tl.float32)
+    for start in range(c * chunk, (c + 2) * chunk, TILE_N):  # queries: this chunk, then the next one
         q_idx = start + offs_n  # sorted indices
         qpos, q_ok = _sorted_positions(ST + bhr * P, q_idx, (q_idx < P) & (q_idx < (c + 2) * chunk))
-        q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
-        do = _load_rows(DO, bh * T * D, qpos, q_ok, D, BLOCK_D)
+        q = _load_rows(Q, bh * T * D, qpos, q_ok, D, TILE_D)
+        do = _load_rows(DO, bh * T * D, qpos, q_ok, D, TILE_D)
         m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))  # +inf: absent queries get P = 0
         l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
         delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
         sT = _lsh_mask(tl.dot(k, tl.trans(q)) * scale, qpos[None, :], kpos[:, None], k_ok[:, None], LOC, bh, r, R,
-                       T, span, self_logit, DEDUP)  # (BLOCK_M keys, BLOCK_N queries)
+                       T, span, self_logit, DEDUP)  # (TILE_M keys, TILE_N queries)
         pT = tl.exp(sT - m[None, :]) / l[None, :]
         dv += tl.dot(pT.to(do.dtype), do)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q)
-    _store_rows(DK, bh * T * D, kpos, k_ok, dk * scale, D, BLOCK_D, r > 0)
-    _store_rows(DV, bh * T * D, kpos, k_ok, dv, D, BLOCK_D, r > 0)
+    _store_rows(DK, bh * T * D, kpos, k_ok, dk * scale, D, TILE_D, r > 0)
+    _store_rows(DV, bh * T * D, kpos, k_ok, dv, D, TILE_D, r > 0)
 
 
 # dQ. One program = the queries of chunk c of (bh, round r); grid (B*H, T/chunk); the forward's tiles plus the
 # queries' dout, M, L and delta.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk, scale, self_logit, T, P,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
                        DEDUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, TILE_M)
+    offs_n = tl.arange(0, TILE_N)
     qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m, offs_m < chunk)
-    q = _load_rows(Q, bh * T * D, qpos, q_ok, D, BLOCK_D)
-    do = _load_rows(DO, bh * T * D, qpos, q_ok, D, BLOCK_D)
+    q = _load_rows(Q, bh * T * D, qpos, q_ok, D, TILE_D)
+    do = _load_rows(DO, bh * T * D, qpos, q_ok, D, TILE_D)
     m = tl.load(M + bh * T + qpos, mask=q_ok, other=float("inf"))
     l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
     delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range((c - 1) * chunk, (c + 1) * chunk, BLOCK_N):
+    dq = tl.zeros([TILE_M, TILE_D], tl.float32)
+    for start in range((c - 1) * chunk, (c + 1) * chunk, TILE_N):
         k_idx = start + offs_n
         kpos, k_ok = _sorted_positions(ST + bhr * P, k_idx, (k_idx >= 0) & (k_idx < (c + 1) * chunk))
-        k = _load_rows(K, bh * T * D, kpos, k_ok, D, BLOCK_D)
-        v = _load_rows(V, bh * T * D, kpos, k_ok, D, BLOCK_D)
+        k = _load_rows(K, bh * T * D, kpos, k_ok, D, TILE_D)
+        v = _load_rows(V, bh * T * D, kpos, k_ok, D, TILE_D)
         s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
                       T, span, self_logit, DEDUP)
         p = tl.exp(s - m[:, None]) / l[:, None]
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    _store_rows(DQ, bh * T * D, qpos, q_ok, dq * scale, D, BLOCK_D, r > 0)
+    _store_rows(DQ, bh * T * D, qpos, q_ok, dq * scale, D, TILE_D, r > 0)
+
+
+# Backward, delta_i = sum_d out_id * dout_id in fp32 for every query row, read by the two gradient kernels above.
+# One program per TILE_M rows of the row-major (n_rows, D) out and dout; grid (n_rows / TILE_M).
+@jit(do_not_specialize=["n_rows"])
+def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, TILE_M: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * TILE_M + tl.arange(0, TILE_M)
+    offs_d = tl.arange(0, TILE_D)
+    ok = (rows < n_rows)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < n_rows)
+
+
+# (c) The launcher: a launch per round, forward and backward; the rows' running max and sum carry the
+# rounds' merge from one launch to the next.
+
+def lsh_launch_config(chunk, D, dtype, arch, dedup):
+    """Tile sizes and launch parameters of the three LSH kernels on sm_`arch` (None: the interpreter): a program's
+    rows TILE_M (the chunk), the width TILE_N of the tiles it walks, the padded head dim TILE_D, warps and stages.
+    tl.dot needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked. The
+    walked tiles are 64 wide on sm_90 (for head dims up to 64) and 32 otherwise (16 for dedup's count tile next to
+    (64, 128) ones on sm_90); 8 warps for tiles of rows over 8 KB, 4 otherwise; one pipeline stage, as a program
+    walks only two chunks. docs/kernels.md says how these were chosen; the compile check in test_all.py checks
+    each for spills."""
+    tile_m, tile_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
+    tile_n = 32
+    if (arch or 90) == 90:
+        tile_n = 64 if tile_d <= 64 else 16 if dedup and tile_m * tile_d >= 8192 else 32
+    tile_n = min(tile_m, tile_n)
+    tile_bytes = tile_m * tile_d * dtype.itemsize
+    warps = 8 if tile_bytes > 8192 or dedup and tile_m >= 64 else 4
+    return dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps, num_stages=1)
+
+
+def _lsh_launch(chunk, D, dtype, arch, dedup):
+    """lsh_launch_config with the overrides, computed once per configuration."""
+    key = ("lsh", chunk, D, dtype, arch, dedup)
+    if key not in _launch_cache:
+        _launch_cache[key] = _with_overrides(dict(lsh=lsh_launch_config(chunk, D, dtype, arch, dedup)))["lsh"]
+    return _launch_cache[key]
+
+
+def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg):
+    """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running max and sum
+    m, l (B, H, T) for q, k, v contiguous and aligned, T a multiple of chunk, st and loc from sort_by_bucket
+    (int32), cfg from _lsh_launch."""
+    B, H, T, D = q.shape
+    R, P = st.shape[2:]
+    out = torch.empty_like(q)
+    acc = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) if R > 1 else out
+    m, l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
+    for r in range(R):
+        _lsh_fwd_kernel[(B * H, P // chunk)](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT,
+                                             T, P, D=D, DEDUP=dedup, **cfg)
+    return out, m, l
+
+
+def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal, arch):
+    """lsh_attention's Triton path after its checks and padding, for sm_`arch`: through the autograd Function
+    only when a gradient is wanted."""
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
+    st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
+    cfg = _lsh_launch(chunk, q.size(3), q.dtype, arch, dedup)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _LSHAttentionTriton.apply(q, k, v, st, loc, span, chunk, scale, dedup, cfg)
+    return _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg)[0]
 
 
 class _LSHAttentionTriton(torch.autograd.Function):
-    """Launches the kernels round by round; returns the combined output (B, H, T, D), T a multiple of chunk."""
+    """The forward launches and the backward's; arguments as _lsh_forward's."""
 
     @staticmethod
-    def forward(ctx, q, k, v, buckets, chunk, scale, same_bucket, dedup, causal):
-        q, k, v = (_aligned(x) for x in (q, k, v))
-        B, H, T, D = q.shape
-        st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
-        R, P = st.shape[2:]
-        st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
-        out = torch.empty_like(q)
-        acc = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32) if R > 1 else out
-        m, l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
-        cfg = lsh_launch_config(chunk, D, q.dtype, _arch(q.device), dedup)
-        grid = (B * H, P // chunk)
-        for r in range(R):
-            _lsh_fwd_kernel[grid](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT, T, P,
-                                  D=D, DEDUP=dedup, **cfg)
+    def forward(ctx, q, k, v, st, loc, span, chunk, scale, dedup, cfg):
+        out, m, l = _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg)
         ctx.save_for_backward(q, k, v, st, loc, out, m, l)
-        ctx.grid, ctx.cfg, ctx.scalars = grid, cfg, (R, span, chunk, scale, dedup)
+        ctx.cfg, ctx.scalars = cfg, (st.size(2), span, chunk, scale, dedup)
         return out
 
     @staticmethod
@@ -876,7 +1017,7 @@ class _LSHAttentionTriton(torch.autograd.Function):
             part = [x[g:g + group] for x in inputs]
             out = [x.view(BH, T, D)[g:g + group] for x in grads]
             acc = out if q.dtype == torch.float32 else [torch.empty_like(x, dtype=torch.float32) for x in out]
-            grid = (part[0].size(0), ctx.grid[1])
+            grid = (part[0].size(0), P // chunk)
             for r in range(R):
                 scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
                 _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DEDUP=dedup, **ctx.cfg)
@@ -885,36 +1026,24 @@ class _LSHAttentionTriton(torch.autograd.Function):
                 for o, a in zip(out, acc):
                     o.copy_(a)
             del acc  # before the next group's buffers: one group's at a time
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
-def lsh_launch_config(chunk, D, dtype, arch, dedup):
-    """Tile sizes and launch parameters of the three LSH kernels on sm_`arch` (None: the interpreter). tl.dot
-    needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked. As in
-    launch_config, the walked tiles are 64 wide on sm_90 (for head dims up to 64) and 32 otherwise (16 for
-    dedup's count tile next to (64, 128) ones on sm_90); 8 warps for tiles of rows over 8 KB, where 4 spill
-    registers (fp32 rows of 64 and wider), 4 otherwise (bf16, chunk 64, D 64 on an H100: 5.6 ms fwd+bwd against
-    8.2 with 8 warps); one pipeline stage, as a program walks only two chunks (2 stages: 10.4 ms). The compile
-    check in test_all.py checks each for spills."""
-    block_m, block_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
-    block_n = 32
-    if (arch or 90) == 90:
-        block_n = 64 if block_d <= 64 else 16 if dedup and block_m * block_d >= 8192 else 32
-    block_n = min(block_m, block_n)
-    tile_bytes = block_m * block_d * torch.empty(0, dtype=dtype).element_size()
-    warps = 8 if tile_bytes > 8192 or dedup and block_m >= 64 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=1)
+def _delta(o, do):
+    """rowsum(o * do) in fp32 by _delta_kernel: contiguous (..., T, D) -> (..., T)."""
+    delta = torch.empty(o.shape[:-1], device=o.device, dtype=torch.float32)
+    n_rows, D = delta.numel(), o.size(-1)
+    _delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, D=D, TILE_D=triton.next_power_of_2(D),
+                                              TILE_M=64)
+    return delta
 
 
-def combine_rounds(o, lse):
-    """out = sum_r exp(lse_r - logsumexp_r lse_r) o_r: (B, H, R, T, D), (B, H, R, T) -> (B, H, T, D)."""
-    w = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=2)
-    return (o * w[..., None].to(o.dtype)).sum(2)
-
+# (d) The public function and its family's checks
 
 def _lsh_config_unfit(arch, dtype, D, chunk, dedup):
     """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence; None
-    when they do. The compile check in test_all.py compiles every configuration let through."""
+    when they do (triton_dispatch checks the architecture itself). The compile check in test_all.py compiles every
+    configuration let through."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the LSH Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
     if chunk > 64:
@@ -925,16 +1054,7 @@ def _lsh_config_unfit(arch, dtype, D, chunk, dedup):
                 f"overflow shared memory or registers; use bf16 autocast), got {D} in {dtype}")
     if arch is not None and D not in TRITON_HEAD_DIMS:
         return f"the LSH Triton kernels take head dims {TRITON_HEAD_DIMS} on a GPU (those are compile-checked), got {D}"
-    return _gpu_unfit(arch)
-
-
-def _lsh_triton_unfit(q, chunk, dedup):
-    """Why the LSH kernels cannot take these inputs (a sentence), or None when they can."""
-    if triton is None:
-        return "the LSH Triton kernels need triton, which is not installed"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return "the LSH Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-    return _lsh_config_unfit(_arch(q.device), q.dtype, q.size(-1), chunk, dedup)
+    return None
 
 
 def pad_to_chunks(q, k, v, buckets, chunk):
@@ -959,40 +1079,37 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=F
     last_lsh_backend says which ran.
     """
     global last_lsh_backend
-    if backend not in (None, "triton", "dense"):
-        raise ValueError(f"unknown LSH attention backend {backend!r}; choose 'triton', 'dense' or leave it unset")
-    unfit = _lsh_triton_unfit(q, chunk, dedup)
-    if backend == "triton" and unfit:
-        raise ValueError(unfit + "; use backend='dense'")
-    if backend is None:
-        backend = "triton" if q.is_cuda and not unfit else "dense"
-    last_lsh_backend = backend
+    runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_config_unfit, q.dtype, q.size(-1), chunk, dedup)
+    last_lsh_backend = "triton" if runs else "dense"
     T = q.size(2)
     q, k, v, buckets = pad_to_chunks(q, k, v, buckets, chunk)
-    if backend == "dense":
+    if not runs:
         out = combine_rounds(*dense_lsh_attention(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal))
     else:
         k, v = k.to(q.dtype), v.to(q.dtype)
-        out = _LSHAttentionTriton.apply(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal)
+        out = _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal, _arch(q.device))
     return out[:, :, :T]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# AFT's causal sums (Zhai et al. 2021, arXiv 2105.14103; aft.py holds the model and the PyTorch path)
+# ================================================================================================================
+# 3. AFT sums (Zhai et al. 2021, arXiv 2105.14103; aft.py holds the model and the PyTorch path)
 #
-# Per row t and feature c: o_t = sum_{t' <= t} exp(z) V_t' / sum_{t' <= t} exp(z), z = K_t' + w_{t,t'}, where w is
-# band[g, t, t - t'] for lags below s (g the feature's group: AFT-conv's head) and 0 beyond: AFT-local and -conv,
-# and AFT-simple with s = 0. The keys beyond the window (t' <= t - s) are running sums, the s inside it a loop.
-# Sums are parts as in aft.py: a stabiliser ref and two sums referred to it; two parts merge by referring both
-# to the larger ref (online softmax). The forward's rows are chunks of BLOCK_T positions, a program per chunk and
-# BLOCK_C features: a carry kernel walks the chunks in order and leaves each chunk the part of the keys before its
-# own far keys; the main kernel scans its chunk's far keys (tl.associative_scan), merges the carry and adds the
+# (a) The definition. Per row t and feature c:
+#     o_t = sum_{t' <= t} exp(z) V_t' / sum_{t' <= t} exp(z),   z = K_t' + w_{t,t'}
+# where w is band[g, t, t - t'] for lags below s (g the feature's group: AFT-conv's head) and 0 beyond: AFT-local
+# and -conv, and AFT-simple with s = 0. The PyTorch twin is aft.py's (aft_simple, aft_banded): running sums and
+# scans, the path everywhere but CUDA; the tests hold the kernels to it.
+#
+# (b) The kernels. The keys beyond the window (t' <= t - s) are running sums, the s inside it a loop. Sums are
+# parts as in aft.py: a stabiliser ref and two sums referred to it; two parts merge by referring both to the
+# larger ref (online softmax). The forward's rows are chunks of CHUNK positions, a program per chunk and TILE_C
+# features: a carry kernel walks the chunks in order and leaves each chunk the part of the keys before its own
+# far keys; the main kernel scans its chunk's far keys (tl.associative_scan), merges the carry and adds the
 # window, two passes (the row's largest term, then the sums under it), and writes o and lse = log sum exp(z).
 # Row t reads keys <= t alone, and a key it does not read never enters its sums: exactly causal in every bit.
 # The backward runs the same way from the last chunk: for key t', the rows t >= t' + s through a suffix carry
 # and scan of (-lse_t, dO_t, dO_t o_t), the rows t' + j (j < s) in the loop; dw is summed over the batch and the
 # features of a group from per-program partial sums. All arithmetic is float32 (float64 for float64 inputs).
-# ---------------------------------------------------------------------------------------------------------------
 
 @jit
 def _merge_parts(ref_a, x_a, y_a, ref_b, x_b, y_b):
@@ -1011,19 +1128,19 @@ def _aft_tile(X, b, rows, cols, T, C, other, ok, DT: tl.constexpr):
 
 
 @jit
-def _aft_fwd_carry_kernel(K, V, CARRY, T, C, s, n_chunks, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+def _aft_fwd_carry_kernel(K, V, CARRY, T, C, s, n_chunks, CHUNK: tl.constexpr, TILE_C: tl.constexpr,
                           F64: tl.constexpr):
     DT: tl.constexpr = tl.float64 if F64 else tl.float32
     cb, b = tl.program_id(0), tl.program_id(1)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    ref = tl.full((BLOCK_C,), float("-inf"), DT)
-    x, y = tl.zeros((BLOCK_C,), DT), tl.zeros((BLOCK_C,), DT)
+    cols = cb * TILE_C + tl.arange(0, TILE_C)
+    ref = tl.full((TILE_C,), float("-inf"), DT)
+    x, y = tl.zeros((TILE_C,), DT), tl.zeros((TILE_C,), DT)
     for i in range(n_chunks):
         out = CARRY + ((b * n_chunks + i) * 3) * C + cols  # (B, n_chunks, 3, C): the far keys before chunk i's
         tl.store(out, ref, mask=cols < C)
         tl.store(out + C, x, mask=cols < C)
         tl.store(out + 2 * C, y, mask=cols < C)
-        keys = i * BLOCK_T - s + tl.arange(0, BLOCK_T)  # the far keys of chunk i's rows t, t' = t - s
+        keys = i * CHUNK - s + tl.arange(0, CHUNK)  # the far keys of chunk i's rows t, t' = t - s
         k = _aft_tile(K, b, keys, cols, T, C, float("-inf"), True, DT)
         v = _aft_tile(V, b, keys, cols, T, C, 0.0, True, DT)
         top = tl.max(k, axis=0)
@@ -1033,11 +1150,11 @@ def _aft_fwd_carry_kernel(K, V, CARRY, T, C, s, n_chunks, BLOCK_T: tl.constexpr,
 
 @jit
 def _aft_fwd_kernel(K, V, W, CARRY, O, LSE, T, C, s, n_chunks, w_group, w_row, group_size,
-                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+                    CHUNK: tl.constexpr, TILE_C: tl.constexpr, F64: tl.constexpr):
     DT: tl.constexpr = tl.float64 if F64 else tl.float32
     cb, i, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = i * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = i * CHUNK + tl.arange(0, CHUNK)
+    cols = cb * TILE_C + tl.arange(0, TILE_C)
     carry = CARRY + ((b * n_chunks + i) * 3) * C + cols
     ref_c = tl.load(carry, mask=cols < C, other=float("-inf")).to(DT)
     x_c = tl.load(carry + C, mask=cols < C, other=0.0).to(DT)
@@ -1048,7 +1165,7 @@ def _aft_fwd_kernel(K, V, W, CARRY, O, LSE, T, C, s, n_chunks, w_group, w_row, g
     ref, x, y = tl.associative_scan((k, v, tl.where(k == float("-inf"), 0.0, 1.0).to(DT)), 0, _merge_parts)
     ref, x, y = _merge_parts(ref_c[None, :], x_c[None, :], y_c[None, :], ref, x, y)
     # the window: lags j < s with their bias, first the row's largest term, then the sums under it
-    w = W + ((cb * BLOCK_C) // group_size) * w_group + rows * w_row  # (BLOCK_T,) pointers to band[g, t, 0]
+    w = W + ((cb * TILE_C) // group_size) * w_group + rows * w_row  # (CHUNK,) pointers to band[g, t, 0]
     top = ref
     for j in range(s):
         z = _aft_tile(K, b, rows - j, cols, T, C, float("-inf"), True, DT)
@@ -1068,20 +1185,20 @@ def _aft_fwd_kernel(K, V, W, CARRY, O, LSE, T, C, s, n_chunks, w_group, w_row, g
 
 
 @jit
-def _aft_bwd_carry_kernel(LSE, O, DO, CARRY, T, C, s, n_chunks, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+def _aft_bwd_carry_kernel(LSE, O, DO, CARRY, T, C, s, n_chunks, CHUNK: tl.constexpr, TILE_C: tl.constexpr,
                           F64: tl.constexpr):
     DT: tl.constexpr = tl.float64 if F64 else tl.float32
     cb, b = tl.program_id(0), tl.program_id(1)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    ref = tl.full((BLOCK_C,), float("-inf"), DT)
-    x, y = tl.zeros((BLOCK_C,), DT), tl.zeros((BLOCK_C,), DT)
+    cols = cb * TILE_C + tl.arange(0, TILE_C)
+    ref = tl.full((TILE_C,), float("-inf"), DT)
+    x, y = tl.zeros((TILE_C,), DT), tl.zeros((TILE_C,), DT)
     for n in range(n_chunks):
         i = n_chunks - 1 - n
         out = CARRY + ((b * n_chunks + i) * 3) * C + cols  # the far rows after chunk i's
         tl.store(out, ref, mask=cols < C)
         tl.store(out + C, x, mask=cols < C)
         tl.store(out + 2 * C, y, mask=cols < C)
-        rows = i * BLOCK_T + s + tl.arange(0, BLOCK_T)  # the rows t = t' + s of chunk i's keys t'
+        rows = i * CHUNK + s + tl.arange(0, CHUNK)  # the rows t = t' + s of chunk i's keys t'
         neg_lse = -_aft_tile(LSE, b, rows, cols, T, C, float("inf"), True, DT)
         do = _aft_tile(DO, b, rows, cols, T, C, 0.0, True, DT)
         top = tl.max(neg_lse, axis=0)
@@ -1092,11 +1209,11 @@ def _aft_bwd_carry_kernel(LSE, O, DO, CARRY, T, C, s, n_chunks, BLOCK_T: tl.cons
 
 @jit
 def _aft_bwd_kernel(K, V, W, O, LSE, DO, CARRY, DK, DV, DW, T, C, s, n_chunks, w_group, w_row, group_size,
-                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+                    CHUNK: tl.constexpr, TILE_C: tl.constexpr, F64: tl.constexpr):
     DT: tl.constexpr = tl.float64 if F64 else tl.float32
     cb, i, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    keys = i * BLOCK_T + BLOCK_T - 1 - tl.arange(0, BLOCK_T)  # last first: the scan below runs to earlier keys
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    keys = i * CHUNK + CHUNK - 1 - tl.arange(0, CHUNK)  # last first: the scan below runs to earlier keys
+    cols = cb * TILE_C + tl.arange(0, TILE_C)
     carry = CARRY + ((b * n_chunks + i) * 3) * C + cols
     ref_c = tl.load(carry, mask=cols < C, other=float("-inf")).to(DT)
     x_c = tl.load(carry + C, mask=cols < C, other=0.0).to(DT)
@@ -1114,7 +1231,7 @@ def _aft_bwd_kernel(K, V, W, O, LSE, DO, CARRY, DK, DV, DW, T, C, s, n_chunks, w
     dk = f * (v * x - y)
     # the rows t' + j inside the window, with their bias
     key_ok = keys < T
-    w = W + ((cb * BLOCK_C) // group_size) * w_group + keys * w_row
+    w = W + ((cb * TILE_C) // group_size) * w_group + keys * w_row
     for j in range(s):
         row_ok = key_ok & (keys + j < T)
         z = k + tl.load(w + j * w_row + j, mask=row_ok, other=0.0).to(DT)[:, None]
@@ -1123,7 +1240,7 @@ def _aft_bwd_kernel(K, V, W, O, LSE, DO, CARRY, DK, DV, DW, T, C, s, n_chunks, w
         dz = p * do * (v - _aft_tile(O, b, keys + j, cols, T, C, 0.0, key_ok[:, None], DT))
         dv += p * do
         dk += dz
-        # (B, n_blocks, T, s): this program's sum over its features of dw[g, t' + j, j]
+        # (B, n_tiles, T, s): this program's sum over its features of dw[g, t' + j, j]
         tl.store(DW + ((b * tl.num_programs(0) + cb) * T + keys + j) * s + j, tl.sum(dz, axis=1), mask=row_ok)
     ok = key_ok[:, None] & (cols < C)[None, :]
     offsets = b * T * C + keys[:, None] * C + cols[None, :]
@@ -1131,10 +1248,13 @@ def _aft_bwd_kernel(K, V, W, O, LSE, DO, CARRY, DK, DV, DW, T, C, s, n_chunks, w
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=ok)
 
 
+# (c) The launcher: a carry launch, then a launch over every (feature tile, chunk, batch), forward and
+# backward.
+
 def aft_launch_config(C, group_size):
-    """Rows and features of a program: chunks of 64 positions; up to 64 features (128 bytes of float32 per row),
-    a power of two that divides the feature group's size, so that a program reads one group's band."""
-    return dict(BLOCK_T=64, BLOCK_C=min(64, group_size & -group_size, triton.next_power_of_2(C)), num_warps=8)
+    """Rows and features of a program: CHUNK = 64 positions; TILE_C up to 64 features (128 bytes of float32 per
+    row), a power of two that divides the feature group's size, so that a program reads one group's band."""
+    return dict(CHUNK=64, TILE_C=min(64, group_size & -group_size, triton.next_power_of_2(C)), num_warps=8)
 
 
 class _AFTSums(torch.autograd.Function):
@@ -1150,67 +1270,66 @@ class _AFTSums(torch.autograd.Function):
             band = k.new_zeros(1, 1, 0, dtype=acc)
         G, s = band.size(0), band.size(2)
         cfg = aft_launch_config(C, C // G)
-        n_chunks, n_blocks = -(-T // cfg["BLOCK_T"]), -(-C // cfg["BLOCK_C"])
+        n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
         carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=acc)
         o, lse = (torch.empty(B, T, C, device=k.device, dtype=acc) for _ in range(2))
-        _aft_fwd_carry_kernel[(n_blocks, B)](k, v, carry, T, C, s, n_chunks, F64=F64, **cfg)
-        _aft_fwd_kernel[(n_blocks, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks, band.stride(0),
+        _aft_fwd_carry_kernel[(n_tiles, B)](k, v, carry, T, C, s, n_chunks, F64=F64, **cfg)
+        _aft_fwd_kernel[(n_tiles, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks, band.stride(0),
                                                   band.stride(1), C // G, F64=F64, **cfg)
         ctx.save_for_backward(k, v, band, o, lse)
-        ctx.cfg, ctx.shape = cfg, (n_chunks, n_blocks)
+        ctx.cfg, ctx.shape = cfg, (n_chunks, n_tiles)
         return o
 
     @staticmethod
     def backward(ctx, do):
         k, v, band, o, lse = ctx.saved_tensors
         B, T, C = k.shape
-        (G, _, s), (n_chunks, n_blocks), cfg = band.shape, ctx.shape, ctx.cfg
+        (G, _, s), (n_chunks, n_tiles), cfg = band.shape, ctx.shape, ctx.cfg
         F64 = k.dtype == torch.float64
         do = _aligned(do)
         carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=lse.dtype)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dw = torch.zeros(B, n_blocks, T, s, device=k.device, dtype=lse.dtype)  # per program, summed below
-        _aft_bwd_carry_kernel[(n_blocks, B)](lse, o, do, carry, T, C, s, n_chunks, F64=F64, **cfg)
-        _aft_bwd_kernel[(n_blocks, n_chunks, B)](k, v, band, o, lse, do, carry, dk, dv, dw, T, C, s, n_chunks,
+        dw = torch.zeros(B, n_tiles, T, s, device=k.device, dtype=lse.dtype)  # per program, summed below
+        _aft_bwd_carry_kernel[(n_tiles, B)](lse, o, do, carry, T, C, s, n_chunks, F64=F64, **cfg)
+        _aft_bwd_kernel[(n_tiles, n_chunks, B)](k, v, band, o, lse, do, carry, dk, dv, dw, T, C, s, n_chunks,
                                                   band.stride(0), band.stride(1), C // G, F64=F64, **cfg)
-        dband = dw.view(B, G, n_blocks // G, T, s).sum((0, 2)) if ctx.needs_input_grad[2] else None
+        dband = dw.view(B, G, n_tiles // G, T, s).sum((0, 2)) if ctx.needs_input_grad[2] else None
         return dk, dv, dband
 
 
+# (d) The public function and its family's checks
+
 def _aft_config_unfit(arch, dtype):
-    """Why the AFT kernels do not launch for inputs of dtype on sm_`arch` (None: the interpreter), or None."""
+    """Why the AFT kernels do not launch for inputs of dtype on sm_`arch` (None: the interpreter), or None
+    (triton_dispatch checks the architecture itself)."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"the AFT Triton kernels take fp16/bf16/fp32/fp64 inputs, got {dtype}"
     if arch is not None and dtype == torch.float64:
         return "the AFT Triton kernels take fp64 in the interpreter only (the tests'); on a GPU fp16/bf16/fp32"
-    return _gpu_unfit(arch)
+    return None
 
 
-def aft_unfit(k, band=None):
-    """Why the AFT kernels cannot take these inputs (a sentence), or None when they can."""
-    if triton is None:
-        return "the AFT Triton kernels need triton, which is not installed"
-    if not k.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return "the AFT Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+def aft_unfit(arch, k, band=None):
+    """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (a sentence), or None
+    when they can: the family's check that triton_dispatch calls, here and in aft.py."""
     B, T, C = k.shape
     G, s = (1, 0) if band is None else (band.size(0), band.size(2))
     if C % G:
         return f"the AFT band's {G} feature groups must divide the {C} features"
-    partials = B * C // aft_launch_config(C, C // G)["BLOCK_C"] * T * s  # the backward's dw sums per program
+    partials = B * C // aft_launch_config(C, C // G)["TILE_C"] * T * s  # the backward's dw sums per program
     if max(k.numel(), partials) >= 2**31:
         return (f"the AFT Triton kernels index in 32 bits: B * T * C ({k.numel()}) and B * T * window * C / 64 "
                 f"({partials}) must stay below 2^31")
-    return _aft_config_unfit(_arch(k.device), k.dtype)
+    return _aft_config_unfit(arch, k.dtype)
 
 
 def aft_sums(k, v, band=None):
     """Causal AFT sums: o_t = sum_{t'<=t} exp(K_t' + w_{t,t'}) V_t' / sum_{t'<=t} exp(K_t' + w_{t,t'}) per feature;
     k, v (B, T, C); band None (w = 0, AFT-simple) or (G, T, s): w_{t,t'} = band[g, t, t - t'] for t - t' < s
     and 0 beyond, g = c // (C / G) the feature's group. Returns o (B, T, C) in float32 (float64 for float64
-    inputs), the precision of all its arithmetic. The Triton kernels only (aft.py holds the PyTorch path)."""
-    unfit = aft_unfit(k, band)
-    if unfit:
-        raise ValueError(unfit)
+    inputs), the precision of all its arithmetic. The Triton kernels only (aft.py holds the PyTorch path
+    and calls triton_dispatch to choose)."""
+    triton_dispatch("AFT", k, "triton", aft_unfit, k, band)  # a ValueError says why the kernels cannot run
     if band is not None:
         band = band.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
     return _AFTSums.apply(k, v, band)
