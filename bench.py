@@ -16,6 +16,9 @@ Stages, in the order they run (the first five are the project's GPU targets):
   memory     the Sparse Transformer post's attention-memory table, from the formula and measured
   models     (on request) training tokens/s and peak memory of every model at several lengths
   same_budget (on request) short training runs of every model under one budget, several seeds
+  long_context (on request) every model trained at a long context, bits by position in the window
+  recall     (on request) copy accuracy across growing distances, each run trained until it stops improving
+  kernel_sweep (on request) the block-sparse kernels' launch settings (bench.SWEEP), one change at a time
 
 Within --budget seconds: each stage gets a share of the time left (STAGE_WEIGHT), and a cell (one size of one
 model) starts only when the stage's time left exceeds an estimate of its cost (4x that model's previous cell);
@@ -46,17 +49,17 @@ import train
 
 GPU_STAGES = ("kernels", "lsh", "reformer", "aft", "perceiver")
 DEFAULT_STAGES = GPU_STAGES + ("generate", "memory")
-ALL_STAGES = DEFAULT_STAGES + ("models", "same_budget", "recall")
+ALL_STAGES = DEFAULT_STAGES + ("models", "same_budget", "long_context", "recall", "kernel_sweep")
 
 # Sizes per stage: what the targets name on a GPU, and tiny ones that run everything quickly on a CPU.
 SIZES = {
-    "gpu": dict(attn=dict(B=2, H=8, D=64, block=64, lengths=(16384, 65536), band=256),
+    "gpu": dict(attn=dict(B=2, H=8, D=64, tile=64, lengths=(16384, 65536), band=256),
                 lsh=dict(B=1, H=8, D=64, T=65536, n_hashes=4, chunk=64),
                 reformer=dict(lengths=tuple(2**k for k in range(12, 21)), n_layer=6, n_embd=256, n_head=4),
                 aft=dict(T=4096, batch=4, n_layer=12, n_embd=512, n_head=8),
                 perceiver=dict(T=65536, n_latents=1024, n_layer=6, n_embd=512, n_head=8),
                 generate=dict(lengths=(4096,), new=256, n_layer=6, n_embd=512, n_head=8, batch=1)),
-    "cpu": dict(attn=dict(B=1, H=2, D=16, block=16, lengths=(128,), band=32),
+    "cpu": dict(attn=dict(B=1, H=2, D=16, tile=16, lengths=(128,), band=32),
                 lsh=dict(B=1, H=2, D=16, T=128, n_hashes=2, chunk=16),
                 reformer=dict(lengths=(64, 128), n_layer=2, n_embd=32, n_head=2),
                 aft=dict(T=128, batch=2, n_layer=2, n_embd=32, n_head=2),
@@ -83,7 +86,11 @@ def parse_args(argv=None):
     g.add_argument("--seeds", type=int, default=3, help="same_budget: runs per model (seeds 1..N)")
     g.add_argument("--data", default="enwik8", help="same_budget: the --data of train.py")
     g.add_argument("--distances", default="128,256,512,1024", help="recall: copy distances d (block size 2d)")
-    g.add_argument("--recall_steps", type=int, default=400, help="recall: optimizer steps per run")
+    g.add_argument("--recall_cap", type=int, default=2000, help="recall: most optimizer steps per run")
+    g.add_argument("--recall_check", type=int, default=100, help="recall: steps between accuracy checks")
+    g.add_argument("--recall_patience", type=int, default=5,
+                   help="recall: checks without progress before a run stops (a large value runs to the cap)")
+    g.add_argument("--context", type=int, default=2048, help="long_context: the context length")
     args = p.parse_args(argv)
     bad = lambda flag, why: p.error(f"--{flag} {getattr(args, flag)!r}: {why}")
     stages = args.stages.split(",")
@@ -94,12 +101,17 @@ def parse_args(argv=None):
     for flag in ("lengths", "distances"):
         if not all(n.isdigit() and int(n) > 0 for n in getattr(args, flag).split(",")):
             bad(flag, "give positive integers separated by commas, e.g. 1024,4096")
-    for flag in ("budget", "n_layer", "n_head", "n_embd", "batch_size", "steps", "seeds", "recall_steps"):
+    for flag in ("budget", "n_layer", "n_head", "n_embd", "batch_size", "steps", "seeds", "recall_cap", "recall_check",
+                 "recall_patience", "context"):
         if getattr(args, flag) <= 0:
             bad(flag, "must be positive")
     args.stages, args.models = stages, args.models.split(",")
     args.lengths = [int(n) for n in args.lengths.split(",")]
     args.distances = [int(n) for n in args.distances.split(",")]
+    try:  # last: it makes the folder
+        train.check_out_dir(args.out_dir)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -140,8 +152,10 @@ def timed(fn, device, warm_up=True):
 
 
 def peak_gib(fn, device, above=0):
-    """Peak GPU memory (GiB) while fn() runs, less `above` bytes; None on a CPU (not tracked)."""
+    """Peak GPU memory (GiB) while fn() runs, less `above` bytes; None on a CPU, where the allocator reuses memory
+    freed earlier without the process's resident size showing it, so no honest peak can be read."""
     if device.type != "cuda":
+        fn()
         return None
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -151,14 +165,18 @@ def peak_gib(fn, device, above=0):
 
 
 def failure(error):
-    """Print the traceback; return the status a table shows: "error: Type: first line of the message"."""
+    """The status a table shows for an exception. A ValueError is a setting refused with its reason (a model's
+    own check, as a stride that cannot tile the length): "refused: its sentence", no traceback. Anything else
+    was not anticipated: its traceback is printed, and the status is "error: Type: first line of the message"."""
+    if isinstance(error, ValueError):
+        return f"refused: {(str(error).splitlines() or ['ValueError'])[0]}"
     traceback.print_exc()
     return f"error: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
 
 
 def attempt(cell):
-    """cell() -> dict of figures, {"status": "OOM"} when the device runs out of memory, or {"status": "error: ..."}
-    with the traceback printed: a GPU is lent for minutes, so one failing cell must not cost the others."""
+    """cell() -> dict of figures, {"status": "OOM"} when the device runs out of memory, or the status failure()
+    gives any other exception: a GPU is lent for minutes, so one failing cell must not cost the others."""
     try:
         return {"status": "ok", **cell()}
     except torch.cuda.OutOfMemoryError:
@@ -246,21 +264,36 @@ def training_step(name, batch, T, device, **settings):
 # ----------------------------------------------------------------------------------------------------------
 # Stage kernels: the block-sparse kernel vs FlexAttention vs dense SDPA
 
-def model_layouts(n, block, band, H):
-    """The layouts sparse_transformer.py builds at length n, as (name, layout, window): the local band (A1 of
-    strided, window `band`), A2 of strided on the transposed order (its own stride l ~ sqrt(n)), and fixed
-    (A1 u A2 merged, stride `band`, summary one tile, per-head summary offsets)."""
-    local = st.Config(block_size=n, n_head=H, pattern="local", stride=band, attn_block=block)
-    strided = st.Config(block_size=n, n_head=H, pattern="strided", attn_block=block)
+def model_layouts(n, tile, band, H):
+    """The layouts sparse_transformer.py builds at length n, as (name, layout, window, mask_mod): the local band
+    (A1 of strided, window `band`), A2 of strided on the transposed order (its own stride l ~ sqrt(n)), and fixed
+    (A1 u A2 merged, stride `band`, summary one tile, per-head summary offsets). mask_mod is the same pattern as
+    FlexAttention's users write it, arithmetic on the positions of the order the kernel sees; a test holds it
+    equal to kernels.attention_mask of the layout and window."""
+    local = st.Config(block_size=n, n_head=H, pattern="local", stride=band, attn_block=tile)
+    strided = st.Config(block_size=n, n_head=H, pattern="strided", attn_block=tile)
     strided.stride = st.auto_stride(strided)
-    fixed = st.Config(block_size=n, n_head=H, pattern="fixed", combine="merged", stride=band, summary=block,
-                      n_offsets=min(4, band // block), attn_block=block)
-    return [("local", st.layer_layout(local, 0, "local", n), band),
-            (f"strided (l={strided.stride})", st.layer_layout(strided, 1, "strided", n), None),
-            ("fixed", st.layer_layout(fixed, 0, "fixed", n), None)]
+    fixed = st.Config(block_size=n, n_head=H, pattern="fixed", combine="merged", stride=band, summary=tile,
+                      n_offsets=min(4, band // tile), attn_block=tile)
+    run = n // strided.stride  # the transposed order: each residue class mod l is a run of n/l positions
+    l, c, n_offsets = fixed.stride, fixed.summary, fixed.n_offsets
+
+    def local_mod(b, h, q_idx, kv_idx):  # the last `band` positions
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < band)
+
+    def strided_mod(b, h, q_idx, kv_idx):  # causal inside each run
+        return (kv_idx <= q_idx) & (q_idx // run == kv_idx // run)
+
+    def fixed_mod(b, h, q_idx, kv_idx):  # the query's own block of l, or head h's c summary columns of every block
+        offset = (h % n_offsets) * c
+        summary = (kv_idx % l >= l - c - offset) & (kv_idx % l < l - offset)
+        return (kv_idx <= q_idx) & ((q_idx // l == kv_idx // l) | summary)
+    return [("local", st.layer_layout(local, 0, "local", n), band, local_mod),
+            (f"strided (l={strided.stride})", st.layer_layout(strided, 1, "strided", n), None, strided_mod),
+            ("fixed", st.layer_layout(fixed, 0, "fixed", n), None, fixed_mod)]
 
 
-def flex_block_mask(layout, block, n, window, device, flex_block=128):
+def flex_block_mask(layout, tile, n, window, device, flex_block=128):
     """FlexAttention's BlockMask for what `attention(layout=layout, window=window)` computes, in Flex's own blocks
     of `flex_block` positions (its default, 128): a block is full where all its tiles of the layout are visible
     and uncut by the causal or window edge, partial (masked element by element) where some are visible.
@@ -269,12 +302,12 @@ def flex_block_mask(layout, block, n, window, device, flex_block=128):
     only masks whose blocks its tiles divide; a 64-block mask failed to compile on an H100 whatever the
     kernel_options (inductor filters its configurations by its default tiles, not by those options)."""
     from torch.nn.attention.flex_attention import BlockMask
-    nb, f = n // block, max(1, flex_block // block)
-    first = torch.arange(nb, device=device) * block  # first position of each tile row / column
+    nb, f = n // tile, max(1, flex_block // tile)
+    first = torch.arange(nb, device=device) * tile  # first position of each tile row / column
     q_lo, k_lo = first[:, None], first[None, :]
     w = n + 1 if window is None else window
-    inside = (k_lo <= q_lo + block - 1) & (k_lo + block - 1 > q_lo - w)  # the band touches the tile
-    cut = (k_lo + block - 1 > q_lo) | (k_lo <= q_lo + block - 1 - w)  # the band's edge crosses it
+    inside = (k_lo <= q_lo + tile - 1) & (k_lo + tile - 1 > q_lo - w)  # the band touches the tile
+    cut = (k_lo + tile - 1 > q_lo) | (k_lo <= q_lo + tile - 1 - w)  # the band's edge crosses it
     visible = layout.to(device) & inside  # (H or 1, nb, nb)
 
     def coarse(tiles, reduce):  # (H', nb, nb) -> (H', nb / f, nb / f): each f x f group of tiles reduced
@@ -285,20 +318,52 @@ def flex_block_mask(layout, block, n, window, device, flex_block=128):
         return blocks.sum(-1, dtype=torch.int32)[None], order.to(torch.int32)[None]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (kv_idx > q_idx - w) & visible[h % visible.size(0), q_idx // block,
-                                                                   kv_idx // block]
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - w) & visible[h % visible.size(0), q_idx // tile,
+                                                                   kv_idx // tile]
 
     full = coarse(visible & ~cut, torch.all)
     partial, full = kv_lists(coarse(visible, torch.any) & ~full), kv_lists(full)
     return BlockMask.from_kv_blocks(*partial, full_kv_num_blocks=full[0], full_kv_indices=full[1],
-                                    BLOCK_SIZE=block * f, mask_mod=mask_mod)
+                                    BLOCK_SIZE=tile * f, mask_mod=mask_mod)
+
+
+def flex_mask(mask_mod, heads, n, device):
+    """FlexAttention's BlockMask of mask_mod as its users build it: create_block_mask at its default block size
+    (128) for 1 (broadcast) or H heads; on a GPU compiled, as torch advises (eager, it materialises the whole
+    (heads, n, n) mask: 34 GB of bools for 8 heads at 65,536)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    build = torch.compile(create_block_mask) if device.type == "cuda" else create_block_mask
+    return build(mask_mod, None, heads, n, n, device=device)
+
+
+def host_us(fn, calls=20, repeats=25):
+    """Host microseconds per fn() with every Triton launch stubbed out: what a call costs the CPU before its kernels
+    start, the bound on short calls. The fastest of `repeats` loops of `calls`: short loops, so that on a busy
+    machine some run undisturbed. `TRITON_INTERPRET=1 python bench.py --stages kernels --device cpu` prints it for the CPU."""
+    from triton.runtime.jit import KernelInterface  # JIT and interpreted kernels alike launch by kernel[grid]
+    launch = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: None
+    try:
+        fn()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, time.perf_counter() - t0)
+        return 1e6 * best / calls
+    finally:
+        KernelInterface.__getitem__ = launch
 
 
 def stage_kernels(sizes, device):
     """fwd and fwd+bwd ms of the three implementations on each layout; TFLOP/s over the computed tiles (4 D
-    flops per score for q k^T and p v; the backward does 2.5x that), our time over Flex's, max |ours - Flex|."""
+    flops per score for q k^T and p v; the backward does 2.5x that), our time over Flex's, max |ours - Flex|, and
+    the host time of our call (host_us). Flex gets each pattern as its users write it (model_layouts' mask_mod,
+    flex_mask); beside it, as an extra column, Flex given our layout as a table it reads per element
+    (flex_block_mask). Every ratio is to the first."""
     c = sizes["attn"]
-    B, H, D, block = c["B"], c["H"], c["D"], c["block"]
+    B, H, D, tile = c["B"], c["H"], c["D"], c["tile"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     ours_runs = kernels.triton is not None and (device.type == "cuda" or interpreted)
@@ -323,36 +388,47 @@ def stage_kernels(sizes, device):
                         above=torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
         return out, fwd, both, peak
 
-    def cell(n, name, layout, window):
+    def cell(n, name, layout, window, mask_mod):
         def run():
             g = torch.Generator(device=device).manual_seed(0)
             q, k, v, do = (torch.randn(B, H, n, D, device=device, dtype=dtype, generator=g) for _ in range(4))
             q, k, v = (t.requires_grad_() for t in (q, k, v))
-            tiles = kernels.block_lists(layout, block, n, n, 0, n + 1 if window is None else window, device)[1]
-            flops = 4.0 * B * D * block * block * tiles.numel() * (H // layout.size(0))  # tiles are per layout head
-            row = dict(tiles_pct=100 * tiles.numel() / (layout.size(0) * (n // block) ** 2))
+            tiles = kernels.tile_lists(layout, tile, n, n, 0, n + 1 if window is None else window, device)[1]
+            flops = 4.0 * B * D * tile * tile * tiles.numel() * (H // layout.size(0))  # tiles are per layout head
+            row = dict(tiles_pct=100 * tiles.numel() / (layout.size(0) * (n // tile) ** 2))
             ours = theirs = None
             if ours_runs:
-                ours = measure(lambda q, k, v: kernels.attention(q, k, v, layout=layout, block=block,
-                                                                  window=window, backend="triton"), q, k, v, do)
+                def call(q, k, v):
+                    return kernels.attention(q, k, v, layout=layout, tile=tile, window=window, backend="triton")
+                ours = measure(call, q, k, v, do)
                 row.update(ours_fwd_ms=ours[1], ours_fb_ms=ours[2], ours_peak_gib=ours[3],
-                           ours_fwd_tflops=flops / ours[1] / 1e9, ours_fb_tflops=3.5 * flops / ours[2] / 1e9)
+                           ours_fwd_tflops=flops / ours[1] / 1e9, ours_fb_tflops=3.5 * flops / ours[2] / 1e9,
+                           fb_vs_fwd=ours[2] / ours[1], host_grad_us=host_us(lambda: call(q, k, v)))
+                with torch.no_grad():
+                    row["host_us"] = host_us(lambda: call(q, k, v))
             if flex is not None:
-                def flex_figures():
-                    nonlocal theirs
+                def flex_figures(make_mask):
                     torch._dynamo.reset()  # each cell compiles its own: past dynamo's recompile limit Flex runs eagerly
-                    mask = flex_block_mask(layout, block, n, window, device)
+                    mask = make_mask()
                     # FlexAttention has no backward on a CPU: there it is timed forward only
-                    theirs = measure(lambda q, k, v: flex(q, k, v, block_mask=mask), q, k, v, do,
-                                     backward=device.type == "cuda")
-                    return dict(flex_fwd_ms=theirs[1], flex_fb_ms=theirs[2], flex_peak_gib=theirs[3])
-                figures = attempt(flex_figures)  # a failing FlexAttention (its compile) costs none of our figures
-                status = figures.pop("status")
-                row.update(figures, **({} if status == "ok" else {"flex_status": status}))
-            if ours and theirs:
-                row["max_diff"] = (ours[0].float() - theirs[0].float()).abs().max().item()
-                if theirs[2]:
-                    row["fb_vs_flex"] = ours[2] / theirs[2]
+                    figures = measure(lambda q, k, v: flex(q, k, v, block_mask=mask), q, k, v, do,
+                                      backward=device.type == "cuda")
+                    return dict(zip(("out", "fwd_ms", "fb_ms", "peak_gib"), figures))
+                masks = dict(flex=lambda: flex_mask(mask_mod, layout.size(0), n, device),
+                             table=lambda: flex_block_mask(layout, tile, n, window, device))
+                for kind, make_mask in masks.items():
+                    figures = attempt(lambda: flex_figures(make_mask))  # a failing Flex costs no other figure
+                    status, out = figures.pop("status"), figures.pop("out", None)
+                    row.update({f"{kind}_{key}": value for key, value in figures.items()})
+                    if status != "ok":
+                        row[f"{kind}_status"] = status
+                    if kind == "flex":
+                        theirs = out
+            if ours and theirs is not None:
+                row["max_diff"] = (ours[0].float() - theirs.float()).abs().max().item()
+                row["fwd_vs_flex"] = ours[1] / row["flex_fwd_ms"]
+                if row["flex_fb_ms"]:
+                    row["fb_vs_flex"] = ours[2] / row["flex_fb_ms"]
             if name == "local":  # the dense reference once per length, beside the first layout
                 sdpa = measure(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v, do)
                 row.update(sdpa_fwd_ms=sdpa[1], sdpa_fb_ms=sdpa[2], sdpa_peak_gib=sdpa[3],
@@ -360,19 +436,100 @@ def stage_kernels(sizes, device):
             return row
         return run
 
-    cells = [({"n": n, "layout": name}, cell(n, name, layout, window))
-             for n in c["lengths"] for name, layout, window in model_layouts(n, block, c["band"], H)]
+    cells = [({"n": n, "layout": name}, cell(n, name, layout, window, mask_mod))
+             for n in c["lengths"] for name, layout, window, mask_mod in model_layouts(n, tile, c["band"], H)]
     rows = run_cells(cells, first_guess=60 if device.type == "cuda" else 1)
     note = "" if ours_runs else " (our kernel: n/a without CUDA; TRITON_INTERPRET=1 runs it on the interpreter)"
-    show(f"Block-sparse attention, B={B} H={H} D={D} {str(dtype)[6:]}, tiles of {block}{note}; ms per call, "
-         f"TFLOP/s over the computed tiles, peak GiB above the inputs during fwd+bwd", rows, [("n", "n", ""), ("layout", "layout", ""), ("tiles %", "tiles_pct", ".1f"),
-                          ("ours fwd", "ours_fwd_ms", ".3f"), ("TF/s", "ours_fwd_tflops", ".0f"),
-                          ("ours f+b", "ours_fb_ms", ".3f"), ("TF/s", "ours_fb_tflops", ".0f"),
-                          ("flex fwd", "flex_fwd_ms", ".3f"), ("flex f+b", "flex_fb_ms", ".3f"),
-                          ("f+b / flex", "fb_vs_flex", ".2f"), ("ours GiB", "ours_peak_gib", ".2f"),
-                          ("flex GiB", "flex_peak_gib", ".2f"), ("SDPA fwd", "sdpa_fwd_ms", ".3f"),
-                          ("SDPA TF/s", "sdpa_fwd_tflops", ".0f"), ("SDPA f+b", "sdpa_fb_ms", ".3f"),
-                          ("max diff", "max_diff", ".1e"), ("flex failed", "flex_status", "")])
+    compiled = " and torch.compile" if device.type == "cuda" else ""
+    show(f"Block-sparse attention, B={B} H={H} D={D} {str(dtype)[6:]}, tiles of {tile}{note}; ms per call, "
+         f"TFLOP/s over the computed tiles, peak GiB above the inputs during fwd+bwd; flex: FlexAttention with the "
+         f"arithmetic mask_mod through create_block_mask (blocks of 128){compiled}, every ratio to it; flex (table): "
+         f"with our layout read per element; host us: Python time per call, launches stubbed, without and with "
+         f"gradients", rows,
+         [("n", "n", ""), ("layout", "layout", ""), ("tiles %", "tiles_pct", ".1f"),
+          ("ours fwd", "ours_fwd_ms", ".3f"), ("TF/s", "ours_fwd_tflops", ".0f"), ("ours f+b", "ours_fb_ms", ".3f"),
+          ("TF/s", "ours_fb_tflops", ".0f"), ("f+b / fwd", "fb_vs_fwd", ".1f"), ("flex fwd", "flex_fwd_ms", ".3f"),
+          ("flex f+b", "flex_fb_ms", ".3f"), ("fwd / flex", "fwd_vs_flex", ".2f"),
+          ("f+b / flex", "fb_vs_flex", ".2f"),
+          ("flex (table) fwd", "table_fwd_ms", ".3f"), ("flex (table) f+b", "table_fb_ms", ".3f"),
+          ("ours GiB", "ours_peak_gib", ".2f"), ("flex GiB", "flex_peak_gib", ".2f"),
+          ("SDPA fwd", "sdpa_fwd_ms", ".3f"),
+          ("SDPA TF/s", "sdpa_fwd_tflops", ".0f"), ("SDPA f+b", "sdpa_fb_ms", ".3f"), ("host us", "host_us", ".0f"),
+          ("host us (grad)", "host_grad_us", ".0f"), ("max diff", "max_diff", ".1e"),
+          ("flex failed", "flex_status", ""), ("flex (table) failed", "table_status", "")])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage kernel_sweep: the block-sparse kernels' launch settings, one change at a time
+
+# (name, kernels.launch_overrides settings). The defaults (launch_config; on sm_90 for bf16, D 64, tiles of 64:
+# fwd 64 rows x 64-wide sub-tiles, 4 warps; dK/dV and dQ 64 rows x 64, 8 warps; 3 stages each), then the
+# suspects of the backward's slow pace (issue 26): 8 warps splitting 64-row tiles between two warp groups,
+# pipelines deeper than the 2-5 tiles a row's list holds, tile shapes.
+SWEEP = [
+    ("default", {}),
+    ("bwd 4 warps", dict(dkdv=dict(num_warps=4), dq=dict(num_warps=4))),
+    ("bwd 4 warps, 2 stages", dict(dkdv=dict(num_warps=4, num_stages=2), dq=dict(num_warps=4, num_stages=2))),
+    ("bwd 4 warps, 1 stage", dict(dkdv=dict(num_warps=4, num_stages=1), dq=dict(num_warps=4, num_stages=1))),
+    ("bwd 2 stages", dict(dkdv=dict(num_stages=2), dq=dict(num_stages=2))),
+    ("dkdv 4 warps", dict(dkdv=dict(num_warps=4))),
+    ("dq 4 warps", dict(dq=dict(num_warps=4))),
+    ("bwd 32-wide sub-tiles, 4 warps", dict(dkdv=dict(TILE_M=32, num_warps=4), dq=dict(TILE_N=32, num_warps=4))),
+    ("bwd 32-row programs, 4 warps", dict(dkdv=dict(TILE_N=32, num_warps=4), dq=dict(TILE_M=32, num_warps=4))),
+    ("fwd 8 warps", dict(fwd=dict(num_warps=8))),
+    ("fwd 2 stages", dict(fwd=dict(num_stages=2))),
+    ("fwd 32-wide sub-tiles", dict(fwd=dict(TILE_N=32))),
+]
+
+
+def stage_kernel_sweep(sizes, device):
+    """Every SWEEP setting on the layouts the targets name (local and fixed at the longest length, strided at the
+    shortest): fwd and fwd+bwd ms and TFLOP/s as in stage_kernels, and the largest difference of the output and
+    gradients from the first (default) setting's, where a wrong tile setting would show."""
+    c = sizes["attn"]
+    B, H, D, tile = c["B"], c["H"], c["D"], c["tile"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if kernels.triton is None or not (device.type == "cuda" or kernels.INTERPRETED):
+        raise ValueError("the kernel sweep needs triton and a GPU (or TRITON_INTERPRET=1 for the interpreter)")
+    short, long = min(c["lengths"]), max(c["lengths"])
+    cases = [(n, name, layout, window) for n in sorted({short, long})
+             for name, layout, window, _ in model_layouts(n, tile, c["band"], H)
+             if short == long or name.startswith("strided") == (n == short)]
+    inputs, defaults = {}, {}
+
+    def cell(setting, n, name, layout, window):
+        def run():
+            if n not in inputs:  # one set per length, shared by every setting
+                g = torch.Generator(device=device).manual_seed(0)
+                inputs[n] = [torch.randn(B, H, n, D, device=device, dtype=dtype, generator=g) for _ in range(4)]
+            *qkv, do = inputs[n]
+            q, k, v = (t.requires_grad_() for t in qkv)
+            tiles = kernels.tile_lists(layout, tile, n, n, 0, n + 1 if window is None else window, device)[1]
+            flops = 4.0 * B * D * tile * tile * tiles.numel() * (H // layout.size(0))
+
+            def fwd():
+                return kernels.attention(q, k, v, layout=layout, tile=tile, window=window, backend="triton")
+            with kernels.launch_overrides(**dict(SWEEP)[setting]):
+                results = [fwd().detach(), *torch.autograd.grad(fwd(), (q, k, v), do)]  # compiles the setting
+                with torch.no_grad():
+                    fwd_ms = timed(fwd, device, warm_up=False)
+                fb_ms = timed(lambda: torch.autograd.grad(fwd(), (q, k, v), do), device, warm_up=False)
+            reference = defaults.setdefault((n, name), results)
+            return dict(fwd_ms=fwd_ms, fwd_tflops=flops / fwd_ms / 1e9, fb_ms=fb_ms,
+                        fb_tflops=3.5 * flops / fb_ms / 1e9, fb_vs_fwd=fb_ms / fwd_ms,
+                        max_diff=max((a.float() - b.float()).abs().max().item() for a, b in zip(results, reference)))
+        return run
+
+    rows = run_cells([({"setting": setting, "n": n, "layout": name}, cell(setting, n, name, layout, window))
+                      for setting, _ in SWEEP for n, name, layout, window in cases],
+                     first_guess=20 if device.type == "cuda" else 1)
+    show(f"Kernel launch settings, B={B} H={H} D={D} {str(dtype)[6:]}, tiles of {tile} (kernels.launch_overrides; "
+         f"bench.SWEEP says what each changes); ms per call, TFLOP/s over the computed tiles; max diff: output and "
+         f"gradients against the default setting's", rows,
+         [("setting", "setting", ""), ("n", "n", ""), ("layout", "layout", ""), ("fwd ms", "fwd_ms", ".3f"),
+          ("TF/s", "fwd_tflops", ".0f"), ("f+b ms", "fb_ms", ".3f"), ("TF/s", "fb_tflops", ".0f"),
+          ("f+b / fwd", "fb_vs_fwd", ".1f"), ("max diff", "max_diff", ".1e")])
     return rows
 
 
@@ -650,6 +807,85 @@ def plot_curves(rows, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Stage long_context: every model trained at a long context, scored by position in the window
+
+LONG = ["--n_layer", "2", "--n_head", "4", "--n_embd", "128", "--batch_size", "2", "--eval_iters", "4", "--warmup",
+        "30", "--lr", "2e-3"]
+LONG_RUNS = {  # model: (row label, its flags) for each row; parameter counts stay within 10% of the Transformer's
+    "aft_full": [("aft_full", ["--w_rank", "8"])],  # a learned (T x T) w per layer would dwarf every other model
+    "aft_local": [("aft_local", ["--w_rank", "8"])],  # its (T x window) band too, at T = 2048
+    "perceiver_ar": [("perceiver_ar", ["--n_layer", "2"])],  # + its cross-attention block; no position table
+    "reformer": [("reformer", ["--n_layer", "3", "--n_hashes", "2"]),  # no position table either (axial)
+                 ("reformer, causal_lsh", ["--n_layer", "3", "--n_hashes", "2", "--causal_lsh", "True"])],
+}
+
+
+def stage_long_context(args, device):
+    """train.py on args.data at a context of args.context for args.steps steps per model and seed, one setting
+    for all (LONG); then validation bits over the whole split in consecutive windows (sample.evaluate_split),
+    overall and by position in the window, training tokens/s and the peak memory of one training step. A forward
+    that is not exactly causal is also scored on positions fed their prefix alone. Each finished row is kept in
+    its run folder (long_context.json) and reused."""
+    rows, curves = [], {}
+    for name in args.models:
+        for label, flags in LONG_RUNS.get(name, [(name, [])]):
+            runs = [long_context_run(name, label, flags, seed, args, device) for seed in range(1, args.seeds + 1)]
+            mean = lambda key: sum(r[key] for r in runs) / len(runs) if runs[0].get(key) is not None else None
+            buckets = [(first, last, sum(r["by_position"][i][2] for r in runs) / len(runs))
+                       for i, (first, last, _) in enumerate(runs[0]["by_position"])]
+            row = dict(model=label, status="ok", **{k: mean(k) for k in ("params_m", "bits", "prefix_bits",
+                                                                         "prefix_window_bits", "tokens_per_s",
+                                                                         "peak_gib")},
+                       per_seed=[r["bits"] for r in runs], by_position=buckets)
+            row.update({f"p{last}": b for _, last, b in buckets})
+            rows.append(row)
+            curves[label] = buckets
+    edges = sorted({last for r in rows for _, last, _ in r["by_position"]})
+    show(f"Long context: {args.steps} steps of batch 2 x {args.context} tokens on {args.data}, width 128, "
+         f"seeds 1..{args.seeds}; validation bits per byte over the whole split in consecutive windows, overall and "
+         f"by position in the window (bucket ending at p); prefix-only bits for a forward that is not exactly "
+         f"causal; peak memory of one training step (GPU only)", rows,
+         [("model", "model", ""), ("params (M)", "params_m", ".3f"), ("val bits", "bits", ".3f"),
+          ("prefix-only", "prefix_bits", ".3f"), ("same, windowed", "prefix_window_bits", ".3f")] + [(f"<= {p}", f"p{p}", ".3f") for p in edges]
+         + [("tokens/s", "tokens_per_s", ",.0f"), ("peak GiB", "peak_gib", ".2f")])
+    path = os.path.join(args.out_dir, "long_context.png")
+    if sample.plot_positions(curves, path, "validation bits per byte"):
+        print(f"wrote {path}")
+    return rows
+
+
+def long_context_run(name, label, flags, seed, args, device):
+    """One (model, seed) of the long_context stage: trained (or resumed, or reused) and scored."""
+    out = os.path.join(args.out_dir, "long_context", f"{label.replace(', ', '_')}_{seed}")
+    record = os.path.join(out, "long_context.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            run = json.load(f)
+        if run["steps"] == args.steps:
+            return run
+    settings = ["--block_size", str(args.context)] + LONG + flags
+    argv = ["--model", name, "--data", args.data, "--max_iters", str(args.steps), "--eval_interval",
+            str(max(1, args.steps // 4)), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
+    evaluations = train_once(argv + settings, out, args.steps)
+    ckpt, model, data = sample.load_trained(out, device)
+    bits, _, _, by_position = sample.evaluate_split(model, data, "val", args.context, 4, device, autocast(device))
+    run = dict(steps=args.steps, bits=bits, by_position=by_position,
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+               tokens_per_s=sum(r["tokens_per_s"] for r in evaluations) / len(evaluations))  # evaluation excluded
+    if not getattr(model, "exactly_causal", True):
+        run["prefix_bits"], run["prefix_window_bits"], _ = sample.evaluate_prefixes(
+            model, data, "val", args.context, device, autocast(device), n_windows=8, n_positions=16)
+    del model
+    config = {k: v for k, v in ckpt["model_config"].items() if k not in ("vocab_size", "block_size")}
+    run["peak_gib"] = training_step(name, 2, args.context, device, **config)()["peak_gib"] \
+        if device.type == "cuda" else None  # peak_gib: not measurable on a CPU
+    with open(record, "w") as f:
+        json.dump(run, f)
+    print(f"  {label} seed {seed}: {bits:.3f} bits, {run['tokens_per_s']:,.0f} tokens/s")
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Stage recall: what each model can remember, on the copy task at growing distances
 
 RECALL = ["--data", "copy", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "16", "--lr", "3e-3",
@@ -680,31 +916,71 @@ def copy_accuracy(model, d, device, n_rows=16, n_positions=32):
 
 def stage_recall(args, device):
     """Every model learns the copy task (data.py's `copy`: each row's second half repeats its first) at each
-    distance d for args.recall_steps steps, same size and budget for all; accuracy on fresh rows, mean over seeds
-    1..args.seeds. Chance is 1/256."""
-    rows = []
-    for name in args.models:
-        for label, flags in SAME_RUNS.get(name, [(name, [])]) if name == "reformer" else [(name, [])]:
-            row = dict(model=label, status="ok")
-            for d in args.distances:
-                accuracy = []
-                for seed in range(1, args.seeds + 1):
-                    out = os.path.join(args.out_dir, "recall", f"{label.replace(', ', '_')}_{d}_{seed}")
-                    settings = RECALL_SETTINGS.get(name, []) + (["--n_latents", str(d)] if name == "perceiver_ar"
-                                                                 else [])
-                    train_once(["--model", name, "--block_size", str(2 * d), "--max_iters", str(args.recall_steps),
-                                "--eval_interval", str(args.recall_steps), "--seed", str(seed), "--out_dir", out,
-                                "--device", str(device)] + RECALL + settings + flags, out, args.recall_steps)
-                    _, model, _ = sample.load_trained(out, device)
-                    accuracy.append(copy_accuracy(model, d, device))
-                row[f"d{d}"] = sum(accuracy) / len(accuracy)
-                row[f"d{d}_seeds"] = accuracy
-                print(f"  {label} d={d}: copy accuracy {accuracy}")
-            rows.append(row)
-    show(f"Recall: copy accuracy across d positions after {args.recall_steps} steps (2 layers, width 64, batch 16, "
-         f"lr 3e-3), mean over seeds 1..{args.seeds}; chance 0.004", rows,
-         [("model", "model", "")] + [(f"d = {d}", f"d{d}", ".2f") for d in args.distances])
-    return rows
+    distance d, same size and settings for all, trained to the end (recall_run); accuracy on fresh rows, mean
+    over seeds 1..args.seeds. Chance is 1/256. Distances run shortest first, so a run cut short by the session
+    leaves the longest ones, which resume where they stopped."""
+    labels = [(name, label, flags) for name in args.models
+              for label, flags in (SAME_RUNS["reformer"] if name == "reformer" else [(name, [])])]
+    rows = {label: dict(model=label, status="ok") for _, label, _ in labels}
+    for d in args.distances:
+        for name, label, flags in labels:
+            curves = [recall_run(name, label, flags, d, seed, args, device) for seed in range(1, args.seeds + 1)]
+            row = rows[label]
+            row[f"d{d}"] = sum(c[-1][1] for c in curves) / len(curves)
+            row[f"d{d}_steps"] = max(c[-1][0] for c in curves)
+            row[f"d{d}_curves"] = curves
+            print(f"  {label} d={d}: copy accuracy {[c[-1][1] for c in curves]} after {row[f'd{d}_steps']} steps")
+    show(f"Recall: copy accuracy across d positions, trained until it stops improving ({args.recall_patience} checks "
+         f"every {args.recall_check} steps without progress) or {args.recall_cap} steps (2 layers, width 64, batch 16, lr 3e-3), mean over "
+         f"seeds 1..{args.seeds}; chance 0.004; (steps)", list(rows.values()),
+         [("model", "model", "")] + [c for d in args.distances
+                                      for c in ((f"d = {d}", f"d{d}", ".2f"), ("(steps)", f"d{d}_steps", ""))])
+    return list(rows.values())
+
+
+def recall_run(name, label, flags, d, seed, args, device):
+    """Train one model on the copy task at distance d in rounds of args.recall_check steps, measuring copy
+    accuracy on fresh rows after each, until recall_finished says so. The learning rate follows one cosine over
+    the cap whatever the stopping step. Returns the curve [(step, accuracy, validation bits)], also kept in the
+    run folder, so a stopped stage resumes at its last round."""
+    out = os.path.join(args.out_dir, "recall", f"{label.replace(', ', '_')}_{d}_{seed}")
+    path = os.path.join(out, "recall_curve.json")
+    curve = read_json(path) if os.path.exists(path) else []
+    settings = RECALL_SETTINGS.get(name, []) + (["--n_latents", str(d)] if name == "perceiver_ar" else [])
+    while not recall_finished(curve, args.recall_cap, args.recall_patience):
+        steps = min(args.recall_cap, (curve[-1][0] if curve else 0) + args.recall_check)
+        evaluations = train_once(["--model", name, "--block_size", str(2 * d), "--max_iters", str(steps),
+                                  "--lr_decay_iters", str(args.recall_cap), "--eval_interval", str(args.recall_check),
+                                  "--seed", str(seed), "--out_dir", out, "--device", str(device)]
+                                 + RECALL + settings + flags, out, steps)
+        _, model, _ = sample.load_trained(out, device)
+        curve.append((steps, copy_accuracy(model, d, device), evaluations[-1]["val_bits"]))
+        with open(path, "w") as f:
+            json.dump(curve, f)
+    return curve
+
+
+def recall_finished(curve, cap, patience, gain=0.02):
+    """Done at the cap, at 99% accuracy, or when the last `patience` rounds raised neither the accuracy nor the
+    validation bits by `gain` past their best before those rounds: a model that stays at chance while its
+    loss still falls is still learning. The copy task's loss can also sit at 8 bits for hundreds of steps before
+    it falls (the Transformer at d = 128: 300 steps), so a run stopped at chance says "not yet learned", not
+    "cannot", until it is run on to the cap (a large patience)."""
+    if not curve:
+        return False
+    step, accuracy, _ = curve[-1]
+    if step >= cap or accuracy >= 0.99:
+        return True
+    if len(curve) <= patience:
+        return False
+    before, recent = curve[:-patience], curve[-patience:]
+    return (max(a for _, a, _ in recent) < max(a for _, a, _ in before) + gain
+            and min(b for _, _, b in recent) > min(b for _, _, b in before) - gain)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -728,11 +1004,21 @@ def targets(results):
     kernel_rows = results.get("kernels", [])
     for n in (16384, 65536):
         for r in (r for r in kernel_rows if r.get("n") == n):
-            out.append((f"block-sparse fwd+bwd <= 0.8x FlexAttention, n={n}, {r['layout']}",
-                        verdict(r.get("fb_vs_flex"), 0.8, "lower", ".2f")))
-    best = max((r.get("ours_fwd_tflops", 0) for r in kernel_rows if r.get("n") == 65536), default=None)
-    out.append(("block-sparse forward >= 300 TFLOP/s on the computed tiles at 64K (best layout)",
-                verdict(best or None, 300, "higher", ".0f")))
+            out.append((f"block-sparse fwd+bwd <= 0.7x FlexAttention (arithmetic mask_mod), n={n}, {r['layout']}",
+                        verdict(r.get("fb_vs_flex"), 0.7, "lower", ".2f")))
+    for layout in ("local", "fixed"):
+        out.append((f"block-sparse fwd+bwd <= 4x its fwd, n=65536, {layout}",
+                    verdict((find(kernel_rows, n=65536, layout=layout) or {}).get("fb_vs_fwd"), 4, "lower", ".1f")))
+    out.append(("block-sparse fwd >= 400 TFLOP/s on the computed tiles, n=65536, fixed",
+                verdict((find(kernel_rows, n=65536, layout="fixed") or {}).get("ours_fwd_tflops"), 400, "higher",
+                        ".0f")))
+    strided = next((r for r in kernel_rows if r.get("n") == 16384 and r.get("layout", "").startswith("strided")
+                    and r["status"] == "ok"), {})
+    out.append(("block-sparse fwd >= 120 TFLOP/s on the computed tiles, n=16384, strided",
+                verdict(strided.get("ours_fwd_tflops"), 120, "higher", ".0f")))
+    host = max((r["host_us"] for r in kernel_rows if "host_us" in r), default=None)
+    out.append(("host (Python) time per attention() call <= 40 us, launches stubbed (slowest layout)",
+                verdict(host, 40, "lower", ".0f")))
     lsh = find(results.get("lsh", []), backend="triton") or {}
     out.append(("LSH fwd+bwd >= 5x faster than its PyTorch twin at 64K", verdict(lsh.get("speedup"), 5, "higher", ".1f")))
     out.append(("LSH peak memory <= 1/5 of the twin's", verdict(lsh.get("memory_ratio"), 0.2, "lower", ".2f")))
@@ -789,7 +1075,9 @@ def main(argv=None):
                   perceiver=lambda: stage_perceiver(sizes, device),
                   generate=lambda: stage_generate(sizes, device, args.models),
                   memory=lambda: stage_memory(sizes, device), models=lambda: stage_models(args, device),
-                  same_budget=lambda: stage_same_budget(args, device), recall=lambda: stage_recall(args, device))
+                  same_budget=lambda: stage_same_budget(args, device),
+                  long_context=lambda: stage_long_context(args, device), recall=lambda: stage_recall(args, device),
+                  kernel_sweep=lambda: stage_kernel_sweep(sizes, device))
     results = {}
     for i, name in enumerate(args.stages):
         weights = [STAGE_WEIGHT.get(stage, 1) for stage in args.stages[i:]]

@@ -1,7 +1,7 @@
 """
 Use a trained checkpoint: generate from it (text to the terminal, images to a PNG grid, audio to WAV files, and
-for the copy task the fraction of tokens recalled), or score it on a whole split (--evaluate). The model and its
-data set come from out_dir/ckpt.pt.
+for the copy task the fraction of tokens recalled), or score it on a whole split (--evaluate). The model and the
+data it was trained on come from out_dir/ckpt.pt (other data is refused, or taken on purpose with --data).
 
     python sample.py --out_dir out --prompt "The history of"      # text: 3 continuations
     python sample.py --out_dir out_cifar --num_samples 4            # images: out_cifar/samples.png
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--out_dir", default="out", help="the run whose ckpt.pt to sample from")
-    p.add_argument("--prompt", default=None, help="text prompt (default: a random validation excerpt)")
+    p.add_argument("--prompt", default=None, help="text prompt (default: a random 64-byte validation excerpt)")
     p.add_argument("--num_samples", type=int, default=3, help="text continuations / images / audio clips")
     p.add_argument("--max_new_tokens", type=int, default=500, help="text: tokens to generate per sample")
     p.add_argument("--completions", type=int, default=3, help="images: completions of each half image")
@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="--evaluate: windows per forward")
     p.add_argument("--show_attention", action="store_true",
                    help="instead of generating, draw what each output depends on (out_dir/attention.png)")
+    p.add_argument("--data", default=None, help="use this data set (a --data value of train.py) instead of the one "
+                                                "the checkpoint was trained on; the output says so")
     p.add_argument("--model", default=None, choices=[*train.MODELS, "all"],
                    help="--show_attention: draw freshly built models (small settings) instead of the checkpoint")
     args = p.parse_args(argv)
@@ -70,13 +72,31 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # Loading a checkpoint and scoring it on a whole split
 
-def load_trained(out_dir, device):
-    """The checkpoint in out_dir, its model (in eval mode, on device) and its data set."""
-    ckpt = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), purpose="reading a trained model")
+def load_model(path, device):
+    """The checkpoint at path and its model, in eval mode on device."""
+    ckpt = train.load_checkpoint(path, purpose="reading a trained model")
     model = train.build_model(ckpt["args"]["model"], ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    data = datasets.load(ckpt["args"]["data"], ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    return ckpt, model.to(device).eval()
+
+
+def load_trained(out_dir, device, data_spec=None, use="sampling from it"):
+    """The checkpoint in out_dir, its model (in eval mode, on device) and the data it was trained on, held to the
+    checkpoint's record of it (train.checkpoint_data). data_spec, a --data value, loads other data on purpose
+    instead, and a printed note says so."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt, model = load_model(path, device)
+    if data_spec is None:
+        return ckpt, model, train.checkpoint_data(ckpt, path, f"{use} on other data is refused: restore the data "
+                                                              f"it was trained on, or pass --data to use other data")
+    data = datasets.load(data_spec, ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    vocab = ckpt["model_config"]["vocab_size"]
+    if data.vocab_size > vocab:
+        raise ValueError(f"--data {data_spec}: {data.name} has {data.vocab_size} token values, more than the "
+                         f"model's {vocab}; choose data of the kind it was trained on")
+    if data.record != ckpt.get("data"):
+        trained = ckpt["data"]["name"] if ckpt.get("data") else f"unrecorded, --data {ckpt['args']['data']}"
+        print(f"note: {use} on {data.name} as --data asks, not on the data it was trained on ({trained})")
     return ckpt, model, data
 
 
@@ -92,22 +112,39 @@ def evaluate_split(model, data, split, block_size, batch_size, device, ctx):
     """Bits per token over a whole split in consecutive windows of block_size. Each window scores the targets
     of its last `k` positions (all of them for most models, the latents for Perceiver AR) and the next window
     starts k positions later, so every scored token is predicted once; within a row (images, audio) the first
-    window starts at the start token. Returns (bits, tokens scored, tokens in the split)."""
+    window starts at the start token. Returns (bits, tokens scored, tokens in the split, bits by position): the
+    last as position_buckets' rows, position p being the p-th target of a window (predicted from p inputs)."""
     model.eval()
     rows, T = split_windows(data, split, block_size)
     with ctx:
         k = model(rows[0][None, :T].long().to(device))[0].size(1)  # positions the model scores per window
     windows = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, k) if s + T + 1 <= len(rows[r])]
-    nats, count = 0.0, 0
+    nats = torch.zeros(k, dtype=torch.float64)  # summed over windows, per scored position T - k + 1 .. T
     for i in tqdm(range(0, len(windows), batch_size), desc=f"evaluate {split}", unit="batch"):
         seq = torch.stack([rows[r][s:s + T + 1] for r, s in windows[i:i + batch_size]]).long().to(device)
         with ctx:
             logits = model(seq[:, :-1])[0]  # (b, k, V): the last k positions
-        targets = seq[:, -logits.size(1):]
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                reduction="sum").item()
-        count += targets.numel()
-    return nats / count / math.log(2), count, sum(len(r) - 1 for r in rows)
+        targets = seq[:, -k:]
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (b, k)
+        nats += loss.sum(0).double().cpu()
+    count = len(windows) * k
+    bits = nats.sum().item() / count / math.log(2)
+    return bits, count, sum(len(r) - 1 for r in rows), position_buckets(nats / len(windows) / math.log(2), T)
+
+
+def position_buckets(bits, T):
+    """Mean bits per position (k,) of the last k positions of T -> [(first, last, mean bits)] over buckets of
+    positions 1-16, 17-64, 65-256, ... (each 4x the last: a curve over many scales in a few rows), cut at T
+    and covering only the scored positions."""
+    first_scored = T - len(bits) + 1
+    rows, lo = [], 1
+    while lo <= T:
+        hi = min(T, 16 if lo == 1 else 4 * (lo - 1))
+        if hi >= first_scored:
+            start = max(lo, first_scored)
+            rows.append((start, hi, bits[start - first_scored:hi - first_scored + 1].mean().item()))
+        lo = hi + 1
+    return rows
 
 
 @torch.no_grad()
@@ -133,14 +170,18 @@ def evaluate_prefixes(model, data, split, block_size, device, ctx, n_windows=8, 
 
 def evaluate_checkpoint(args):
     device = train.default_device(args)
-    ckpt, model, data = load_trained(args.out_dir, device)
+    ckpt, model, data = load_trained(args.out_dir, device, args.data, use="scoring it")
     if not data.splits:
         raise ValueError(f"{data.name} is generated on the fly and has no fixed split; sample.py reports recall")
     _, _, ctx = train.autocast_for(args, device)
     block_size = ckpt["model_config"]["block_size"]
-    bits, count, total = evaluate_split(model, data, args.evaluate, block_size, args.batch_size, device, ctx)
+    bits, count, total, by_position = evaluate_split(model, data, args.evaluate, block_size, args.batch_size,
+                                                     device, ctx)
     print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {data.name} {args.evaluate}: {bits:.4f} "
           f"{data.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
+    print(f"by position in the window ({data.unit}): "
+          + ", ".join(f"{first}-{last} {b:.4f}" for first, last, b in by_position))
+    write_position_table(os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}"), by_position, data.unit)
     if getattr(model, "exactly_causal", True):
         return bits
     prefix, window, n = evaluate_prefixes(model, data, args.evaluate, block_size, device, ctx)
@@ -148,6 +189,34 @@ def evaluate_checkpoint(args):
           f"{prefix:.4f} {data.unit}, against {window:.4f} from the whole windows")
     return bits, prefix
 
+
+def write_position_table(stem, by_position, unit):
+    """stem.csv with one row per position bucket, and stem.png of the curve when matplotlib is installed."""
+    with open(stem + ".csv", "w") as f:
+        f.write("first_position,last_position,bits\n")
+        f.writelines(f"{first},{last},{b:.6f}\n" for first, last, b in by_position)
+    print(f"wrote {stem}.csv" + (f" and {stem}.png" if plot_positions({"": by_position}, stem + ".png", unit) else ""))
+
+
+def plot_positions(curves, path, unit):
+    """{label: [(first, last, bits)]} -> one line per label against the buckets' last positions (log scale);
+    False when matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in curves.items():
+        ax.plot([last for _, last, _ in rows], [b for _, _, b in rows], marker="o", markersize=3,
+                label=label or None)
+    ax.set(xscale="log", xlabel="position in the window (end of each bucket)", ylabel=unit)
+    if any(curves):
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,13 +235,16 @@ def dependence_maps(model, idx):
     """What each output depends on, for one sequence idx (1, T). Per token mixer (the `attn` modules: attention or
     AFT's mixer) in forward order, a (T_out, T_in) map of |d out_t / d in_j| (its key input where queries and keys
     differ); then, for the whole network, the largest change of the logits at t when token j is replaced: that
-    one also sees discrete paths (where positions sort), which have no gradient."""
+    one also sees discrete paths (where positions sort), which have no gradient. The replaced sequences are compared
+    row for row with the unchanged one in a batch of the same shape, for a model's rounding may depend on the batch
+    size (a kernel chosen by shape: nn.GRU's logits move by ~1e-7 between batch 1 and 64 on a CPU), which is no
+    dependence."""
     if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
         model.config = dataclasses.replace(model.config, reversible=False)
     mixers = [m for name, m in model.named_modules() if name.endswith("attn")]
     seen = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append((inputs, out))) for m in mixers]
-    logits = model(idx)[0]
+    model(idx)  # the hooks keep each mixer's inputs and output
     for h in hooks:
         h.remove()
     maps = []
@@ -184,9 +256,10 @@ def dependence_maps(model, idx):
                 for t in range(y.size(1))]
         maps.append(torch.stack(rows).detach())  # (T_out, T_in)
     with torch.no_grad():
-        changed = idx.repeat(idx.size(1), 1)  # (T, T): row j has token j replaced
+        same = idx.repeat(idx.size(1), 1)  # (T, T)
+        changed = same.clone()  # row j has token j replaced
         changed.diagonal().add_(1).remainder_(model.config.vocab_size)
-        moved = (model(changed)[0] - logits.detach()).abs().amax(-1)  # (T, T_out): replaced j, output t
+        moved = (model(changed)[0] - model(same)[0]).abs().amax(-1)  # (T, T_out): replaced j, output t
     return maps + [moved.T]
 
 
@@ -215,7 +288,7 @@ def show_attention(args, device):
     """Write out_dir/attention.png for the checkpoint, or attention_NAME.png for freshly built models."""
     os.makedirs(args.out_dir, exist_ok=True)
     if args.model is None:
-        ckpt, model, _ = load_trained(args.out_dir, device)
+        ckpt, model = load_model(os.path.join(args.out_dir, "ckpt.pt"), device)
         jobs = [("attention", model, min(ckpt["model_config"]["block_size"], 256))]
     else:
         names = PICTURE_SETTINGS if args.model == "all" else [args.model]
@@ -287,14 +360,17 @@ def generate(model, idx, n, args, gen, desc):
     return idx
 
 
-def sample_text(model, data, args, gen, device):
+def sample_text(model, data, args, gen, device, block_size):
+    """Continue --prompt, or by default a validation excerpt of 64 bytes (a quarter of the window in a smaller
+    model): short, so that generation runs on the model's cache until the window is full."""
     k = args.num_samples
     if args.prompt is not None:
         prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)[None].repeat(k, 1)
     else:
-        start = torch.randint(0, len(data.splits["val"]) - 256, (1,),
+        n = max(1, min(64, block_size // 4))
+        start = torch.randint(0, len(data.splits["val"]) - n, (1,),
                               generator=torch.Generator().manual_seed(args.seed)).item()
-        prompt = data.splits["val"][start:start + 256].long()[None].repeat(k, 1)
+        prompt = data.splits["val"][start:start + n].long()[None].repeat(k, 1)
     out = generate(model, prompt.to(device), args.max_new_tokens, args, gen, "text")
     for i in range(k):
         print(f"\n--- sample {i + 1} ---\n{bytes(out[i].tolist()).decode('utf-8', errors='replace')}")
@@ -350,14 +426,14 @@ def main(argv=None):
     device = train.default_device(args)
     if args.show_attention:
         return show_attention(args, device)
-    ckpt, model, data = load_trained(args.out_dir, device)
+    ckpt, model, data = load_trained(args.out_dir, device, args.data)
     config = ckpt["model_config"]
     print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {data.describe()}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     _, _, ctx = train.autocast_for(args, device)
     with ctx:
         if data.kind == "text":
-            sample_text(model, data, args, gen, device)
+            sample_text(model, data, args, gen, device, config["block_size"])
         elif data.kind == "image":
             sample_images(model, data, args, gen, device)
         elif data.kind == "copy":

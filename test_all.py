@@ -1,11 +1,13 @@
 """
 nanolong's tests: `pytest test_all.py`. CPU only; the Triton kernels run under Triton's interpreter.
+`NANOLONG_SLOW=1 pytest test_all.py` also runs the long tests (CI does): the rest skip them, saying so.
 
 Sections, in the README's order (search for the header line to jump; `pytest test_all.py -k reformer` runs one
 model's tests): shared helpers (dense references, tiny inputs and models) | data: download, verify, cache |
-the dense baseline and the training loop | bad input gets a clear error | sparse_transformer.py | reformer.py
-and the LSH kernel | aft.py | perceiver_ar.py | causality: every model | sampling modes and bench.py |
-kernels.py: the block-sparse kernel, and the compile check for real GPUs | GPU tests (skipped without CUDA).
+the dense baseline and the training loop (checkpoints, resuming) | bad input gets a clear error |
+sparse_transformer.py | reformer.py and the LSH kernel | aft.py and the AFT kernels | perceiver_ar.py |
+causality: every model, backend and kernel | sampling modes and bench.py | kernels.py: the block-sparse kernel,
+and the compile check for real GPUs | GPU tests (skipped without CUDA).
 Forking one model: its section, plus its rows in the causality and bad-input tables.
 """
 import os
@@ -26,10 +28,13 @@ import math
 import pickle
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 import wave
 import weakref
 import zipfile
@@ -56,9 +61,17 @@ from reformer import Reformer, ReversibleBlock, axial_shape, hash_buckets
 from sparse_transformer import Config, SparseTransformer, element_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SLOW = os.environ.get("NANOLONG_SLOW") == "1"  # the long tests: training, compiling for GPUs, keys x100 interpreted
+slow = pytest.mark.skipif(not SLOW, reason="a long test: NANOLONG_SLOW=1 pytest test_all.py runs it, as CI does")
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_iters", "2", "--warmup", "5", "--device", "cpu"]
+
+
+def skip_large_keys_on_the_interpreter(backend, scale):
+    """A probe's keys x100 through the Triton interpreter: the same kernels as at scale 1, a long run."""
+    if backend == "triton" and scale > 1 and not SLOW:
+        pytest.skip("keys x100 through the interpreter: NANOLONG_SLOW=1 pytest test_all.py runs it, as CI does")
 
 
 def md5(b):
@@ -109,7 +122,7 @@ def read_png(path):
     return w, h, raw[:, 1:].reshape(h, w, 3)
 
 
-def reference(q, k, v, causal=True, layout=None, block=16, window=None, scale=None):
+def reference(q, k, v, causal=True, layout=None, tile=16, window=None, scale=None):
     """Masked softmax attention in float64, the mask built element by element from its definition."""
     T, S, D = q.size(2), k.size(2), q.size(3)
     i = torch.arange(S - T, S)[:, None]  # absolute query positions
@@ -120,7 +133,7 @@ def reference(q, k, v, causal=True, layout=None, block=16, window=None, scale=No
     if window is not None:
         mask = mask & (j > i - window)
     if layout is not None:
-        mask = mask & layout[:, torch.arange(T) // block][:, :, torch.arange(S) // block]
+        mask = mask & layout[:, torch.arange(T) // tile][:, :, torch.arange(S) // tile]
     s = (q.double() @ k.double().transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
     s = s.masked_fill(~mask, float("-inf"))
     empty = ~mask.any(-1, keepdim=True)
@@ -259,7 +272,7 @@ def test_sampler_windows_are_shifted_by_one_and_rows_start_with_bos():
     rows = torch.randint(0, 256, (5, 40), dtype=torch.uint8)
     d = datasets.Data("rows", "image", {"train": rows}, vocab_size=257, bos=256)
     x, y = datasets.BatchSampler(d, "train", 40, 8, seed=0).next_batch()
-    assert (x[:, 0] == 256).all() and torch.equal(x[:, 1:], y[:, :-1])
+    assert x.shape == y.shape == (8, 40) and (x[:, 0] == 256).all() and torch.equal(x[:, 1:], y[:, :-1])
     assert all(any(torch.equal(r.long(), yy) for r in rows) for yy in y)  # whole rows, first token predicted
 
 
@@ -269,7 +282,8 @@ def test_sampler_resumes_exactly_from_its_state():
     a.next_batch()
     b = datasets.BatchSampler(d, "train", 64, 4, seed=99)
     b.load_state_dict(a.state_dict())
-    assert all(torch.equal(p, q) for p, q in zip(a.next_batch(), b.next_batch()))
+    (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+    assert xa.shape == (4, 64) and torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_copy_task_rows_repeat_their_first_half():
@@ -545,7 +559,7 @@ def test_loss_falls_within_a_few_dozen_steps(text_file, tmp_path):
 @pytest.mark.parametrize("name", list(train.MODELS))
 def test_every_model_starts_its_output_layer_by_the_one_init_rule(name):
     """sparse_transformer.init_weights: the output layer starts N(0, 0.02) in every model, tied to the token
-    embedding except in the Reformer and Perceiver AR (measured reasons in init_weights), so a fresh model
+    embedding except in the Reformer and Perceiver AR (measured reasons in docs/design.md), so a fresh model
     predicts almost uniformly; nothing starts at zero."""
     torch.manual_seed(0)
     model = train.build_model(name, dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64))
@@ -556,6 +570,7 @@ def test_every_model_starts_its_output_layer_by_the_one_init_rule(name):
     assert abs(model(x, y)[1].item() - math.log(256)) < 0.05
 
 
+@slow
 def test_learning_speed_does_not_regress(text_file, tmp_path):
     """A tiny model on real text for 200 steps, validation bits averaged over three seeds. Measured on 2 cores,
     identical with 1 and 2 threads: seeds 1-5 give 3.53, 3.43, 3.46, 3.74, 3.40; with the output layer started
@@ -612,6 +627,257 @@ def test_killed_run_resumes_with_the_same_losses(text_file, tmp_path):
     assert [h for h in whole if h["step"] >= 8] == rest  # bit-exact on CPU, evaluations included
 
 
+# A checkpoint is data, never code; --resume continues the run it names, on the data it was trained on
+
+class RunsCode:
+    """What a hostile checkpoint carries: an object whose unpickling runs a shell command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_that_carries_code_is_refused_by_every_command_and_nothing_runs(text_file, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "the_command_ran"
+    train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1", "--out_dir", str(out)]
+               + TINY)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # what train.py writes is tensors and plain values
+    torch.save({**ckpt, "model": RunsCode(f"touch {marker}")}, out / "ckpt.pt")
+    for command in (lambda: train.main(["--resume", "--max_iters", "2", "--out_dir", str(out)]),
+                    lambda: sample.main(["--out_dir", str(out), "--device", "cpu"]),
+                    lambda: sample.main(["--evaluate", "val", "--out_dir", str(out)])):
+        with pytest.raises(ValueError, match="was refused: it holds a .*system object") as e:
+            command()
+        assert str(out / "ckpt.pt") in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def interrupt_at(monkeypatch, steps):
+    """Ctrl-C, as train.main would see it, once `steps` optimizer steps are done."""
+    step = train.train_step
+
+    def interrupted(*args):
+        if args[-1] == steps:  # the index of the step about to run
+            raise KeyboardInterrupt
+        return step(*args)
+    monkeypatch.setattr(train, "train_step", interrupted)
+
+
+def test_resume_alone_continues_the_run_with_every_setting_it_was_trained_with(text_file, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Non-default training settings, Ctrl-C after step 10 (the checkpoint is at step 8), then --resume and
+    --out_dir alone: the losses equal the uninterrupted run's, and the flags line shows the run's own settings."""
+    settings = dict(max_iters=16, eval_interval=8, eval_iters=3, batch_size=3, grad_accum=2, lr=0.003, min_lr=0.0001,
+                    warmup=4, lr_decay_iters=14, weight_decay=0.05, grad_clip=0.5, dropout=0.1, seed=7)
+    run = ["--data", f"text:{text_file}", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+           "--device", "cpu"] + [arg for k, v in settings.items() for arg in (f"--{k}", str(v))]
+    whole = train.main(run + ["--out_dir", str(tmp_path / "a")])
+    interrupt_at(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt, match=r"after step 10 of 16; the last checkpoint, .*, is at step 8 "):
+        train.main(run + ["--out_dir", str(tmp_path / "b")])
+    monkeypatch.undo()
+    capsys.readouterr()
+    rest = train.main(["--resume", "--out_dir", str(tmp_path / "b")])
+    assert [h for h in whole if h["step"] >= 8] == rest  # bit-exact on CPU, evaluations included
+    flags = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("flags: "))
+    assert all(f" {k}={v} " in flags for k, v in settings.items()), flags
+
+
+def test_a_training_flag_typed_when_resuming_overrides_the_checkpoint_and_is_printed(text_file, tmp_path, capsys):
+    base = ["--data", f"text:{text_file}", "--out_dir", str(tmp_path), "--eval_interval", "2"] + TINY
+    train.main(base + ["--max_iters", "2"])
+    capsys.readouterr()
+    history = train.main(["--resume", "--out_dir", str(tmp_path), "--max_iters", "3", "--eval_iters", "1"])
+    printed = capsys.readouterr().out
+    assert ("from the command line, overriding the checkpoint: max_iters=3 (checkpoint: 2), eval_iters=1 "
+            "(checkpoint: 2)\n") in printed
+    assert " max_iters=3 " in printed and " eval_iters=1 " in printed and " batch_size=4 " in printed
+    assert [h["step"] for h in history if "loss" in h] == [2]
+
+
+def offline_enwik8():
+    raise FileNotFoundError("could not download enwik8 (offline, in this test)")
+
+
+def downloaded_enwik8():
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8))
+    return datasets.Data("enwik8", "text", datasets.split_stream(tokens), note="a stand-in, in this test")
+
+
+def test_a_run_on_the_offline_fallback_stays_on_it_once_enwik8_can_be_had(tmp_path, monkeypatch, capsys):
+    """Offline, --data enwik8 trains on pydoc_data and the checkpoint records that: once enwik8 is there, --resume
+    continues on pydoc_data (the uninterrupted offline run's losses) and sample.py --evaluate scores pydoc_data
+    (the same bits), unless --data asks for other data, which the output then says."""
+    monkeypatch.setattr(datasets, "load_enwik8", offline_enwik8)
+    run = ["--data", "enwik8", "--lr_decay_iters", "4", "--eval_interval", "2"] + TINY
+    whole = train.main(run + ["--max_iters", "4", "--out_dir", str(tmp_path / "a")])
+    train.main(run + ["--max_iters", "2", "--out_dir", str(tmp_path / "b")])
+    offline_bits = sample.main(["--evaluate", "val", "--out_dir", str(tmp_path / "a")])
+    monkeypatch.setattr(datasets, "load_enwik8", downloaded_enwik8)
+    capsys.readouterr()
+    rest = train.main(["--resume", "--max_iters", "4", "--out_dir", str(tmp_path / "b")])
+    assert [h for h in whole if h["step"] >= 2] == rest and "data: pydoc_data" in capsys.readouterr().out
+    assert sample.main(["--evaluate", "val", "--out_dir", str(tmp_path / "a")]) == offline_bits
+    assert "on pydoc_data val" in capsys.readouterr().out
+    assert sample.main(["--evaluate", "val", "--out_dir", str(tmp_path / "a"), "--data", "enwik8"]) != offline_bits
+    assert "scoring it on enwik8 as --data asks, not on the data it was trained on (pydoc_data)" in \
+        capsys.readouterr().out
+
+
+def test_a_run_on_enwik8_is_not_resumed_sampled_or_scored_on_the_offline_fallback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "load_enwik8", downloaded_enwik8)
+    out = str(tmp_path)
+    train.main(["--data", "enwik8", "--max_iters", "2", "--eval_interval", "2", "--out_dir", out] + TINY)
+    monkeypatch.setattr(datasets, "load_enwik8", offline_enwik8)
+    for command, use in ((lambda: train.main(["--resume", "--max_iters", "4", "--out_dir", out]), "resuming"),
+                         (lambda: sample.main(["--out_dir", out, "--device", "cpu"]), "sampling from it"),
+                         (lambda: sample.main(["--evaluate", "val", "--out_dir", out]), "scoring it")):
+        with pytest.raises(ValueError, match=f"was trained on enwik8, but --data enwik8 now loads pydoc_data; "
+                                             f"{use} on other data is refused") as e:
+            command()
+        assert out in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()
+    assert math.isfinite(sample.main(["--evaluate", "val", "--out_dir", out, "--data", "enwik8"]))  # on purpose
+    assert "not on the data it was trained on (enwik8)" in capsys.readouterr().out
+
+
+def test_a_run_on_synthetic_audio_stays_on_it_once_wav_files_appear(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "DATA_DIR", str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    train.main(["--data", "audio", "--audio_rate", "1000", "--audio_seq_len", "64", "--max_iters", "2",
+                "--eval_interval", "2", "--out_dir", out] + TINY)
+    synthetic_bits = sample.main(["--evaluate", "val", "--out_dir", out])
+    (tmp_path / "data" / "audio").mkdir(parents=True)
+    write_wav(tmp_path / "data" / "audio" / "clip.wav", 0.4 * np.sin(np.arange(32_000) / 3), 8000)
+    capsys.readouterr()
+    assert sample.main(["--evaluate", "val", "--out_dir", out]) == synthetic_bits
+    assert "on audio (synthetic) val" in capsys.readouterr().out
+    train.main(["--resume", "--max_iters", "3", "--out_dir", out])
+    assert "data: audio (synthetic)" in capsys.readouterr().out
+    sample.main(["--evaluate", "val", "--out_dir", out, "--data", "audio"])  # the recordings, on purpose
+    assert f"on wav:{tmp_path / 'data' / 'audio'} as --data asks, not on the data it was trained on (audio " \
+           f"(synthetic))" in capsys.readouterr().out
+
+
+def test_changed_data_is_refused_and_a_checkpoint_from_before_data_records_gets_a_note(text_file, tmp_path,
+                                                                                       capsys):
+    out = str(tmp_path / "run")
+    train.main(["--data", f"text:{text_file}", "--max_iters", "2", "--eval_interval", "2", "--out_dir", out] + TINY)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["data"] == datasets.load(f"text:{text_file}").record  # its name and the md5 of its splits
+    original = open(text_file, "rb").read()
+    with open(text_file, "wb") as f:
+        f.write(original.replace(b"e", b"E"))
+    with pytest.raises(ValueError, match=r"with other contents \(md5 \w+, recorded \w+\); resuming on other data is "
+                                         r"refused: restore the data it was trained on"):
+        train.main(["--resume", "--max_iters", "4", "--out_dir", out])
+    with open(text_file, "wb") as f:
+        f.write(original)
+    del ckpt["data"]  # as train.py wrote checkpoints before they recorded their data
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    capsys.readouterr()
+    train.main(["--resume", "--max_iters", "4", "--out_dir", out])
+    assert "predates data records, so its data cannot be checked" in capsys.readouterr().out
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["data"] == datasets.load(
+        f"text:{text_file}").record  # recorded from then on
+
+
+@dataclasses.dataclass
+class GRUConfig:
+    vocab_size: int = 256
+    n_embd: int = 32
+
+
+class CausalGRU(torch.nn.Module):
+    """A causal GRU language model, as README's "Add a model" builds one, whose logits also move by 1e-7 per row of
+    the batch: a kernel chosen by the batch's shape can do that (nn.GRU on our CPU: 9e-8 between 1 and 64 rows)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.rnn = torch.nn.GRU(config.n_embd, config.n_embd, batch_first=True)
+        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size)
+
+    def forward(self, idx, targets=None):
+        return self.lm_head(self.rnn(self.wte(idx))[0]) + 1e-7 * idx.size(0), None
+
+
+def test_a_causal_model_whose_rounding_depends_on_the_batch_size_is_not_drawn_as_leaking():
+    torch.manual_seed(0)
+    (moved,) = sample.dependence_maps(CausalGRU(GRUConfig()).eval(), torch.randint(256, (1, 48)))  # (T_out, T_in)
+    assert (moved.triu(1) == 0).all()  # a later token moves no earlier logit
+    assert (moved[torch.ones(48, 48, dtype=torch.bool).tril()] > 0).all()  # and every earlier one moves it
+
+
+def test_the_shipped_dependence_pictures_are_what_the_code_draws(tmp_path):
+    """attention_reformer.png, drawn again. On the machine that drew docs/attention/ the bytes are the same; on
+    another CPU float32 rounding (another SIMD width) may move a gray level, so the test holds every pixel to its
+    kind (white, pale red future, deep red, gray) exactly and gray levels to within 2."""
+    sample.main(["--show_attention", "--model", "reformer", "--out_dir", str(tmp_path), "--device", "cpu"])
+    _, _, drawn = read_png(tmp_path / "attention_reformer.png")
+    _, _, shipped = read_png(os.path.join(HERE, "docs", "attention", "attention_reformer.png"))
+
+    def kind(p):
+        gray = (p[..., 0] == p[..., 1]) & (p[..., 1] == p[..., 2]) & (p[..., 0] < 255)
+        return np.select([gray, (p == [255, 225, 225]).all(-1), (p == [200, 0, 0]).all(-1)], [1, 2, 3], 0)
+    assert drawn.shape == shipped.shape and np.array_equal(kind(drawn), kind(shipped))
+    assert np.abs(drawn.astype(int) - shipped.astype(int)).max() <= 2
+
+
+def test_default_prompt_is_short_so_that_generation_runs_on_the_cache(text_file, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1", "--out_dir", out] + TINY
+               + ["--block_size", "512"])
+    prompts, generate = [], sample.generate
+
+    def kept(model, idx, *rest):
+        prompts.append(idx)
+        return generate(model, idx, *rest)
+    monkeypatch.setattr(sample, "generate", kept)
+    sample.main(["--out_dir", out, "--num_samples", "1", "--max_new_tokens", "2", "--device", "cpu"])
+    prompt = bytes(prompts[0][0].tolist())
+    assert len(prompt) == 64 and prompt in bytes(datasets.load(f"text:{text_file}").splits["val"].numpy())
+
+
+def test_ctrl_c_stops_training_with_one_line_saying_where_and_status_130(text_file, tmp_path):
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "train.py", "--data", f"text:{text_file}", "--max_iters", "100000",
+                            "--eval_interval", "2", "--out_dir", str(out)] + TINY, cwd=HERE, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    where = re.fullmatch(r"stopped by Ctrl-C after step (\d+) of 100000; the last checkpoint, .*ckpt.pt, is at step "
+                         r"(\d+) \(--resume continues from there\)", last)
+    assert run.returncode == 130 and "Traceback" not in err and where, err[-3000:]
+    reached, saved = int(where[1]), int(where[2])
+    assert reached >= saved >= 2 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == saved
+
+
+def test_bench_out_dir_that_is_a_file_is_one_sentence(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--out_dir", str(afile)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--out_dir {afile} is a file, not a folder; choose another --out_dir")
+
+
+def test_bench_gives_a_setting_a_model_refuses_its_reason_and_keeps_tracebacks_for_the_unexpected(tmp_path, capsys):
+    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--models",
+                       "sparse_strided", "--lengths", "7"])["models"]
+    assert rows[0]["status"].startswith("refused: no stride tiles block_size 7") and "\n" not in rows[0]["status"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert bench.attempt(lambda: 1 / 0)["status"] == "error: ZeroDivisionError: division by zero"
+    assert "Traceback" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["transformer", "perceiver_ar"])
 def test_whole_split_evaluation_scores_every_token_once(name):
     """Consecutive windows: the transformer scores all 32 positions of each window, Perceiver AR its 8 latents,
@@ -621,18 +887,45 @@ def test_whole_split_evaluation_scores_every_token_once(name):
     model = train.build_model(name, dict(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, **extra))
     stream = torch.randint(0, 256, (32 * 4 + 6,), dtype=torch.uint8)
     d = datasets.Data("s", "text", {"test": stream})
-    bits, count, total = sample.evaluate_split(model, d, "test", 32, 3, "cpu", train.nullcontext())
+    bits, count, total, by_position = sample.evaluate_split(model, d, "test", 32, 3, "cpu", train.nullcontext())
     k = 32 if name == "transformer" else 8
-    nats, n = 0.0, 0
+    nats, n, per_position = 0.0, 0, []
     for s in range(0, len(stream) - 32, k):
         if s + 33 <= len(stream):
             seq = stream[s:s + 33].long()[None]
             logits = model(seq[:, :-1])[0][0]  # (k, V)
-            nats += F.cross_entropy(logits, seq[0, -k:], reduction="sum").item()
+            per_position.append(F.cross_entropy(logits, seq[0, -k:], reduction="none"))  # (k,)
+            nats += per_position[-1].sum().item()
             n += k
     assert (count, total) == (n, len(stream) - 1) and bits == pytest.approx(nats / n / math.log(2), rel=1e-5)
     # 133 targets: 4 windows x 32 (a 5-token tail is left), or 13 windows x 8 (the first 24 are context only)
     assert count == {"transformer": 4 * 32, "perceiver_ar": 13 * 8}[name]
+    # by position: position p is the p-th target of a window; buckets 1-16 and 17-32 (Perceiver AR: 25-32 only)
+    mean_bits = torch.stack(per_position).mean(0) / math.log(2)  # (k,) positions 33 - k .. 32
+    expected = [(1, 16, mean_bits[:16].mean().item()), (17, 32, mean_bits[16:].mean().item())] if k == 32 else \
+        [(25, 32, mean_bits.mean().item())]
+    assert [(a, b) for a, b, _ in by_position] == [(a, b) for a, b, _ in expected]
+    assert [x for _, _, x in by_position] == pytest.approx([x for _, _, x in expected], rel=1e-5)
+
+
+def test_position_buckets_grow_fourfold_and_cover_only_the_scored_positions():
+    bits = torch.arange(1, 2049, dtype=torch.float64)  # position p costs p bits: each bucket's mean is its middle
+    assert sample.position_buckets(bits, 2048) == [(1, 16, 8.5), (17, 64, 40.5), (65, 256, 160.5),
+                                                   (257, 1024, 640.5), (1025, 2048, 1536.5)]
+    assert sample.position_buckets(bits[-1000:], 2048) == [(1049, 2048, 1548.5)]  # latents: the last 1000 only
+    assert sample.position_buckets(bits[:40], 40) == [(1, 16, 8.5), (17, 40, 28.5)]
+
+
+def test_evaluation_prints_and_saves_bits_by_position_beside_the_checkpoint(text_file, tmp_path, capsys):
+    train.main(["--data", f"text:{text_file}", "--out_dir", str(tmp_path), "--max_iters", "2", "--eval_interval", "2"]
+               + TINY)
+    bits = sample.main(["--evaluate", "val", "--out_dir", str(tmp_path), "--device", "cpu"])
+    assert "by position in the window (bits/byte): 1-16 " in capsys.readouterr().out
+    lines = (tmp_path / "bits_by_position_val.csv").read_text().splitlines()
+    assert lines[0] == "first_position,last_position,bits" and [tuple(map(int, l.split(",")[:2])) for l in lines[1:]] \
+        == [(1, 16), (17, 32)]
+    per_bucket = [float(l.split(",")[2]) for l in lines[1:]]  # equal buckets of 16: their mean is the overall bits
+    assert sum(per_bucket) / 2 == pytest.approx(bits, abs=1e-5) and all(3 < b < 9 for b in per_bucket)
 
 
 @pytest.mark.parametrize("name,settings,agree", [("transformer", {}, True), ("reformer", dict(causal_lsh=True), True),
@@ -748,6 +1041,38 @@ def test_bad_sampling_flags_stop_at_parse_time(argv, capsys):
     with pytest.raises(SystemExit) as e:
         sample.parse_args(argv)
     assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def documented_commands():
+    """Every `python train.py|sample.py|bench.py ...` command in README.md and docs/*.md (lines continued with a
+    backslash joined), as (file, argv list after the script's name)."""
+    found = []
+    for path in [os.path.join(HERE, "README.md")] + sorted(
+            os.path.join(HERE, "docs", f) for f in os.listdir(os.path.join(HERE, "docs")) if f.endswith(".md")):
+        text = re.sub(r"\\\n\s*", " ", open(path).read())
+        for match in re.finditer(r"python (train|sample|bench)\.py([^`\n#|]*)", text):
+            found.append((os.path.basename(path), match.group(1), match.group(2).split()))
+    return found
+
+
+def test_every_flag_of_every_documented_command_exists(capsys):
+    """The README and docs/ commands use only flags their script has (train.py: of the model the command names),
+    so a reader who copies one never meets 'unrecognized arguments'."""
+    commands = documented_commands()
+    assert len(commands) >= 20 and {script for _, script, _ in commands} == {"train", "sample", "bench"}
+    helps = {}
+    for where, script, argv in commands:
+        model = argv[argv.index("--model") + 1] if script == "train" and "--model" in argv else "transformer"
+        key = (script, model)
+        if key not in helps:
+            with pytest.raises(SystemExit):
+                if script == "train":
+                    train.parse_args(["--model", model, "--help"])
+                else:
+                    {"sample": sample.parse_args, "bench": bench.parse_args}[script](["--help"])
+            helps[key] = set(re.findall(r"--\w+", capsys.readouterr().out))
+        unknown = [a for a in argv if a.startswith("--") and a.split("=")[0] not in helps[key]]
+        assert not unknown, f"{where}: python {script}.py {' '.join(argv)} uses {unknown}"
 
 
 def test_resume_refuses_what_contradicts_the_checkpoint_and_keeps_the_rest(text_file, tmp_path):
@@ -889,7 +1214,7 @@ def test_block_layouts_with_element_parts_reproduce_element_masks_and_are_sparse
     ]
     causal_tiles = nb * (nb + 1) // 2
     for layout, window, mask in cases:
-        assert torch.equal(kernels.attention_mask(n, n, layout=layout[None], block=blk, window=window)[0], mask)
+        assert torch.equal(kernels.attention_mask(n, n, layout=layout[None], tile=blk, window=window)[0], mask)
         assert layout.sum() < causal_tiles  # tiles are skipped ...
         tile_has_entry = mask.view(nb, blk, nb, blk).any(dim=(1, 3))
         assert torch.equal(layout, tile_has_entry)  # ... and every computed tile holds an allowed entry
@@ -1117,17 +1442,16 @@ def test_lsh_kernel_matches_reference_forward_and_backward(chunk, R, T, mode):
 
 
 @pytest.mark.parametrize("chunk", [32, 24])
-def test_lsh_kernel_walking_narrower_key_tiles_matches_reference(chunk, monkeypatch):
+def test_lsh_kernel_walking_narrower_key_tiles_matches_reference(chunk):
     # Outside sm_90 the kernels walk a chunk pair in tiles narrower than the chunk; with chunk 24 the tiles
     # straddle chunk boundaries. Dedup and rounds included.
-    config = kernels.lsh_launch_config
-    monkeypatch.setattr(kernels, "lsh_launch_config", lambda *args: {**config(*args), "BLOCK_N": 16})
     q, v, buckets = random_lsh_inputs(T=3 * chunk + 5, R=2, seed=chunk)
     grad_out = torch.randn(1, 2, 3 * chunk + 5, 16)
     results = {}
     for backend in ("dense", "triton"):
-        out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, backend=backend, dedup=True)
-        results[backend] = (out.detach(), *torch.autograd.grad((out * grad_out).sum(), (q, v)))
+        with kernels.launch_overrides(lsh=dict(TILE_N=16)):
+            out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, backend=backend, dedup=True)
+            results[backend] = (out.detach(), *torch.autograd.grad((out * grad_out).sum(), (q, v)))
     for ref, tri in zip(results["dense"], results["triton"]):
         torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5)
 
@@ -1278,6 +1602,7 @@ def later_inputs_effect(backend, R, scale, causal, dedup=False, T=44, t=21, chun
 @pytest.mark.parametrize("R,dedup", [(1, False), (2, True), (3, False), (4, True)])
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 def test_causal_lsh_future_inputs_do_not_change_past_outputs(backend, R, dedup, scale):
+    skip_large_keys_on_the_interpreter(backend, scale)
     moved, grad_from_future = later_inputs_effect(backend, R, scale, causal=True, dedup=dedup)
     assert grad_from_future == 0
     assert moved == 0  # not even rounding: every bucket starts a chunk, so sums run in one order
@@ -1393,11 +1718,11 @@ def test_reversible_block_rebuilds_its_inputs(dtype, tol, attn_chunks):
         y1, y2, rng = block.forward_saving_rng(x1, x2)
     dy1, dy2 = torch.randn(2, *y1.shape, dtype=dtype)
     kept = [t.clone() for t in (y1, y2, dy1, dy2)]
-    r1, r2, *once = block.backward_pass(y1, y2, dy1, dy2, rng, reuse_y=False, reuse_dy=False)
+    r1, r2, dx1, dx2 = block.backward_pass(y1, y2, dy1, dy2, rng, reuse_y=False, reuse_dy=False)
     assert (r1 - x1).abs().max() < tol and (r2 - x2).abs().max() < tol
     assert all(torch.equal(a, b) for a, b in zip(kept, (y1, y2, dy1, dy2)))  # the inputs are left as they were
     again = block.backward_pass(*kept, rng, reuse_y=True, reuse_dy=True)  # in the inputs' memory: the same results
-    assert all(torch.equal(a, b) for a, b in zip(again, (r1, r2, *once[2:])))
+    assert all(torch.equal(a, b) for a, b in zip(again, (r1, r2, dx1, dx2), strict=True))
 
 
 def test_a_second_backward_through_the_reversible_layers_says_why_it_cannot_run():
@@ -1677,24 +2002,6 @@ def scale_keys(module, scale):
 
 
 @pytest.mark.parametrize("variant,w_rank", VARIANTS_AND_RANKS)
-@pytest.mark.parametrize("key_scale", [1, 10, 50, 100])
-def test_aft_future_tokens_do_not_change_past_logits(variant, w_rank, key_scale):
-    assert_later_tokens_move_no_earlier_logit(scale_keys(tiny_model(variant, w_rank), key_scale))
-
-
-def assert_later_tokens_move_no_earlier_logit(model):
-    """The issue's probe: change the token at j, and the logits before j do not move by a single bit."""
-    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(3))
-    logits = model(idx)[0]
-    for j in range(1, 12):
-        changed = idx.clone()
-        changed[:, j] = (idx[:, j] + 1) % 11
-        moved = model(changed)[0]
-        assert torch.equal(moved[:, :j], logits[:, :j]), f"position {j} moved earlier logits"
-        assert not torch.equal(moved[:, j], logits[:, j])  # the change itself is seen
-
-
-@pytest.mark.parametrize("variant,w_rank", VARIANTS_AND_RANKS)
 @pytest.mark.parametrize("key_scale", [1, 100])
 def test_aft_loss_at_t_has_zero_gradient_for_every_later_input(variant, w_rank, key_scale):
     """d loss_t / d x_j = 0 exactly for every j > t, x the token + position embedding; with keys x100 too."""
@@ -1792,7 +2099,7 @@ def aft_mixing(q, k, v, band, backend):
 
 
 @pytest.mark.parametrize("case", AFT_KERNEL_CASES)
-@pytest.mark.parametrize("key_scale", [1, 100])
+@pytest.mark.parametrize("key_scale", [1, pytest.param(100, marks=slow)])  # x100: the same kernels, a long run
 def test_aft_kernel_matches_paper_formula_forward_and_gradients(case, key_scale):
     # T = 150: chunks of 64, the last one cut; a window of 70 reaches across a whole chunk. Keys x100 spread
     # beyond float64's exp.
@@ -1808,10 +2115,12 @@ def test_aft_kernel_matches_paper_formula_forward_and_gradients(case, key_scale)
 
 @pytest.mark.parametrize("case", ["simple", "local", "conv-2-groups"])
 def test_aft_kernel_is_exactly_causal_across_chunks(case):
-    """float32, keys x30: a change at j moves no output before j by a bit, also at chunk boundaries."""
-    q, k, v, band = (x if x is None else x.float() for x in aft_kernel_inputs(case, 200, key_scale=30.0))
+    """float32, keys x30, one sequence of three chunks of 64 (the last cut): a change at j moves no output before
+    j by a bit, inside the first chunk and on both sides of each chunk boundary."""
+    q, k, v, band = (x if x is None else x.float() for x in aft_kernel_inputs(case, 130, key_scale=30.0))
+    k, v = k[:1], v[:1]  # (1, T, C): the batch adds programs, not paths
     out = kernels.aft_sums(k, v, band)
-    for j in (1, 63, 64, 65, 128, 199):
+    for j in (1, 63, 64, 65, 127, 128):
         k2, v2 = k.clone(), v.clone()
         k2[:, j] += 50.0  # the new key dominates every later sum
         v2[:, j] -= 3.0
@@ -1834,14 +2143,6 @@ def test_mixer_on_the_kernels_equals_mixer_on_pytorch_ops(variant, w_rank):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("variant", ["simple", "local", "conv"])
-def test_tiny_model_on_the_kernels_is_exactly_causal(variant):
-    model = scale_keys(tiny_model(variant), 100)
-    for mixer in [m for m in model.modules() if isinstance(m, AFTMixer)]:
-        mixer.backend = "triton"
-    assert_later_tokens_move_no_earlier_logit(model)
-
-
 def test_aft_backend_is_pytorch_on_cpu_and_a_bad_one_is_refused():
     q, k, v, band = aft_kernel_inputs("local", 9)
     assert not aft.kernel_runs(k, None, band)  # a CPU tensor: the PyTorch path, even with the interpreter on
@@ -1850,7 +2151,7 @@ def test_aft_backend_is_pytorch_on_cpu_and_a_bad_one_is_refused():
     with pytest.raises(ValueError, match="feature groups must divide"):
         aft.aft_banded(q, k, v, torch.zeros(3, 9, 2, dtype=torch.float64), backend="triton")
     huge = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(2**14, 2**9, 2**8)  # 2^31 elements, one stored
-    assert "index in 32 bits" in kernels.aft_unfit(huge)
+    assert "index in 32 bits" in kernels.aft_unfit(None, huge)
 
 
 @pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2)])
@@ -2084,12 +2385,14 @@ def test_cached_generation_matches_uncached(prompt_len, monkeypatch):
     cached = model.generate(prompt, 30, top_k=7, generator=torch.Generator().manual_seed(3), use_cache=True)
     assert torch.equal(cached, out)
     assert out.shape == (2, prompt_len + 30) and torch.equal(out[:, :prompt_len], prompt)
+    assert len(recorded) == len(uncached_logits) == 30  # the logits of every sampled token
     for a, b in zip(recorded, uncached_logits):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert max(widths) <= 16  # never more than block_size inputs
     assert len(encodes) <= 10  # the full model ran only at resets (every N/2 = 3 tokens or so), not 30 times
 
 
+@slow
 def test_copy_task_is_learned_across_512_tokens():
     """Second half of each sequence repeats the first; the latents cover the second half, so every
     prediction is a copy from M/2 + 1 = 513 positions back. Threshold 0.1 * ln(V): a model that copies only a
@@ -2130,13 +2433,14 @@ def test_copy_task_is_learned_across_512_tokens():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# causality: every model, every attention mode, both backends, at normal scale and with extreme keys
+# causality: every model, every attention mode and kernel, both backends, at normal scale and with extreme keys
 
 @pytest.mark.parametrize("name", list(sample.PICTURE_SETTINGS))
 def test_pictures_show_nothing_in_the_future_except_for_the_paper_lsh(name):
     """The README's pictures are the causality probe seen as an image: no panel of a causal model has anything
     above its diagonal; the whole-network panel of the paper's LSH has (its sort moves with later tokens)."""
     maps = sample.dependence_maps(sample.picture_model(name).eval(), torch.randint(256, (1, 64)))
+    assert len(maps) >= 3  # a panel per layer (Perceiver AR: and its cross-attention), then the whole network
     for m in maps:
         T_out, T_in = m.shape
         future = torch.arange(T_in)[None, :] > T_in - T_out + torch.arange(T_out)[:, None]
@@ -2171,30 +2475,36 @@ CAUSAL_CASES = {  # name: (model, Config settings beyond the shared tiny ones, e
        for c in st.COMBINES},
     **{f"sparse_fixed_{c}": ("sparse_fixed", dict(stride=32, summary=16, n_offsets=2, attn_block=16, combine=c),
                              True) for c in st.COMBINES},
-    "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, causal_lsh=True), True),
-    "reformer_causal_lsh_dedup": ("reformer", dict(chunk=8, n_hashes=3, causal_lsh=True, dup_correction=True), True),
+    # causal LSH in 4 buckets of about 16 positions: a query's window of chunk = 8 keys ends inside its bucket
+    "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, n_buckets=4, causal_lsh=True), True),
+    "reformer_causal_lsh_dedup": ("reformer", dict(chunk=8, n_hashes=2, n_buckets=4, causal_lsh=True,
+                                                   dup_correction=True), True),
     "reformer_local_chunks": ("reformer", dict(chunk=8, lsh_every=3), True),
     "reformer_paper_lsh": ("reformer", dict(chunk=8, n_hashes=2), False),
     "aft_full": ("aft_full", {}, True), "aft_full_factorised": ("aft_full", dict(w_rank=4), True),
     "aft_simple": ("aft_simple", {}, True), "aft_local": ("aft_local", dict(window=8), True),
+    "aft_local_factorised": ("aft_local", dict(window=8, w_rank=4), True),
     "aft_conv": ("aft_conv", dict(window=8), True),
     "perceiver_ar": ("perceiver_ar", dict(n_latents=64), True),
 }
 KEY_WEIGHTS = ("qkv.weight", "qk.weight", ".q.weight", ".kv.weight")  # query/key projections of every model
+POSITION_BIASES = (".w", ".w_u", ".w_v", ".kernel", ".kernel_gain", ".kernel_bias")  # AFT's: 0 or 0.02 at the start
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0], ids=["normal", "keys_x100"])
 @pytest.mark.parametrize("backend", ["dense", "triton"])
 @pytest.mark.parametrize("case", CAUSAL_CASES)
 def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monkeypatch):
-    """Two probes through the real model, for cut points t: d logits_t / d embedding_j is exactly 0 for every
-    j > t (the continuous paths), and new tokens at positions > t leave logits_0..t exactly as they were (the
-    discrete ones, such as where positions sort). The Reformer's paper LSH is the one exception and must leak,
-    through its sort (the gradient cannot see that), so the probe bites."""
+    """Two probes through the real model, sequence b cut after position t_b: d logits_t / d embedding_j is
+    exactly 0 for every j > t, and not for all j <= t (the continuous paths), and new tokens at positions > t
+    leave logits_0..t exactly as they were and move later ones (the discrete paths, such as where positions
+    sort). The Reformer's paper LSH is the one exception and must leak, through its sort (the gradient cannot
+    see that), so the probe bites. Backend triton: every model's attention or AFT kernel, in the interpreter."""
     name, settings, exactly_causal = CAUSAL_CASES[case]
     if backend == "triton":
-        if not name.startswith(("transformer", "sparse", "reformer", "perceiver")):
-            pytest.skip("the model runs no attention kernel")
+        if name == "aft_full":
+            pytest.skip("AFT-full runs no kernel: kernels.aft_sums computes AFT-simple, -local and -conv")
+        skip_large_keys_on_the_interpreter(backend, scale)
         for module, fn in ((st, "attention"), (perceiver_ar, "attention"), (reformer, "lsh_attention")):
             monkeypatch.setattr(module, fn, functools.partial(getattr(kernels, fn), backend="triton"))
     torch.manual_seed(0)
@@ -2206,7 +2516,11 @@ def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monke
         for n, p in model.named_parameters():
             if n.endswith(KEY_WEIGHTS):
                 p.mul_(scale)
-    embedded = []  # the token embeddings of each forward; the last one's gradient is read
+            if n.endswith(POSITION_BIASES):  # of order one, so that they move every logit
+                p.normal_(0.0, 0.7)
+    for mixer in [m for m in model.modules() if isinstance(m, AFTMixer)]:
+        mixer.backend = backend
+    embedded = []  # the token embeddings of each forward; the first one's gradient is read
 
     def keep(module, inputs, out):
         if out.requires_grad:
@@ -2215,22 +2529,26 @@ def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monke
     model.wte.register_forward_hook(keep)
     T = model.config.block_size
     idx = torch.randint(11, (2, T))
+    logits = model(idx)[0]  # (2, k, V): the last k positions
+    first = T - logits.size(1)
+    cuts = (first + 5, T - 20)  # sequence b is cut after position cuts[b] (sequences never mix)
+    torch.stack([logits[b, t - first] for b, t in enumerate(cuts)]).sum().backward()
+    changed = idx.clone()
+    for b, t in enumerate(cuts):
+        changed[b, t + 1:] = (idx[b, t + 1:] + torch.randint(1, 11, (T - t - 1,))) % 11
     with torch.no_grad():
-        first = T - model(idx)[0].size(1)  # logits (2, k, V) cover the last k positions
-    moved = []
-    for t in (first + 5, T - 20):
-        logits = model(idx)[0]  # a forward for each backward: the Reformer's backward runs once per forward
-        logits[:, t - first].sum().backward()
-        assert torch.isfinite(embedded[-1].grad).all()
-        assert embedded[-1].grad[:, t + 1:].abs().max() == 0, t  # (2, T, C): no path from later positions
-        changed = idx.clone()
-        changed[:, t + 1:] = (idx[:, t + 1:] + torch.randint(1, 11, (2, T - t - 1))) % 11
-        with torch.no_grad():
-            moved.append((model(changed)[0][:, :t + 1 - first] - logits[:, :t + 1 - first]).abs().max().item())
+        moved = (model(changed)[0] - logits).abs()  # (2, k, V)
+    grad = embedded[0].grad  # (2, T, C)
+    assert torch.isfinite(grad).all()
+    past = []
+    for b, t in enumerate(cuts):
+        assert grad[b, t + 1:].abs().max() == 0 and grad[b, :t + 1].abs().max() > 0, t
+        assert moved[b, t + 1 - first:].max() > 0, t  # the new tokens are seen
+        past.append(moved[b, :t + 1 - first].max().item())
     if exactly_causal:
-        assert max(moved) == 0, moved
+        assert max(past) == 0, past
     else:
-        assert max(moved) > 1e-3, moved
+        assert max(past) > 1e-3, past
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2294,6 +2612,26 @@ def test_model_settings_become_flags_and_reach_the_model(text_file, tmp_path):
         train.parse_args(["--model", "aft_local", "--n_latents", "8"])
 
 
+@pytest.mark.parametrize("name", list(train.MODELS))
+def test_every_model_flag_is_explained_by_its_config_fields_comment(name, capsys, monkeypatch):
+    """`--model NAME --help` gives each of the model's own flags the comment written beside its Config field
+    (read here straight from the file) and its default, not a generic "setting"."""
+    module, _, variant = train.MODELS[name]
+    mod = importlib.import_module(module)
+    own = [f for f in dataclasses.fields(mod.Config) if f.name not in train.SHARED_FIELDS and f.name not in variant]
+    with open(mod.__file__) as file:
+        source = file.read()
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help to the terminal's width
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", name, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert own and "setting (default" not in shown
+    for f in own:
+        comment = re.search(rf"^    {f.name}: \w+ = .*?  # (.+)$", source, re.M)
+        assert comment, f"{module}.Config.{f.name} needs a comment saying what it does: its flag's help"
+        assert f"--{f.name} {f.name.upper()} {comment[1]} (default {f.default!r})" in shown, f.name
+
+
 def test_text_sampling_continues_the_prompt(text_file, tmp_path, capsys):
     out = str(tmp_path)
     train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1", "--out_dir", out] + TINY)
@@ -2317,8 +2655,16 @@ def test_audio_sampling_writes_wav_files_of_the_requested_length(tmp_path):
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (1000, 1, 64 + 100)
 
 
-def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(tmp_path):
+def smaller_bench_sizes(monkeypatch):
+    """bench's CPU sizes, smaller for the interpreter: the kernels stage on one head in tiles of 32 (128 positions,
+    the fewest FlexAttention's blocks take), the LSH stage on one head of 64 positions."""
+    monkeypatch.setitem(bench.SIZES["cpu"], "attn", dict(B=1, H=1, D=16, tile=32, lengths=(128,), band=32))
+    monkeypatch.setitem(bench.SIZES["cpu"], "lsh", dict(B=1, H=1, D=16, T=64, n_hashes=2, chunk=16))
+
+
+def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(tmp_path, monkeypatch):
     """What the GPU call runs, at CPU sizes: every stage must run, so the GPU call cannot break unseen."""
+    smaller_bench_sizes(monkeypatch)
     results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu"])
     assert list(results) == list(bench.DEFAULT_STAGES)
     for stage, rows in results.items():
@@ -2356,11 +2702,51 @@ def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_pr
     assert [step for step, _ in longer["curve"]] == [1, 2, 3, 4] and metrics.read_text().startswith(before)
 
 
-def test_bench_recall_stage_trains_every_model_at_every_distance(tmp_path):
-    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "recall", "--models",
-                       "reformer,perceiver_ar", "--distances", "8,16", "--recall_steps", "1", "--seeds", "1"])["recall"]
+def test_bench_recall_stage_trains_every_model_at_every_distance_in_rounds_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RECALL", ["--data", "copy", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+                                          "--batch_size", "2", "--warmup", "1", "--eval_iters", "1"])
+    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "recall", "--models", "reformer,perceiver_ar",
+            "--distances", "8,16", "--recall_check", "1", "--seeds", "1"]
+    rows = bench.main(argv + ["--recall_cap", "2"])["recall"]
     assert [r["model"] for r in rows] == ["reformer", "reformer, causal_lsh", "perceiver_ar"]
-    assert all(0 <= r[f"d{d}"] <= 1 for r in rows for d in (8, 16))
+    assert all(0 <= r[f"d{d}"] <= 1 and r[f"d{d}_steps"] == 2 for r in rows for d in (8, 16))
+    assert [step for step, _, _ in rows[0]["d8_curves"][0]] == [1, 2]  # the curve: one point per round
+    curve = tmp_path / "recall" / "perceiver_ar_16_1" / "recall_curve.json"
+    before = json.loads(curve.read_text())
+    longer = bench.main(argv[:7] + ["perceiver_ar", "--distances", "16", "--recall_check", "1", "--seeds", "1",
+                                    "--recall_cap", "3"])["recall"][0]
+    assert longer["d16_curves"][0][:2] == before and longer["d16_steps"] == 3  # kept rounds, one more trained
+
+
+@pytest.mark.parametrize("curve,done", [
+    ([], False),
+    ([(100, 0.5, 5.0), (200, 0.995, 4.0)], True),  # recalled
+    ([(100, 0.004, 8.0), (200, 0.004, 8.0), (300, 0.004, 8.0), (400, 0.004, 8.0)], True),  # flat: stopped learning
+    ([(100, 0.004, 8.0), (200, 0.004, 7.9), (300, 0.004, 7.8), (400, 0.004, 7.7)], False),  # loss still falls
+    ([(100, 0.1, 7.0), (200, 0.1, 7.0), (300, 0.1, 7.0), (400, 0.2, 7.0)], False),  # accuracy still rises
+    ([(100, 0.004, 8.0), (200, 0.004, 7.0), (2000, 0.004, 6.0)], True),  # the cap
+], ids=["empty", "recalled", "flat", "loss-falls", "accuracy-rises", "cap"])
+def test_recall_training_stops_when_neither_accuracy_nor_loss_improves(curve, done):
+    assert bench.recall_finished(curve, cap=2000, patience=3) == done
+
+
+def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finished_rows(text_file, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(bench, "LONG", ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
+                                        "--eval_iters", "1", "--warmup", "1"])
+    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "long_context", "--models",
+            "transformer,reformer,perceiver_ar", "--context", "64", "--steps", "2", "--seeds", "1", "--data",
+            f"text:{text_file}"]
+    rows = {r["model"]: r for r in bench.main(argv)["long_context"]}
+    assert list(rows) == ["transformer", "reformer", "reformer, causal_lsh", "perceiver_ar"]
+    assert [(a, b) for a, b, _ in rows["transformer"]["by_position"]] == [(1, 16), (17, 64)]
+    assert [(a, b) for a, b, _ in rows["perceiver_ar"]["by_position"]] == [(33, 64)]  # its 32 latents score
+    assert all(3 < r["bits"] < 9 and r["tokens_per_s"] > 0 and r["params_m"] > 0 for r in rows.values())
+    assert rows["reformer"]["prefix_bits"] is not None and rows["transformer"]["prefix_bits"] is None
+    record = tmp_path / "long_context" / "transformer_1" / "long_context.json"
+    before = record.read_text()
+    again = {r["model"]: r for r in bench.main(argv)["long_context"]}  # finished rows are reused, not retrained
+    assert record.read_text() == before and again["transformer"]["bits"] == rows["transformer"]["bits"]
 
 
 def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forward_leaks():
@@ -2390,12 +2776,134 @@ def test_flex_block_mask_in_flex_blocks_computes_the_model_layouts():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
     kinds = []
-    for name, layout, window in bench.model_layouts(n, block, 256, 2):
+    for name, layout, window, _ in bench.model_layouts(n, block, 256, 2):
         mask = bench.flex_block_mask(layout, block, n, window, "cpu")
         kinds.append((int(mask.kv_num_blocks.sum()), int(mask.full_kv_num_blocks.sum())))
-        expected = dense_attention(q, k, v, layout=layout, block=block, window=window)
+        expected = dense_attention(q, k, v, layout=layout, tile=block, window=window)
         torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), expected, atol=1e-5, rtol=1e-5, msg=name)
     assert all(partial > 0 for partial, _ in kinds) and any(full > 0 for _, full in kinds), kinds
+
+
+@pytest.mark.parametrize("n", [16384, 65536])
+def test_flex_arithmetic_masks_equal_the_kernel_masks_of_the_model_layouts(n):
+    # bench gives FlexAttention each pattern as arithmetic (model_layouts' mask_mod): at the bench's sizes (tiles
+    # of 64, band 256, 8 heads), on the first, the last and 10 random query blocks of each layout, every element
+    # equals kernels.attention_mask of the layout and window the model file builds, keys after the block included.
+    block, H = 64, 8
+    g = torch.Generator().manual_seed(n)
+    h, kv_idx = torch.arange(H)[:, None, None], torch.arange(n)[None, None, :]
+    layouts = bench.model_layouts(n, block, 256, H)
+    assert [name.split()[0] for name, *_ in layouts] == ["local", "strided", "fixed"]
+    for name, layout, window, mask_mod in layouts:
+        nb = n // block
+        for m in [0, nb - 1] + torch.randint(1, nb - 1, (10,), generator=g).tolist():
+            # the rows of query block m: T = block queries at positions m*block.., S = the keys up to them
+            expected = kernels.attention_mask(block, (m + 1) * block, layout=layout[:, m:m + 1, :m + 1], tile=block,
+                                              window=window)  # (1 or H, block, (m + 1) block)
+            later = torch.zeros(expected.size(0), block, n - (m + 1) * block, dtype=torch.bool)
+            expected = torch.cat([expected, later], dim=-1).expand(H, block, n)
+            got = mask_mod(0, h, torch.arange(m * block, (m + 1) * block)[None, :, None], kv_idx)
+            assert torch.equal(got.expand(H, block, n), expected), (name, m)
+
+
+def test_flex_arithmetic_block_masks_list_the_same_blocks_as_the_layout_table():
+    # What makes the kernels table's two Flex columns comparable: create_block_mask of each arithmetic mask_mod
+    # lists the same full and partial 128-blocks as flex_block_mask of the layout; only the work per element of
+    # a partial block differs (arithmetic, or a lookup in a captured table).
+    n, block = 1024, 16
+
+    def listed(counts, indices):  # (1, H', m), (1, H', m, m) -> (H', m, m): which blocks a row lists
+        first = torch.arange(indices.size(-1)) < counts[..., None]
+        return torch.zeros(indices.shape).scatter_add(-1, indices.long(), first.float())[0] > 0
+    blocks = {"kv": 0, "full_kv": 0}  # partial and full blocks listed, over the layouts
+    for name, layout, window, mask_mod in bench.model_layouts(n, block, 256, 2):
+        arithmetic = bench.flex_mask(mask_mod, layout.size(0), n, torch.device("cpu"))
+        table = bench.flex_block_mask(layout, block, n, window, "cpu")
+        assert arithmetic.BLOCK_SIZE == table.BLOCK_SIZE == (128, 128), name
+        for kind in blocks:
+            a, t = (listed(getattr(m, f"{kind}_num_blocks"), getattr(m, f"{kind}_indices")) for m in (arithmetic, table))
+            assert torch.equal(a, t), (name, kind)
+            blocks[kind] += int(a.sum())
+    assert all(blocks.values()), blocks
+
+
+def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_path, monkeypatch):
+    # The sweep the next GPU run makes in one call: every setting it names is an override the GPU's default
+    # configuration takes (bf16, D 64, tiles of 64 on sm_90); run at CPU sizes with tiles of 32, a 16-wide setting
+    # gives the default's output and gradients.
+    assert len(bench.SWEEP) > 1
+    for _, settings in bench.SWEEP:
+        with kernels.launch_overrides(**settings):
+            kernels._sparse_launch(64, 64, torch.bfloat16, 90)
+    sixteen = dict(TILE_M=16, TILE_N=16)
+    monkeypatch.setattr(bench, "SWEEP", [("default", {}), ("16 wide", dict(fwd=sixteen, dkdv=sixteen, dq=sixteen))])
+    monkeypatch.setitem(bench.SIZES["cpu"], "attn", dict(B=1, H=1, D=16, tile=32, lengths=(64,), band=32))
+    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "kernel_sweep"])["kernel_sweep"]
+    assert [(r["setting"], r["layout"].split()[0]) for r in rows] == [
+        (s, layout) for s in ("default", "16 wide") for layout in ("local", "strided", "fixed")]
+    for r in rows:
+        assert r["status"] == "ok" and r["fwd_ms"] > 0 and r["fb_ms"] > 0 and r["max_diff"] < 1e-5, r
+    assert kernels._overrides == {}  # the sweep leaves the defaults behind
+
+
+def stub_launches(monkeypatch):
+    """Replace every Triton launch by a record of (kernel name, grid, launch arguments): the launch path without
+    running a kernel."""
+    launches = []
+    monkeypatch.setattr(kernels.triton.runtime.jit.KernelInterface, "__getitem__", lambda kernel, grid: (
+        lambda *args, **kw: launches.append((kernel.fn.__name__, grid, kw))))
+    return launches
+
+
+def test_launch_overrides_reach_the_launches_and_end_with_the_block(monkeypatch):
+    launches = stub_launches(monkeypatch)
+    q, k, v, dout = random_inputs(1, 2, 64, 64, 16)
+
+    def settings():  # {kernel: (grid, launch arguments)} of one forward and backward
+        launches.clear()
+        torch.autograd.grad(attention(q, k, v, tile=32, backend="triton"), (q, k, v), dout)
+        return {name: (grid, kw) for name, grid, kw in launches}
+    default = settings()
+    with kernels.launch_overrides(dkdv=dict(num_warps=2, TILE_N=16), fwd=dict(num_stages=1)):
+        changed = settings()
+    assert changed["_bwd_dkdv_kernel"][1]["num_warps"] == 2 and changed["_bwd_dkdv_kernel"][0] == (64 // 16, 2)
+    assert changed["_fwd_kernel"][1]["num_stages"] == 1 and changed["_bwd_dq_kernel"] == default["_bwd_dq_kernel"]
+    assert settings() == default
+    for bad in (dict(bwd=dict(num_warps=4)), dict(fwd=dict(warps=4))):
+        with pytest.raises(ValueError, match="launch_overrides takes"):
+            with kernels.launch_overrides(**bad):
+                pass
+    with kernels.launch_overrides(fwd=dict(TILE_N=48)), pytest.raises(ValueError, match="must divide tile=32"):
+        attention(q, k, v, tile=32, backend="triton")
+
+
+def test_launch_settings_are_computed_once_per_configuration(monkeypatch):
+    # The dispatch runs on every call of every layer: its launch settings come from a cache, not recomputed.
+    stub_launches(monkeypatch)
+    calls = []
+    config = kernels.launch_config
+    monkeypatch.setattr(kernels, "launch_config", lambda *args: calls.append(args) or config(*args))
+    monkeypatch.setattr(kernels, "_launch_cache", {})
+    q, k, v, dout = random_inputs(1, 2, 64, 64, 16)
+    for _ in range(3):
+        torch.autograd.grad(attention(q, k, v, tile=32, backend="triton"), (q, k, v), dout)
+    attention(q, k, v, tile=16, backend="triton")
+    assert calls == [(32, 16, torch.float32, None), (16, 16, torch.float32, None)]
+
+
+def test_calls_without_gradients_skip_the_autograd_function_and_compute_the_same():
+    q, k, v, _ = random_inputs(1, 2, 64, 64, 16, seed=4)
+    mask = dict(layout=random_layout(2, 64, 64, 16, seed=4), tile=16, window=20)
+    buckets = torch.randint(4, (1, 2, 2, 64), generator=torch.Generator().manual_seed(4))
+    for run in (lambda q, k, v: attention(q, k, v, backend="triton", **mask),
+                lambda q, k, v: lsh_attention(q, k, v, buckets, 16, backend="triton")):
+        tracked = run(q, k, v)
+        with torch.no_grad():
+            untracked = run(q, k, v)
+        detached = run(q.detach(), k.detach(), v.detach())
+        assert tracked.grad_fn is not None and untracked.grad_fn is None and detached.grad_fn is None
+        assert torch.equal(untracked, tracked.detach()) and torch.equal(detached, untracked)
+        assert tracked.abs().sum() > 0
 
 
 def test_bench_records_failures_and_goes_on(tmp_path, monkeypatch):
@@ -2403,12 +2911,16 @@ def test_bench_records_failures_and_goes_on(tmp_path, monkeypatch):
     # none of the stages after it, and bench.json holds what was measured.
     def fail(*args, **kwargs):
         raise RuntimeError("no valid configuration\nmore detail")
+    monkeypatch.setattr(bench, "flex_mask", fail)
     monkeypatch.setattr(bench, "flex_block_mask", fail)
     monkeypatch.setattr(bench, "stage_lsh", fail)
+    smaller_bench_sizes(monkeypatch)
     results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "kernels,lsh,perceiver"])
+    assert [r["layout"].split()[0] for r in results["kernels"]] == ["local", "strided", "fixed"]
     for r in results["kernels"]:
         assert r["status"] == "ok" and r["ours_fwd_ms"] > 0, r
-        assert r["flex_status"] == "error: RuntimeError: no valid configuration" and "flex_fwd_ms" not in r
+        for kind in ("flex", "table"):
+            assert r[f"{kind}_status"] == "error: RuntimeError: no valid configuration" and f"{kind}_fwd_ms" not in r
     assert results["lsh"] == [{"status": "error: RuntimeError: no valid configuration"}]
     assert results["perceiver"][0]["status"] == "ok"
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == results
@@ -2417,6 +2929,7 @@ def test_bench_records_failures_and_goes_on(tmp_path, monkeypatch):
 def test_bench_skips_what_the_budget_cannot_fit(tmp_path):
     results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "reformer,aft",
                           "--budget", "0.001"])
+    assert list(results) == ["reformer", "aft"] and all(results.values())
     assert all(r["status"].startswith("skipped: budget") for rows in results.values() for r in rows)
 
 
@@ -2429,7 +2942,9 @@ def test_bench_models_stage_times_every_model(tmp_path):
 
 
 def test_memory_table_formula_reproduces_the_sparse_transformer_post():
-    for row in bench.stage_memory(bench.SIZES["cpu"], torch.device("cpu")):
+    rows = bench.stage_memory(bench.SIZES["cpu"], torch.device("cpu"))
+    assert len(rows) == 4 and "measured_stored" in rows[0]  # the post's rows; the first one measured here too
+    for row in rows:
         for ours, post in (("stored", "post_stored"), ("recomputed", "post_recomputed")):
             assert abs(row[ours] / row[post] - 1) < 0.08, row  # the post rounds, partly in GiB
         if "measured_stored" in row:  # the saved attention matrices equal the formula; recompute saves none
@@ -2483,7 +2998,7 @@ def test_triton_kernel_matches_dense_reference_in_fp32(case):
     B, H, heads, T, S, D, block, causal, window = CASES[case]
     q, k, v, dout = random_inputs(B, H, T, S, D, seed=len(case))
     layout = random_layout(heads, T, S, block, seed=len(case)) if heads else None
-    mask = dict(causal=causal, layout=layout, block=block, window=window)
+    mask = dict(causal=causal, layout=layout, tile=block, window=window)
     assert_close_to_reference(lambda q, k, v: attention(q, k, v, backend="triton", **mask), q, k, v, dout,
                               atol=1e-4, **mask)
     assert kernels.last_backend == "triton"
@@ -2491,50 +3006,42 @@ def test_triton_kernel_matches_dense_reference_in_fp32(case):
 
 def test_dense_fallback_matches_reference_with_empty_rows():
     q, k, v, dout = random_inputs(2, 2, 32, 64, 16)
-    mask = dict(causal=True, layout=random_layout(2, 32, 64, 16), block=16, window=20)
+    mask = dict(causal=True, layout=random_layout(2, 32, 64, 16), tile=16, window=20)
     assert_close_to_reference(lambda q, k, v: dense_attention(q, k, v, **mask), q, k, v, dout, atol=1e-6, **mask)
 
 
-def test_kernel_sub_tiles_match_reference(monkeypatch):
-    """Programs and tiles narrower than the layout block (a block's rows split between programs, a list entry
+def test_kernel_sub_tiles_match_reference():
+    """Programs and sub-tiles narrower than the layout's tile (a tile's rows split between programs, a list entry
     walked in pieces), with the window's edge inside."""
-    def sixteen_wide(*args):  # programs own 16 rows of a 32-row block and walk 16-wide sub-tiles
-        return {kernel: {**cfg, "BLOCK_M": 16, "BLOCK_N": 16} for kernel, cfg in config(*args).items()}
-    config = kernels.launch_config
-    monkeypatch.setattr(kernels, "launch_config", sixteen_wide)
+    sixteen = dict(TILE_M=16, TILE_N=16)  # programs own 16 rows of a 32-row tile and walk 16-wide sub-tiles
     q, k, v, dout = random_inputs(1, 2, 64, 64, 16, seed=3)
-    mask = dict(causal=True, layout=random_layout(1, 64, 64, 32, seed=3), block=32, window=24)
-    assert_close_to_reference(lambda q, k, v: attention(q, k, v, backend="triton", **mask), q, k, v, dout,
-                              atol=1e-4, **mask)
+    mask = dict(causal=True, layout=random_layout(1, 64, 64, 32, seed=3), tile=32, window=24)
+    with kernels.launch_overrides(fwd=sixteen, dkdv=sixteen, dq=sixteen):
+        assert_close_to_reference(lambda q, k, v: attention(q, k, v, backend="triton", **mask), q, k, v, dout,
+                                  atol=1e-4, **mask)
 
 
 def test_kernel_in_fp16_with_scale_matches_reference():
     """Half precision (bf16 takes the same code path, but the 3.9 interpreter's tl.dot multiplies raw bf16 bits,
-    so bf16 is checked on a GPU only: `python kernels.py` compares it with FlexAttention)."""
+    so bf16 is checked on a GPU only: by test_gpu_block_sparse_kernel_matches_float64_reference below, and by
+    `python bench.py`, whose kernels stage compares it with FlexAttention)."""
     q, k, v, dout = random_inputs(1, 2, 32, 32, 16, dtype=torch.float16, seed=5)
-    mask = dict(causal=True, layout=random_layout(2, 32, 32, 16, seed=5) | torch.eye(2, dtype=torch.bool), block=16)
+    mask = dict(causal=True, layout=random_layout(2, 32, 32, 16, seed=5) | torch.eye(2, dtype=torch.bool), tile=16)
     assert attention(q, k, v, backend="triton", **mask).dtype == torch.float16
     assert_close_to_reference(lambda q, k, v: attention(q, k, v, scale=0.3, backend="triton", **mask), q, k, v,
                               dout, atol=2e-2, scale=0.3, **mask)
 
 
-# The compile check. A fresh process without TRITON_INTERPRET (this file sets it, and interpreted kernels do not
-# compile) runs the kernels' own launch code, forward and backward, on CPU tensors, with a driver that only tells
-# Triton which GPU to compile for. Every launch then compiles exactly what it compiles on that GPU (the same
-# signature, constexprs, 16-byte alignment and divisibility-by-16 attributes, warps and stages) with the ptxas
-# Triton ships, and stops before running. Per compiled kernel it prints shared memory, registers, stack bytes
-# (spills) and whether the PTX uses wgmma. Argument: a JSON list of [arch, kind, dtype, D, block or chunk].
-COMPILE_CHECK = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime.jit import JITFunction
-import kernels
-
+# The compile check. compile_for_gpus starts fresh processes that run compile_check with TRITON_INTERPRET=0 (this
+# file sets it to 1, and interpreted kernels do not compile). compile_check runs the kernels' own launch code,
+# forward and backward, on CPU tensors, with a driver that only tells Triton which GPU to compile for. Every launch
+# then compiles exactly what it compiles on that GPU (the same signature, constexprs, 16-byte alignment and
+# divisibility-by-16 attributes, warps and stages) with the ptxas Triton ships, and stops before running. Per
+# compiled kernel it reports shared memory, registers, stack bytes (spills) and whether the PTX uses wgmma.
 
 class CompileOnlyDriver:  # all that a launch asks the driver before it runs the kernel
     def __init__(self, arch):
+        from triton.backends.compiler import GPUTarget
         self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_device(self):
@@ -2547,44 +3054,51 @@ class CompileOnlyDriver:  # all that a launch asks the driver before it runs the
         return self.target
 
 
-compiled = []
-JITFunction.__getitem__ = lambda fn, grid: lambda *args, **kw: compiled.append(
-    fn.run(*args, grid=grid, warmup=True, **kw))  # a launch up to the compiled kernel, not run
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def usage(kernel):
+def resource_usage(kernel):
+    """[shared bytes, registers, stack bytes, wgmma] of a compiled kernel, read with the cuobjdump Triton ships."""
+    cuobjdump = os.path.join(os.path.dirname(kernels.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     registers, stack = (int(re.search(key + r":(\d+)", res).group(1)) for key in ("REG", "STACK"))
     return [kernel.metadata.shared, registers, stack, "wgmma" in kernel.asm["ptx"]]
 
 
-def launch(kind, dtype, D, size):  # forward and backward of the autograd Function the public function calls
+def launch_forward_and_backward(arch, kind, dtype, D, size):
+    """Forward and backward of the autograd Function the public function calls, on sm_`arch`."""
     T = 2 * size
     q, k, v = (torch.randn(1, 2, T, D, dtype=getattr(torch, dtype), requires_grad=True) for _ in range(3))
     if kind == "sparse":
-        lists = kernels.block_lists(None, size, T, T, 0, T + 1, q.device)
-        out = kernels._BlockSparseAttention.apply(q, k, v, lists, size, 0, T + 1, D ** -0.5)
+        lists = kernels.tile_lists(None, size, T, T, 0, T + 1, q.device)
+        out = kernels._sparse_attention(q, k, v, lists, size, 0, T + 1, D ** -0.5, arch)
     elif kind == "aft":  # D features, a window of size (0: AFT-simple)
         k, v = (torch.randn(1, 256, D, dtype=getattr(torch, dtype), requires_grad=True) for _ in range(2))
         band = torch.randn(1, 256, size, requires_grad=True) if size else None
         out = kernels._AFTSums.apply(k, v, band)
     else:
         buckets = torch.randint(4, (1, 2, 2, T))
-        out = kernels._LSHAttentionTriton.apply(q, k, v, buckets, size, 1.0, False, kind == "lsh-dedup", False)
+        out = kernels._lsh_attention_triton(q, k, v, buckets, size, 1.0, False, kind == "lsh-dedup", False, arch)
     out.backward(torch.ones_like(out))
 
 
-for arch, kind, dtype, D, size in json.loads(sys.argv[1]):
-    triton.runtime.driver.set_active(CompileOnlyDriver(arch))
-    kernels._arch = lambda device: arch
-    compiled.clear()
-    launch(kind, dtype, D, size)
-    print(json.dumps([arch, kind, dtype, D, size, {k.metadata.name: usage(k) for k in compiled}]), flush=True)
-"""
+def compile_check(configs):
+    """Compile each [arch, kind, dtype, D, tile, chunk or window] of the JSON list `configs`; print a JSON line per
+    configuration: the configuration and {kernel: resource_usage}. In a process of its own, with
+    TRITON_INTERPRET=0: it replaces Triton's driver and turns every launch into a compilation."""
+    from triton.runtime.jit import JITFunction
+    compiled = []
+    JITFunction.__getitem__ = lambda fn, grid: lambda *args, **kw: compiled.append(
+        fn.run(*args, grid=grid, warmup=True, **kw))  # a launch up to the compiled kernel, not run
+    for arch, kind, dtype, D, size in json.loads(configs):
+        kernels.triton.runtime.driver.set_active(CompileOnlyDriver(arch))
+        kernels._arch = lambda device: arch
+        compiled.clear()
+        launch_forward_and_backward(arch, kind, dtype, D, size)
+        print(json.dumps([arch, kind, dtype, D, size, {k.metadata.name: resource_usage(k) for k in compiled}]),
+              flush=True)
+
+
 ARCHS = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # sm_XY: shared memory a block may use
 DTYPES = ("float16", "bfloat16", "float32")
 LSH_TILES = (16, 32, 64)  # any chunk up to 64 compiles to one of these tiles (chunk rounded up to a power of 2)
@@ -2592,7 +3106,10 @@ AFT_WINDOWS = (0, 32)  # AFT-simple, and AFT-local's window (the AFT kernels' ti
 
 
 def dispatch_unfit(arch, kind, dtype, D, size):
-    """Why the dispatch would not launch this configuration on sm_`arch` (a sentence), or None."""
+    """Why the dispatch would not launch this configuration on sm_`arch` (a sentence), or None: the
+    architecture check of kernels.triton_dispatch, then the family's own."""
+    if kernels._gpu_unfit(arch):
+        return kernels._gpu_unfit(arch)
     if kind == "sparse":
         return kernels._sparse_config_unfit(arch, getattr(torch, dtype), D, size)
     if kind == "aft":
@@ -2606,7 +3123,7 @@ def launchable(configs):
 
 def all_gpu_configs():
     """Every (arch, kind, dtype, D, block or chunk) the dispatch launches on the five architectures."""
-    sizes = dict(sparse=kernels.TRITON_BLOCKS, lsh=LSH_TILES, **{"lsh-dedup": LSH_TILES})
+    sizes = dict(sparse=kernels.TRITON_TILES, lsh=LSH_TILES, **{"lsh-dedup": LSH_TILES})
     return launchable([(arch, kind, dtype, D, size) for arch in ARCHS for kind in sizes for dtype in DTYPES
                        for D in kernels.TRITON_HEAD_DIMS for size in sizes[kind]]
                       + [(arch, "aft", dtype, 512, s) for arch in ARCHS for dtype in DTYPES for s in AFT_WINDOWS])
@@ -2630,10 +3147,10 @@ def default_gpu_configs():
 def compile_for_gpus(configs, processes=2):
     """{(arch, kind, dtype, D, size): {kernel: [shared bytes, registers, stack bytes, wgmma]}}, compiled in
     `processes` parallel subprocesses."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    runs = [subprocess.Popen([sys.executable, "-c", COMPILE_CHECK, json.dumps(configs[i::processes])], env=env,
-                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(processes)]
+    run_check = "import sys, test_all; test_all.compile_check(sys.argv[1])"
+    runs = [subprocess.Popen([sys.executable, "-c", run_check, json.dumps(configs[i::processes])], cwd=HERE,
+                             env={**os.environ, "TRITON_INTERPRET": "0"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(processes)]
     results = {}
     for run in runs:
         out, err = run.communicate(timeout=1800)
@@ -2649,23 +3166,25 @@ def assert_fits(results):
     at 255 registers a thread. Below that ptxas sometimes spills a few words anyway, to run more blocks at once
     (its occupancy heuristic, which no launch option overrides, and which differs between ptxas versions):
     up to 32 bytes of stack pass there."""
+    assert results and all(results.values()), results  # every configuration compiled its kernels
     for (arch, kind, dtype, D, size), used in results.items():
         for kernel, (shared, registers, stack, _) in used.items():
             spills = stack > (0 if registers >= 255 else 32)
             assert shared <= ARCHS[arch] and not spills, (arch, kind, dtype, D, size, kernel, shared, registers, stack)
 
 
+@slow  # a minute and a half of ptxas on 2 cores, the first time (Triton caches what it compiled)
 def test_kernels_compile_for_every_gpu_within_its_shared_memory_and_without_spills():
     # What the interpreter cannot show: each launch the dispatch makes by default on sm_80 .. sm_90 (sm_75 takes
     # the dense path, see the next test) compiles, keeps its tiles in registers and fits the architecture's
     # shared memory; on sm_90 the default blocks of 64 and chunks of 64 take Hopper's wgmma.
-    # NANOLONG_COMPILE_ALL=1 checks every configuration the dispatch can launch instead (15 minutes on 2 cores).
+    # NANOLONG_COMPILE_ALL=1 checks every configuration the dispatch can launch (305 s on 2 cores: docs/results.md).
     every = os.environ.get("NANOLONG_COMPILE_ALL") == "1"
     results = compile_for_gpus(all_gpu_configs() if every else default_gpu_configs())
     assert_fits(results)
     for kind in ("sparse", "lsh"):
-        used = results[(90, kind, "bfloat16", 64, 64)]
-        assert all(wgmma for kernel, (*_, wgmma) in used.items() if "delta" not in kernel), used
+        used = {kernel: u for kernel, u in results[(90, kind, "bfloat16", 64, 64)].items() if "delta" not in kernel}
+        assert used and all(wgmma for *_, wgmma in used.values()), used
     print("\n".join(f"{config}: {used}" for config, used in results.items()))
 
 
@@ -2683,7 +3202,7 @@ def test_dispatch_refuses_what_does_not_fit_a_gpu_with_a_reason(monkeypatch):
     device = "cuda" if compiled else "cpu"  # compiled kernels take CUDA tensors only
     q, k, v, _ = (x.to(device) for x in random_inputs(1, 1, 32, 32, 16))
     with pytest.raises(ValueError, match="need sm_80"):
-        attention(q, k, v, block=16, backend="triton")
+        attention(q, k, v, tile=16, backend="triton")
     with pytest.raises(ValueError, match="need sm_80"):
         lsh_attention(q, k, v, torch.zeros(1, 1, 1, 32, dtype=torch.long, device=device), 8, backend="triton")
 
@@ -2694,7 +3213,7 @@ def test_rows_without_visible_keys_give_zero_output_and_finite_grads():
     layout[:, 1] = False  # queries 16..31 see no key
     for backend in ("triton", "dense"):
         out, dq, dk, dv = outputs_and_grads(
-            lambda q, k, v: attention(q, k, v, layout=layout, block=16, backend=backend), q, k, v, dout)
+            lambda q, k, v: attention(q, k, v, layout=layout, tile=16, backend=backend), q, k, v, dout)
         assert (out[:, :, 16:] == 0).all() and (dq[:, :, 16:] == 0).all(), backend
         assert torch.isfinite(torch.cat([out, dq, dk, dv])).all(), backend
         assert out[:, :, :16].abs().sum() > 0, backend
@@ -2702,9 +3221,9 @@ def test_rows_without_visible_keys_give_zero_output_and_finite_grads():
 
 def test_automatic_backend_is_dense_on_cpu():
     q, k, v, _ = random_inputs(1, 1, 32, 32, 16)
-    attention(q, k, v, layout=torch.ones(1, 2, 2, dtype=torch.bool), block=16)
+    attention(q, k, v, layout=torch.ones(1, 2, 2, dtype=torch.bool), tile=16)
     assert kernels.last_backend == "dense"
-    attention(q, k, v, block=16, backend="triton")
+    attention(q, k, v, tile=16, backend="triton")
     assert kernels.last_backend == "triton"
     assert kernels.backend_info("cpu") == "attention backend: dense PyTorch fallback (no CUDA device)"
 
@@ -2713,20 +3232,20 @@ def test_layout_index_lists_are_cached_by_content():
     # A model's own layout tensor is looked up by identity (its content is not serialised again), a rebuilt one
     # by content; a layout changed in place gets new lists.
     layout = random_layout(2, 64, 64, 16)
-    first = kernels.block_lists(layout, 16, 64, 64, 0, 65, "cpu")
-    assert kernels.block_lists(layout, 16, 64, 64, 0, 65, "cpu") is first
-    assert kernels.block_lists(layout.clone(), 16, 64, 64, 0, 65, "cpu") is first
-    assert kernels.block_lists(~layout, 16, 64, 64, 0, 65, "cpu") is not first
+    first = kernels.tile_lists(layout, 16, 64, 64, 0, 65, "cpu")
+    assert kernels.tile_lists(layout, 16, 64, 64, 0, 65, "cpu") is first
+    assert kernels.tile_lists(layout.clone(), 16, 64, 64, 0, 65, "cpu") is first
+    assert kernels.tile_lists(~layout, 16, 64, 64, 0, 65, "cpu") is not first
     layout[0] = ~layout[0]
-    changed = kernels.block_lists(layout, 16, 64, 64, 0, 65, "cpu")
+    changed = kernels.tile_lists(layout, 16, 64, 64, 0, 65, "cpu")
     assert changed is not first and not torch.equal(changed[1], first[1])
 
 
 def test_layout_lists_put_the_tiles_the_band_cuts_first():
-    # Causal, window 40 (query p sees keys p - 39 .. p), block 16, T = S = 64: query block 3 (rows 48..63) sees
-    # key blocks 0 and 1 cut by the window (row 63 sees keys from 24 on), 2 whole and 3 cut by the diagonal.
+    # Causal, window 40 (query p sees keys p - 39 .. p), tile 16, T = S = 64: query tile 3 (rows 48..63) sees
+    # key tiles 0 and 1 cut by the window (row 63 sees keys from 24 on), 2 whole and 3 cut by the diagonal.
     layout = torch.ones(1, 4, 4, dtype=torch.bool)
-    row_ptr, cols, col_ptr, rows, row_mid, col_mid = kernels.block_lists(layout, 16, 64, 64, 0, 40, "cpu")
+    row_ptr, cols, col_ptr, rows, row_mid, col_mid = kernels.tile_lists(layout, 16, 64, 64, 0, 40, "cpu")
     assert cols[row_ptr[3]:row_mid[3]].tolist() == [0, 1, 3] and cols[row_mid[3]:row_ptr[4]].tolist() == [2]
     assert rows[col_ptr[0]:col_mid[0]].tolist() == [0, 2, 3] and rows[col_mid[0]:col_ptr[1]].tolist() == [1]
 
@@ -2736,7 +3255,7 @@ def test_layout_lists_put_the_tiles_the_band_cuts_first():
     dict(layout=torch.ones(2, 4, 4, dtype=torch.bool)),  # 2 layout heads for H=3
     dict(T=40, backend="triton"),  # T not a multiple of block
     dict(T=56, layout=torch.ones(1, 4, 4, dtype=torch.bool)),  # S - T = 8 not a multiple of block
-    dict(block=24, backend="triton"),  # block the kernel does not take
+    dict(tile=24, backend="triton"),  # a tile the kernels do not take
     dict(window=0),
     dict(backend="cuda"),
 ])
@@ -2744,7 +3263,7 @@ def test_bad_input_raises_value_error(bad):
     bad = dict(bad)
     q, k, v, _ = random_inputs(1, 3, bad.pop("T", 64), 64, 16)
     with pytest.raises(ValueError):
-        attention(q, k, v, block=bad.pop("block", 16), **bad)
+        attention(q, k, v, tile=bad.pop("tile", 16), **bad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2806,17 +3325,17 @@ def sparse_gpu_cases(block, heads, T):
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("block", kernels.TRITON_BLOCKS)
-def test_gpu_block_sparse_kernel_matches_float64_reference(gpu_arch, dtype, D, block):
+@pytest.mark.parametrize("tile", kernels.TRITON_TILES)
+def test_gpu_block_sparse_kernel_matches_float64_reference(gpu_arch, dtype, D, tile):
     # Forward and gradients of the compiled kernel within 3x the error of PyTorch's own attention (SDPA) in
     # the same dtype, plus a floor, under every mask kind.
     dtype, floor = GPU_DTYPES[dtype]
-    reason = kernels._sparse_config_unfit(gpu_arch, dtype, D, block)
+    reason = kernels._gpu_unfit(gpu_arch) or kernels._sparse_config_unfit(gpu_arch, dtype, D, tile)
     if reason:  # the dispatch takes the dense path here
         pytest.skip(reason)
-    for name, T, S, mask in sparse_gpu_cases(block, 2, 4 * max(block, 64)):
-        q, k, v, dout = (x.cuda() for x in random_inputs(2, 2, T, S, D, dtype, seed=block + D))
-        mask = dict(block=block, **mask)
+    for name, T, S, mask in sparse_gpu_cases(tile, 2, 4 * max(tile, 64)):
+        q, k, v, dout = (x.cuda() for x in random_inputs(2, 2, T, S, D, dtype, seed=tile + D))
+        mask = dict(tile=tile, **mask)
         ours = error_vs_float64(lambda q, k, v: attention(q, k, v, backend="triton", **mask),
                                 lambda q, k, v: reference(q, k, v, **mask), (q, k, v), dout)
         sdpa = error_vs_float64(lambda q, k, v: attention(q, k, v, backend="dense", **mask),
@@ -2832,10 +3351,10 @@ def test_gpu_lsh_kernel_matches_float64_reference(gpu_arch, dtype, D, chunk):
     # 1 to 4 rounds in every mode the dispatch runs on the kernels, on a length chunk does not divide; the
     # error within 3x that of the dense twin in the same dtype, plus a floor.
     dtype, floor = GPU_DTYPES[dtype]
-    modes = [mode for mode in LSH_MODES
-             if not kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, LSH_MODES[mode].get("dedup", False))]
+    modes = [mode for mode in LSH_MODES if not kernels._gpu_unfit(gpu_arch)
+             and not kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, LSH_MODES[mode].get("dedup", False))]
     if not modes:  # the dispatch takes the dense twin here
-        pytest.skip(kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, False))
+        pytest.skip(kernels._gpu_unfit(gpu_arch) or kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, False))
     T = 6 * chunk + 5
     for R, mode in itertools.product(range(1, 5), modes):
         g = torch.Generator().manual_seed(R)
