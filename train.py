@@ -20,8 +20,10 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 
@@ -347,6 +349,25 @@ def checkpoint_data(ckpt, path, refused):
     return data
 
 
+class CtrlC:
+    """Ctrl-C during training ends the run after the current step, between steps, where a checkpoint on disk and
+    the step recorded as saved agree; a second Ctrl-C interrupts at once. A flag rather than Python's
+    KeyboardInterrupt, which can land inside a finaliser and be swallowed there, leaving the run going."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGINT, self.request)
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)  # the next Ctrl-C: Python's own, at once
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a run killed mid-write leaves the previous checkpoint intact."""
     tmp = path + ".tmp"
@@ -496,6 +517,7 @@ def main(argv=None):
     bar = tqdm(initial=step, total=args.max_iters, disable=not master, desc="train")  # shows the loop, not drives it
     start, last_eval, t_eval = step, step, time.time()
     saved = start if ckpt else None  # the step of the checkpoint on disk
+    ctrl_c = CtrlC()
     try:
         for step in range(start, args.max_iters):
             for group in optimizer.param_groups:
@@ -529,6 +551,8 @@ def main(argv=None):
                     append_metrics(os.path.join(args.out_dir, "metrics.jsonl"), record, first=last_eval == start,
                                    resumed_at=start if ckpt else None)
                 last_eval, t_eval = step + 1, time.time()
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         reached = history[-1]["step"] + 1 if history else start
@@ -536,6 +560,8 @@ def main(argv=None):
                 if saved is not None else f"no checkpoint was written (the first comes at step "
                                           f"{min(args.eval_interval, args.max_iters)})")
         raise Interrupted(f"stopped by Ctrl-C after step {reached} of {args.max_iters}; {kept}") from None
+    finally:
+        ctrl_c.restore()
     bar.close()
     if ddp:  # every rank done, and the DDP wrapper freed while all are alive: else gloo's teardown can hang
         dist.barrier()
