@@ -788,6 +788,11 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def plot_curves(rows, path):
     """Validation bits against steps, one line per row, when matplotlib is installed (it is optional)."""
     try:
@@ -858,11 +863,9 @@ def long_context_run(name, label, flags, seed, args, device):
     """One (model, seed) of the long_context stage: trained (or resumed, or reused) and scored."""
     out = os.path.join(args.out_dir, "long_context", f"{label.replace(', ', '_')}_{seed}")
     record = os.path.join(out, "long_context.json")
-    if os.path.exists(record):
-        with open(record) as f:
-            run = json.load(f)
-        if run["steps"] == args.steps:
-            return run
+    run = read_json(record) if os.path.exists(record) else None
+    if run and run["steps"] == args.steps:
+        return run
     settings = ["--block_size", str(args.context)] + LONG + flags
     argv = ["--model", name, "--data", args.data, "--max_iters", str(args.steps), "--eval_interval",
             str(max(1, args.steps // 4)), "--seed", str(seed), "--out_dir", out, "--device", str(device)]
@@ -976,11 +979,6 @@ def recall_finished(curve, cap, patience, gain=0.02):
     before, recent = curve[:-patience], curve[-patience:]
     return (max(a for _, a, _ in recent) < max(a for _, a, _ in before) + gain
             and min(b for _, _, b in recent) > min(b for _, _, b in before) - gain)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------------
