@@ -90,6 +90,8 @@ def parse_args(argv=None):
     g.add_argument("--recall_check", type=int, default=100, help="recall: steps between accuracy checks")
     g.add_argument("--recall_patience", type=int, default=5,
                    help="recall: checks without progress before a run stops (a large value runs to the cap)")
+    g.add_argument("--recall_layers", type=int, default=2,
+                   help="recall: blocks per model (Perceiver AR: its cross-attention block counts as one)")
     g.add_argument("--context", type=int, default=2048, help="long_context: the context length")
     args = p.parse_args(argv)
     bad = lambda flag, why: p.error(f"--{flag} {getattr(args, flag)!r}: {why}")
@@ -102,7 +104,7 @@ def parse_args(argv=None):
         if not all(n.isdigit() and int(n) > 0 for n in getattr(args, flag).split(",")):
             bad(flag, "give positive integers separated by commas, e.g. 1024,4096")
     for flag in ("budget", "n_layer", "n_head", "n_embd", "batch_size", "steps", "seeds", "recall_cap", "recall_check",
-                 "recall_patience", "context"):
+                 "recall_patience", "recall_layers", "context"):
         if getattr(args, flag) <= 0:
             bad(flag, "must be positive")
     args.stages, args.models = stages, args.models.split(",")
@@ -480,6 +482,9 @@ SWEEP = [
     ("fwd 8 warps", dict(fwd=dict(num_warps=8))),
     ("fwd 2 stages", dict(fwd=dict(num_stages=2))),
     ("fwd 32-wide sub-tiles", dict(fwd=dict(TILE_N=32))),
+    ("one masked loop per program", dict(fwd=dict(MASK_ALL=True), dkdv=dict(MASK_ALL=True), dq=dict(MASK_ALL=True))),
+    ("dq by atomic adds in dK/dV (not deterministic)", dict(dkdv=dict(DQ_ATOMIC=True))),
+    ("dq by atomic adds, dkdv 4 warps", dict(dkdv=dict(DQ_ATOMIC=True, num_warps=4))),
 ]
 
 
@@ -891,10 +896,9 @@ def long_context_run(name, label, flags, seed, args, device):
 # ----------------------------------------------------------------------------------------------------------
 # Stage recall: what each model can remember, on the copy task at growing distances
 
-RECALL = ["--data", "copy", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--batch_size", "16", "--lr", "3e-3",
+RECALL = ["--data", "copy", "--n_head", "2", "--n_embd", "64", "--batch_size", "16", "--lr", "3e-3",
           "--warmup", "20", "--eval_iters", "4"]
 RECALL_SETTINGS = {"aft_full": ["--w_rank", "32"],  # a full (2d x 2d) w per layer would dwarf every other model
-                   "perceiver_ar": ["--n_layer", "1"],  # + its cross-attention block: two blocks, as the others
                    # patterns that stay sparse at these lengths: tiles of 8 let the strided stride be ~sqrt(2d)
                    # (8 or 16, not 2 or 4), and fixed blocks of 16 (the paper's 128 would cover the whole row)
                    "sparse_strided": ["--attn_block", "8"],
@@ -934,7 +938,7 @@ def stage_recall(args, device):
             row[f"d{d}_curves"] = curves
             print(f"  {label} d={d}: copy accuracy {[c[-1][1] for c in curves]} after {row[f'd{d}_steps']} steps")
     show(f"Recall: copy accuracy across d positions, trained until it stops improving ({args.recall_patience} checks "
-         f"every {args.recall_check} steps without progress) or {args.recall_cap} steps (2 layers, width 64, batch 16, lr 3e-3), mean over "
+         f"every {args.recall_check} steps without progress) or {args.recall_cap} steps ({args.recall_layers} layers, width 64, batch 16, lr 3e-3), mean over "
          f"seeds 1..{args.seeds}; chance 0.004; (steps)", list(rows.values()),
          [("model", "model", "")] + [c for d in args.distances
                                       for c in ((f"d = {d}", f"d{d}", ".2f"), ("(steps)", f"d{d}_steps", ""))])
@@ -946,10 +950,15 @@ def recall_run(name, label, flags, d, seed, args, device):
     accuracy on fresh rows after each, until recall_finished says so. The learning rate follows one cosine over
     the cap whatever the stopping step. Returns the curve [(step, accuracy, validation bits)], also kept in the
     run folder, so a stopped stage resumes at its last round."""
-    out = os.path.join(args.out_dir, "recall", f"{label.replace(', ', '_')}_{d}_{seed}")
+    layers = args.recall_layers
+    run = f"{label.replace(', ', '_')}_{d}_{seed}" + (f"_{layers}layers" if layers != 2 else "")
+    out = os.path.join(args.out_dir, "recall", run)
     path = os.path.join(out, "recall_curve.json")
     curve = read_json(path) if os.path.exists(path) else []
-    settings = RECALL_SETTINGS.get(name, []) + (["--n_latents", str(d)] if name == "perceiver_ar" else [])
+    if name == "perceiver_ar":  # its cross-attention block is the first layer
+        settings = ["--n_latents", str(d), "--n_layer", str(layers - 1)]
+    else:
+        settings = RECALL_SETTINGS.get(name, []) + ["--n_layer", str(layers)]
     while not recall_finished(curve, args.recall_cap, args.recall_patience):
         steps = min(args.recall_cap, (curve[-1][0] if curve else 0) + args.recall_check)
         evaluations = train_once(["--model", name, "--block_size", str(2 * d), "--max_iters", str(steps),

@@ -121,9 +121,10 @@ def backend_info(device):
 # dispatch runs on every call of a model's layer) and can be overridden per kernel for a sweep.
 _launch_cache = {}  # (family, shapes, dtype, arch) -> settings
 _overrides = {}  # kernel -> settings replacing the chosen ones; see launch_overrides
-OVERRIDABLE = dict(fwd=("TILE_M", "TILE_N", "num_warps", "num_stages"),
-                   dkdv=("TILE_M", "TILE_N", "num_warps", "num_stages"),
-                   dq=("TILE_M", "TILE_N", "num_warps", "num_stages"), lsh=("TILE_N", "num_warps", "num_stages"))
+OVERRIDABLE = dict(fwd=("TILE_M", "TILE_N", "num_warps", "num_stages", "MASK_ALL"),
+                   dkdv=("TILE_M", "TILE_N", "num_warps", "num_stages", "MASK_ALL", "DQ_ATOMIC"),
+                   dq=("TILE_M", "TILE_N", "num_warps", "num_stages", "MASK_ALL"),
+                   lsh=("TILE_N", "num_warps", "num_stages"))
 
 
 @contextlib.contextmanager
@@ -212,7 +213,8 @@ SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic 
 #     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
 @jit(do_not_specialize=SPARSE_SCALARS)
 def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future, window,
-                TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr):
+                TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+                MASK_ALL: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     Q += bh.to(tl.int64) * T * D
     O += bh.to(tl.int64) * T * D
@@ -227,11 +229,14 @@ def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layo
     acc = tl.zeros([TILE_M, D], tl.float32)
     row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
     lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
+    if MASK_ALL:  # the whole list in the masked loop: one loop (one pipeline to fill) where lists are short
+        mid = hi
     past = S - T
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, mid, qk_scale, offs_m, past, future, window,
                                TILE, TILE_N, D, True)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window,
-                               TILE, TILE_N, D, False)
+    if not MASK_ALL:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window,
+                                   TILE, TILE_N, D, False)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
     tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
     tl.store(LSE + offs_m, m_i + tl.log2(l_i))
@@ -276,7 +281,7 @@ def _band(q_pos, k_pos, future, window):
 @jit(do_not_specialize=SPARSE_SCALARS)
 def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S,
                    layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
-                   D: tl.constexpr):
+                   D: tl.constexpr, MASK_ALL: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     Q += bh.to(tl.int64) * T * D
     O += bh.to(tl.int64) * T * D
@@ -297,11 +302,14 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_sc
     dq = tl.zeros([TILE_M, D], tl.float32)
     row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
     lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
+    if MASK_ALL:
+        mid = hi
     past = S - T
     dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, mid, qk_scale, offs_m, past, future, window, TILE, TILE_N,
                    D, True)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window, TILE, TILE_N,
-                   D, False)
+    if not MASK_ALL:
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window, TILE,
+                       TILE_N, D, False)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
 
 
@@ -332,13 +340,17 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past,
 #     P = 2^(s - lse)                      (the forward's softmax, exactly)
 #     dv += P^T dout,   dP = dout v^T
 #     dk += scale * (P * (dP - delta))^T q
+# With DQ_ATOMIC (an option for sweeps, off by default) it also adds each visit's share of dq,
+# scale * (P * (dP - delta)) k, into an fp32 DQ by atomic adds, and the dQ kernel does not run: 5 matrix products
+# in the backward instead of 7, but the order of the additions varies, so dq is not bit-reproducible.
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T, S,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T, S,
                      layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr,
-                     TILE_N: tl.constexpr, D: tl.constexpr):
+                     TILE_N: tl.constexpr, D: tl.constexpr, MASK_ALL: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     Q += bh.to(tl.int64) * T * D
     DO += bh.to(tl.int64) * T * D
+    DQ += bh.to(tl.int64) * T * D
     K += bh.to(tl.int64) * S * D
     V += bh.to(tl.int64) * S * D
     DK += bh.to(tl.int64) * S * D
@@ -353,18 +365,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, col_mid, rows, qk
     dv = tl.zeros([TILE_N, D], tl.float32)
     col = (bh % H) % layout_heads * (S // TILE) + pid * TILE_N // TILE
     lo, mid, hi = tl.load(col_ptr + col), tl.load(col_mid + col), tl.load(col_ptr + col + 1)
+    if MASK_ALL:
+        mid = hi
     past = S - T
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, mid, qk_scale, offs_n, past, future, window,
-                         TILE, TILE_M, D, True)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, mid, hi, qk_scale, offs_n, past, future, window,
-                         TILE, TILE_M, D, False)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, lo, mid, qk_scale, scale, offs_n, past, future,
+                         window, TILE, TILE_M, D, True, DQ_ATOMIC)
+    if not MASK_ALL:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, mid, hi, qk_scale, scale, offs_n, past,
+                             future, window, TILE, TILE_M, D, False, DQ_ATOMIC)
     tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
 
 
 @jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, offs_n, past, future, window,
-                TILE: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, lo, hi, qk_scale, scale, offs_n, past, future, window,
+                TILE: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+                DQ_ATOMIC: tl.constexpr):
     """The sums over the query list's entries lo .. hi-1, for the key rows offs_n (a key's row is its position)."""
     SPLIT = TILE // TILE_M
     offs_m = tl.arange(0, TILE_M)
@@ -381,6 +397,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, offs_n,
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - tl.load(DELTA + m_lo + offs_m)[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * scale  # (TILE_M, D)
+            tl.atomic_add(DQ + (m_lo + offs_m)[:, None] * D + offs_d[None, :], dq, sem="relaxed")
     return dk, dv
 
 
@@ -452,8 +471,9 @@ def launch_config(tile, D, dtype, arch):
     fwd = dict(num_warps=8 if fwd_rows == 128 and D >= 64 or fwd_rows * row_bytes >= 32768 else 4,
                num_stages=stages)
     bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4, num_stages=stages)
-    return dict(fwd=dict(TILE_M=fwd_rows, TILE_N=width, **fwd), dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, **bwd),
-                dq=dict(TILE_M=bwd_rows, TILE_N=inner, **bwd))
+    return dict(fwd=dict(TILE_M=fwd_rows, TILE_N=width, MASK_ALL=False, **fwd),
+                dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, MASK_ALL=False, DQ_ATOMIC=False, **bwd),
+                dq=dict(TILE_M=bwd_rows, TILE_N=inner, MASK_ALL=False, **bwd))
 
 
 def _sparse_launch(tile, D, dtype, arch):
@@ -514,15 +534,19 @@ class _BlockSparseAttention(torch.autograd.Function):
         S = k.size(2)
         layout_heads = (row_ptr.numel() - 1) // (T // tile)
         do = _aligned(do)
-        delta = torch.empty_like(lse)  # (B, H, T): written by the dQ kernel, read by the dK/dV kernel after it
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _bwd_dq_kernel[(T // cfg["dq"]["TILE_M"], B * H)](
-            q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
-            layout_heads, future, window, TILE=tile, D=D, **cfg["dq"])
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        if cfg["dkdv"]["DQ_ATOMIC"]:  # the dK/dV kernel adds up dq in fp32; delta (B, H, T) comes first
+            delta = (o.float() * do.float()).sum(-1)
+            dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        else:  # the dQ kernel writes dq and delta, which the dK/dV kernel after it reads
+            delta, dq = torch.empty_like(lse), torch.empty_like(q)
+            _bwd_dq_kernel[(T // cfg["dq"]["TILE_M"], B * H)](
+                q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
+                layout_heads, future, window, TILE=tile, D=D, **cfg["dq"])
         _bwd_dkdv_kernel[(S // cfg["dkdv"]["TILE_N"], B * H)](
-            q, k, v, do, lse, delta, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
+            q, k, v, do, lse, delta, dq, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
             layout_heads, future, window, TILE=tile, D=D, **cfg["dkdv"])
-        return dq, dk, dv, None, None
+        return dq.to(q.dtype), dk, dv, None, None
 
 
 # (d) The public function, its family's checks, and the SDPA context for decoding loops

@@ -1044,11 +1044,12 @@ def test_bad_sampling_flags_stop_at_parse_time(argv, capsys):
 
 
 def documented_commands():
-    """Every `python train.py|sample.py|bench.py ...` command in README.md and docs/*.md (lines continued with a
-    backslash joined), as (file, argv list after the script's name)."""
+    """Every `python train.py|sample.py|bench.py ...` command in README.md, docs/*.md and docs/*.sh (lines continued
+    with a backslash joined), as (file, argv list after the script's name)."""
     found = []
-    for path in [os.path.join(HERE, "README.md")] + sorted(
-            os.path.join(HERE, "docs", f) for f in os.listdir(os.path.join(HERE, "docs")) if f.endswith(".md")):
+    for path in [os.path.join(HERE, "README.md")] + sorted(os.path.join(HERE, "docs", f)
+                                                           for f in os.listdir(os.path.join(HERE, "docs"))
+                                                           if f.endswith((".md", ".sh"))):
         text = re.sub(r"\\\n\s*", " ", open(path).read())
         for match in re.finditer(r"python (train|sample|bench)\.py([^`\n#|]*)", text):
             found.append((os.path.basename(path), match.group(1), match.group(2).split()))
@@ -2703,7 +2704,7 @@ def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_pr
 
 
 def test_bench_recall_stage_trains_every_model_at_every_distance_in_rounds_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "RECALL", ["--data", "copy", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+    monkeypatch.setattr(bench, "RECALL", ["--data", "copy", "--n_head", "2", "--n_embd", "32",
                                           "--batch_size", "2", "--warmup", "1", "--eval_iters", "1"])
     argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "recall", "--models", "reformer,perceiver_ar",
             "--distances", "8,16", "--recall_check", "1", "--seeds", "1"]
@@ -2716,6 +2717,9 @@ def test_bench_recall_stage_trains_every_model_at_every_distance_in_rounds_and_r
     longer = bench.main(argv[:7] + ["perceiver_ar", "--distances", "16", "--recall_check", "1", "--seeds", "1",
                                     "--recall_cap", "3"])["recall"][0]
     assert longer["d16_curves"][0][:2] == before and longer["d16_steps"] == 3  # kept rounds, one more trained
+    bench.main(argv[:7] + ["perceiver_ar", "--distances", "8", "--recall_cap", "1", "--recall_layers", "3"])
+    deeper = torch.load(tmp_path / "recall" / "perceiver_ar_8_1_3layers" / "ckpt.pt", weights_only=True)
+    assert deeper["model_config"]["n_layer"] == 2  # a run of its own, the cross-attention block the third layer
 
 
 @pytest.mark.parametrize("curve,done", [
@@ -3021,6 +3025,21 @@ def test_kernel_sub_tiles_match_reference():
                                   atol=1e-4, **mask)
 
 
+@pytest.mark.parametrize("settings", [
+    dict(dkdv=dict(DQ_ATOMIC=True)),
+    dict(fwd=dict(MASK_ALL=True), dkdv=dict(MASK_ALL=True), dq=dict(MASK_ALL=True)),
+    dict(dkdv=dict(DQ_ATOMIC=True, MASK_ALL=True, TILE_M=16)),
+], ids=["dq-atomic", "one-masked-loop", "both"])
+def test_kernel_sweep_options_match_reference(settings):
+    """The options the kernel sweep measures: dq by atomic adds inside the dK/dV kernel (no dQ kernel), and every
+    listed tile walked in the masked loop (one loop per program), on a random layout with a window."""
+    q, k, v, dout = random_inputs(1, 2, 64, 64, 16, seed=4)
+    mask = dict(causal=True, layout=random_layout(2, 64, 64, 16, seed=4), tile=16, window=40)
+    with kernels.launch_overrides(**settings):
+        assert_close_to_reference(lambda q, k, v: attention(q, k, v, backend="triton", **mask), q, k, v, dout,
+                                  atol=1e-4, **mask)
+
+
 def test_kernel_in_fp16_with_scale_matches_reference():
     """Half precision (bf16 takes the same code path, but the 3.9 interpreter's tl.dot multiplies raw bf16 bits,
     so bf16 is checked on a GPU only: by test_gpu_block_sparse_kernel_matches_float64_reference below, and by
@@ -3083,20 +3102,22 @@ def launch_forward_and_backward(arch, kind, dtype, D, size):
 
 
 def compile_check(configs):
-    """Compile each [arch, kind, dtype, D, tile, chunk or window] of the JSON list `configs`; print a JSON line per
-    configuration: the configuration and {kernel: resource_usage}. In a process of its own, with
-    TRITON_INTERPRET=0: it replaces Triton's driver and turns every launch into a compilation."""
+    """Compile each [arch, kind, dtype, D, tile, chunk or window] of the JSON list `configs`, with the launch settings
+    of bench.SWEEP named by a sixth element if there is one; print a JSON line per configuration: the configuration
+    and {kernel: resource_usage}. In a process of its own, with TRITON_INTERPRET=0: it replaces Triton's driver
+    and turns every launch into a compilation."""
     from triton.runtime.jit import JITFunction
     compiled = []
     JITFunction.__getitem__ = lambda fn, grid: lambda *args, **kw: compiled.append(
         fn.run(*args, grid=grid, warmup=True, **kw))  # a launch up to the compiled kernel, not run
-    for arch, kind, dtype, D, size in json.loads(configs):
+    for arch, kind, dtype, D, size, *setting in json.loads(configs):
         kernels.triton.runtime.driver.set_active(CompileOnlyDriver(arch))
         kernels._arch = lambda device: arch
         compiled.clear()
-        launch_forward_and_backward(arch, kind, dtype, D, size)
-        print(json.dumps([arch, kind, dtype, D, size, {k.metadata.name: resource_usage(k) for k in compiled}]),
-              flush=True)
+        with kernels.launch_overrides(**dict(bench.SWEEP)[setting[0]] if setting else {}):
+            launch_forward_and_backward(arch, kind, dtype, D, size)
+        usage = {k.metadata.name: resource_usage(k) for k in compiled}
+        print(json.dumps([arch, kind, dtype, D, size, *setting, usage]), flush=True)
 
 
 ARCHS = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}  # sm_XY: shared memory a block may use
@@ -3167,10 +3188,10 @@ def assert_fits(results):
     (its occupancy heuristic, which no launch option overrides, and which differs between ptxas versions):
     up to 32 bytes of stack pass there."""
     assert results and all(results.values()), results  # every configuration compiled its kernels
-    for (arch, kind, dtype, D, size), used in results.items():
+    for config, used in results.items():
         for kernel, (shared, registers, stack, _) in used.items():
             spills = stack > (0 if registers >= 255 else 32)
-            assert shared <= ARCHS[arch] and not spills, (arch, kind, dtype, D, size, kernel, shared, registers, stack)
+            assert shared <= ARCHS[config[0]] and not spills, (config, kernel, shared, registers, stack)
 
 
 @slow  # a minute and a half of ptxas on 2 cores, the first time (Triton caches what it compiled)
@@ -3185,6 +3206,15 @@ def test_kernels_compile_for_every_gpu_within_its_shared_memory_and_without_spil
     for kind in ("sparse", "lsh"):
         used = {kernel: u for kernel, u in results[(90, kind, "bfloat16", 64, 64)].items() if "delta" not in kernel}
         assert used and all(wgmma for *_, wgmma in used.values()), used
+    print("\n".join(f"{config}: {used}" for config, used in results.items()))
+
+
+@slow  # about two minutes of ptxas on 2 cores
+def test_every_kernel_sweep_setting_compiles_for_sm90_within_its_limits():
+    # The next GPU run measures bench.SWEEP on sm_90 at the models' default (bf16, D 64, tiles of 64): each
+    # setting compiles there, within shared memory and without spills; the default's kernels take wgmma.
+    results = compile_for_gpus([(90, "sparse", "bfloat16", 64, 64, name) for name, _ in bench.SWEEP])
+    assert_fits(results)
     print("\n".join(f"{config}: {used}" for config, used in results.items()))
 
 
@@ -3341,6 +3371,23 @@ def test_gpu_block_sparse_kernel_matches_float64_reference(gpu_arch, dtype, D, t
         sdpa = error_vs_float64(lambda q, k, v: attention(q, k, v, backend="dense", **mask),
                                 lambda q, k, v: reference(q, k, v, **mask), (q, k, v), dout)
         assert ours <= 3 * sdpa + floor, (name, ours, sdpa)
+
+
+@needs_gpu
+@pytest.mark.parametrize("setting", [name for name, s in bench.SWEEP if "MASK_ALL" in str(s) or "DQ_ATOMIC" in str(s)])
+def test_gpu_kernel_sweep_options_match_float64_reference(gpu_arch, setting):
+    # The sweep's settings that change the algorithm (one masked loop, dq by atomic adds), compiled, in bf16 at
+    # the models' default D 64 and tiles of 64: as accurate as the default under every mask kind.
+    dtype, floor = GPU_DTYPES["bf16"]
+    for name, T, S, mask in sparse_gpu_cases(64, 2, 256):
+        q, k, v, dout = (x.cuda() for x in random_inputs(2, 2, T, S, 64, dtype, seed=64))
+        mask = dict(tile=64, **mask)
+        errors = []
+        for settings in ({}, dict(bench.SWEEP)[setting]):
+            with kernels.launch_overrides(**settings):
+                errors.append(error_vs_float64(lambda q, k, v: attention(q, k, v, backend="triton", **mask),
+                                               lambda q, k, v: reference(q, k, v, **mask), (q, k, v), dout))
+        assert errors[1] <= 1.5 * errors[0] + floor, (name, errors)
 
 
 @needs_gpu
