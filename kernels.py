@@ -461,7 +461,8 @@ def launch_config(tile, D, dtype, arch):
     warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages). A forward
     program owns up to 128 rows; a backward program fewer the wider its rows; sub-tiles 64 wide, 32 for fp32 rows
     of 128 and in the backward outside sm_90; 8 warps for the larger tiles; 3 stages on sm_80 and sm_90, 2
-    elsewhere. docs/kernels.md says how these were chosen; the compile check in test_all.py checks them."""
+    elsewhere, but 1 for the fp32 dK/dV kernel at head dims of 64 and more there (with 2 it spills); MASK_ALL and DQ_ATOMIC off (options for sweeps: docs/kernels.md, _bwd_dkdv_kernel). docs/kernels.md
+    says how these were chosen; the compile check in test_all.py checks them."""
     arch = arch or 90
     row_bytes = D * dtype.itemsize
     width = min(tile, 64 if row_bytes <= 256 else 32)
@@ -470,10 +471,12 @@ def launch_config(tile, D, dtype, arch):
     stages = 3 if arch in (80, 90) else 2
     fwd = dict(num_warps=8 if fwd_rows == 128 and D >= 64 or fwd_rows * row_bytes >= 32768 else 4,
                num_stages=stages)
-    bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4, num_stages=stages)
+    bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4)
+    dkdv_stages = 1 if stages == 2 and dtype == torch.float32 and D >= 64 else stages
     return dict(fwd=dict(TILE_M=fwd_rows, TILE_N=width, MASK_ALL=False, **fwd),
-                dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, MASK_ALL=False, DQ_ATOMIC=False, **bwd),
-                dq=dict(TILE_M=bwd_rows, TILE_N=inner, MASK_ALL=False, **bwd))
+                dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, MASK_ALL=False, DQ_ATOMIC=False, num_stages=dkdv_stages,
+                          **bwd),
+                dq=dict(TILE_M=bwd_rows, TILE_N=inner, MASK_ALL=False, num_stages=stages, **bwd))
 
 
 def _sparse_launch(tile, D, dtype, arch):
