@@ -461,8 +461,9 @@ def launch_config(tile, D, dtype, arch):
     warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages). A forward
     program owns up to 128 rows; a backward program fewer the wider its rows; sub-tiles 64 wide, 32 for fp32 rows
     of 128 and in the backward outside sm_90; 8 warps for the larger tiles; 3 stages on sm_80 and sm_90, 2
-    elsewhere, but 1 for the fp32 dK/dV kernel at head dims of 64 and more there (with 2 it spills); MASK_ALL and DQ_ATOMIC off (options for sweeps: docs/kernels.md, _bwd_dkdv_kernel). docs/kernels.md
-    says how these were chosen; the compile check in test_all.py checks them."""
+    elsewhere, but 1 for the fp32 dK/dV kernel at head dims of 64 and more there (with 2 it spills); MASK_ALL
+    and DQ_ATOMIC off (options for sweeps: _bwd_dkdv_kernel). docs/kernels.md says how these were chosen; the
+    compile check in test_all.py checks them."""
     arch = arch or 90
     row_bytes = D * dtype.itemsize
     width = min(tile, 64 if row_bytes <= 256 else 32)
