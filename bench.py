@@ -212,14 +212,19 @@ def run_cells(cells, first_guess):
 
 
 def markdown(rows, columns):
-    """rows (dicts) -> a markdown table of `columns` (header, key, format); absent or None figures print -."""
-    def cell(row, key, fmt):
-        value = row.get(key)
-        if value is None:
-            return row["status"] if row.get("status", "ok") != "ok" else "-"
-        return format(value, fmt)
+    """rows (dicts) -> a markdown table of `columns` (header, key, format); absent or None figures print -, but
+    the first of a row that failed or was skipped says why (its status), once."""
+    def cells(row):
+        said = row.get("status", "ok") == "ok"
+        for _, key, fmt in columns:
+            value = row.get(key)
+            if value is not None:
+                yield format(value, fmt)
+            else:
+                yield "-" if said else row["status"]
+                said = True
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(cells(r)) + " |" for r in rows])
 
 
 TABLES = []  # every table printed in this run, for bench.md
@@ -486,6 +491,9 @@ SWEEP = [
     ("dq by atomic adds in dK/dV (not deterministic)", dict(dkdv=dict(DQ_ATOMIC=True))),
     ("dq by atomic adds, dkdv 4 warps", dict(dkdv=dict(DQ_ATOMIC=True, num_warps=4))),
 ]
+# The settings that change the kernels' code, not only their launch: each has its own accuracy test on a GPU.
+SWEEP_NEW_CODE = ["one masked loop per program", "dq by atomic adds in dK/dV (not deterministic)",
+                  "dq by atomic adds, dkdv 4 warps"]
 
 
 def stage_kernel_sweep(sizes, device):
