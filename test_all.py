@@ -2863,6 +2863,9 @@ def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_
     # configuration takes (bf16, D 64, tiles of 64 on sm_90); run at CPU sizes with tiles of 32, a 16-wide setting
     # gives the default's output and gradients.
     assert len(bench.SWEEP) > 1
+    new_code = {name for name, settings in bench.SWEEP if {"MASK_ALL", "DQ_ATOMIC"} & {
+        key for kernel in settings.values() for key in kernel}}
+    assert set(bench.SWEEP_NEW_CODE) == new_code  # each gets its compile check and GPU accuracy test
     for _, settings in bench.SWEEP:
         with kernels.launch_overrides(**settings):
             kernels._sparse_launch(64, 64, torch.bfloat16, 90)
