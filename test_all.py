@@ -68,27 +68,29 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32
         "--eval_iters", "2", "--warmup", "5", "--device", "cpu"]
 
 
-def interpret_jit_helpers_without_repatching():
-    """Triton's interpreter patches triton.language anew (inspect.getmembers over it, about a millisecond) at
-    every call of a @triton.jit helper inside a kernel, although the kernel's launch has patched it already and
-    undoes only its own patch at the end: a fifth of the interpreted kernels' time here. Skip the repeat. The
-    check reads Triton's private names; where they differ (other versions), nothing changes."""
+def quicken_the_interpreter():
+    """Two costs of Triton's interpreter that buy these tests nothing, a third of an interpreted kernel's time:
+    it patches triton.language anew (inspect.getmembers over it) at every call of a @triton.jit helper inside a
+    kernel, although the launch has patched it already and undoes only its own patch at the end; and it checks
+    every int32 add and multiply for overflow, which the offsets of these tests' sizes (a few million at most)
+    cannot reach. Both read Triton's private names; where they differ (other versions), nothing changes."""
     import triton.language as tl
     from triton.runtime import interpreter
     patch, scope = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
-    if patch is None or scope is None:
-        return
-
-    def patch_unless_patched(fn):
-        langs = [value for value in fn.__globals__.values() if value is tl or value is tl.core]
-        if langs and not any(tl.core.is_builtin(lang.program_id) for lang in langs):  # patched: a lambda now
-            return scope()  # nothing to undo
-        return patch(fn)  # the launch, or a helper of a module it did not patch (triton.language's own)
-    interpreter._patch_lang = patch_unless_patched
+    if patch is not None and scope is not None:
+        def patch_unless_patched(fn):
+            langs = [value for value in fn.__globals__.values() if value is tl or value is tl.core]
+            if langs and not any(tl.core.is_builtin(lang.program_id) for lang in langs):  # patched: a lambda now
+                return scope()  # nothing to undo
+            return patch(fn)  # the launch, or a helper of a module it did not patch (triton.language's own)
+        interpreter._patch_lang = patch_unless_patched
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if dataclasses.is_dataclass(getattr(builder, "options", None)) and hasattr(builder.options, "sanitize_overflow"):
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
 if os.environ["TRITON_INTERPRET"] == "1":
-    interpret_jit_helpers_without_repatching()
+    quicken_the_interpreter()
 
 
 def skip_large_keys_on_the_interpreter(backend, scale):
