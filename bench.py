@@ -491,9 +491,11 @@ SWEEP = [
     ("dq by atomic adds in dK/dV (not deterministic)", dict(dkdv=dict(DQ_ATOMIC=True))),
     ("dq by atomic adds, dkdv 4 warps", dict(dkdv=dict(DQ_ATOMIC=True, num_warps=4))),
 ]
-# The settings that change the kernels' code, not only their launch: each has its own accuracy test on a GPU.
-SWEEP_NEW_CODE = ["one masked loop per program", "dq by atomic adds in dK/dV (not deterministic)",
-                  "dq by atomic adds, dkdv 4 warps"]
+# Launch settings change how a kernel runs; the code flags change what it computes, so each setting that sets one
+# gets its own compile check and accuracy test on a GPU.
+SWEEP_LAUNCH_KEYS, SWEEP_CODE_FLAGS = {"num_warps", "num_stages", "TILE_M", "TILE_N"}, {"MASK_ALL", "DQ_ATOMIC"}
+SWEEP_NEW_CODE = [name for name, settings in SWEEP
+                  if SWEEP_CODE_FLAGS & {key for kernel in settings.values() for key in kernel}]
 
 
 def stage_kernel_sweep(sizes, device):

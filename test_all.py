@@ -2865,9 +2865,11 @@ def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_
     # configuration takes (bf16, D 64, tiles of 64 on sm_90); run at CPU sizes with tiles of 32, a 16-wide setting
     # gives the default's output and gradients.
     assert len(bench.SWEEP) > 1
-    new_code = {name for name, settings in bench.SWEEP if {"MASK_ALL", "DQ_ATOMIC"} & {
-        key for kernel in settings.values() for key in kernel}}
-    assert set(bench.SWEEP_NEW_CODE) == new_code  # each gets its compile check and GPU accuracy test
+    # Every key a kernel lets the sweep override is a launch setting or a code flag: a new, unsorted one would let
+    # its settings skip their compile check and GPU accuracy test.
+    overridable = {key for keys in kernels.OVERRIDABLE.values() for key in keys}
+    assert overridable == bench.SWEEP_LAUNCH_KEYS | bench.SWEEP_CODE_FLAGS, overridable
+    assert "one masked loop per program" in bench.SWEEP_NEW_CODE and "default" not in bench.SWEEP_NEW_CODE
     for _, settings in bench.SWEEP:
         with kernels.launch_overrides(**settings):
             kernels._sparse_launch(64, 64, torch.bfloat16, 90)
