@@ -1000,6 +1000,7 @@ def test_unknown_flag_is_rejected(capsys):
 # that line, never a traceback from deep code.
 BAD_FLAGS = [
     (["--model", "gpt5"], "choose one of"), (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--resume", "--n_hashes", "4"], "add the checkpoint's --model NAME"),
     (["--block_size", "0"], "--block_size 0: must be at least 1"), (["--batch_size", "-1"], "--batch_size -1"),
     (["--grad_accum", "0"], "--grad_accum 0"), (["--n_head", "0"], "--n_head 0"), (["--n_embd", "0"], "--n_embd 0"),
     (["--n_layer", "0"], "--n_layer 0"), (["--eval_interval", "0"], "--eval_interval 0"),

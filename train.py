@@ -112,7 +112,11 @@ def parse_args(argv=None):
     if args.help:
         mp.print_help()
         sys.exit(0)
-    args = mp.parse_args(argv)
+    args, unknown = mp.parse_known_args(argv)
+    if unknown:
+        hint = (" (a model's own flags are known with --model: add the checkpoint's --model NAME to resume with them)"
+                if args.resume and not any(a.split("=")[0] == "--model" for a in argv) else "")
+        mp.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args.model_overrides = {f.name: getattr(args, f.name) for f in own if getattr(args, f.name) is not None}
     for f in own:
         delattr(args, f.name)
