@@ -2764,6 +2764,85 @@ def test_recall_training_stops_when_neither_accuracy_nor_loss_improves(curve, do
     assert bench.recall_finished(curve, cap=2000, patience=3) == done
 
 
+def hand_built_copier(pattern, d=128, sharp=600.0, gain=50.0):
+    """A Sparse Transformer at the recall stage's settings (2 layers, width 64, 2 heads, tiles of 8; strided
+    l = 16; fixed l = 16, c = 8, 2 offsets) whose weights are set by hand to copy across d positions: the output
+    at p repeats the token at p + 1 - d. Every vector the residual stream holds sums to 0, so each LayerNorm only
+    rescales, and the position features are 10x the tokens', so that rescaling hardly varies. Positions carry
+    the angles of their residue p mod l and block p // l as (cos, sin) pairs; a query turned by an angle scores
+    highest on the key that angle away, and `sharp` makes the softmax pick it alone.
+    - strided, two hops: layer 0 (the band of l) fetches the token 15 back into a second token subspace; layer 1
+      (every l-th key) reads that subspace 7 blocks back: 15 + 7 * 16 = 127 = d - 1.
+    - fixed, one hop: layer 1's two summary heads together see every earlier position (head 0 the residues 8-15
+      of each block, head 1 the residues 0-7); the head that holds the source gets its residue and block as its
+      query (from the position table), the other a zero query, so it averages, a small noise that `gain` dwarfs.
+    Layer 0 of fixed and both MLPs output 0."""
+    name = f"sparse_{pattern}"
+    args = train.parse_args(["--model", name, "--block_size", str(2 * d), "--n_layer", "2"]
+                            + bench.RECALL + bench.RECALL_SETTINGS[name])
+    model = train.build_model(name, train.model_config(name, args, 257, **args.model_overrides))
+    l, C, D = model.config.stride, model.config.n_embd, model.config.n_embd // model.config.n_head
+    assert (l, C, D, model.config.n_head) == (16, 64, 32, 2) and model.config.combine == "interleaved"
+    own, fetched = slice(0, 20), slice(20, 40)  # token subspaces: the input token; the token layer 0 fetched
+    pos = torch.arange(2 * d)
+    source = pos + 1 - d
+    angle = lambda k: 2 * math.pi * (k % l) / l
+    features = {"res": (angle(pos), 1.0), "blk": (angle(pos // l), 1.0)}  # name: (angle, amplitude)
+    if pattern == "fixed":
+        for h, sees in enumerate((source % l >= l // 2, source % l < l // 2)):
+            features[f"res{h}"] = (angle(source), sees.float())
+            features[f"blk{h}"] = (angle(source.div(l, rounding_mode="floor")), sees.float())
+    at = {name: 40 + 4 * i for i, name in enumerate(features)}  # dims of (cos, -cos, sin, -sin)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.fill_(1.0)
+        e = torch.randn(257, own.stop - own.start, generator=torch.Generator().manual_seed(0))
+        e -= e.mean(1, keepdim=True)
+        model.wte.weight[:, own] = e / e.norm(dim=1, keepdim=True)  # tied: the output layer decodes them
+        table = model.wpe.tables[0].weight
+        for name, (a, amplitude) in features.items():
+            for i, f in enumerate((a.cos() * amplitude, a.sin() * amplitude)):
+                table[:, at[name] + 2 * i], table[:, at[name] + 2 * i + 1] = 10 * f, -10 * f
+
+        def read(W, row, name, turn, weight):  # rows row, row + 1 of W: the feature's (cos, sin) turned by turn
+            c, s = math.cos(turn), math.sin(turn)
+            for r, (wc, ws) in enumerate(((c, -s), (s, c))):
+                W[row + r, at[name]:at[name] + 4] = weight * torch.tensor([wc, -wc, ws, -ws])
+
+        def head(layer, h, queries, keys, source_dims, out_dims, out_gain):
+            W, proj = model.blocks[layer].attn.qkv.weight, model.blocks[layer].attn.proj.weight  # W: q, k, v rows
+            for i, (name, turn) in enumerate(queries):
+                read(W, D * h + 2 * i, name, turn, sharp)
+            for i, name in enumerate(keys):
+                read(W, C + D * h + 2 * i, name, 0.0, 1.0)
+            n = torch.arange(source_dims.stop - source_dims.start)
+            W[2 * C + D * h + n, source_dims.start + n] = 1.0  # the value: the token subspace, copied
+            proj[out_dims.start + n, D * h + n] = out_gain
+
+        if pattern == "strided":
+            head(0, 0, [("res", angle(1))], ["res"], own, fetched, 1.0)  # the residue of p + 1: 15 back
+            head(1, 0, [("blk", -angle(7))], ["blk"], fetched, own, gain)  # 7 blocks back
+        else:
+            for h in (0, 1):
+                head(1, h, [(f"res{h}", 0.0), (f"blk{h}", 0.0)], ["res", "blk"], own, own, gain)
+    return model.eval()
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_sparse_patterns_can_express_the_copy_across_128_positions_in_two_layers(pattern):
+    # The recall table's "not yet" for the sparse patterns at d = 128 rests on this: trained, both sat at chance
+    # for 2,000-6,000 steps, yet two layers of their attention patterns copy every byte with weights set by hand.
+    model = hand_built_copier(pattern)
+    assert bench.copy_accuracy(model, 128, torch.device("cpu")) == 1.0
+    rows = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([torch.full((8, 1), 256), rows, rows], dim=1)  # (8, 257): start, x, x
+    assert torch.equal(model(seq[:, :-1])[0][:, 128:].argmax(-1), seq[:, 129:])  # every copied byte
+    broken = hand_built_copier(pattern, sharp=0.0)  # the same circuit with queries that select nothing
+    assert bench.copy_accuracy(broken, 128, torch.device("cpu")) < 0.1
+
+
 def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finished_rows(text_file, tmp_path,
                                                                                         monkeypatch):
     monkeypatch.setattr(bench, "LONG", ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
