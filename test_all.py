@@ -2833,7 +2833,7 @@ def hand_built_copier(pattern, d=128, sharp=600.0, gain=50.0):
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
 def test_sparse_patterns_can_express_the_copy_across_128_positions_in_two_layers(pattern):
     # The recall table's "not yet" for the sparse patterns at d = 128 rests on this: trained, both sat at chance
-    # for 2,000-6,000 steps, yet two layers of their attention patterns copy every byte with weights set by hand.
+    # for 2,000-6,000 steps (strided 20,000), yet two layers of their patterns copy every byte with hand-set weights.
     model = hand_built_copier(pattern)
     assert bench.copy_accuracy(model, 128, torch.device("cpu")) == 1.0
     rows = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(1))

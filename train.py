@@ -112,15 +112,16 @@ def parse_args(argv=None):
     if args.help:
         mp.print_help()
         sys.exit(0)
+    given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # flags typed on the command line
     args, unknown = mp.parse_known_args(argv)
     if unknown:
         hint = (" (a model's own flags are known with --model: add the checkpoint's --model NAME to resume with them)"
-                if args.resume and not any(a.split("=")[0] == "--model" for a in argv) else "")
+                if args.resume and "model" not in given else "")
         mp.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args.model_overrides = {f.name: getattr(args, f.name) for f in own if getattr(args, f.name) is not None}
     for f in own:
         delattr(args, f.name)
-    args.given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # flags typed on the command line
+    args.given = given
     del args.help
     problem = check_args(args)
     if problem:
