@@ -124,7 +124,7 @@ DEADLINE = math.inf  # time.time() by which the run must end; set by main()
 STAGE_DEADLINE = math.inf  # by which the running stage must end: its share of the time left, set by main()
 # Shares of the time left: a stage gets weight / (sum of the weights of it and the stages after it), so an early
 # stage cannot starve the later ones, and what a stage leaves unused goes to those after it.
-STAGE_WEIGHT = dict(kernels=4, reformer=3)  # the others 1
+STAGE_WEIGHT = dict(kernels=4, kernel_sweep=4, reformer=2)  # the others 1
 
 
 def sync(device):
@@ -363,12 +363,13 @@ def host_us(fn, calls=20, repeats=25):
         KernelInterface.__getitem__ = launch
 
 
-def stage_kernels(sizes, device):
+def stage_kernels(sizes, device, best=None):
     """fwd and fwd+bwd ms of the three implementations on each layout; TFLOP/s over the computed tiles (4 D
     flops per score for q k^T and p v; the backward does 2.5x that), our time over Flex's, max |ours - Flex|, and
     the host time of our call (host_us). Flex gets each pattern as its users write it (model_layouts' mask_mod,
     flex_mask); beside it, as an extra column, Flex given our layout as a table it reads per element
-    (flex_block_mask). Every ratio is to the first."""
+    (flex_block_mask). Every ratio is to the first. best: (name, launch_overrides settings) from sweep_best, our
+    kernels measured again under them (the best_ figures)."""
     c = sizes["attn"]
     B, H, D, tile = c["B"], c["H"], c["D"], c["tile"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -413,6 +414,12 @@ def stage_kernels(sizes, device):
                            fb_vs_fwd=ours[2] / ours[1], host_grad_us=host_us(lambda: call(q, k, v)))
                 with torch.no_grad():
                     row["host_us"] = host_us(lambda: call(q, k, v))
+                if best:
+                    with kernels.launch_overrides(**best[1]):
+                        out, fwd_ms, fb_ms, _ = measure(call, q, k, v, do)
+                    row.update(best_fwd_ms=fwd_ms, best_fb_ms=fb_ms, best_fwd_tflops=flops / fwd_ms / 1e9,
+                               best_fb_vs_fwd=fb_ms / fwd_ms, best_vs_default=(out.float() - ours[0].float()).abs()
+                               .max().item())
             if flex is not None:
                 def flex_figures(make_mask):
                     torch._dynamo.reset()  # each cell compiles its own: past dynamo's recompile limit Flex runs eagerly
@@ -436,6 +443,8 @@ def stage_kernels(sizes, device):
                 row["fwd_vs_flex"] = ours[1] / row["flex_fwd_ms"]
                 if row["flex_fb_ms"]:
                     row["fb_vs_flex"] = ours[2] / row["flex_fb_ms"]
+                    if best:
+                        row["best_fb_vs_flex"] = row["best_fb_ms"] / row["flex_fb_ms"]
             if name == "local":  # the dense reference once per length, beside the first layout
                 sdpa = measure(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v, do)
                 row.update(sdpa_fwd_ms=sdpa[1], sdpa_fb_ms=sdpa[2], sdpa_peak_gib=sdpa[3],
@@ -448,16 +457,20 @@ def stage_kernels(sizes, device):
     rows = run_cells(cells, first_guess=60 if device.type == "cuda" else 1)
     note = "" if ours_runs else " (our kernel: n/a without CUDA; TRITON_INTERPRET=1 runs it on the interpreter)"
     compiled = " and torch.compile" if device.type == "cuda" else ""
+    chosen = f"best: ours with the kernel sweep's best setting in this run ({best[0]}); " if best else ""
     show(f"Block-sparse attention, B={B} H={H} D={D} {str(dtype)[6:]}, tiles of {tile}{note}; ms per call, "
          f"TFLOP/s over the computed tiles, peak GiB above the inputs during fwd+bwd; flex: FlexAttention with the "
          f"arithmetic mask_mod through create_block_mask (blocks of 128){compiled}, every ratio to it; flex (table): "
-         f"with our layout read per element; host us: Python time per call, launches stubbed, without and with "
-         f"gradients", rows,
+         f"with our layout read per element; {chosen}host us: Python time per call, launches stubbed, without and "
+         f"with gradients", rows,
          [("n", "n", ""), ("layout", "layout", ""), ("tiles %", "tiles_pct", ".1f"),
           ("ours fwd", "ours_fwd_ms", ".3f"), ("TF/s", "ours_fwd_tflops", ".0f"), ("ours f+b", "ours_fb_ms", ".3f"),
           ("TF/s", "ours_fb_tflops", ".0f"), ("f+b / fwd", "fb_vs_fwd", ".1f"), ("flex fwd", "flex_fwd_ms", ".3f"),
           ("flex f+b", "flex_fb_ms", ".3f"), ("fwd / flex", "fwd_vs_flex", ".2f"),
           ("f+b / flex", "fb_vs_flex", ".2f"),
+          ("best fwd", "best_fwd_ms", ".3f"), ("TF/s", "best_fwd_tflops", ".0f"), ("best f+b", "best_fb_ms", ".3f"),
+          ("best f+b / fwd", "best_fb_vs_fwd", ".1f"), ("best f+b / flex", "best_fb_vs_flex", ".2f"),
+          ("best vs ours", "best_vs_default", ".1e"),
           ("flex (table) fwd", "table_fwd_ms", ".3f"), ("flex (table) f+b", "table_fb_ms", ".3f"),
           ("ours GiB", "ours_peak_gib", ".2f"), ("flex GiB", "flex_peak_gib", ".2f"),
           ("SDPA fwd", "sdpa_fwd_ms", ".3f"),
@@ -470,32 +483,46 @@ def stage_kernels(sizes, device):
 # ----------------------------------------------------------------------------------------------------------
 # Stage kernel_sweep: the block-sparse kernels' launch settings, one change at a time
 
-# (name, kernels.launch_overrides settings). The defaults (launch_config; on sm_90 for bf16, D 64, tiles of 64:
-# fwd 64 rows x 64-wide sub-tiles, 4 warps; dK/dV and dQ 64 rows x 64, 8 warps; 3 stages each), then the
-# suspects of the backward's slow pace (issue 26): 8 warps splitting 64-row tiles between two warp groups,
-# pipelines deeper than the 2-5 tiles a row's list holds, tile shapes.
+# (name, kernels.launch_overrides settings), most promising first (a run short of time measures the head of the
+# list). The defaults (launch_config; on sm_90 for bf16, D 64, tiles of 64: fwd 64 rows x 64-wide sub-tiles,
+# 4 warps; dK/dV and dQ 64 rows x 64, 8 warps; 3 stages each), then the suspects of the backward's slow pace
+# (issue 26): 64-row programs where Flex's sm_90 backward runs 128 rows (programs over two tiles of the layout:
+# each walks the union of its tiles' lists, masking a tile for the member that does not see it), 8 warps
+# splitting 64-row tiles between two warp groups, pipelines deeper than the 2-5 tiles a row's list holds,
+# tile shapes.
 SWEEP = [
     ("default", {}),
+    ("bwd programs over two tiles (Flex's sm_90 shape)", dict(dkdv=dict(TILE_N=128), dq=dict(TILE_M=128))),
+    ("dq 128-row programs over two tiles", dict(dq=dict(TILE_M=128))),
+    ("dkdv 128-key programs over two tiles", dict(dkdv=dict(TILE_N=128))),
+    ("fwd 128-row programs over two tiles, 8 warps", dict(fwd=dict(TILE_M=128, num_warps=8))),
     ("bwd 4 warps", dict(dkdv=dict(num_warps=4), dq=dict(num_warps=4))),
-    ("bwd 4 warps, 2 stages", dict(dkdv=dict(num_warps=4, num_stages=2), dq=dict(num_warps=4, num_stages=2))),
-    ("bwd 4 warps, 1 stage", dict(dkdv=dict(num_warps=4, num_stages=1), dq=dict(num_warps=4, num_stages=1))),
-    ("bwd 2 stages", dict(dkdv=dict(num_stages=2), dq=dict(num_stages=2))),
     ("dkdv 4 warps", dict(dkdv=dict(num_warps=4))),
     ("dq 4 warps", dict(dq=dict(num_warps=4))),
+    ("one masked loop per program", dict(fwd=dict(MASK_ALL=True), dkdv=dict(MASK_ALL=True), dq=dict(MASK_ALL=True))),
+    ("bwd 2 stages", dict(dkdv=dict(num_stages=2), dq=dict(num_stages=2))),
+    ("bwd 4 warps, 2 stages", dict(dkdv=dict(num_warps=4, num_stages=2), dq=dict(num_warps=4, num_stages=2))),
     ("bwd 32-wide sub-tiles, 4 warps", dict(dkdv=dict(TILE_M=32, num_warps=4), dq=dict(TILE_N=32, num_warps=4))),
-    ("bwd 32-row programs, 4 warps", dict(dkdv=dict(TILE_N=32, num_warps=4), dq=dict(TILE_M=32, num_warps=4))),
     ("fwd 8 warps", dict(fwd=dict(num_warps=8))),
     ("fwd 2 stages", dict(fwd=dict(num_stages=2))),
     ("fwd 32-wide sub-tiles", dict(fwd=dict(TILE_N=32))),
-    ("one masked loop per program", dict(fwd=dict(MASK_ALL=True), dkdv=dict(MASK_ALL=True), dq=dict(MASK_ALL=True))),
+    ("bwd 32-row programs, 4 warps", dict(dkdv=dict(TILE_N=32, num_warps=4), dq=dict(TILE_M=32, num_warps=4))),
+    ("bwd 4 warps, 1 stage", dict(dkdv=dict(num_warps=4, num_stages=1), dq=dict(num_warps=4, num_stages=1))),
     ("dq by atomic adds in dK/dV (not deterministic)", dict(dkdv=dict(DQ_ATOMIC=True))),
     ("dq by atomic adds, dkdv 4 warps", dict(dkdv=dict(DQ_ATOMIC=True, num_warps=4))),
 ]
-# Launch settings change how a kernel runs; the code flags change what it computes, so each setting that sets one
-# gets its own compile check and accuracy test on a GPU.
+# Launch settings change how a kernel runs; the code flags, and programs over several tiles, change what it
+# computes, so each setting with one gets its own compile check and accuracy test on a GPU.
 SWEEP_LAUNCH_KEYS, SWEEP_CODE_FLAGS = {"num_warps", "num_stages", "TILE_M", "TILE_N"}, {"MASK_ALL", "DQ_ATOMIC"}
-SWEEP_NEW_CODE = [name for name, settings in SWEEP
-                  if SWEEP_CODE_FLAGS & {key for kernel in settings.values() for key in kernel}]
+
+
+def new_code(settings, tile=SIZES["gpu"]["attn"]["tile"]):
+    """Whether launch_overrides settings change the kernels' code at `tile` (the GPU sizes' by default)."""
+    return bool(SWEEP_CODE_FLAGS & {key for kernel in settings.values() for key in kernel}) or any(
+        settings.get(kernel, {}).get(rows, 0) > tile for kernel, rows in kernels.PROGRAM_ROWS.items())
+
+
+SWEEP_NEW_CODE = [name for name, settings in SWEEP if new_code(settings)]
 
 
 def stage_kernel_sweep(sizes, device):
@@ -546,6 +573,31 @@ def stage_kernel_sweep(sizes, device):
           ("TF/s", "fwd_tflops", ".0f"), ("f+b ms", "fb_ms", ".3f"), ("TF/s", "fb_tflops", ".0f"),
           ("f+b / fwd", "fb_vs_fwd", ".1f"), ("max diff", "max_diff", ".1e")])
     return rows
+
+
+def sweep_best(rows, gain=0.97):
+    """The sweep's best deterministic setting, as (name, launch_overrides settings), or None when none beats the
+    default: the forward's best (by fwd time) merged with the backward's (by fwd+bwd time), each among the
+    settings that change only that side's kernels and were measured on every layout, its time under `gain`
+    times the default's in the geometric mean over the layouts (closer is noise). The kernels stage measures it
+    beside the default, so a new default comes from the run that chose it."""
+    ok = [r for r in rows or [] if r.get("status") == "ok"]
+    default = {(r["n"], r["layout"]): r for r in ok if r["setting"] == "default"}
+    if not default:
+        return None
+    best = {}  # side -> (name, settings, time ratio to the default)
+    for side, side_kernels, figure in (("fwd", {"fwd"}, "fwd_ms"), ("bwd", {"dq", "dkdv"}, "fb_ms")):
+        for name, settings in SWEEP:
+            mine = {(r["n"], r["layout"]): r for r in ok if r["setting"] == name}
+            if (not settings or set(settings) - side_kernels or set(mine) != set(default)
+                    or any(kernel.get("DQ_ATOMIC") for kernel in settings.values())):
+                continue
+            ratio = math.exp(sum(math.log(mine[c][figure] / default[c][figure]) for c in default) / len(default))
+            if ratio < best.get(side, (None, None, gain))[2]:
+                best[side] = (name, settings, ratio)
+    if not best:
+        return None
+    return " + ".join(name for name, _, _ in best.values()), {k: v for _, s, _ in best.values() for k, v in s.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1019,20 +1071,26 @@ def targets(results):
                f"{format(goal, fmt)})"
 
     kernel_rows = results.get("kernels", [])
-    for n in (16384, 65536):
-        for r in (r for r in kernel_rows if r.get("n") == n):
-            out.append((f"block-sparse fwd+bwd <= 0.7x FlexAttention (arithmetic mask_mod), n={n}, {r['layout']}",
-                        verdict(r.get("fb_vs_flex"), 0.7, "lower", ".2f")))
-    for layout in ("local", "fixed"):
-        out.append((f"block-sparse fwd+bwd <= 4x its fwd, n=65536, {layout}",
-                    verdict((find(kernel_rows, n=65536, layout=layout) or {}).get("fb_vs_fwd"), 4, "lower", ".1f")))
-    out.append(("block-sparse fwd >= 400 TFLOP/s on the computed tiles, n=65536, fixed",
-                verdict((find(kernel_rows, n=65536, layout="fixed") or {}).get("ours_fwd_tflops"), 400, "higher",
-                        ".0f")))
-    strided = next((r for r in kernel_rows if r.get("n") == 16384 and r.get("layout", "").startswith("strided")
-                    and r["status"] == "ok"), {})
-    out.append(("block-sparse fwd >= 120 TFLOP/s on the computed tiles, n=16384, strided",
-                verdict(strided.get("ours_fwd_tflops"), 120, "higher", ".0f")))
+    variants = [("", dict(flex="fb_vs_flex", fwd="fb_vs_fwd", tflops="ours_fwd_tflops"))]
+    if any("best_fb_ms" in r for r in kernel_rows):  # the sweep's best setting, measured beside the default
+        variants.append((", sweep's best setting", dict(flex="best_fb_vs_flex", fwd="best_fb_vs_fwd",
+                                                       tflops="best_fwd_tflops")))
+    for label, key in variants:
+        for n in (16384, 65536):
+            for r in (r for r in kernel_rows if r.get("n") == n):
+                out.append((f"block-sparse fwd+bwd <= 0.7x FlexAttention (arithmetic mask_mod), n={n}, "
+                            f"{r['layout']}{label}", verdict(r.get(key["flex"]), 0.7, "lower", ".2f")))
+        for layout in ("local", "fixed"):
+            out.append((f"block-sparse fwd+bwd <= 4x its fwd, n=65536, {layout}{label}",
+                        verdict((find(kernel_rows, n=65536, layout=layout) or {}).get(key["fwd"]), 4, "lower",
+                                ".1f")))
+        out.append((f"block-sparse fwd >= 400 TFLOP/s on the computed tiles, n=65536, fixed{label}",
+                    verdict((find(kernel_rows, n=65536, layout="fixed") or {}).get(key["tflops"]), 400, "higher",
+                            ".0f")))
+        strided = next((r for r in kernel_rows if r.get("n") == 16384 and r.get("layout", "").startswith("strided")
+                        and r["status"] == "ok"), {})
+        out.append((f"block-sparse fwd >= 120 TFLOP/s on the computed tiles, n=16384, strided{label}",
+                    verdict(strided.get(key["tflops"]), 120, "higher", ".0f")))
     host = max((r["host_us"] for r in kernel_rows if "host_us" in r), default=None)
     out.append(("host (Python) time per attention() call <= 40 us, launches stubbed (slowest layout)",
                 verdict(host, 40, "lower", ".0f")))
@@ -1087,7 +1145,9 @@ def main(argv=None):
     record = device_record(device)
     print(f"bench on {record['gpu'] or 'CPU'}: torch {record['torch']}, triton {record['triton']}, budget "
           f"{args.budget:.0f} s, {'GPU' if sizes is SIZES['gpu'] else 'tiny'} sizes; {kernels.backend_info(device)}")
-    stages = dict(kernels=lambda: stage_kernels(sizes, device), lsh=lambda: stage_lsh(sizes, device),
+    results = {}
+    stages = dict(kernels=lambda: stage_kernels(sizes, device, sweep_best(results.get("kernel_sweep"))),
+                  lsh=lambda: stage_lsh(sizes, device),
                   reformer=lambda: stage_reformer(sizes, device), aft=lambda: stage_aft(sizes, device),
                   perceiver=lambda: stage_perceiver(sizes, device),
                   generate=lambda: stage_generate(sizes, device, args.models),
@@ -1095,7 +1155,6 @@ def main(argv=None):
                   same_budget=lambda: stage_same_budget(args, device),
                   long_context=lambda: stage_long_context(args, device), recall=lambda: stage_recall(args, device),
                   kernel_sweep=lambda: stage_kernel_sweep(sizes, device))
-    results = {}
     for i, name in enumerate(args.stages):
         weights = [STAGE_WEIGHT.get(stage, 1) for stage in args.stages[i:]]
         STAGE_DEADLINE = time.time() + (DEADLINE - time.time()) * weights[0] / sum(weights)

@@ -205,14 +205,16 @@ def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, sca
 SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
 
-# Forward. One program computes TILE_M output rows (of one query tile, TILE rows) of one (batch, head): grid
-# (T / TILE_M, B * H). q, the running max m, the running sum l and the output accumulator stay in SRAM while the
-# program walks its tile's list of key tiles in sub-tiles of TILE_N keys. Per sub-tile, with s the scores:
+# Forward. One program computes TILE_M output rows (of one query tile, TILE rows; or of GROUP whole tiles, when
+# TILE_M is a multiple of TILE: then its list is their lists' union, and a listed tile one of them does not see
+# is masked for that one's rows) of one (batch, head): grid (T / TILE_M, B * H). q, the running max m, the
+# running sum l and the output accumulator stay in SRAM while the program walks its tile's list of key tiles in
+# sub-tiles of TILE_N keys. Per sub-tile, with s the scores:
 #     m' = max(m, rowmax(s))
 #     l' = l * 2^(m - m') + rowsum(2^(s - m'))
 #     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future, window,
+def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, hidden, qk_scale, H, T, S, layout_heads, future, window,
                 TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
                 MASK_ALL: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -227,24 +229,25 @@ def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layo
     m_i = tl.full([TILE_M], -1.0e30, tl.float32)  # finite, so a fully masked tile gives 2^(-inf) = 0, not NaN
     l_i = tl.zeros([TILE_M], tl.float32)
     acc = tl.zeros([TILE_M, D], tl.float32)
-    row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
+    GROUP = (TILE_M + TILE - 1) // TILE  # query tiles per program, and per list row
+    row = (bh % H) % layout_heads * (T // (TILE * GROUP)) + pid * TILE_M // (TILE * GROUP)
     lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
     if MASK_ALL:  # the whole list in the masked loop: one loop (one pipeline to fill) where lists are short
         mid = hi
     past = S - T
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, mid, qk_scale, offs_m, past, future, window,
-                               TILE, TILE_N, D, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, hidden, lo, mid, qk_scale, offs_m, past, future,
+                               window, TILE, GROUP, TILE_N, D, True)
     if not MASK_ALL:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window,
-                                   TILE, TILE_N, D, False)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, hidden, mid, hi, qk_scale, offs_m, past, future,
+                                   window, TILE, GROUP, TILE_N, D, False)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
     tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
     tl.store(LSE + offs_m, m_i + tl.log2(l_i))
 
 
 @jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window, TILE: tl.constexpr,
-               TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, hidden, lo, hi, qk_scale, offs_m, past, future, window,
+               TILE: tl.constexpr, GROUP: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
     """The recurrence over the key list's entries lo .. hi-1, for the query rows offs_m."""
     SPLIT = TILE // TILE_N  # sub-tiles per list entry
     offs_n = tl.arange(0, TILE_N)
@@ -254,7 +257,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, fut
         kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, TILE_N)
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            s = tl.where(_band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window), s, float("-inf"))
+            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
+            if GROUP > 1:
+                keep &= _seen(hidden + it // SPLIT, offs_m, TILE, GROUP)[:, None]
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -271,15 +277,23 @@ def _band(q_pos, k_pos, future, window):
     return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
 
 
-# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of one
-# (batch, head): grid (T / TILE_M, B * H). It computes its rows' delta = rowsum(out * dout) in fp32 and stores
-# it for the dK/dV kernel (a launch fewer than a kernel of its own). q, dout, lse, delta and the dq accumulator
-# stay in SRAM while the program walks the same key list as the forward, in sub-tiles of TILE_N keys:
+@jit
+def _seen(hidden, offs, TILE: tl.constexpr, GROUP: tl.constexpr):
+    """For a program over GROUP tiles: whether each of its rows offs (query rows, or keys for dK/dV) belongs to
+    a member tile that sees the list entry whose hidden bits (tile_lists) `hidden` points to."""
+    return (tl.load(hidden) >> (offs // TILE % GROUP) & 1) == 0
+
+
+# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile, or of GROUP
+# whole ones as in the forward) of one (batch, head): grid (T / TILE_M, B * H). It computes its rows'
+# delta = rowsum(out * dout) in fp32 and stores it for the dK/dV kernel (a launch fewer than a kernel of its
+# own). q, dout, lse, delta and the dq accumulator stay in SRAM while the program walks the same key list as the
+# forward, in sub-tiles of TILE_N keys:
 #     P = 2^(s - lse)
 #     dP = dout v^T
 #     dq += scale * (P * (dP - delta)) k
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, hidden, qk_scale, scale, H, T, S,
                    layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
                    D: tl.constexpr, MASK_ALL: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -300,22 +314,23 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_sc
     tl.store(DELTA + offs_m, delta)
     lse = tl.load(LSE + offs_m)
     dq = tl.zeros([TILE_M, D], tl.float32)
-    row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
+    GROUP = (TILE_M + TILE - 1) // TILE
+    row = (bh % H) % layout_heads * (T // (TILE * GROUP)) + pid * TILE_M // (TILE * GROUP)
     lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
     if MASK_ALL:
         mid = hi
     past = S - T
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, mid, qk_scale, offs_m, past, future, window, TILE, TILE_N,
-                   D, True)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, lo, mid, qk_scale, offs_m, past, future, window,
+                   TILE, GROUP, TILE_N, D, True)
     if not MASK_ALL:
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, offs_m, past, future, window, TILE,
-                       TILE_N, D, False)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, mid, hi, qk_scale, offs_m, past, future, window,
+                       TILE, GROUP, TILE_N, D, False)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
 
 
 @jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window, TILE: tl.constexpr,
-              TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, lo, hi, qk_scale, offs_m, past, future, window,
+              TILE: tl.constexpr, GROUP: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
     """The sum over the key list's entries lo .. hi-1, for the query rows offs_m."""
     SPLIT = TILE // TILE_N
     offs_n = tl.arange(0, TILE_N)
@@ -326,17 +341,20 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past,
         vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            s = tl.where(_band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window), s, float("-inf"))
+            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
+            if GROUP > 1:
+                keep &= _seen(hidden + it // SPLIT, offs_m, TILE, GROUP)[:, None]
+            s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = p * (tl.dot(do, vT) - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
     return dq
 
 
-# Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile, TILE keys) of one
-# (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the program walks
-# the query tiles that visit its tile, in sub-tiles of TILE_M queries. With P recomputed from the saved lse,
-# and delta as the dQ kernel (launched first) stored it:
+# Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile, TILE keys, or of
+# GROUP whole ones as in the forward) of one (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv
+# accumulators stay in SRAM while the program walks the query tiles that visit its tile, in sub-tiles of TILE_M
+# queries. With P recomputed from the saved lse, and delta as the dQ kernel (launched first) stored it:
 #     P = 2^(s - lse)                      (the forward's softmax, exactly)
 #     dv += P^T dout,   dP = dout v^T
 #     dk += scale * (P * (dP - delta))^T q
@@ -344,7 +362,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past,
 # scale * (P * (dP - delta)) k, into an fp32 DQ by atomic adds, and the dQ kernel does not run: 5 matrix products
 # in the backward instead of 7, but the order of the additions varies, so dq is not bit-reproducible.
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T, S,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, col_ptr, col_mid, rows, hidden, qk_scale, scale, H, T, S,
                      layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr,
                      TILE_N: tl.constexpr, D: tl.constexpr, MASK_ALL: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -363,24 +381,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, col_ptr, col_mid, rows
     v = tl.load(V + offs_n[:, None] * D + offs_d[None, :])
     dk = tl.zeros([TILE_N, D], tl.float32)
     dv = tl.zeros([TILE_N, D], tl.float32)
-    col = (bh % H) % layout_heads * (S // TILE) + pid * TILE_N // TILE
+    GROUP = (TILE_N + TILE - 1) // TILE  # key tiles per program, and per list column
+    col = (bh % H) % layout_heads * (S // (TILE * GROUP)) + pid * TILE_N // (TILE * GROUP)
     lo, mid, hi = tl.load(col_ptr + col), tl.load(col_mid + col), tl.load(col_ptr + col + 1)
     if MASK_ALL:
         mid = hi
     past = S - T
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, lo, mid, qk_scale, scale, offs_n, past, future,
-                         window, TILE, TILE_M, D, True, DQ_ATOMIC)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, lo, mid, qk_scale, scale, offs_n, past,
+                         future, window, TILE, GROUP, TILE_M, D, True, DQ_ATOMIC)
     if not MASK_ALL:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, mid, hi, qk_scale, scale, offs_n, past,
-                             future, window, TILE, TILE_M, D, False, DQ_ATOMIC)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, mid, hi, qk_scale, scale, offs_n,
+                             past, future, window, TILE, GROUP, TILE_M, D, False, DQ_ATOMIC)
     tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
 
 
 @jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, lo, hi, qk_scale, scale, offs_n, past, future, window,
-                TILE: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
-                DQ_ATOMIC: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, lo, hi, qk_scale, scale, offs_n, past, future,
+                window, TILE: tl.constexpr, GROUP: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr,
+                MASKED: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """The sums over the query list's entries lo .. hi-1, for the key rows offs_n (a key's row is its position)."""
     SPLIT = TILE // TILE_M
     offs_m = tl.arange(0, TILE_M)
@@ -390,7 +409,10 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, lo, hi, qk_scale, sca
         qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, TILE_M)
         sT = tl.dot(k, qT) * qk_scale
         if MASKED:
-            sT = tl.where(_band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window), sT, float("-inf"))
+            keep = _band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window)
+            if GROUP > 1:
+                keep &= _seen(hidden + it // SPLIT, offs_n, TILE, GROUP)[:, None]
+            sT = tl.where(keep, sT, float("-inf"))
         pT = tl.exp2(sT - tl.load(LSE + m_lo + offs_m)[None, :])
         do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (TILE_M, D)
         dv += tl.dot(pT.to(do.dtype), do)
@@ -427,14 +449,20 @@ def _layout_key(layout):
     return seen[2]
 
 
-def tile_lists(layout, tile, T, S, future, window, device):
-    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid), int32 on
-    `device`. Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles
+def tile_lists(layout, tile, T, S, future, window, device, group=1):
+    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid, row_hidden,
+    col_hidden), int32 on `device`. Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles
     cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge; key tile n
     (list column i = h*S/tile + n) is visited by query tiles rows[col_ptr[i] : col_ptr[i + 1]], likewise split
-    at col_mid[i]. Cached on the layout's content, shapes and band (future, window)."""
-    key = (_layout_key(layout), tile, T, S, future, window, str(device))
+    at col_mid[i]. With group > 1 a list row is `group` query tiles at once (a program over several tiles) and
+    visits the key tiles any of them visits; bit g of row_hidden (aligned with cols) says member g does not see
+    that key tile, and such entries count as cut. The columns likewise group key tiles (col_hidden). Cached on
+    the layout's content, shapes, band (future, window) and group."""
+    key = (_layout_key(layout), tile, T, S, future, window, str(device), group)
     if key not in _index_cache:
+        if T % (tile * group) or S % (tile * group):
+            raise ValueError(f"block-sparse programs over {group} tiles of {tile} need T and S to be multiples of "
+                             f"{group * tile}, got T={T}, S={S}")
         if layout is None:
             layout = torch.ones(1, T // tile, S // tile, dtype=torch.bool)
         q_first = S - T + torch.arange(T // tile)[:, None] * tile  # first query position of each tile
@@ -443,16 +471,22 @@ def tile_lists(layout, tile, T, S, future, window, device):
         visible = layout.to("cpu", torch.bool) & (k_first <= q_last + future) & (k_last > q_first - window)
         cut = (k_last > q_first + future) | (k_first <= q_last - window)  # (T/tile, S/tile)
 
-        def csr(v, edge):  # (H', R, C) bools -> row pointers over the H'*R rows, first whole tiles, columns
+        def csr(v, edge):  # (H', R, C) bools -> row pointers over the H'*R/group rows, first cut tiles, columns
+            v, edge = (x.unflatten(1, (-1, group)) for x in (v, edge.expand_as(v)))  # (H', R/group, group, C)
+            hidden = ~v & v.any(2, keepdim=True)  # a member that does not see a tile its group visits
+            bits = (hidden * 2 ** torch.arange(group)[:, None]).sum(2)  # (H', R/group, C)
+            v, edge = v.any(2), (v & edge).any(2) | hidden.any(2)
             ptr = F.pad(v.sum(-1).flatten().cumsum(0), (1, 0))
             mid = ptr[:-1] + (v & edge).sum(-1).flatten()
-            idx = torch.cat([v & edge, v & ~edge], dim=-1).nonzero()[:, 2] % v.size(-1)  # cut tiles first
-            return ptr.to(device, torch.int32), idx.to(device, torch.int32), mid.to(device, torch.int32)
+            h, r, c = torch.cat([v & edge, v & ~edge], dim=-1).nonzero().unbind(1)  # cut tiles first
+            c = c % v.size(-1)
+            return [x.to(device, torch.int32) for x in (ptr, c, mid, bits[h, r, c])]
 
         if len(_index_cache) >= 64:  # a handful of layouts per model; keep memory bounded all the same
             _index_cache.pop(next(iter(_index_cache)))
-        (row_ptr, cols, row_mid), (col_ptr, rows, col_mid) = csr(visible, cut), csr(visible.mT, cut.T)
-        _index_cache[key] = (row_ptr, cols, col_ptr, rows, row_mid, col_mid)
+        (row_ptr, cols, row_mid, row_hidden), (col_ptr, rows, col_mid, col_hidden) = \
+            csr(visible, cut), csr(visible.mT, cut.T)
+        _index_cache[key] = (row_ptr, cols, col_ptr, rows, row_mid, col_mid, row_hidden, col_hidden)
     return _index_cache[key]
 
 
@@ -462,8 +496,9 @@ def launch_config(tile, D, dtype, arch):
     program owns up to 128 rows; a backward program fewer the wider its rows; sub-tiles 64 wide, 32 for fp32 rows
     of 128 and in the backward outside sm_90; 8 warps for the larger tiles; 3 stages on sm_80 and sm_90, 2
     elsewhere, but 1 for the fp32 dK/dV kernel at head dims of 64 and more there (with 2 it spills); MASK_ALL
-    and DQ_ATOMIC off (options for sweeps: _bwd_dkdv_kernel). docs/kernels.md says how these were chosen; the
-    compile check in test_all.py checks them."""
+    and DQ_ATOMIC off (options for sweeps: _bwd_dkdv_kernel). Through launch_overrides a program's rows may also
+    be a multiple of the tile (GROUP tiles, walking tile_lists at that group; an option for sweeps too).
+    docs/kernels.md says how these were chosen; the compile check in test_all.py checks them."""
     arch = arch or 90
     row_bytes = D * dtype.itemsize
     width = min(tile, 64 if row_bytes <= 256 else 32)
@@ -480,51 +515,60 @@ def launch_config(tile, D, dtype, arch):
                 dq=dict(TILE_M=bwd_rows, TILE_N=inner, MASK_ALL=False, num_stages=stages, **bwd))
 
 
+PROGRAM_ROWS = dict(fwd="TILE_M", dq="TILE_M", dkdv="TILE_N")  # per kernel, the setting of a program's rows
+
+
 def _sparse_launch(tile, D, dtype, arch):
-    """launch_config with the overrides, computed once per configuration."""
+    """launch_config with the overrides, computed once per configuration, and per kernel the number of tiles a
+    program spans (1 unless its rows are a multiple of the tile: then it walks tile_lists at that group)."""
     key = ("sparse", tile, D, dtype, arch)
     if key not in _launch_cache:
         cfg = _with_overrides(launch_config(tile, D, dtype, arch))
-        widths = [cfg[kernel][side] for kernel in cfg for side in ("TILE_M", "TILE_N")]
-        if any(tile % w or w < 16 for w in widths):  # a program's rows and sub-tiles lie inside one tile
-            raise ValueError(f"block-sparse programs and sub-tiles must divide tile={tile} and be at least 16 "
-                             f"wide, got {cfg}")
-        _launch_cache[key] = cfg
+        rows = {kernel: cfg[kernel][side] for kernel, side in PROGRAM_ROWS.items()}
+        widths = [cfg[kernel][side] for kernel in cfg for side in ("TILE_M", "TILE_N") if side != PROGRAM_ROWS[kernel]]
+        if any(tile % w or w < 16 for w in widths) or any(r < 16 or tile % r and r % tile for r in rows.values()):
+            raise ValueError(f"block-sparse sub-tiles must divide tile={tile}, and programs' rows divide it or be "
+                             f"a multiple of it, all at least 16 wide; got {cfg}")
+        _launch_cache[key] = cfg, {kernel: max(1, r // tile) for kernel, r in rows.items()}
     return _launch_cache[key]
 
 
-def _sparse_forward(q, k, v, lists, tile, future, window, scale, cfg):
+def _sparse_forward(q, k, v, lists, layout_heads, tile, future, window, scale, cfg):
     """The forward kernel's launch: out (B, H, T, D) and lse (B, H, T, log2 units) for q, k, v (B, H, T or S, D)
-    contiguous and aligned, lists from tile_lists, cfg from _sparse_launch."""
+    contiguous and aligned, lists from tile_lists at the forward's group, cfg from _sparse_launch."""
     B, H, T, D = q.shape
     S = k.size(2)
-    row_ptr, cols, _, _, row_mid, _ = lists
-    layout_heads = (row_ptr.numel() - 1) // (T // tile)
+    row_ptr, cols, _, _, row_mid, _, row_hidden, _ = lists
     o = torch.empty_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     _fwd_kernel[(T // cfg["fwd"]["TILE_M"], B * H)](
-        q, k, v, o, lse, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future, window,
+        q, k, v, o, lse, row_ptr, row_mid, cols, row_hidden, scale * LOG2E, H, T, S, layout_heads, future, window,
         TILE=tile, D=D, **cfg["fwd"])
     return o, lse
 
 
-def _sparse_attention(q, k, v, lists, tile, future, window, scale, arch):
+def _sparse_attention(q, k, v, layout, tile, future, window, scale, arch):
     """attention()'s Triton path after its checks, for sm_`arch`: through the autograd Function only when a
     gradient is wanted (it costs microseconds a call)."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    cfg = _sparse_launch(tile, q.size(3), q.dtype, arch)
+    cfg, groups = _sparse_launch(tile, q.size(3), q.dtype, arch)
+    index = (layout, tile, q.size(2), k.size(2), future, window, q.device)  # tile_lists' arguments but the group
+    launch = (1 if layout is None else layout.size(0), tile, future, window, scale, cfg)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _BlockSparseAttention.apply(q, k, v, lists, (tile, future, window, scale, cfg))
-    return _sparse_forward(q, k, v, lists, tile, future, window, scale, cfg)[0]
+        lists = {group: tile_lists(*index, group) for group in set(groups.values())}
+        return _BlockSparseAttention.apply(q, k, v, lists, (*launch, groups))
+    return _sparse_forward(q, k, v, tile_lists(*index, groups["fwd"]), *launch)[0]
 
 
 class _BlockSparseAttention(torch.autograd.Function):
-    """The forward launch, and the backward's; lists and the settings (tile, future, window, scale, cfg) as
-    _sparse_forward takes them. Each argument costs apply() time: the settings travel as one."""
+    """The forward launch, and the backward's; lists {group: tile_lists} and the settings (layout_heads, tile,
+    future, window, scale, cfg, groups) of _sparse_attention. Each argument costs apply() time: the settings
+    travel as one."""
 
     @staticmethod
     def forward(ctx, q, k, v, lists, settings):
-        o, lse = _sparse_forward(q, k, v, lists, *settings)
+        *launch, groups = settings
+        o, lse = _sparse_forward(q, k, v, lists[groups["fwd"]], *launch)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.lists, ctx.settings = lists, settings  # the cached index lists: no input, never modified
         return o
@@ -532,11 +576,11 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        row_ptr, cols, col_ptr, rows, row_mid, col_mid = ctx.lists
-        tile, future, window, scale, cfg = ctx.settings
+        layout_heads, tile, future, window, scale, cfg, groups = ctx.settings
+        row_ptr, cols, _, _, row_mid, _, row_hidden, _ = ctx.lists[groups["dq"]]
+        _, _, col_ptr, rows, _, col_mid, _, col_hidden = ctx.lists[groups["dkdv"]]
         B, H, T, D = q.shape
         S = k.size(2)
-        layout_heads = (row_ptr.numel() - 1) // (T // tile)
         do = _aligned(do)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         if cfg["dkdv"]["DQ_ATOMIC"]:  # the dK/dV kernel adds up dq in fp32; delta (B, H, T) comes first
@@ -545,10 +589,10 @@ class _BlockSparseAttention(torch.autograd.Function):
         else:  # the dQ kernel writes dq and delta, which the dK/dV kernel after it reads
             delta, dq = torch.empty_like(lse), torch.empty_like(q)
             _bwd_dq_kernel[(T // cfg["dq"]["TILE_M"], B * H)](
-                q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
+                q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, row_hidden, scale * LOG2E, scale, H, T, S,
                 layout_heads, future, window, TILE=tile, D=D, **cfg["dq"])
         _bwd_dkdv_kernel[(S // cfg["dkdv"]["TILE_N"], B * H)](
-            q, k, v, do, lse, delta, dq, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
+            q, k, v, do, lse, delta, dq, dk, dv, col_ptr, col_mid, rows, col_hidden, scale * LOG2E, scale, H, T, S,
             layout_heads, future, window, TILE=tile, D=D, **cfg["dkdv"])
         return dq.to(q.dtype), dk, dv, None, None
 
@@ -616,9 +660,8 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
     last_backend = "triton"
     future = 0 if causal else S  # the band of the kernels' section comment
     window = S + 1 if window is None else min(window, S + 1)
-    lists = tile_lists(layout, tile, T, S, future, window, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    return _sparse_attention(q, k, v, lists, tile, future, window, scale, _arch(q.device))
+    return _sparse_attention(q, k, v, layout, tile, future, window, scale, _arch(q.device))
 
 
 def decoding_sdpa():
