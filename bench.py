@@ -21,9 +21,10 @@ Stages, in the order they run (the first five are the project's GPU targets):
   kernel_sweep (on request) the block-sparse kernels' launch settings (bench.SWEEP), one change at a time
 
 Within --budget seconds: each stage gets a share of the time left (STAGE_WEIGHT), and a cell (one size of one
-model) starts only when the stage's time left exceeds an estimate of its cost (4x that model's previous cell);
-the others are printed as skipped. Out-of-memory and errors are table entries.
-Each stage prints a markdown table; out_dir/bench.json holds the device, versions, command and every figure.
+model) starts only when the stage's time left exceeds an estimate of its cost (4x that model's previous cell,
+2x in the kernel stages); the others are printed as skipped. Out-of-memory and errors are table entries.
+Each stage prints a markdown table; out_dir/bench.json holds the device, versions, command and every figure,
+rewritten after every cell, so a run stopped from outside keeps what it finished.
 """
 import argparse
 import gc
@@ -122,9 +123,10 @@ def parse_args(argv=None):
 
 DEADLINE = math.inf  # time.time() by which the run must end; set by main()
 STAGE_DEADLINE = math.inf  # by which the running stage must end: its share of the time left, set by main()
+SAVE_CELLS = None  # main's: records the running stage's cells so far, so a run killed mid-stage keeps them
 # Shares of the time left: a stage gets weight / (sum of the weights of it and the stages after it), so an early
 # stage cannot starve the later ones, and what a stage leaves unused goes to those after it.
-STAGE_WEIGHT = dict(kernels=4, kernel_sweep=4, reformer=2)  # the others 1
+STAGE_WEIGHT = dict(kernels=5, kernel_sweep=3, reformer=2)  # the others 1
 
 
 def sync(device):
@@ -193,10 +195,11 @@ def attempt(cell):
             torch.cuda.empty_cache()
 
 
-def run_cells(cells, first_guess):
-    """Run (label, cell) pairs in order while the stage's time lasts: a cell starts only if 4x the time of the
-    previous cell of the same model (first_guess seconds for the first) fits before the stage's deadline.
-    Returns one dict per cell."""
+def run_cells(cells, first_guess, growth=4):
+    """Run (label, cell) pairs in order while the stage's time lasts: a cell starts only if `growth` times the
+    time of the previous cell of the same model (first_guess seconds for the first) fits before the stage's
+    deadline; 4 for cells that grow (a doubled length), less where the next is about as costly. Returns one dict
+    per cell."""
     results, estimates = [], {}
     for label, cell in cells:
         estimate = estimates.get(label.get("model"), first_guess)
@@ -206,8 +209,10 @@ def run_cells(cells, first_guess):
             continue
         t0 = time.time()
         results.append({**label, **attempt(cell)})
-        estimates[label.get("model")] = 4 * (time.time() - t0)
+        estimates[label.get("model")] = growth * (time.time() - t0)
         print(f"  {label}: {results[-1]['status']} ({time.time() - t0:.1f} s)")
+        if SAVE_CELLS:
+            SAVE_CELLS(results)
     return results
 
 
@@ -368,8 +373,9 @@ def stage_kernels(sizes, device, best=None):
     flops per score for q k^T and p v; the backward does 2.5x that), our time over Flex's, max |ours - Flex|, and
     the host time of our call (host_us). Flex gets each pattern as its users write it (model_layouts' mask_mod,
     flex_mask); beside it, as an extra column, Flex given our layout as a table it reads per element
-    (flex_block_mask). Every ratio is to the first. best: (name, launch_overrides settings) from sweep_best, our
-    kernels measured again under them (the best_ figures)."""
+    (flex_block_mask), measured after every layout's other figures (the GPU run's time goes to those first).
+    Every ratio is to the first. best: (name, launch_overrides settings) from sweep_best, our kernels measured
+    again under them (the best_ figures)."""
     c = sizes["attn"]
     B, H, D, tile = c["B"], c["H"], c["D"], c["tile"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -396,11 +402,22 @@ def stage_kernels(sizes, device, best=None):
                         above=torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
         return out, fwd, both, peak
 
+    def inputs(n):
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v, do = (torch.randn(B, H, n, D, device=device, dtype=dtype, generator=g) for _ in range(4))
+        return [t.requires_grad_() for t in (q, k, v)] + [do]
+
+    def flex_figures(make_mask, q, k, v, do):
+        """{out, fwd_ms, fb_ms, peak_gib} of compiled Flex with the BlockMask make_mask() builds."""
+        torch._dynamo.reset()  # each cell compiles its own: past dynamo's recompile limit Flex runs eagerly
+        mask = make_mask()
+        # FlexAttention has no backward on a CPU: there it is timed forward only
+        figures = measure(lambda q, k, v: flex(q, k, v, block_mask=mask), q, k, v, do, backward=device.type == "cuda")
+        return dict(zip(("out", "fwd_ms", "fb_ms", "peak_gib"), figures))
+
     def cell(n, name, layout, window, mask_mod):
         def run():
-            g = torch.Generator(device=device).manual_seed(0)
-            q, k, v, do = (torch.randn(B, H, n, D, device=device, dtype=dtype, generator=g) for _ in range(4))
-            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            q, k, v, do = inputs(n)
             tiles = kernels.tile_lists(layout, tile, n, n, 0, n + 1 if window is None else window, device)[1]
             flops = 4.0 * B * D * tile * tile * tiles.numel() * (H // layout.size(0))  # tiles are per layout head
             row = dict(tiles_pct=100 * tiles.numel() / (layout.size(0) * (n // tile) ** 2))
@@ -421,23 +438,12 @@ def stage_kernels(sizes, device, best=None):
                                best_fb_vs_fwd=fb_ms / fwd_ms, best_vs_default=(out.float() - ours[0].float()).abs()
                                .max().item())
             if flex is not None:
-                def flex_figures(make_mask):
-                    torch._dynamo.reset()  # each cell compiles its own: past dynamo's recompile limit Flex runs eagerly
-                    mask = make_mask()
-                    # FlexAttention has no backward on a CPU: there it is timed forward only
-                    figures = measure(lambda q, k, v: flex(q, k, v, block_mask=mask), q, k, v, do,
-                                      backward=device.type == "cuda")
-                    return dict(zip(("out", "fwd_ms", "fb_ms", "peak_gib"), figures))
-                masks = dict(flex=lambda: flex_mask(mask_mod, layout.size(0), n, device),
-                             table=lambda: flex_block_mask(layout, tile, n, window, device))
-                for kind, make_mask in masks.items():
-                    figures = attempt(lambda: flex_figures(make_mask))  # a failing Flex costs no other figure
-                    status, out = figures.pop("status"), figures.pop("out", None)
-                    row.update({f"{kind}_{key}": value for key, value in figures.items()})
-                    if status != "ok":
-                        row[f"{kind}_status"] = status
-                    if kind == "flex":
-                        theirs = out
+                figures = attempt(lambda: flex_figures(lambda: flex_mask(mask_mod, layout.size(0), n, device),
+                                                       q, k, v, do))  # a failing Flex costs no other figure
+                status, theirs = figures.pop("status"), figures.pop("out", None)
+                row.update({f"flex_{key}": value for key, value in figures.items()})
+                if status != "ok":
+                    row["flex_status"] = status
             if ours and theirs is not None:
                 row["max_diff"] = (ours[0].float() - theirs.float()).abs().max().item()
                 row["fwd_vs_flex"] = ours[1] / row["flex_fwd_ms"]
@@ -452,9 +458,25 @@ def stage_kernels(sizes, device, best=None):
             return row
         return run
 
+    def table_cell(n, layout, window):
+        def run():
+            figures = flex_figures(lambda: flex_block_mask(layout, tile, n, window, device), *inputs(n))
+            return {f"table_{key}": value for key, value in figures.items() if key != "out"}
+        return run
+
+    layouts = [(n, *spec) for n in c["lengths"] for spec in model_layouts(n, tile, c["band"], H)]
     cells = [({"n": n, "layout": name}, cell(n, name, layout, window, mask_mod))
-             for n in c["lengths"] for name, layout, window, mask_mod in model_layouts(n, tile, c["band"], H)]
-    rows = run_cells(cells, first_guess=60 if device.type == "cuda" else 1)
+             for n, name, layout, window, mask_mod in layouts]
+    if flex is not None:
+        cells += [({"n": n, "layout": name, "flex": "table"}, table_cell(n, layout, window))
+                  for n, name, layout, window, _ in layouts]
+    rows = run_cells(cells, first_guess=60 if device.type == "cuda" else 1, growth=2)
+    rows, tables = rows[:len(layouts)], rows[len(layouts):]
+    for row, table in zip(rows, tables):  # the table Flex's figures join their layout's row
+        status = table.pop("status")
+        row.update({key: value for key, value in table.items() if key.startswith("table_")})
+        if status != "ok":
+            row["table_status"] = status
     note = "" if ours_runs else " (our kernel: n/a without CUDA; TRITON_INTERPRET=1 runs it on the interpreter)"
     compiled = " and torch.compile" if device.type == "cuda" else ""
     chosen = f"best: ours with the kernel sweep's best setting in this run ({best[0]}); " if best else ""
@@ -565,7 +587,7 @@ def stage_kernel_sweep(sizes, device):
 
     rows = run_cells([({"setting": setting, "n": n, "layout": name}, cell(setting, n, name, layout, window))
                       for setting, _ in SWEEP for n, name, layout, window in cases],
-                     first_guess=20 if device.type == "cuda" else 1)
+                     first_guess=20 if device.type == "cuda" else 1, growth=2)
     show(f"Kernel launch settings, B={B} H={H} D={D} {str(dtype)[6:]}, tiles of {tile} (kernels.launch_overrides; "
          f"bench.SWEEP says what each changes); ms per call, TFLOP/s over the computed tiles; max diff: output and "
          f"gradients against the default setting's", rows,
@@ -1129,7 +1151,8 @@ def write_record(args, record, results, verdicts):
     path = os.path.join(args.out_dir, "bench.json")
     with open(path, "w") as f:
         json.dump(dict(record, budget_s=args.budget, seconds=round(time.time() - (DEADLINE - args.budget), 1),
-                       results=results, targets=verdicts), f, indent=1)
+                       results=results, targets=verdicts), f, indent=1,
+                  default=lambda value: None)  # a stage's cells may hold tensors it reduces to figures at its end
     with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
         f.write(f"{record['gpu'] or 'CPU'}, torch {record['torch']}, triton {record['triton']}: `{record['command']}`"
                 "\n\n" + "\n\n".join(TABLES) + "\n")
@@ -1137,7 +1160,7 @@ def write_record(args, record, results, verdicts):
 
 
 def main(argv=None):
-    global DEADLINE, STAGE_DEADLINE
+    global DEADLINE, STAGE_DEADLINE, SAVE_CELLS
     args = parse_args(argv)
     device = torch.device(train.default_device(args))
     DEADLINE = time.time() + args.budget
@@ -1155,15 +1178,19 @@ def main(argv=None):
                   same_budget=lambda: stage_same_budget(args, device),
                   long_context=lambda: stage_long_context(args, device), recall=lambda: stage_recall(args, device),
                   kernel_sweep=lambda: stage_kernel_sweep(sizes, device))
-    for i, name in enumerate(args.stages):
-        weights = [STAGE_WEIGHT.get(stage, 1) for stage in args.stages[i:]]
-        STAGE_DEADLINE = time.time() + (DEADLINE - time.time()) * weights[0] / sum(weights)
-        print(f"\n## {name} (until {STAGE_DEADLINE - time.time():.0f} s from now)")
-        try:
-            results[name] = stages[name]()
-        except Exception as e:  # outside any cell (e.g. FlexAttention's compile): recorded, the next stage runs
-            results[name] = [{"status": failure(e)}]
-        path = write_record(args, record, results, [])  # after every stage, so a killed run keeps what it measured
+    try:
+        for i, name in enumerate(args.stages):
+            weights = [STAGE_WEIGHT.get(stage, 1) for stage in args.stages[i:]]
+            STAGE_DEADLINE = time.time() + (DEADLINE - time.time()) * weights[0] / sum(weights)
+            print(f"\n## {name} (until {STAGE_DEADLINE - time.time():.0f} s from now)")
+            SAVE_CELLS = lambda rows: write_record(args, record, {**results, name: rows}, [])
+            try:
+                results[name] = stages[name]()
+            except Exception as e:  # outside any cell (e.g. FlexAttention's compile): recorded, the next stage runs
+                results[name] = [{"status": failure(e)}]
+            path = write_record(args, record, results, [])  # after every stage too
+    finally:
+        SAVE_CELLS = None
     verdicts = targets(results) if device.type == "cuda" else []
     if verdicts:
         show("Targets (for one H100; see README)", [dict(target=t, verdict=v) for t, v in verdicts],

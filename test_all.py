@@ -3075,6 +3075,25 @@ def test_bench_records_failures_and_goes_on(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == results
 
 
+def test_bench_keeps_the_cells_of_a_run_killed_mid_stage(tmp_path, monkeypatch):
+    # The GPU call's timeout can stop bench.py inside a stage: bench.json holds that stage's finished cells.
+    finished = []
+
+    def attempt(cell):
+        if finished:
+            raise KeyboardInterrupt  # the timeout, during the stage's second cell
+        finished.append(real_attempt(cell))
+        return finished[-1]
+    real_attempt = bench.attempt
+    monkeypatch.setattr(bench, "attempt", attempt)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "aft"])  # 3 cells
+    saved = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["model"], r["status"]) for r in saved["aft"]] == [("transformer", "ok")]
+    assert saved["aft"][0]["step_ms"] > 0
+    assert bench.SAVE_CELLS is None
+
+
 def test_bench_table_says_why_a_row_has_no_figures_once():
     table = bench.markdown([{"T": 64, "ms": 1.5}, {"T": 128, "status": "skipped: budget"}],
                            [("T", "T", "d"), ("ms", "ms", ".1f"), ("GiB", "gib", ".1f")])
