@@ -601,8 +601,9 @@ def sweep_best(rows, gain=0.97):
     """The sweep's best deterministic setting, as (name, launch_overrides settings), or None when none beats the
     default: the forward's best (by fwd time) merged with the backward's (by fwd+bwd time), each among the
     settings that change only that side's kernels and were measured on every layout, its time under `gain`
-    times the default's in the geometric mean over the layouts (closer is noise). The kernels stage measures it
-    beside the default, so a new default comes from the run that chose it."""
+    times the default's in the geometric mean over the layouts (closer is noise) and over 1 / gain times it on
+    none (a default for every layout must slow none). The kernels stage measures it beside the default, so a new
+    default comes from the run that chose it."""
     ok = [r for r in rows or [] if r.get("status") == "ok"]
     default = {(r["n"], r["layout"]): r for r in ok if r["setting"] == "default"}
     if not default:
@@ -614,8 +615,9 @@ def sweep_best(rows, gain=0.97):
             if (not settings or set(settings) - side_kernels or set(mine) != set(default)
                     or any(kernel.get("DQ_ATOMIC") for kernel in settings.values())):
                 continue
-            ratio = math.exp(sum(math.log(mine[c][figure] / default[c][figure]) for c in default) / len(default))
-            if ratio < best.get(side, (None, None, gain))[2]:
+            ratios = [mine[c][figure] / default[c][figure] for c in default]
+            ratio = math.exp(sum(map(math.log, ratios)) / len(ratios))  # the geometric mean
+            if ratio < best.get(side, (None, None, gain))[2] and max(ratios) <= 1 / gain:
                 best[side] = (name, settings, ratio)
     if not best:
         return None
