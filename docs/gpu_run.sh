@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU run (issue #26), in one call of at most 9 minutes: tests <= 220 s, bench 300 s
+# The next GPU run (issue #26), in one call (timeout_s 570): tests <= 220 s, bench 300 s, the rest ~15 s
 #     OUT=out_gpu bash docs/gpu_run.sh
 # 1. the GPU tests (every kernel against float64, the sweep's options, a training step of every model);
 # 2. bench.py: the launch-settings sweep (bench.SWEEP, most promising first), the kernels beside FlexAttention
