@@ -1099,20 +1099,19 @@ def targets(results):
     if any("best_fb_ms" in r for r in kernel_rows):  # the sweep's best setting, measured beside the default
         variants.append((", sweep's best setting", dict(flex="best_fb_vs_flex", fwd="best_fb_vs_fwd",
                                                        tflops="best_fwd_tflops")))
+    at_65536 = {layout: find(kernel_rows, n=65536, layout=layout) or {} for layout in ("local", "fixed")}
+    strided = next((r for r in kernel_rows if r.get("n") == 16384 and r.get("layout", "").startswith("strided")
+                    and r["status"] == "ok"), {})
     for label, key in variants:
         for n in (16384, 65536):
             for r in (r for r in kernel_rows if r.get("n") == n):
                 out.append((f"block-sparse fwd+bwd <= 0.7x FlexAttention (arithmetic mask_mod), n={n}, "
                             f"{r['layout']}{label}", verdict(r.get(key["flex"]), 0.7, "lower", ".2f")))
-        for layout in ("local", "fixed"):
+        for layout, r in at_65536.items():
             out.append((f"block-sparse fwd+bwd <= 4x its fwd, n=65536, {layout}{label}",
-                        verdict((find(kernel_rows, n=65536, layout=layout) or {}).get(key["fwd"]), 4, "lower",
-                                ".1f")))
+                        verdict(r.get(key["fwd"]), 4, "lower", ".1f")))
         out.append((f"block-sparse fwd >= 400 TFLOP/s on the computed tiles, n=65536, fixed{label}",
-                    verdict((find(kernel_rows, n=65536, layout="fixed") or {}).get(key["tflops"]), 400, "higher",
-                            ".0f")))
-        strided = next((r for r in kernel_rows if r.get("n") == 16384 and r.get("layout", "").startswith("strided")
-                        and r["status"] == "ok"), {})
+                    verdict(at_65536["fixed"].get(key["tflops"]), 400, "higher", ".0f")))
         out.append((f"block-sparse fwd >= 120 TFLOP/s on the computed tiles, n=16384, strided{label}",
                     verdict(strided.get(key["tflops"]), 120, "higher", ".0f")))
     host = max((r["host_us"] for r in kernel_rows if "host_us" in r), default=None)
