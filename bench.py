@@ -18,13 +18,15 @@ Stages, in the order they run (the first five are the project's GPU targets):
   same_budget (on request) short training runs of every model under one budget, several seeds
   long_context (on request) every model trained at a long context, bits by position in the window
   recall     (on request) copy accuracy across growing distances, each run trained until it stops improving
+  ladder     (on request) the copy task at long distances (1,024 .. 65,536), one recipe, until a rung is missed
   kernel_sweep (on request) the block-sparse kernels' launch settings (bench.SWEEP), one change at a time
 
 Within --budget seconds: each stage gets a share of the time left (STAGE_WEIGHT), and a cell (one size of one
 model) starts only when the stage's time left exceeds an estimate of its cost (4x that model's previous cell,
 2x in the kernel stages); the others are printed as skipped. Out-of-memory and errors are table entries.
-Each stage prints a markdown table; out_dir/bench.json holds the device, versions, command and every figure,
-rewritten after every cell, so a run stopped from outside keeps what it finished.
+Each stage prints a markdown table; out_dir/bench.json holds the record (device_record: commit and changed files,
+machine, versions, command, seeds) and every figure with its timing repeats, rewritten after every cell, so a run
+stopped from outside keeps what it finished.
 """
 import argparse
 import gc
@@ -32,6 +34,9 @@ import json
 import math
 import os
 import platform
+import resource
+import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -50,7 +55,7 @@ import train
 
 GPU_STAGES = ("kernels", "lsh", "reformer", "aft", "perceiver")
 DEFAULT_STAGES = GPU_STAGES + ("generate", "memory")
-ALL_STAGES = DEFAULT_STAGES + ("models", "same_budget", "long_context", "recall", "kernel_sweep")
+ALL_STAGES = DEFAULT_STAGES + ("models", "same_budget", "long_context", "recall", "ladder", "kernel_sweep")
 
 # Sizes per stage: what the targets name on a GPU, and tiny ones that run everything quickly on a CPU.
 SIZES = {
@@ -94,6 +99,11 @@ def parse_args(argv=None):
     g.add_argument("--recall_layers", type=int, default=2,
                    help="recall: blocks per model (Perceiver AR: its cross-attention block counts as one)")
     g.add_argument("--context", type=int, default=2048, help="long_context: the context length")
+    g.add_argument("--ladder_cap", type=int, default=4000, help="ladder: most optimizer steps per distance")
+    g.add_argument("--ladder_check", type=int, default=250, help="ladder: steps between accuracy checks")
+    g.add_argument("--ladder_minutes", type=float, default=60.0, help="ladder: most training minutes per distance")
+    g.add_argument("--ladder_tokens", type=int, default=32768,
+                   help="ladder: tokens per step; batch = tokens / 2d, between 1 and 8 sequences")
     args = p.parse_args(argv)
     bad = lambda flag, why: p.error(f"--{flag} {getattr(args, flag)!r}: {why}")
     stages = args.stages.split(",")
@@ -105,7 +115,8 @@ def parse_args(argv=None):
         if not all(n.isdigit() and int(n) > 0 for n in getattr(args, flag).split(",")):
             bad(flag, "give positive integers separated by commas, e.g. 1024,4096")
     for flag in ("budget", "n_layer", "n_head", "n_embd", "batch_size", "steps", "seeds", "recall_cap", "recall_check",
-                 "recall_patience", "recall_layers", "context"):
+                 "recall_patience", "recall_layers", "context", "ladder_cap", "ladder_check", "ladder_minutes",
+                 "ladder_tokens"):
         if getattr(args, flag) <= 0:
             bad(flag, "must be positive")
     args.stages, args.models = stages, args.models.split(",")
@@ -134,10 +145,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, warm_up=True):
+TIMINGS = []  # every timed() and host_us() of the run: {"ms" or "us": the figure, "repeats": each loop's}
+
+
+def timed(fn, device, warm_up=True, repeats=3):
     """Mean milliseconds per call of fn(): one warm-up call (compilation, autotuning; warm_up=False when the
-    caller made it), one call to size the loop, then as many calls as fill about half a second on a GPU (a few
-    on a CPU); a call of a quarter second or more is timed once, its noise being small beside it."""
+    caller made it), one call to size the loops, then `repeats` loops of calls that together fill about half a
+    second on a GPU (a few calls on a CPU); a call of a quarter second or more is timed once (one repeat). Each
+    loop's mean is kept in TIMINGS, which attempt() files with the cell, so the record holds the spread."""
     if warm_up:
         fn()
     sync(device)
@@ -145,14 +160,18 @@ def timed(fn, device, warm_up=True):
     fn()
     sync(device)
     once = time.perf_counter() - t0
-    if once >= 0.25:
-        return 1000 * once
-    n = max(1, min(50, int((0.5 if device.type == "cuda" else 0.05) / max(once, 1e-9))))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(device)
-    return 1000 * (time.perf_counter() - t0) / n
+    times = [1000 * once]
+    if once < 0.25:
+        n = max(1, min(50, int((0.5 if device.type == "cuda" else 0.05) / max(once, 1e-9))) // repeats)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync(device)
+            times.append(1000 * (time.perf_counter() - t0) / n)
+    TIMINGS.append(dict(ms=sum(times) / len(times), repeats=times))
+    return TIMINGS[-1]["ms"]
 
 
 def peak_gib(fn, device, above=0):
@@ -180,9 +199,12 @@ def failure(error):
 
 def attempt(cell):
     """cell() -> dict of figures, {"status": "OOM"} when the device runs out of memory, or the status failure()
-    gives any other exception: a GPU is lent for minutes, so one failing cell must not cost the others."""
+    gives any other exception: a GPU is lent for minutes, so one failing cell must not cost the others. An ok
+    cell also holds `timings`: the TIMINGS its figures came from, each with its repeats."""
+    first = len(TIMINGS)
     try:
-        return {"status": "ok", **cell()}
+        row = {"status": "ok", **cell()}
+        return {**row, "timings": TIMINGS[first:]} if len(TIMINGS) > first else row
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM"}
     except Exception as e:
@@ -357,13 +379,14 @@ def host_us(fn, calls=20, repeats=25):
     KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: None
     try:
         fn()
-        best = math.inf
+        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
-            best = min(best, time.perf_counter() - t0)
-        return 1e6 * best / calls
+            times.append(1e6 * (time.perf_counter() - t0) / calls)
+        TIMINGS.append(dict(us=min(times), repeats=times))
+        return min(times)
     finally:
         KernelInterface.__getitem__ = launch
 
@@ -474,7 +497,8 @@ def stage_kernels(sizes, device, best=None):
     rows, tables = rows[:len(layouts)], rows[len(layouts):]
     for row, table in zip(rows, tables):  # the table Flex's figures join their layout's row
         status = table.pop("status")
-        row.update({key: value for key, value in table.items() if key.startswith("table_")})
+        row.update({("table_" if key == "timings" else "") + key: value for key, value in table.items()
+                    if key.startswith("table_") or key == "timings"})
         if status != "ok":
             row["table_status"] = status
     note = "" if ours_runs else " (our kernel: n/a without CUDA; TRITON_INTERPRET=1 runs it on the interpreter)"
@@ -508,20 +532,14 @@ def stage_kernels(sizes, device, best=None):
 # (name, kernels.launch_overrides settings), most promising first (a run short of time measures the head of the
 # list). The defaults (launch_config; on sm_90 for bf16, D 64, tiles of 64: fwd 64 rows x 64-wide sub-tiles,
 # 4 warps; dK/dV and dQ 64 rows x 64, 8 warps; 3 stages each), then the suspects of the backward's slow pace
-# (issue 26): 64-row programs where Flex's sm_90 backward runs 128 rows (programs over two tiles of the layout:
-# each walks the union of its tiles' lists, masking a tile for the member that does not see it), 8 warps
-# splitting 64-row tiles between two warp groups, pipelines deeper than the 2-5 tiles a row's list holds,
-# tile shapes.
+# (issue 26): 8 warps splitting 64-row tiles between two warp groups, pipelines deeper than the 2-5 tiles a
+# row's list holds, tile shapes. Settings that change the kernels' code (programs over several tiles, one
+# masked loop, dq by atomic adds) left with the code: commit fe3965d (tag kernels-sweep-options), docs/kernels.md.
 SWEEP = [
     ("default", {}),
-    ("bwd programs over two tiles (Flex's sm_90 shape)", dict(dkdv=dict(TILE_N=128), dq=dict(TILE_M=128))),
-    ("dq 128-row programs over two tiles", dict(dq=dict(TILE_M=128))),
-    ("dkdv 128-key programs over two tiles", dict(dkdv=dict(TILE_N=128))),
-    ("fwd 128-row programs over two tiles, 8 warps", dict(fwd=dict(TILE_M=128, num_warps=8))),
     ("bwd 4 warps", dict(dkdv=dict(num_warps=4), dq=dict(num_warps=4))),
     ("dkdv 4 warps", dict(dkdv=dict(num_warps=4))),
     ("dq 4 warps", dict(dq=dict(num_warps=4))),
-    ("one masked loop per program", dict(fwd=dict(MASK_ALL=True), dkdv=dict(MASK_ALL=True), dq=dict(MASK_ALL=True))),
     ("bwd 2 stages", dict(dkdv=dict(num_stages=2), dq=dict(num_stages=2))),
     ("bwd 4 warps, 2 stages", dict(dkdv=dict(num_warps=4, num_stages=2), dq=dict(num_warps=4, num_stages=2))),
     ("bwd 32-wide sub-tiles, 4 warps", dict(dkdv=dict(TILE_M=32, num_warps=4), dq=dict(TILE_N=32, num_warps=4))),
@@ -530,21 +548,7 @@ SWEEP = [
     ("fwd 32-wide sub-tiles", dict(fwd=dict(TILE_N=32))),
     ("bwd 32-row programs, 4 warps", dict(dkdv=dict(TILE_N=32, num_warps=4), dq=dict(TILE_M=32, num_warps=4))),
     ("bwd 4 warps, 1 stage", dict(dkdv=dict(num_warps=4, num_stages=1), dq=dict(num_warps=4, num_stages=1))),
-    ("dq by atomic adds in dK/dV (not deterministic)", dict(dkdv=dict(DQ_ATOMIC=True))),
-    ("dq by atomic adds, dkdv 4 warps", dict(dkdv=dict(DQ_ATOMIC=True, num_warps=4))),
 ]
-# Launch settings change how a kernel runs; the code flags, and programs over several tiles, change what it
-# computes, so each setting with one gets its own compile check and accuracy test on a GPU.
-SWEEP_LAUNCH_KEYS, SWEEP_CODE_FLAGS = {"num_warps", "num_stages", "TILE_M", "TILE_N"}, {"MASK_ALL", "DQ_ATOMIC"}
-
-
-def new_code(settings, tile=SIZES["gpu"]["attn"]["tile"]):
-    """Whether launch_overrides settings change the kernels' code at `tile` (the GPU sizes' by default)."""
-    return bool(SWEEP_CODE_FLAGS & {key for kernel in settings.values() for key in kernel}) or any(
-        settings.get(kernel, {}).get(rows, 0) > tile for kernel, rows in kernels.PROGRAM_ROWS.items())
-
-
-SWEEP_NEW_CODE = [name for name, settings in SWEEP if new_code(settings)]
 
 
 def stage_kernel_sweep(sizes, device):
@@ -598,7 +602,7 @@ def stage_kernel_sweep(sizes, device):
 
 
 def sweep_best(rows, gain=0.97):
-    """The sweep's best deterministic setting, as (name, launch_overrides settings), or None when none beats the
+    """The sweep's best setting, as (name, launch_overrides settings), or None when none beats the
     default: the forward's best (by fwd time) merged with the backward's (by fwd+bwd time), each among the
     settings that change only that side's kernels and were measured on every layout, its time under `gain`
     times the default's in the geometric mean over the layouts (closer is noise) and over 1 / gain times it on
@@ -612,8 +616,7 @@ def sweep_best(rows, gain=0.97):
     for side, side_kernels, figure in (("fwd", {"fwd"}, "fwd_ms"), ("bwd", {"dq", "dkdv"}, "fb_ms")):
         for name, settings in SWEEP:
             mine = {(r["n"], r["layout"]): r for r in ok if r["setting"] == name}
-            if (not settings or set(settings) - side_kernels or set(mine) != set(default)
-                    or any(kernel.get("DQ_ATOMIC") for kernel in settings.values())):
+            if not settings or set(settings) - side_kernels or set(mine) != set(default):
                 continue
             ratios = [mine[c][figure] / default[c][figure] for c in default]
             ratio = math.exp(sum(map(math.log, ratios)) / len(ratios))  # the geometric mean
@@ -884,8 +887,8 @@ def read_json(path):
         return json.load(f)
 
 
-def plot_curves(rows, path):
-    """Validation bits against steps, one line per row, when matplotlib is installed (it is optional)."""
+def plot_curves(rows, path, ylabel="validation bits per byte (mean over seeds)"):
+    """A figure against steps, one line per row, when matplotlib is installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -896,7 +899,7 @@ def plot_curves(rows, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         ax.plot(*zip(*row["curve"]), marker="o", markersize=3, label=row["model"])
-    ax.set(xlabel="step", ylabel="validation bits per byte (mean over seeds)")
+    ax.set(xlabel="step", ylabel=ylabel)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {path}")
@@ -992,17 +995,21 @@ RECALL_SETTINGS = {"aft_full": ["--w_rank", "32"],  # a full (2d x 2d) w per lay
 
 
 @torch.no_grad()
-def copy_accuracy(model, d, device, n_rows=16, n_positions=32):
+def copy_accuracy(model, d, device, n_rows=16, n_positions=32, rows_per_call=16):
     """Fraction of copied tokens predicted exactly (argmax) on fresh rows [start, x, x] with |x| = d: at
-    n_positions positions of the second half, where every target repeats the token d positions back. A forward
-    that is not exactly causal predicts each from its prefix alone (the sort could carry the answer back)."""
+    n_positions positions of the second half, where every target repeats the token d positions back (for a
+    model that predicts only its last k positions, such as Perceiver AR's latents, among those). A forward that
+    is not exactly causal predicts each from its prefix alone (the sort could carry the answer back)."""
     half = torch.randint(0, 256, (n_rows, d), generator=torch.Generator().manual_seed(999))
     seq = torch.cat([torch.full((n_rows, 1), 256), half, half], dim=1).to(device)  # (B, 2d + 1)
-    positions = torch.linspace(d, 2 * d - 1, n_positions).long().tolist()  # inputs whose targets are copies
     if getattr(model, "exactly_causal", True):
-        logits = model(seq[:, :-1])[0]  # (B, k, V): the last k positions
+        rows = [model(seq[i:i + rows_per_call, :-1])[0] for i in range(0, n_rows, rows_per_call)]
+        logits = torch.cat(rows)  # (B, k, V): the last k positions
+        first = max(d, 2 * d - logits.size(1))
+        positions = torch.linspace(first, 2 * d - 1, n_positions).long().tolist()  # targets are copies
         predicted = logits[:, [t - (2 * d - logits.size(1)) for t in positions]].argmax(-1)
     else:
+        positions = torch.linspace(d, 2 * d - 1, n_positions).long().tolist()
         predicted = torch.stack([model(seq[:, :t + 1])[0][:, -1].argmax(-1) for t in positions], dim=1)
     return (predicted == seq[:, [t + 1 for t in positions]]).float().mean().item()
 
@@ -1022,7 +1029,7 @@ def stage_recall(args, device):
             row[f"d{d}"] = sum(c[-1][1] for c in curves) / len(curves)
             row[f"d{d}_steps"] = max(c[-1][0] for c in curves)
             row[f"d{d}_curves"] = curves
-            print(f"  {label} d={d}: copy accuracy {[c[-1][1] for c in curves]} after {row[f'd{d}_steps']} steps")
+            print(f"  {name} d={d}: copy accuracy {[c[-1][1] for c in curves]} after {row[f'd{d}_steps']} steps")
     show(f"Recall: copy accuracy across d positions, trained until it stops improving ({args.recall_patience} checks "
          f"every {args.recall_check} steps without progress) or {args.recall_cap} steps ({args.recall_layers} layers, width 64, batch 16, lr 3e-3), mean over "
          f"seeds 1..{args.seeds}; chance 0.004; (steps)", list(rows.values()),
@@ -1074,6 +1081,97 @@ def recall_finished(curve, cap, patience, gain=0.02):
     before, recent = curve[:-patience], curve[-patience:]
     return (max(a for _, a, _ in recent) < max(a for _, a, _ in before) + gain
             and min(b for _, _, b in recent) > min(b for _, _, b in before) - gain)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage ladder: the copy task at long distances, one recipe for every distance
+
+LADDER = ["--data", "copy", "--n_head", "2", "--n_embd", "64", "--lr", "1e-3", "--min_lr", "1e-3", "--warmup", "100",
+          "--eval_iters", "2"]  # lr held: the copy is learned in stairs, and a decaying lr stalls the next stair
+LADDER_RUNS = {  # model: its flags; 2 layers (Perceiver AR: its cross-attention block + 1), 256 latents at every d
+    "perceiver_ar": ["--n_latents", "256", "--n_layer", "1"],
+    **{name: flags + ["--n_layer", "2"] for name, flags in RECALL_SETTINGS.items()}}
+
+
+def rotary_margin(n_pairs, span):
+    """How well rotary encodings with n_pairs rotated pairs (base 10,000, as perceiver_ar.py) can single out one
+    offset among 0 .. span - 1: a head whose query is turned back by the source's offset scores sum_i cos(delta
+    f_i) at delta offsets from the source, n_pairs at the source; returns n_pairs minus the best other score and
+    the offset where it is. A margin near 0 means another offset looks the same: logits would need a gain of
+    about log(span) / margin to pick the source, so a small margin says "cannot" before training says anything."""
+    inv_freq = 10000.0 ** (-torch.arange(n_pairs, dtype=torch.float64) / n_pairs)
+    delta = torch.arange(1, span, dtype=torch.float64)
+    score = torch.cos(delta[:, None] * inv_freq).sum(1)
+    return n_pairs - score.max().item(), int(delta[score.argmax()])
+
+
+def ladder_batch(d, tokens):
+    """Sequences per step at distance d: 8 while they hold at most `tokens` tokens, then fewer (at least 1)."""
+    return max(1, min(8, tokens // (2 * d)))
+
+
+def stage_ladder(args, device):
+    """Each model learns the copy at the distances args.distances, one recipe for all (LADDER), in rounds of
+    args.ladder_check steps until copy accuracy on fresh rows reaches 0.99, args.ladder_cap steps, or
+    args.ladder_minutes of training; going up the ladder until a distance is not learned (past it, only distances
+    already run in out_dir are shown). Per round: accuracy, validation bits, seconds per step, the process's peak
+    memory (ru_maxrss: run one distance per command for a cell's own figure) and, for Perceiver AR, how well its
+    rotary encoding separates offsets up to 2d (rotary_margin). Rounds are kept in the run folder, so a stopped
+    stage resumes."""
+    rows = []
+    for name in args.models:
+        row, missed = dict(model=name, status="ok"), False
+        for d in args.distances:
+            curve = ladder_run(name, d, args, device, train=not missed)
+            if not curve:
+                continue
+            row[f"d{d}"], row[f"d{d}_curve"] = curve[-1]["accuracy"], curve
+            print(f"  {name} d={d}: copy accuracy {curve[-1]['accuracy']:.3f} after {curve[-1]['step']} steps, "
+                  f"{curve[-1]['s_per_step']:.2f} s/step, {curve[-1]['maxrss_gb']:.2f} GiB")
+            missed = missed or curve[-1]["accuracy"] < 0.99
+        rows.append(row)
+    show(f"Ladder: copy accuracy at distance d (block 2d), one recipe ({' '.join(LADDER)}), until 0.99, "
+         f"{args.ladder_cap} steps or {args.ladder_minutes} minutes", rows,
+         [("model", "model", "")] + [(f"d = {d}", f"d{d}", ".3f") for d in args.distances])
+    plot_ladder(rows, os.path.join(args.out_dir, "ladder.png"))
+    return rows
+
+
+def plot_ladder(rows, path):
+    """Copy accuracy against step, one line per (model, distance)."""
+    plot_curves([dict(model=f"{row['model']}, d = {int(key[1:-6]):,}", curve=[(r["step"], r["accuracy"]) for r in curve])
+                 for row in rows for key, curve in row.items() if key.endswith("_curve")],
+                path, "copy accuracy on fresh rows (chance 1/256)")
+
+
+def ladder_run(name, d, args, device, train=True):
+    """One (model, distance) of the ladder stage: its rounds, kept in the run folder (train=False: only those)."""
+    out = os.path.join(args.out_dir, "ladder", f"{name}_{d}")
+    path = os.path.join(out, "ladder_curve.json")
+    curve = read_json(path) if os.path.exists(path) else []
+    batch = ladder_batch(d, args.ladder_tokens)
+    flags = (["--model", name, "--block_size", str(2 * d), "--batch_size", str(batch), "--lr_decay_iters",
+              str(args.ladder_cap), "--eval_interval", str(args.ladder_check), "--seed", "1", "--out_dir", out,
+              "--device", str(device)] + LADDER + LADDER_RUNS.get(name, ["--n_layer", "2"]))
+    while train and (not curve or (curve[-1]["accuracy"] < 0.99 and curve[-1]["step"] < args.ladder_cap
+                                   and sum(r["seconds"] for r in curve) < 60 * args.ladder_minutes)):
+        steps = min(args.ladder_cap, (curve[-1]["step"] if curve else 0) + args.ladder_check)
+        start = time.time()
+        evaluations = train_once(flags + ["--max_iters", str(steps)], out, steps)
+        seconds = time.time() - start
+        _, model, _ = sample.load_trained(out, device)
+        accuracy = copy_accuracy(model, d, device, n_rows=8, n_positions=64, rows_per_call=1)
+        done = steps - (curve[-1]["step"] if curve else 0)
+        curve.append(dict(step=steps, accuracy=accuracy, val_bits=evaluations[-1]["val_bits"], seconds=seconds,
+                          s_per_step=seconds / done, batch=batch,
+                          maxrss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+        print(f"    {name} d={d} step {steps}: accuracy {accuracy:.3f}, {curve[-1]['val_bits']:.3f} bits")
+        with open(path, "w") as f:
+            json.dump(curve, f)
+    if curve and name == "perceiver_ar":  # how well its rotary encoding can single out the source at this d
+        _, model, _ = sample.load_trained(out, device)
+        curve[-1]["rotary_margin"] = list(rotary_margin(model.cross.attn.inv_freq.numel(), 2 * d))
+    return curve
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1134,15 +1232,37 @@ def targets(results):
     return out
 
 
-def device_record(device):
-    record = dict(python=platform.python_version(), torch=torch.__version__,
-                  triton=getattr(kernels.triton, "__version__", None), command=" ".join([sys.executable] + sys.argv),
-                  date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=str(device))
+def quietly(*argv):
+    """The standard output of a command, or None where it fails or does not exist (git outside a checkout)."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def device_record(device, args, seeds):
+    """What every published figure carries (bench.py's bench.json, sample.py --evaluate's record): the code (git
+    commit, and `dirty`, the tracked files changed since it: a figure from a dirty tree says so), date, CPU model
+    and threads, the GPU's name, driver and CUDA, python/torch/triton versions, the exact command line (with the
+    environment that changes figures), every flag as parsed, and the seeds."""
+    cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
+        if os.path.exists("/proc/cpuinfo") else []
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+           if k in os.environ]
+    changed = quietly("git", "diff", "--name-only", "HEAD")  # tracked files only, staged or not
+    record = dict(commit=quietly("git", "rev-parse", "HEAD"),
+                  dirty=None if changed is None else changed.splitlines(),
+                  date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=str(device),
+                  cpu=cpu[0] if cpu else platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                  gpu=None, python=platform.python_version(), torch=torch.__version__,
+                  triton=getattr(kernels.triton, "__version__", None),
+                  command=" ".join(env + [shlex.join([sys.executable] + sys.argv)]), args=vars(args), seeds=seeds)
     if device.type == "cuda":
         record.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                      driver=quietly("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
                       capability=".".join(map(str, torch.cuda.get_device_capability(device))))
-    else:
-        record.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return record
 
 
@@ -1155,8 +1275,10 @@ def write_record(args, record, results, verdicts):
                        results=results, targets=verdicts), f, indent=1,
                   default=lambda value: None)  # a stage's cells may hold tensors it reduces to figures at its end
     with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
-        f.write(f"{record['gpu'] or 'CPU'}, torch {record['torch']}, triton {record['triton']}: `{record['command']}`"
-                "\n\n" + "\n\n".join(TABLES) + "\n")
+        code = f"commit {(record['commit'] or 'unknown')[:12]}" + (" with changes to " + ", ".join(record["dirty"])
+                                                                    if record["dirty"] else "")
+        f.write(f"{record['gpu'] or record['cpu']}, torch {record['torch']}, triton {record['triton']}, {code}: "
+                f"`{record['command']}`\n\n" + "\n\n".join(TABLES) + "\n")
     return path
 
 
@@ -1166,7 +1288,7 @@ def main(argv=None):
     device = torch.device(train.default_device(args))
     DEADLINE = time.time() + args.budget
     sizes = SIZES["gpu" if device.type == "cuda" and not args.tiny else "cpu"]
-    record = device_record(device)
+    record = device_record(device, args, seeds=list(range(1, args.seeds + 1)))  # the training stages'
     print(f"bench on {record['gpu'] or 'CPU'}: torch {record['torch']}, triton {record['triton']}, budget "
           f"{args.budget:.0f} s, {'GPU' if sizes is SIZES['gpu'] else 'tiny'} sizes; {kernels.backend_info(device)}")
     results = {}
@@ -1178,6 +1300,7 @@ def main(argv=None):
                   memory=lambda: stage_memory(sizes, device), models=lambda: stage_models(args, device),
                   same_budget=lambda: stage_same_budget(args, device),
                   long_context=lambda: stage_long_context(args, device), recall=lambda: stage_recall(args, device),
+                  ladder=lambda: stage_ladder(args, device),
                   kernel_sweep=lambda: stage_kernel_sweep(sizes, device))
     try:
         for i, name in enumerate(args.stages):

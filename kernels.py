@@ -1,18 +1,22 @@
 """
 Attention kernels shared by the models: three families, each a chapter of this file.
 
-Every chapter reads in the same order: (a) the definition and its dense PyTorch twin, which the tests hold the
-kernels to; (b) the Triton kernels; (c) the launcher and its launch settings; (d) the public entry point.
+Every chapter reads in the same order: (a) the definition and its dense PyTorch twin, which the
+tests hold the kernels to; (b) the Triton kernels; (c) the launcher and its launch settings; (d) the
+public entry point.
 
-  Preamble                    arch detection, alignment, launch_overrides, triton_dispatch (whether Triton runs
-                              and, if not, why: the one dispatch of all three families)
-  1. Block-sparse attention   (a) attention_mask, dense_attention  (b) _fwd_kernel with its tile loop _fwd_tiles,
-                              _bwd_dq_kernel, _bwd_dkdv_kernel  (c) tile_lists, launch_config  (d) attention
-  2. LSH attention            (a) sort_by_bucket, dense_lsh_attention  (b) _lsh_fwd_kernel, _lsh_bwd_dkdv_kernel,
-                              _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config  (d) lsh_attention
-  3. AFT sums                 (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel,
-                              _aft_fwd_kernel, _aft_bwd_carry_kernel, _aft_bwd_kernel  (c) aft_launch_config
-                              (d) aft_sums
+  Preamble           what the families share: arch detection, alignment, triton_dispatch (whether
+                     Triton runs and, if not, why), the launch settings and launch_overrides,
+                     _launch (their one autograd Function)
+  1. Block-sparse    (a) attention_mask, dense_attention  (b) _fwd_kernel with its tile loop
+     attention       _fwd_tiles, _bwd_dq_kernel, _bwd_dkdv_kernel  (c) tile_lists, launch_config
+                     (d) attention
+  2. LSH attention   (a) sort_by_bucket, dense_lsh_attention  (b) _lsh_fwd_kernel,
+                     _lsh_bwd_dkdv_kernel, _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config
+                     (d) lsh_attention
+  3. AFT sums        (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel,
+                     _aft_fwd_kernel, _aft_bwd_carry_kernel, _aft_bwd_kernel  (c) aft_launch_config
+                     (d) aft_sums
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
@@ -119,12 +123,10 @@ def backend_info(device):
 
 # Launch settings depend on shapes, dtype and architecture only: each configuration's are computed once (the
 # dispatch runs on every call of a model's layer) and can be overridden per kernel for a sweep.
-_launch_cache = {}  # (family, shapes, dtype, arch) -> settings
+_launch_cache = {}  # (a family's config function, its arguments) -> {kernel: settings}
 _overrides = {}  # kernel -> settings replacing the chosen ones; see launch_overrides
-OVERRIDABLE = dict(fwd=("TILE_M", "TILE_N", "num_warps", "num_stages", "MASK_ALL"),
-                   dkdv=("TILE_M", "TILE_N", "num_warps", "num_stages", "MASK_ALL", "DQ_ATOMIC"),
-                   dq=("TILE_M", "TILE_N", "num_warps", "num_stages", "MASK_ALL"),
-                   lsh=("TILE_N", "num_warps", "num_stages"))
+_SETTINGS = ("TILE_M", "TILE_N", "num_warps", "num_stages")
+OVERRIDABLE = dict(fwd=_SETTINGS, dkdv=_SETTINGS, dq=_SETTINGS, lsh=_SETTINGS[1:])
 
 
 @contextlib.contextmanager
@@ -148,9 +150,38 @@ def launch_overrides(**settings):
         _launch_cache.clear()
 
 
-def _with_overrides(cfg):
-    """{kernel: settings} with the overrides of launch_overrides applied."""
-    return {kernel: {**settings, **_overrides.get(kernel, {})} for kernel, settings in cfg.items()}
+def _launch_settings(config, *args):
+    """config(*args), a family's {kernel: settings}, overridden; once per configuration."""
+    key = (config, *args)
+    if key not in _launch_cache:
+        _launch_cache[key] = {kernel: {**settings, **_overrides.get(kernel, {})}
+                              for kernel, settings in config(*args).items()}
+    return _launch_cache[key]
+
+
+# Every family's launches go through one autograd Function. A family gives two plain functions,
+#     forward(*inputs, *settings) -> (out, *saved)
+#     backward(*inputs, out, *saved, dout, *settings) -> the gradients of its input tensors
+# where settings are all else (lists, scalars, launch settings), passed to apply() as one argument.
+
+def _launch(forward, backward, inputs, settings):
+    """forward's output; through _Launches only when a gradient is wanted (apply() costs time)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return _Launches.apply((forward, backward, settings), *inputs)
+    return forward(*inputs, *settings)[0]
+
+
+class _Launches(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, family, *inputs):
+        forward, ctx.backward, ctx.settings = family
+        out, *saved = forward(*inputs, *ctx.settings)
+        ctx.save_for_backward(*inputs, out, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return None, *ctx.backward(*ctx.saved_tensors, _aligned(dout), *ctx.settings)
 
 
 # ================================================================================================================
@@ -205,49 +236,41 @@ def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, sca
 SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
 
-# Forward. One program computes TILE_M output rows (of one query tile, TILE rows; or of GROUP whole tiles, when
-# TILE_M is a multiple of TILE: then its list is their lists' union, and a listed tile one of them does not see
-# is masked for that one's rows) of one (batch, head): grid (T / TILE_M, B * H). q, the running max m, the
-# running sum l and the output accumulator stay in SRAM while the program walks its tile's list of key tiles in
-# sub-tiles of TILE_N keys. Per sub-tile, with s the scores:
+# Forward. One program computes TILE_M output rows (of one query tile, TILE rows) of one (batch,
+# head): grid (T / TILE_M, B * H). q, the running max m, the running sum l and the output
+# accumulator stay in SRAM while the program walks its tile's list of key tiles in sub-tiles of
+# TILE_N keys. Per sub-tile, with s the scores:
 #     m' = max(m, rowmax(s))
 #     l' = l * 2^(m - m') + rowsum(2^(s - m'))
 #     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, hidden, qk_scale, H, T, S, layout_heads, future, window,
-                TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
-                MASK_ALL: tl.constexpr):
+def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future,
+                window, TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+                D: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
-    Q += bh.to(tl.int64) * T * D
-    O += bh.to(tl.int64) * T * D
-    K += bh.to(tl.int64) * S * D
-    V += bh.to(tl.int64) * S * D
-    LSE += bh.to(tl.int64) * T
+    q_row, k_row = bh.to(tl.int64) * T, bh.to(tl.int64) * S  # first query and key row of bh
+    Q, O, LSE, K, V = Q + q_row * D, O + q_row * D, LSE + q_row, K + k_row * D, V + k_row * D
     offs_m = pid * TILE_M + tl.arange(0, TILE_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
     m_i = tl.full([TILE_M], -1.0e30, tl.float32)  # finite, so a fully masked tile gives 2^(-inf) = 0, not NaN
     l_i = tl.zeros([TILE_M], tl.float32)
     acc = tl.zeros([TILE_M, D], tl.float32)
-    GROUP = (TILE_M + TILE - 1) // TILE  # query tiles per program, and per list row
-    row = (bh % H) % layout_heads * (T // (TILE * GROUP)) + pid * TILE_M // (TILE * GROUP)
+    row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
     lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
-    if MASK_ALL:  # the whole list in the masked loop: one loop (one pipeline to fill) where lists are short
-        mid = hi
     past = S - T
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, hidden, lo, mid, qk_scale, offs_m, past, future,
-                               window, TILE, GROUP, TILE_N, D, True)
-    if not MASK_ALL:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, hidden, mid, hi, qk_scale, offs_m, past, future,
-                                   window, TILE, GROUP, TILE_N, D, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, mid, qk_scale, offs_m, past,
+                               future, window, TILE, TILE_N, D, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, cols, mid, hi, qk_scale, offs_m, past,
+                               future, window, TILE, TILE_N, D, False)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
     tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
     tl.store(LSE + offs_m, m_i + tl.log2(l_i))
 
 
 @jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, hidden, lo, hi, qk_scale, offs_m, past, future, window,
-               TILE: tl.constexpr, GROUP: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window,
+               TILE: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
     """The recurrence over the key list's entries lo .. hi-1, for the query rows offs_m."""
     SPLIT = TILE // TILE_N  # sub-tiles per list entry
     offs_n = tl.arange(0, TILE_N)
@@ -258,8 +281,6 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, hidden, lo, hi, qk_scale, offs_m, p
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
             keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
-            if GROUP > 1:
-                keep &= _seen(hidden + it // SPLIT, offs_m, TILE, GROUP)[:, None]
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -277,34 +298,22 @@ def _band(q_pos, k_pos, future, window):
     return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
 
 
-@jit
-def _seen(hidden, offs, TILE: tl.constexpr, GROUP: tl.constexpr):
-    """For a program over GROUP tiles: whether each of its rows offs (query rows, or keys for dK/dV) belongs to
-    a member tile that sees the list entry whose hidden bits (tile_lists) `hidden` points to."""
-    return (tl.load(hidden) >> (offs // TILE % GROUP) & 1) == 0
-
-
-# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile, or of GROUP
-# whole ones as in the forward) of one (batch, head): grid (T / TILE_M, B * H). It computes its rows'
-# delta = rowsum(out * dout) in fp32 and stores it for the dK/dV kernel (a launch fewer than a kernel of its
-# own). q, dout, lse, delta and the dq accumulator stay in SRAM while the program walks the same key list as the
+# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of
+# one (batch, head): grid (T / TILE_M, B * H). It computes its rows' delta = rowsum(out * dout) in
+# fp32 and stores it for the dK/dV kernel (a launch fewer than a kernel of its own). q, dout, lse,
+# delta and the dq accumulator stay in SRAM while the program walks the same key list as the
 # forward, in sub-tiles of TILE_N keys:
 #     P = 2^(s - lse)
 #     dP = dout v^T
 #     dq += scale * (P * (dP - delta)) k
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, hidden, qk_scale, scale, H, T, S,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S,
                    layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
-                   D: tl.constexpr, MASK_ALL: tl.constexpr):
+                   D: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
-    Q += bh.to(tl.int64) * T * D
-    O += bh.to(tl.int64) * T * D
-    DO += bh.to(tl.int64) * T * D
-    DQ += bh.to(tl.int64) * T * D
-    K += bh.to(tl.int64) * S * D
-    V += bh.to(tl.int64) * S * D
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    q_row, k_row = bh.to(tl.int64) * T, bh.to(tl.int64) * S
+    Q, O, DO, DQ = Q + q_row * D, O + q_row * D, DO + q_row * D, DQ + q_row * D
+    K, V, LSE, DELTA = K + k_row * D, V + k_row * D, LSE + q_row, DELTA + q_row
     offs_m = pid * TILE_M + tl.arange(0, TILE_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
@@ -314,23 +323,19 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, hidde
     tl.store(DELTA + offs_m, delta)
     lse = tl.load(LSE + offs_m)
     dq = tl.zeros([TILE_M, D], tl.float32)
-    GROUP = (TILE_M + TILE - 1) // TILE
-    row = (bh % H) % layout_heads * (T // (TILE * GROUP)) + pid * TILE_M // (TILE * GROUP)
+    row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
     lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
-    if MASK_ALL:
-        mid = hi
     past = S - T
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, lo, mid, qk_scale, offs_m, past, future, window,
-                   TILE, GROUP, TILE_N, D, True)
-    if not MASK_ALL:
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, mid, hi, qk_scale, offs_m, past, future, window,
-                       TILE, GROUP, TILE_N, D, False)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, mid, qk_scale, offs_m, past, future,
+                   window, TILE, TILE_N, D, True)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, offs_m, past, future,
+                   window, TILE, TILE_N, D, False)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
 
 
 @jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, lo, hi, qk_scale, offs_m, past, future, window,
-              TILE: tl.constexpr, GROUP: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window,
+              TILE: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
     """The sum over the key list's entries lo .. hi-1, for the query rows offs_m."""
     SPLIT = TILE // TILE_N
     offs_n = tl.arange(0, TILE_N)
@@ -342,8 +347,6 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, lo, hi, qk_scale, offs_
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
             keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
-            if GROUP > 1:
-                keep &= _seen(hidden + it // SPLIT, offs_m, TILE, GROUP)[:, None]
             s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = p * (tl.dot(do, vT) - delta[:, None])
@@ -351,55 +354,42 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, cols, hidden, lo, hi, qk_scale, offs_
     return dq
 
 
-# Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile, TILE keys, or of
-# GROUP whole ones as in the forward) of one (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv
-# accumulators stay in SRAM while the program walks the query tiles that visit its tile, in sub-tiles of TILE_M
-# queries. With P recomputed from the saved lse, and delta as the dQ kernel (launched first) stored it:
+# Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile) of one
+# (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the
+# program walks the query tiles that visit its tile, in sub-tiles of TILE_M queries. With P
+# recomputed from the saved lse, and delta as the dQ kernel (launched first) stored it:
 #     P = 2^(s - lse)                      (the forward's softmax, exactly)
 #     dv += P^T dout,   dP = dout v^T
 #     dk += scale * (P * (dP - delta))^T q
-# With DQ_ATOMIC (an option for sweeps, off by default) it also adds each visit's share of dq,
-# scale * (P * (dP - delta)) k, into an fp32 DQ by atomic adds, and the dQ kernel does not run: 5 matrix products
-# in the backward instead of 7, but the order of the additions varies, so dq is not bit-reproducible.
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, col_ptr, col_mid, rows, hidden, qk_scale, scale, H, T, S,
-                     layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr,
-                     TILE_N: tl.constexpr, D: tl.constexpr, MASK_ALL: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T,
+                     S, layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr,
+                     TILE_N: tl.constexpr, D: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
-    Q += bh.to(tl.int64) * T * D
-    DO += bh.to(tl.int64) * T * D
-    DQ += bh.to(tl.int64) * T * D
-    K += bh.to(tl.int64) * S * D
-    V += bh.to(tl.int64) * S * D
-    DK += bh.to(tl.int64) * S * D
-    DV += bh.to(tl.int64) * S * D
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    q_row, k_row = bh.to(tl.int64) * T, bh.to(tl.int64) * S
+    Q, DO, LSE, DELTA = Q + q_row * D, DO + q_row * D, LSE + q_row, DELTA + q_row
+    K, V, DK, DV = K + k_row * D, V + k_row * D, DK + k_row * D, DV + k_row * D
     offs_n = pid * TILE_N + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, D)
     k = tl.load(K + offs_n[:, None] * D + offs_d[None, :])
     v = tl.load(V + offs_n[:, None] * D + offs_d[None, :])
     dk = tl.zeros([TILE_N, D], tl.float32)
     dv = tl.zeros([TILE_N, D], tl.float32)
-    GROUP = (TILE_N + TILE - 1) // TILE  # key tiles per program, and per list column
-    col = (bh % H) % layout_heads * (S // (TILE * GROUP)) + pid * TILE_N // (TILE * GROUP)
+    col = (bh % H) % layout_heads * (S // TILE) + pid * TILE_N // TILE
     lo, mid, hi = tl.load(col_ptr + col), tl.load(col_mid + col), tl.load(col_ptr + col + 1)
-    if MASK_ALL:
-        mid = hi
     past = S - T
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, lo, mid, qk_scale, scale, offs_n, past,
-                         future, window, TILE, GROUP, TILE_M, D, True, DQ_ATOMIC)
-    if not MASK_ALL:
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, mid, hi, qk_scale, scale, offs_n,
-                             past, future, window, TILE, GROUP, TILE_M, D, False, DQ_ATOMIC)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, mid, qk_scale, offs_n, past,
+                         future, window, TILE, TILE_M, D, True)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, mid, hi, qk_scale, offs_n, past,
+                         future, window, TILE, TILE_M, D, False)
     tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
 
 
 @jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, lo, hi, qk_scale, scale, offs_n, past, future,
-                window, TILE: tl.constexpr, GROUP: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr,
-                MASKED: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, offs_n, past, future,
+                window, TILE: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr,
+                MASKED: tl.constexpr):
     """The sums over the query list's entries lo .. hi-1, for the key rows offs_n (a key's row is its position)."""
     SPLIT = TILE // TILE_M
     offs_m = tl.arange(0, TILE_M)
@@ -410,8 +400,6 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, lo, hi, qk_sc
         sT = tl.dot(k, qT) * qk_scale
         if MASKED:
             keep = _band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window)
-            if GROUP > 1:
-                keep &= _seen(hidden + it // SPLIT, offs_n, TILE, GROUP)[:, None]
             sT = tl.where(keep, sT, float("-inf"))
         pT = tl.exp2(sT - tl.load(LSE + m_lo + offs_m)[None, :])
         do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (TILE_M, D)
@@ -419,9 +407,6 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, rows, hidden, lo, hi, qk_sc
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - tl.load(DELTA + m_lo + offs_m)[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
-        if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k) * scale  # (TILE_M, D)
-            tl.atomic_add(DQ + (m_lo + offs_m)[:, None] * D + offs_d[None, :], dq, sem="relaxed")
     return dk, dv
 
 
@@ -449,20 +434,15 @@ def _layout_key(layout):
     return seen[2]
 
 
-def tile_lists(layout, tile, T, S, future, window, device, group=1):
-    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid, row_hidden,
-    col_hidden), int32 on `device`. Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles
-    cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge; key tile n
-    (list column i = h*S/tile + n) is visited by query tiles rows[col_ptr[i] : col_ptr[i + 1]], likewise split
-    at col_mid[i]. With group > 1 a list row is `group` query tiles at once (a program over several tiles) and
-    visits the key tiles any of them visits; bit g of row_hidden (aligned with cols) says member g does not see
-    that key tile, and such entries count as cut. The columns likewise group key tiles (col_hidden). Cached on
-    the layout's content, shapes, band (future, window) and group."""
-    key = (_layout_key(layout), tile, T, S, future, window, str(device), group)
+def tile_lists(layout, tile, T, S, future, window, device):
+    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid),
+    int32 on `device`. Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles
+    cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge;
+    key tile n (list column i = h*S/tile + n) is visited by query tiles
+    rows[col_ptr[i] : col_ptr[i + 1]], likewise split at col_mid[i]. Cached on the layout's
+    content, shapes and band (future, window)."""
+    key = (_layout_key(layout), tile, T, S, future, window, str(device))
     if key not in _index_cache:
-        if T % (tile * group) or S % (tile * group):
-            raise ValueError(f"block-sparse programs over {group} tiles of {tile} need T and S to be multiples of "
-                             f"{group * tile}, got T={T}, S={S}")
         if layout is None:
             layout = torch.ones(1, T // tile, S // tile, dtype=torch.bool)
         q_first = S - T + torch.arange(T // tile)[:, None] * tile  # first query position of each tile
@@ -471,34 +451,28 @@ def tile_lists(layout, tile, T, S, future, window, device, group=1):
         visible = layout.to("cpu", torch.bool) & (k_first <= q_last + future) & (k_last > q_first - window)
         cut = (k_last > q_first + future) | (k_first <= q_last - window)  # (T/tile, S/tile)
 
-        def csr(v, edge):  # (H', R, C) bools -> row pointers over the H'*R/group rows, first cut tiles, columns
-            v, edge = (x.unflatten(1, (-1, group)) for x in (v, edge.expand_as(v)))  # (H', R/group, group, C)
-            hidden = ~v & v.any(2, keepdim=True)  # a member that does not see a tile its group visits
-            bits = (hidden * 2 ** torch.arange(group)[:, None]).sum(2)  # (H', R/group, C)
-            v, edge = v.any(2), (v & edge).any(2) | hidden.any(2)
+        def csr(v, edge):  # (H', R, C) bools -> row pointers, tiles (cut ones first), row mids
             ptr = F.pad(v.sum(-1).flatten().cumsum(0), (1, 0))
             mid = ptr[:-1] + (v & edge).sum(-1).flatten()
-            h, r, c = torch.cat([v & edge, v & ~edge], dim=-1).nonzero().unbind(1)  # cut tiles first
-            c = c % v.size(-1)
-            return [x.to(device, torch.int32) for x in (ptr, c, mid, bits[h, r, c])]
+            idx = torch.cat([v & edge, v & ~edge], dim=-1).nonzero()[:, 2] % v.size(-1)
+            return [x.to(device, torch.int32) for x in (ptr, idx, mid)]
 
         if len(_index_cache) >= 64:  # a handful of layouts per model; keep memory bounded all the same
             _index_cache.pop(next(iter(_index_cache)))
-        (row_ptr, cols, row_mid, row_hidden), (col_ptr, rows, col_mid, col_hidden) = \
-            csr(visible, cut), csr(visible.mT, cut.T)
-        _index_cache[key] = (row_ptr, cols, col_ptr, rows, row_mid, col_mid, row_hidden, col_hidden)
+        row_ptr, cols, row_mid = csr(visible, cut)
+        col_ptr, rows, col_mid = csr(visible.mT, cut.T)
+        _index_cache[key] = (row_ptr, cols, col_ptr, rows, row_mid, col_mid)
     return _index_cache[key]
 
 
 def launch_config(tile, D, dtype, arch):
-    """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles it walks,
-    warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages). A forward
-    program owns up to 128 rows; a backward program fewer the wider its rows; sub-tiles 64 wide, 32 for fp32 rows
-    of 128 and in the backward outside sm_90; 8 warps for the larger tiles; 3 stages on sm_80 and sm_90, 2
-    elsewhere, but 1 for the fp32 dK/dV kernel at head dims of 64 and more there (with 2 it spills); MASK_ALL
-    and DQ_ATOMIC off (options for sweeps: _bwd_dkdv_kernel). Through launch_overrides a program's rows may also
-    be a multiple of the tile (GROUP tiles, walking tile_lists at that group; an option for sweeps too).
-    docs/kernels.md says how these were chosen; the compile check in test_all.py checks them."""
+    """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles
+    it walks, warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps
+    and stages). A forward program owns up to 128 rows; a backward program fewer the wider its rows;
+    sub-tiles 64 wide, 32 for fp32 rows of 128 and in the backward outside sm_90; 8 warps for the
+    larger tiles; 3 stages on sm_80 and sm_90, 2 elsewhere, but 1 for the fp32 dK/dV kernel at head
+    dims of 64 and more there (with 2 it spills). docs/kernels.md says how these were chosen; the
+    compile check in test_all.py checks them."""
     arch = arch or 90
     row_bytes = D * dtype.itemsize
     width = min(tile, 64 if row_bytes <= 256 else 32)
@@ -509,92 +483,50 @@ def launch_config(tile, D, dtype, arch):
                num_stages=stages)
     bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4)
     dkdv_stages = 1 if stages == 2 and dtype == torch.float32 and D >= 64 else stages
-    return dict(fwd=dict(TILE_M=fwd_rows, TILE_N=width, MASK_ALL=False, **fwd),
-                dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, MASK_ALL=False, DQ_ATOMIC=False, num_stages=dkdv_stages,
-                          **bwd),
-                dq=dict(TILE_M=bwd_rows, TILE_N=inner, MASK_ALL=False, num_stages=stages, **bwd))
-
-
-PROGRAM_ROWS = dict(fwd="TILE_M", dq="TILE_M", dkdv="TILE_N")  # per kernel, the setting of a program's rows
-
-
-def _sparse_launch(tile, D, dtype, arch):
-    """launch_config with the overrides, computed once per configuration, and per kernel the number of tiles a
-    program spans (1 unless its rows are a multiple of the tile: then it walks tile_lists at that group)."""
-    key = ("sparse", tile, D, dtype, arch)
-    if key not in _launch_cache:
-        cfg = _with_overrides(launch_config(tile, D, dtype, arch))
-        rows = {kernel: cfg[kernel][side] for kernel, side in PROGRAM_ROWS.items()}
-        widths = [cfg[kernel][side] for kernel in cfg for side in ("TILE_M", "TILE_N") if side != PROGRAM_ROWS[kernel]]
-        if any(tile % w or w < 16 for w in widths) or any(r < 16 or tile % r and r % tile for r in rows.values()):
-            raise ValueError(f"block-sparse sub-tiles must divide tile={tile}, and programs' rows divide it or be "
-                             f"a multiple of it, all at least 16 wide; got {cfg}")
-        _launch_cache[key] = cfg, {kernel: max(1, r // tile) for kernel, r in rows.items()}
-    return _launch_cache[key]
-
-
-def _sparse_forward(q, k, v, lists, layout_heads, tile, future, window, scale, cfg):
-    """The forward kernel's launch: out (B, H, T, D) and lse (B, H, T, log2 units) for q, k, v (B, H, T or S, D)
-    contiguous and aligned, lists from tile_lists at the forward's group, cfg from _sparse_launch."""
-    B, H, T, D = q.shape
-    S = k.size(2)
-    row_ptr, cols, _, _, row_mid, _, row_hidden, _ = lists
-    o = torch.empty_like(q)
-    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(T // cfg["fwd"]["TILE_M"], B * H)](
-        q, k, v, o, lse, row_ptr, row_mid, cols, row_hidden, scale * LOG2E, H, T, S, layout_heads, future, window,
-        TILE=tile, D=D, **cfg["fwd"])
-    return o, lse
+    return dict(fwd=dict(TILE_M=fwd_rows, TILE_N=width, **fwd),
+                dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, num_stages=dkdv_stages, **bwd),
+                dq=dict(TILE_M=bwd_rows, TILE_N=inner, num_stages=stages, **bwd))
 
 
 def _sparse_attention(q, k, v, layout, tile, future, window, scale, arch):
-    """attention()'s Triton path after its checks, for sm_`arch`: through the autograd Function only when a
-    gradient is wanted (it costs microseconds a call)."""
+    """attention()'s Triton path after its checks, for sm_`arch`."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    cfg, groups = _sparse_launch(tile, q.size(3), q.dtype, arch)
-    index = (layout, tile, q.size(2), k.size(2), future, window, q.device)  # tile_lists' arguments but the group
-    launch = (1 if layout is None else layout.size(0), tile, future, window, scale, cfg)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        lists = {group: tile_lists(*index, group) for group in set(groups.values())}
-        return _BlockSparseAttention.apply(q, k, v, lists, (*launch, groups))
-    return _sparse_forward(q, k, v, tile_lists(*index, groups["fwd"]), *launch)[0]
+    cfg = _launch_settings(launch_config, tile, q.size(3), q.dtype, arch)
+    widths = [c[side] for c in cfg.values() for side in ("TILE_M", "TILE_N")]
+    if _overrides and any(tile % w or w < 16 for w in widths):
+        raise ValueError(f"block-sparse programs' rows and sub-tiles must divide tile={tile} and "
+                         f"be at least 16 wide; got {cfg}")
+    lists = tile_lists(layout, tile, q.size(2), k.size(2), future, window, q.device)
+    settings = (lists, 1 if layout is None else layout.size(0), tile, future, window, scale, cfg)
+    return _launch(_sparse_forward, _sparse_backward, (q, k, v), settings)
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    """The forward launch, and the backward's; lists {group: tile_lists} and the settings (layout_heads, tile,
-    future, window, scale, cfg, groups) of _sparse_attention. Each argument costs apply() time: the settings
-    travel as one."""
+def _sparse_forward(q, k, v, lists, layout_heads, tile, future, window, scale, cfg):
+    """The forward's launch: out (B, H, T, D) and lse (B, H, T, log2 units)."""
+    B, H, T, D = q.shape
+    S = k.size(2)
+    row_ptr, cols, _, _, row_mid, _ = lists
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    _fwd_kernel[(T // cfg["fwd"]["TILE_M"], B * H)](
+        q, k, v, o, lse, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future,
+        window, TILE=tile, D=D, **cfg["fwd"])
+    return o, lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, lists, settings):
-        *launch, groups = settings
-        o, lse = _sparse_forward(q, k, v, lists[groups["fwd"]], *launch)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.lists, ctx.settings = lists, settings  # the cached index lists: no input, never modified
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        layout_heads, tile, future, window, scale, cfg, groups = ctx.settings
-        row_ptr, cols, _, _, row_mid, _, row_hidden, _ = ctx.lists[groups["dq"]]
-        _, _, col_ptr, rows, _, col_mid, _, col_hidden = ctx.lists[groups["dkdv"]]
-        B, H, T, D = q.shape
-        S = k.size(2)
-        do = _aligned(do)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        if cfg["dkdv"]["DQ_ATOMIC"]:  # the dK/dV kernel adds up dq in fp32; delta (B, H, T) comes first
-            delta = (o.float() * do.float()).sum(-1)
-            dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        else:  # the dQ kernel writes dq and delta, which the dK/dV kernel after it reads
-            delta, dq = torch.empty_like(lse), torch.empty_like(q)
-            _bwd_dq_kernel[(T // cfg["dq"]["TILE_M"], B * H)](
-                q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, row_hidden, scale * LOG2E, scale, H, T, S,
-                layout_heads, future, window, TILE=tile, D=D, **cfg["dq"])
-        _bwd_dkdv_kernel[(S // cfg["dkdv"]["TILE_N"], B * H)](
-            q, k, v, do, lse, delta, dq, dk, dv, col_ptr, col_mid, rows, col_hidden, scale * LOG2E, scale, H, T, S,
-            layout_heads, future, window, TILE=tile, D=D, **cfg["dkdv"])
-        return dq.to(q.dtype), dk, dv, None, None
+def _sparse_backward(q, k, v, o, lse, do, lists, layout_heads, tile, future, window, scale, cfg):
+    """The backward's launches: the dQ kernel, which writes delta, then the dK/dV kernel."""
+    row_ptr, cols, col_ptr, rows, row_mid, col_mid = lists
+    B, H, T, D = q.shape
+    S = k.size(2)
+    dq, dk, dv, delta = (torch.empty_like(x) for x in (q, k, v, lse))
+    _bwd_dq_kernel[(T // cfg["dq"]["TILE_M"], B * H)](
+        q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
+        layout_heads, future, window, TILE=tile, D=D, **cfg["dq"])
+    _bwd_dkdv_kernel[(S // cfg["dkdv"]["TILE_N"], B * H)](
+        q, k, v, do, lse, delta, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
+        layout_heads, future, window, TILE=tile, D=D, **cfg["dkdv"])
+    return dq, dk, dv
 
 
 # (d) The public function, its family's checks, and the SDPA context for decoding loops
@@ -1022,21 +954,24 @@ def lsh_launch_config(chunk, D, dtype, arch, dedup):
     tile_n = min(tile_m, tile_n)
     tile_bytes = tile_m * tile_d * dtype.itemsize
     warps = 8 if tile_bytes > 8192 or dedup and tile_m >= 64 else 4
-    return dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps, num_stages=1)
+    return dict(lsh=dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps,
+                         num_stages=1))
 
 
-def _lsh_launch(chunk, D, dtype, arch, dedup):
-    """lsh_launch_config with the overrides, computed once per configuration."""
-    key = ("lsh", chunk, D, dtype, arch, dedup)
-    if key not in _launch_cache:
-        _launch_cache[key] = _with_overrides(dict(lsh=lsh_launch_config(chunk, D, dtype, arch, dedup)))["lsh"]
-    return _launch_cache[key]
+def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal, arch):
+    """lsh_attention's Triton path after its checks and padding, for sm_`arch`."""
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
+    st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
+    cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dedup)["lsh"]
+    settings = (span, chunk, scale, dedup, cfg)
+    return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), settings)
 
 
 def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg):
-    """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running max and sum
-    m, l (B, H, T) for q, k, v contiguous and aligned, T a multiple of chunk, st and loc from sort_by_bucket
-    (int32), cfg from _lsh_launch."""
+    """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running
+    max and sum m, l (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket
+    (int32)."""
     B, H, T, D = q.shape
     R, P = st.shape[2:]
     out = torch.empty_like(q)
@@ -1048,65 +983,35 @@ def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg):
     return out, m, l
 
 
-def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal, arch):
-    """lsh_attention's Triton path after its checks and padding, for sm_`arch`: through the autograd Function
-    only when a gradient is wanted."""
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
-    st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
-    cfg = _lsh_launch(chunk, q.size(3), q.dtype, arch, dedup)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _LSHAttentionTriton.apply(q, k, v, st, loc, span, chunk, scale, dedup, cfg)
-    return _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg)[0]
-
-
-class _LSHAttentionTriton(torch.autograd.Function):
-    """The forward launches and the backward's; arguments as _lsh_forward's."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, st, loc, span, chunk, scale, dedup, cfg):
-        out, m, l = _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg)
-        ctx.save_for_backward(q, k, v, st, loc, out, m, l)
-        ctx.cfg, ctx.scalars = cfg, (st.size(2), span, chunk, scale, dedup)
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, st, loc, out, m, l = ctx.saved_tensors
-        B, H, T, D = q.shape
-        R, span, chunk, scale, dedup = ctx.scalars
-        P = st.shape[-1]
-        do = _aligned(do.to(q.dtype))
-        delta = _delta(out, do)  # (B, H, T)
-        grads = [torch.empty_like(q) for _ in range(3)]  # dq, dk, dv
-        # The rounds add up in fp32. For 16-bit inputs that is done for a quarter of the heads at a time: three
-        # fp32 (B, H, T, D) buffers at once would be the largest item of a long sequence's peak memory.
-        BH = B * H
-        group = BH if q.dtype == torch.float32 else -(-BH // 4)
-        inputs = [x.view(BH, *x.shape[2:]) for x in (q, k, v, st, loc, do, m, l, delta)]  # (B, H, ...) -> (BH, ...)
-        for g in range(0, BH, group):
-            part = [x[g:g + group] for x in inputs]
-            out = [x.view(BH, T, D)[g:g + group] for x in grads]
-            acc = out if q.dtype == torch.float32 else [torch.empty_like(x, dtype=torch.float32) for x in out]
-            grid = (part[0].size(0), P // chunk)
-            for r in range(R):
-                scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
-                _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DEDUP=dedup, **ctx.cfg)
-                _lsh_bwd_dq_kernel[grid](*part, acc[0], *scalars, D=D, DEDUP=dedup, **ctx.cfg)
-            if acc is not out:
-                for o, a in zip(out, acc):
-                    o.copy_(a)
-            del acc  # before the next group's buffers: one group's at a time
-        return *grads, None, None, None, None, None, None, None
-
-
-def _delta(o, do):
-    """rowsum(o * do) in fp32 by _delta_kernel: contiguous (..., T, D) -> (..., T)."""
-    delta = torch.empty(o.shape[:-1], device=o.device, dtype=torch.float32)
-    n_rows, D = delta.numel(), o.size(-1)
-    _delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, D=D, TILE_D=triton.next_power_of_2(D),
-                                              TILE_M=64)
-    return delta
+def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dedup, cfg):
+    """The backward launches: delta, then per round the dK/dV and the dQ kernel; dq, dk, dv."""
+    B, H, T, D = q.shape
+    R, P = st.shape[2:]
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(B * H * T, 64),)](out, do, delta, B * H * T, D=D,
+                                                 TILE_D=triton.next_power_of_2(D), TILE_M=64)
+    grads = [torch.empty_like(q) for _ in range(3)]  # dq, dk, dv
+    # The rounds add up in fp32. For 16-bit inputs that is done for a quarter of the heads at a
+    # time: three fp32 (B, H, T, D) buffers at once would be the largest item of a long sequence's
+    # peak memory.
+    BH = B * H
+    group = BH if q.dtype == torch.float32 else -(-BH // 4)
+    inputs = [x.view(BH, *x.shape[2:]) for x in (q, k, v, st, loc, do, m, l, delta)]  # (BH, ...)
+    for g in range(0, BH, group):
+        part = [x[g:g + group] for x in inputs]
+        out = [x.view(BH, T, D)[g:g + group] for x in grads]
+        acc = out if q.dtype == torch.float32 else [torch.empty_like(x, dtype=torch.float32)
+                                                    for x in out]
+        grid = (part[0].size(0), P // chunk)
+        for r in range(R):
+            scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
+            _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DEDUP=dedup, **cfg)
+            _lsh_bwd_dq_kernel[grid](*part, acc[0], *scalars, D=D, DEDUP=dedup, **cfg)
+        if acc is not out:
+            for o, a in zip(out, acc):
+                o.copy_(a)
+        del acc  # before the next group's buffers: one group's at a time
+    return *grads, None, None
 
 
 # (d) The public function and its family's checks
@@ -1328,44 +1233,43 @@ def aft_launch_config(C, group_size):
     return dict(CHUNK=64, TILE_C=min(64, group_size & -group_size, triton.next_power_of_2(C)), num_warps=8)
 
 
-class _AFTSums(torch.autograd.Function):
-    """o (B, T, C) from k, v (B, T, C) and band (G, T, s) or None; see the section comment."""
+def _aft_triton(k, v, band):
+    """aft_sums after its check. All arithmetic, band's too, in float32 (float64 for float64 k)."""
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    band = k.new_zeros(1, 1, 0, dtype=acc) if band is None else band.to(acc)  # s = 0: AFT-simple
+    cfg = aft_launch_config(k.size(2), k.size(2) // band.size(0))
+    inputs = (_aligned(k), _aligned(v.to(k.dtype)), band)
+    return _launch(_aft_forward, _aft_backward, inputs, (cfg,))
 
-    @staticmethod
-    def forward(ctx, k, v, band):
-        k, v = _aligned(k), _aligned(v.to(k.dtype))
-        B, T, C = k.shape
-        F64 = k.dtype == torch.float64
-        acc = torch.float64 if F64 else torch.float32
-        if band is None:
-            band = k.new_zeros(1, 1, 0, dtype=acc)
-        G, s = band.size(0), band.size(2)
-        cfg = aft_launch_config(C, C // G)
-        n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
-        carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=acc)
-        o, lse = (torch.empty(B, T, C, device=k.device, dtype=acc) for _ in range(2))
-        _aft_fwd_carry_kernel[(n_tiles, B)](k, v, carry, T, C, s, n_chunks, F64=F64, **cfg)
-        _aft_fwd_kernel[(n_tiles, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks, band.stride(0),
-                                                  band.stride(1), C // G, F64=F64, **cfg)
-        ctx.save_for_backward(k, v, band, o, lse)
-        ctx.cfg, ctx.shape = cfg, (n_chunks, n_tiles)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        k, v, band, o, lse = ctx.saved_tensors
-        B, T, C = k.shape
-        (G, _, s), (n_chunks, n_tiles), cfg = band.shape, ctx.shape, ctx.cfg
-        F64 = k.dtype == torch.float64
-        do = _aligned(do)
-        carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=lse.dtype)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dw = torch.zeros(B, n_tiles, T, s, device=k.device, dtype=lse.dtype)  # per program, summed below
-        _aft_bwd_carry_kernel[(n_tiles, B)](lse, o, do, carry, T, C, s, n_chunks, F64=F64, **cfg)
-        _aft_bwd_kernel[(n_tiles, n_chunks, B)](k, v, band, o, lse, do, carry, dk, dv, dw, T, C, s, n_chunks,
-                                                  band.stride(0), band.stride(1), C // G, F64=F64, **cfg)
-        dband = dw.view(B, G, n_tiles // G, T, s).sum((0, 2)) if ctx.needs_input_grad[2] else None
-        return dk, dv, dband
+def _aft_forward(k, v, band, cfg):
+    """The carry launch and the main launch: o and lse (B, T, C) in band's dtype."""
+    B, T, C = k.shape
+    G, s = band.size(0), band.size(2)
+    F64 = k.dtype == torch.float64
+    n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
+    carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=band.dtype)
+    o, lse = (torch.empty(B, T, C, device=k.device, dtype=band.dtype) for _ in range(2))
+    _aft_fwd_carry_kernel[(n_tiles, B)](k, v, carry, T, C, s, n_chunks, F64=F64, **cfg)
+    _aft_fwd_kernel[(n_tiles, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks,
+                                            band.stride(0), band.stride(1), C // G, F64=F64, **cfg)
+    return o, lse
+
+
+def _aft_backward(k, v, band, o, lse, do, cfg):
+    """The backward's carry launch and main launch: dk, dv, and dband from per-program sums."""
+    B, T, C = k.shape
+    G, s = band.size(0), band.size(2)
+    F64 = k.dtype == torch.float64
+    n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
+    carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=lse.dtype)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dw = torch.zeros(B, n_tiles, T, s, device=k.device, dtype=lse.dtype)  # a sum per program
+    _aft_bwd_carry_kernel[(n_tiles, B)](lse, o, do, carry, T, C, s, n_chunks, F64=F64, **cfg)
+    _aft_bwd_kernel[(n_tiles, n_chunks, B)](k, v, band, o, lse, do, carry, dk, dv, dw, T, C, s,
+                                            n_chunks, band.stride(0), band.stride(1), C // G,
+                                            F64=F64, **cfg)
+    return dk, dv, dw.view(B, G, n_tiles // G, T, s).sum((0, 2))
 
 
 # (d) The public function and its family's checks
@@ -1401,6 +1305,4 @@ def aft_sums(k, v, band=None):
     inputs), the precision of all its arithmetic. The Triton kernels only (aft.py holds the PyTorch path
     and calls triton_dispatch to choose)."""
     triton_dispatch("AFT", k, "triton", aft_unfit, k, band)  # a ValueError says why the kernels cannot run
-    if band is not None:
-        band = band.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
-    return _AFTSums.apply(k, v, band)
+    return _aft_triton(k, v, band)

@@ -83,8 +83,8 @@ def hash_buckets(q, rotations, factors=None):
     step = max(1, 2**24 // (B * H * rotations.shape[1] * columns))  # projection holds at most 2^24 numbers
     factors = factors or (2 * columns,)
     buckets = []
-    for q_slice in q.detach().float().split(step, dim=2):
-        xr = torch.einsum("bhtd,hrdk->bhrtk", q_slice, rotations)  # (B, H, R, step, columns)
+    for q_slice in q.detach().to(torch.promote_types(q.dtype, torch.float32)).split(step, dim=2):  # fp32 at least
+        xr = torch.einsum("bhtd,hrdk->bhrtk", q_slice, rotations.to(q_slice.dtype))  # (B, H, R, step, columns)
         bucket, scale = 0, 1
         for xr_f, n in zip(xr.split([n // 2 for n in factors], dim=-1), factors):
             # argmax over [xR; -xR] without building it: the largest of xR, or the most negative one shifted by

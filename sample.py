@@ -7,12 +7,16 @@ data it was trained on come from out_dir/ckpt.pt (other data is refused, or take
     python sample.py --out_dir out_cifar --num_samples 4            # images: out_cifar/samples.png
     python sample.py --out_dir out_audio --seconds 5                # audio: out_audio/sample_1.wav ...
     python sample.py --out_dir out --evaluate test                  # bits per byte over the whole test split
+    python sample.py --show_attention --model sparse_strided --stride 4   # a fresh model: what outputs read
 
 Its own file (as in nanoGPT) because it shares nothing with the training loop but the checkpoint; the PNG and
 WAV writers use the standard library only.
 """
 import argparse
+import contextlib
 import dataclasses
+import importlib
+import json
 import math
 import os
 import struct
@@ -30,8 +34,10 @@ import train
 
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+                                add_help=False, allow_abbrev=False,
+                                usage="python sample.py [--out_dir DIR] [flags]   (--help lists them)")
     p.add_argument("--out_dir", default="out", help="the run whose ckpt.pt to sample from")
     p.add_argument("--prompt", default=None, help="text prompt (default: a random 64-byte validation excerpt)")
     p.add_argument("--num_samples", type=int, default=3, help="text continuations / images / audio clips")
@@ -53,8 +59,27 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="use this data set (a --data value of train.py) instead of the one "
                                                 "the checkpoint was trained on; the output says so")
     p.add_argument("--model", default=None, choices=[*train.MODELS, "all"],
-                   help="--show_attention: draw freshly built models (small settings) instead of the checkpoint")
-    args = p.parse_args(argv)
+                   help="--show_attention: draw freshly built models (small settings, float64) instead of the "
+                        "checkpoint; with one model its settings are flags too (--model NAME --help lists them)")
+    p.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
+    args, _ = p.parse_known_args(argv)
+    mp = picture_flags(p, args.model) if args.model in train.MODELS else p
+    if args.help:
+        mp.print_help()
+        sys.exit(0)
+    args, unknown = mp.parse_known_args(argv)
+    if unknown:
+        mp.error(f"unrecognized arguments: {' '.join(unknown)}"
+                 + ("" if args.model in train.MODELS else " (a model's settings are flags with --show_attention "
+                                                           "--model NAME)"))
+    args.model_overrides = {}
+    if mp is not p:
+        args.model_overrides = {k: getattr(args, k) for k in mp.model_fields if getattr(args, k) is not None}
+        for k in mp.model_fields:
+            delattr(args, k)
+        if args.model_overrides and not args.show_attention:
+            mp.error(f"--{next(iter(args.model_overrides))} sets the model of a picture: add --show_attention")
+    del args.help
     for flag in ("num_samples", "max_new_tokens", "completions", "top_k", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
@@ -67,6 +92,29 @@ def parse_args(argv=None):
     if problem:
         p.error(problem)
     return args
+
+
+def picture_flags(p, name):
+    """p with model `name`'s settings as flags for --show_attention --model NAME, typed and explained as in train.py:
+    its own Config fields and the shared block_size (the picture's length), n_layer, n_head and n_embd, each left
+    at the picture's value unless typed. The parser's model_fields lists them."""
+    module, _, variant = train.MODELS[name]
+    Config = importlib.import_module(module).Config
+    helps = train.field_comments(Config)
+    picture = {**PICTURE_BASE, **pictures()[name][1]}
+    mp = argparse.ArgumentParser(parents=[p], add_help=False, allow_abbrev=False, description=p.description,
+                                 formatter_class=p.formatter_class,
+                                 usage=f"python sample.py --show_attention --model {name} [its settings] [flags]")
+    group = mp.add_argument_group(f"settings of the {name} picture (values as train.py takes them: 8, True, "
+                                  f"'(8, 8)')")
+    mp.model_fields = []
+    for f in dataclasses.fields(Config):
+        if f.name not in variant and f.name not in ("vocab_size", "dropout"):
+            default = picture.get(f.name, f.default)
+            group.add_argument(f"--{f.name}", type=train.flag_type(f.type), default=None,  # a literal % is %%
+                               help=f"{helps[f.name]} (picture: {default!r})".replace("%", "%%"))
+            mp.model_fields.append(f.name)
+    return mp
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,12 +230,21 @@ def evaluate_checkpoint(args):
     print(f"by position in the window ({data.unit}): "
           + ", ".join(f"{first}-{last} {b:.4f}" for first, last, b in by_position))
     write_position_table(os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}"), by_position, data.unit)
-    if getattr(model, "exactly_causal", True):
-        return bits
-    prefix, window, n = evaluate_prefixes(model, data, args.evaluate, block_size, device, ctx)
-    print(f"its forward is not exactly causal, so on {n} positions fed their prefix alone (as generation does): "
-          f"{prefix:.4f} {data.unit}, against {window:.4f} from the whole windows")
-    return bits, prefix
+    figures = dict(model=ckpt["args"]["model"], step=ckpt["step"], data=data.name, split=args.evaluate, bits=bits,
+                   unit=data.unit, tokens=count, of_tokens=total, block_size=block_size, by_position=by_position)
+    prefix = None
+    if not getattr(model, "exactly_causal", True):
+        prefix, window, n = evaluate_prefixes(model, data, args.evaluate, block_size, device, ctx)
+        print(f"its forward is not exactly causal, so on {n} positions fed their prefix alone (as generation does): "
+              f"{prefix:.4f} {data.unit}, against {window:.4f} from the whole windows")
+        figures.update(prefix_bits=prefix, prefix_window_bits=window, prefix_positions=n)
+    import bench  # here: bench imports this file
+    path = os.path.join(args.out_dir, f"evaluate_{args.evaluate}.json")
+    with open(path, "w") as f:  # the record: code, machine, versions, command and seed beside the figures
+        json.dump(dict(bench.device_record(torch.device(device), args, seeds=[ckpt["args"].get("seed")]),
+                       results=figures), f, indent=1)
+    print(f"wrote {path}")
+    return bits if prefix is None else (bits, prefix)
 
 
 def write_position_table(stem, by_position, unit):
@@ -195,7 +252,9 @@ def write_position_table(stem, by_position, unit):
     with open(stem + ".csv", "w") as f:
         f.write("first_position,last_position,bits\n")
         f.writelines(f"{first},{last},{b:.6f}\n" for first, last, b in by_position)
-    print(f"wrote {stem}.csv" + (f" and {stem}.png" if plot_positions({"": by_position}, stem + ".png", unit) else ""))
+    drawn = plot_positions({"": by_position}, stem + ".png", unit)
+    print(f"wrote {stem}.csv" + (f" and {stem}.png" if drawn else f"; no {stem}.png: matplotlib is not installed "
+                                                                  f"(pip install matplotlib draws it)"))
 
 
 def plot_positions(curves, path, unit):
@@ -222,12 +281,31 @@ def plot_positions(curves, path, unit):
 # ----------------------------------------------------------------------------------------------------------
 # Pictures of what each output depends on, measured through the real model
 
-PICTURE_SETTINGS = {  # small settings at which every pattern is visible in a 64-token picture
-    "transformer": {}, "sparse_strided": dict(stride=8, attn_block=4),
-    "sparse_fixed": dict(stride=16, summary=4, n_offsets=2, attn_block=4),
-    "reformer": dict(chunk=8, n_hashes=2), "reformer_causal_lsh": dict(chunk=8, n_hashes=2, causal_lsh=True),
-    "aft_full": {}, "aft_simple": {}, "aft_local": dict(window=8), "aft_conv": dict(window=8),
-    "perceiver_ar": dict(n_latents=16)}
+PICTURE_BASE = dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32)  # every picture: 64 tokens
+PICTURES = {  # picture: (model, its settings at which every pattern is visible in a 64-token picture)
+    "transformer": ("transformer", {}), "sparse_strided": ("sparse_strided", dict(stride=8, attn_block=4)),
+    "sparse_fixed": ("sparse_fixed", dict(stride=16, summary=4, n_offsets=2, attn_block=4)),
+    "reformer": ("reformer", dict(chunk=8, n_hashes=2)),
+    "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, causal_lsh=True)),
+    "aft_full": ("aft_full", {}), "aft_simple": ("aft_simple", {}), "aft_local": ("aft_local", dict(window=8)),
+    "aft_conv": ("aft_conv", dict(window=8)), "perceiver_ar": ("perceiver_ar", dict(n_latents=16))}
+
+
+def pictures():
+    """Every picture --model all draws: PICTURES, then each other registered model at its own defaults."""
+    return {**PICTURES, **{name: (name, {}) for name in train.MODELS if name not in PICTURES}}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch's default dtype set to dtype (float32 or float64) inside the block: what a model builds or draws
+    without naming a dtype (its weights, the Reformer's rotations) comes in that dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @torch.enable_grad()  # also under sample.main's no_grad
@@ -238,29 +316,36 @@ def dependence_maps(model, idx):
     one also sees discrete paths (where positions sort), which have no gradient. The replaced sequences are compared
     row for row with the unchanged one in a batch of the same shape, for a model's rounding may depend on the batch
     size (a kernel chosen by shape: nn.GRU's logits move by ~1e-7 between batch 1 and 64 on a CPU), which is no
-    dependence."""
-    if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
-        model.config = dataclasses.replace(model.config, reversible=False)
-    mixers = [m for name, m in model.named_modules() if name.endswith("attn")]
-    seen = []
-    hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append((inputs, out))) for m in mixers]
-    model(idx)  # the hooks keep each mixer's inputs and output
-    for h in hooks:
-        h.remove()
-    maps = []
-    for inputs, out in seen:
-        y = out[0] if isinstance(out, tuple) else out  # (1, T_out, C)
-        x = max((t for t in inputs if torch.is_tensor(t) and t.is_floating_point()), key=lambda t: t.size(1))
-        probe = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(0)).to(y)
-        rows = [torch.autograd.grad((y[0, t] * probe).sum(), x, retain_graph=True)[0][0].norm(dim=-1)
-                for t in range(y.size(1))]
-        maps.append(torch.stack(rows).detach())  # (T_out, T_in)
-    with torch.no_grad():
-        same = idx.repeat(idx.size(1), 1)  # (T, T)
-        changed = same.clone()  # row j has token j replaced
-        changed.diagonal().add_(1).remainder_(model.config.vocab_size)
-        moved = (model(changed)[0] - model(same)[0]).abs().amax(-1)  # (T, T_out): replaced j, output t
-    return maps + [moved.T]
+    dependence, and changes within 64 units of rounding of the largest logit count as none. Tensors the forward
+    draws itself come in the model's dtype (default_dtype)."""
+    with default_dtype(next(model.parameters()).dtype):
+        if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
+            model.config = dataclasses.replace(model.config, reversible=False)
+        mixers = [m for name, m in model.named_modules() if name.endswith("attn")]
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append((inputs, out))) for m in mixers]
+        model(idx)  # the hooks keep each mixer's inputs and output
+        for h in hooks:
+            h.remove()
+        maps = []
+        for inputs, out in seen:
+            y = out[0] if isinstance(out, tuple) else out  # (1, T_out, C)
+            x = max((t for t in inputs if torch.is_tensor(t) and t.is_floating_point()), key=lambda t: t.size(1))
+            probe = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(y)
+            rows = [torch.autograd.grad((y[0, t] * probe).sum(), x, retain_graph=True)[0][0].norm(dim=-1)
+                    for t in range(y.size(1))]
+            maps.append(torch.stack(rows).detach())  # (T_out, T_in)
+        with torch.no_grad():
+            same = idx.repeat(idx.size(1), 1)  # (T, T)
+            changed = same.clone()  # row j has token j replaced
+            changed.diagonal().add_(1).remainder_(model.config.vocab_size)
+            logits = model(same)[0]  # (T, T_out, V)
+            moved = (model(changed)[0] - logits).abs().amax(-1)  # (T, T_out): replaced j, output t
+        # A change within the logits' rounding is no dependence: where the paper LSH's sort only permutes the keys
+        # of an earlier chunk, the sums there move in their last bits on one CPU and not at all on another (3e-17
+        # to 2e-16 in the float64 picture, whose real changes are 1e-5 and more).
+        noise = 64 * torch.finfo(logits.dtype).eps * logits.abs().amax()
+        return maps + [moved.masked_fill(moved <= noise, 0).T]
 
 
 def picture(maps, scale=4, gap=8):
@@ -277,7 +362,7 @@ def picture(maps, scale=4, gap=8):
         shade = 44 + 176 * ((level.max() - level) / 3).clamp(max=1)  # 44 (strongest) .. 220 (3 decades weaker)
         img = torch.full((T_out, T_in, 3), 255.0)
         img[future] = torch.tensor([255.0, 225, 225])
-        img[nonzero] = shade[nonzero][:, None].expand(-1, 3)
+        img[nonzero] = shade[nonzero][:, None].expand(-1, 3).to(img.dtype)
         img[nonzero & future] = torch.tensor([200.0, 0, 0])
         img = img.to(torch.uint8).numpy().repeat(scale, axis=0).repeat(scale, axis=1)
         panels.append(np.pad(img, ((height - img.shape[0], 0), (0, gap), (0, 0)), constant_values=255))
@@ -291,9 +376,10 @@ def show_attention(args, device):
         ckpt, model = load_model(os.path.join(args.out_dir, "ckpt.pt"), device)
         jobs = [("attention", model, min(ckpt["model_config"]["block_size"], 256))]
     else:
-        names = PICTURE_SETTINGS if args.model == "all" else [args.model]
-        jobs = [(f"attention_{name}", picture_model(name), 64) for name in names]
+        names = pictures() if args.model == "all" else [args.model]
+        jobs = [(f"attention_{name}", picture_model(name, **args.model_overrides), None) for name in names]
     for file, model, T in jobs:
+        T = T or model.config.block_size
         model.to(device).eval()
         idx = torch.randint(model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(args.seed))
         path = os.path.join(args.out_dir, f"{file}.png")
@@ -301,11 +387,14 @@ def show_attention(args, device):
         print(f"wrote {path}: one panel per layer's token mixer, then the whole network")
 
 
-def picture_model(name):
+def picture_model(name, **settings):
+    """Picture `name` of pictures() as a fresh model, its settings overridden by `settings`, built and run in
+    float64: no cell of its picture then rests on float32 rounding (the paper LSH's leaks are bucket decisions),
+    and its weights are the same bits on every CPU (float32's normal_ has its own AVX2 kernel, float64's not)."""
+    model, own = pictures()[name]
     torch.manual_seed(0)
-    model = name.replace("_causal_lsh", "")
-    return train.build_model(model, dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32,
-                                         **PICTURE_SETTINGS[name]))
+    with default_dtype(torch.float64):
+        return train.build_model(model, {**PICTURE_BASE, **own, **settings}).double()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,10 +465,18 @@ def sample_text(model, data, args, gen, device, block_size):
         print(f"\n--- sample {i + 1} ---\n{bytes(out[i].tolist()).decode('utf-8', errors='replace')}")
 
 
+def fewer_samples(n, rows, what):
+    """n, or the number of rows where the split holds fewer prompts than that, which a printed note then says."""
+    if n > len(rows):
+        print(f"note: --num_samples {n}, but the split holds {len(rows)} {what if len(rows) > 1 else what[:-1]} to "
+              f"prompt with: sampling {len(rows)}")
+    return min(n, len(rows))
+
+
 def sample_images(model, data, args, gen, device):
     """One PNG: per test image a row of prompt (top half) | completions | ground truth, then a row of
     unconditional samples (--unconditional: only that row)."""
-    k = min(args.num_samples, len(data.splits["test"]))
+    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, data.splits["test"], "images")
     bos = torch.full((k, 1), data.bos, device=device)
     rows = []
     if not args.unconditional:
@@ -408,7 +505,7 @@ def sample_copy(model, data, args, gen, device, block_size):
 
 def sample_audio(model, data, args, gen, device, rate):
     """Continue up to one second of each validation clip (or start from nothing) and write 16-bit WAVs."""
-    k = min(args.num_samples, len(data.splits["val"]))
+    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, data.splits["val"], "clips")
     bos = torch.full((k, 1), data.bos, device=device)
     prompt = bos if args.unconditional else torch.cat([bos, data.splits["val"][:k, :rate].long().to(device)], dim=1)
     out = generate(model, prompt, int(args.seconds * rate), args, gen, "audio")[:, 1:]
