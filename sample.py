@@ -100,20 +100,15 @@ def picture_flags(p, name):
     at the picture's value unless typed. The parser's model_fields lists them."""
     module, _, variant = train.MODELS[name]
     Config = importlib.import_module(module).Config
-    helps = train.field_comments(Config)
     picture = {**PICTURE_BASE, **pictures()[name][1]}
     mp = argparse.ArgumentParser(parents=[p], add_help=False, allow_abbrev=False, description=p.description,
                                  formatter_class=p.formatter_class,
                                  usage=f"python sample.py --show_attention --model {name} [its settings] [flags]")
     group = mp.add_argument_group(f"settings of the {name} picture (values as train.py takes them: 8, True, "
                                   f"'(8, 8)')")
-    mp.model_fields = []
-    for f in dataclasses.fields(Config):
-        if f.name not in variant and f.name not in ("vocab_size", "dropout"):
-            default = picture.get(f.name, f.default)
-            group.add_argument(f"--{f.name}", type=train.flag_type(f.type), default=None,  # a literal % is %%
-                               help=f"{helps[f.name]} (picture: {default!r})".replace("%", "%%"))
-            mp.model_fields.append(f.name)
+    fields = [f for f in dataclasses.fields(Config) if f.name not in (*variant, "vocab_size", "dropout")]
+    train.add_config_flags(group, Config, fields, lambda f: f"picture: {picture.get(f.name, f.default)!r}")
+    mp.model_fields = [f.name for f in fields]
     return mp
 
 

@@ -110,11 +110,8 @@ def parse_args(argv=None):
     mp = argparse.ArgumentParser(prog=f"train.py --model {args.model}", parents=[p], add_help=False,
                                  allow_abbrev=False, usage=p.usage, description=p.description,
                                  formatter_class=p.formatter_class)
-    helps = field_comments(Config)
-    model_flags = mp.add_argument_group(f"{args.model}'s own flags (its Config fields)")
-    for f in own:  # argparse %-formats help texts, so a literal % is written %%
-        model_flags.add_argument(f"--{f.name}", type=flag_type(f.type), default=None,
-                                 help=f"{helps[f.name]} (default {f.default!r})".replace("%", "%%"))
+    add_config_flags(mp.add_argument_group(f"{args.model}'s own flags (its Config fields)"), Config, own,
+                     lambda f: f"default {f.default!r}")
     if args.help:
         mp.print_help()
         sys.exit(0)
@@ -134,6 +131,15 @@ def parse_args(argv=None):
         mp.error(problem)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters  # the schedule's horizon
     return args
+
+
+def add_config_flags(group, Config, fields, shown):
+    """Config's `fields` as flags of an argparse group, typed by their annotations (flag_type), defaulting to None,
+    each explained by the comment beside it and `shown(field)`, the value its help names."""
+    helps = field_comments(Config)
+    for f in fields:  # argparse %-formats help texts, so a literal % is written %%
+        group.add_argument(f"--{f.name}", type=flag_type(f.type), default=None,
+                           help=f"{helps[f.name]} ({shown(f)})".replace("%", "%%"))
 
 
 def field_comments(Config):
