@@ -104,6 +104,8 @@ def parse_args(argv=None):
     g.add_argument("--ladder_minutes", type=float, default=60.0, help="ladder: most training minutes per distance")
     g.add_argument("--ladder_tokens", type=int, default=32768,
                    help="ladder: tokens per step; batch = tokens / 2d, between 1 and 8 sequences")
+    g.add_argument("--ladder_flags", default="", help="ladder: train.py flags added to the recipe (LADDER), e.g. "
+                   "'--n_embd 128 --sinusoid 0.02 --rotary_frac 0'")
     args = p.parse_args(argv)
     bad = lambda flag, why: p.error(f"--{flag} {getattr(args, flag)!r}: {why}")
     stages = args.stages.split(",")
@@ -1093,13 +1095,13 @@ LADDER_RUNS = {  # model: its flags; 2 layers (Perceiver AR: its cross-attention
     **{name: flags + ["--n_layer", "2"] for name, flags in RECALL_SETTINGS.items()}}
 
 
-def rotary_margin(n_pairs, span):
-    """How well rotary encodings with n_pairs rotated pairs (base 10,000, as perceiver_ar.py) can single out one
+def rotary_margin(inv_freq, span):
+    """How well rotary encodings with frequencies inv_freq (n_pairs of them, perceiver_ar's) can single out one
     offset among 0 .. span - 1: a head whose query is turned back by the source's offset scores sum_i cos(delta
     f_i) at delta offsets from the source, n_pairs at the source; returns n_pairs minus the best other score and
     the offset where it is. A margin near 0 means another offset looks the same: logits would need a gain of
     about log(span) / margin to pick the source, so a small margin says "cannot" before training says anything."""
-    inv_freq = 10000.0 ** (-torch.arange(n_pairs, dtype=torch.float64) / n_pairs)
+    n_pairs, inv_freq = inv_freq.numel(), inv_freq.double()
     delta = torch.arange(1, span, dtype=torch.float64)
     score = torch.cos(delta[:, None] * inv_freq).sum(1)
     return n_pairs - score.max().item(), int(delta[score.argmax()])
@@ -1152,7 +1154,8 @@ def ladder_run(name, d, args, device, train=True):
     batch = ladder_batch(d, args.ladder_tokens)
     flags = (["--model", name, "--block_size", str(2 * d), "--batch_size", str(batch), "--lr_decay_iters",
               str(args.ladder_cap), "--eval_interval", str(args.ladder_check), "--seed", "1", "--out_dir", out,
-              "--device", str(device)] + LADDER + LADDER_RUNS.get(name, ["--n_layer", "2"]))
+              "--device", str(device)] + LADDER + LADDER_RUNS.get(name, ["--n_layer", "2"])
+             + args.ladder_flags.split())
     while train and (not curve or (curve[-1]["accuracy"] < 0.99 and curve[-1]["step"] < args.ladder_cap
                                    and sum(r["seconds"] for r in curve) < 60 * args.ladder_minutes)):
         steps = min(args.ladder_cap, (curve[-1]["step"] if curve else 0) + args.ladder_check)
@@ -1170,7 +1173,7 @@ def ladder_run(name, d, args, device, train=True):
             json.dump(curve, f)
     if curve and name == "perceiver_ar":  # how well its rotary encoding can single out the source at this d
         _, model, _ = sample.load_trained(out, device)
-        curve[-1]["rotary_margin"] = list(rotary_margin(model.cross.attn.inv_freq.numel(), 2 * d))
+        curve[-1]["rotary_margin"] = list(rotary_margin(model.cross.attn.inv_freq, 2 * d))
     return curve
 
 

@@ -3202,10 +3202,11 @@ def test_rotary_margin_is_what_perceiver_ar_rotary_scores_between_offsets():
     pos = torch.arange(span)[None]
     rotated = perceiver_ar.apply_rotary(x, pos, attn.inv_freq.double())
     scores = (rotated[0, 0, -1] @ rotated[0, 0].T).flip(0)  # score at offsets 0 .. span - 1 from the last position
-    margin, at = bench.rotary_margin(n_pairs, span)
+    margin, at = bench.rotary_margin(attn.inv_freq, span)
     assert scores[0].item() == pytest.approx(n_pairs)
     assert margin == pytest.approx(n_pairs - scores[1:].max().item()) and at == 1 + scores[1:].argmax().item()
-    assert bench.rotary_margin(4, 131072)[0] < 0.001 < 0.5 < bench.rotary_margin(8, 131072)[0]
+    freqs = lambda n_pairs: 10000.0 ** (-torch.arange(n_pairs) / n_pairs)  # base 10,000: the default
+    assert bench.rotary_margin(freqs(4), 131072)[0] < 0.001 < 0.5 < bench.rotary_margin(freqs(8), 131072)[0]
 
 
 def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_resumes(tmp_path, monkeypatch):
@@ -3225,7 +3226,7 @@ def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_res
     climbed = bench.main(argv[:9] + ["8,16,32", "--ladder_check", "1", "--ladder_cap", "5", "--out_dir",
                                      str(tmp_path / "b")])
     assert [len(climbed["ladder"][0][f"d{d}_curve"]) for d in (8, 16, 32)] == [1, 1, 1]  # learned: next rung
-    assert climbed["ladder"][0]["d32_curve"][0]["rotary_margin"] == list(bench.rotary_margin(4, 64))
+    assert climbed["ladder"][0]["d32_curve"][0]["rotary_margin"] == list(bench.rotary_margin(10000.0 ** (-torch.arange(4) / 4), 64))
     monkeypatch.undo()
     shown = bench.main(argv[:9] + ["8,16,32", "--ladder_check", "1", "--ladder_cap", "3"])["ladder"][0]
     assert "d16" not in shown  # not trained past a miss (d = 8 here)
