@@ -1121,14 +1121,15 @@ def stage_ladder(args, device):
     rotary encoding separates offsets up to 2d (rotary_margin). Rounds are kept in the run folder, so a stopped
     stage resumes."""
     rows = []
-    for name in args.models:
-        row, missed = dict(model=name, status="ok"), False
+    for name, label, flags in [(name, label, flags) for name in args.models
+                               for label, flags in (SAME_RUNS["reformer"] if name == "reformer" else [(name, [])])]:
+        row, missed = dict(model=label, status="ok"), False
         for d in args.distances:
-            curve = ladder_run(name, d, args, device, train=not missed)
+            curve = ladder_run(name, label, flags, d, args, device, train=not missed)
             if not curve:
                 continue
             row[f"d{d}"], row[f"d{d}_curve"] = curve[-1]["accuracy"], curve
-            print(f"  {name} d={d}: copy accuracy {curve[-1]['accuracy']:.3f} after {curve[-1]['step']} steps, "
+            print(f"  {label} d={d}: copy accuracy {curve[-1]['accuracy']:.3f} after {curve[-1]['step']} steps, "
                   f"{curve[-1]['s_per_step']:.2f} s/step, {curve[-1]['maxrss_gb']:.2f} GiB")
             missed = missed or curve[-1]["accuracy"] < 0.99
         rows.append(row)
@@ -1146,16 +1147,16 @@ def plot_ladder(rows, path):
                 path, "copy accuracy on fresh rows (chance 1/256)")
 
 
-def ladder_run(name, d, args, device, train=True):
+def ladder_run(name, label, flags, d, args, device, train=True):
     """One (model, distance) of the ladder stage: its rounds, kept in the run folder (train=False: only those)."""
-    out = os.path.join(args.out_dir, "ladder", f"{name}_{d}")
+    out = os.path.join(args.out_dir, "ladder", f"{label.replace(', ', '_')}_{d}")
     path = os.path.join(out, "ladder_curve.json")
     curve = read_json(path) if os.path.exists(path) else []
     batch = ladder_batch(d, args.ladder_tokens)
     flags = (["--model", name, "--block_size", str(2 * d), "--batch_size", str(batch), "--lr_decay_iters",
               str(args.ladder_cap), "--eval_interval", str(args.ladder_check), "--seed", "1", "--out_dir", out,
               "--device", str(device)] + LADDER + LADDER_RUNS.get(name, ["--n_layer", "2"])
-             + args.ladder_flags.split())
+             + flags + args.ladder_flags.split())
     while train and (not curve or (curve[-1]["accuracy"] < 0.99 and curve[-1]["step"] < args.ladder_cap
                                    and sum(r["seconds"] for r in curve) < 60 * args.ladder_minutes)):
         steps = min(args.ladder_cap, (curve[-1]["step"] if curve else 0) + args.ladder_check)
@@ -1173,7 +1174,7 @@ def ladder_run(name, d, args, device, train=True):
             json.dump(curve, f)
     if curve and name == "perceiver_ar":  # how well its rotary encoding can single out the source at this d
         _, model, _ = sample.load_trained(out, device)
-        curve[-1]["rotary_margin"] = list(rotary_margin(model.cross.attn.inv_freq, 2 * d))
+        curve[-1]["rotary_margin"] = list(rotary_margin(model.cross.attn.inv_freq.cpu(), 2 * d))
     return curve
 
 
