@@ -42,8 +42,7 @@ class Config:
     bias: bool = True  # biases in the linear layers and LayerNorms
     n_latents: int = 0  # N: the last N positions, the only ones that predict; 0 = min(1024, block_size // 2)
     rotary_frac: float = 0.5  # fraction of each head's dims rotated by the rotary encoding (official: 0.25-0.5)
-    rotary_base: float = 10000.0  # longest rotary wavelength / 2 pi; 0: block_size (official: the context length)
-    sinusoid: float = 0.0  # amplitude of fixed sinusoidal positions added to the embeddings (official copy runs)
+    rotary_base: float = 10000.0  # rotary frequencies base^(-i/n), i < n pairs; 0: block_size (as the official code)
     context_dropout: float = 0.0  # training only: fraction of the M - N context inputs removed per sequence
     z_loss: float = 1e-4  # training only: weight of logsumexp(logits)^2 added to the loss (official: 1e-4)
 
@@ -73,11 +72,13 @@ class RotaryAttention(nn.Module):
         self.n_head = config.n_head
         head_dim = config.n_embd // config.n_head
         n_pairs = int(head_dim * config.rotary_frac) // 2
-        if not 0 <= config.rotary_frac <= 1 or (n_pairs == 0 and config.rotary_frac > 0):
+        if not 0 < config.rotary_frac <= 1 or n_pairs == 0:
             raise ValueError(f"rotary_frac={config.rotary_frac} rotates no dims of the {head_dim}-wide heads; "
-                             f"choose 0 (no rotary) or a value in (0, 1] with rotary_frac * head_dim >= 2")
+                             f"choose a value in (0, 1] with rotary_frac * head_dim >= 2")
         base = config.rotary_base or config.block_size
-        self.register_buffer("inv_freq", base ** (-torch.arange(n_pairs) / max(n_pairs, 1)), persistent=False)
+        if base <= 1:
+            raise ValueError(f"rotary_base={config.rotary_base} turns no pair slowly; choose 0 (block_size) or > 1")
+        self.register_buffer("inv_freq", base ** (-torch.arange(n_pairs) / n_pairs), persistent=False)
         self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -162,8 +163,6 @@ class PerceiverAR(nn.Module):
         self.blocks = nn.ModuleList([LatentBlock(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        half = torch.arange(config.n_embd // 2) / (config.n_embd // 2)  # wavelengths 2 pi .. 2 pi block_size
-        self.register_buffer("sin_freq", config.block_size ** -half, persistent=False)
         # W_out untied and N(0, 0.02), not zero as in the official code: init_weights says why
         init_weights(self, config.n_layer + 1)  # L + 1 residual stages: the cross-attend block and L blocks
 
@@ -178,20 +177,12 @@ class PerceiverAR(nn.Module):
             presents.append(present)
         return self.lm_head(self.ln_f(z)), presents
 
-    def embed(self, idx, pos):
-        """Token embeddings of idx (B, T) plus, with config.sinusoid, fixed sinusoids of positions pos (1, T)."""
-        x = self.wte(idx)
-        if self.config.sinusoid:
-            angles = pos[..., None] * self.sin_freq  # (1, T, C/2)
-            x = x + self.config.sinusoid * torch.cat([angles.sin(), angles.cos()], dim=-1).to(x.dtype)
-        return x
-
     def encode(self, idx, n_latents):
         """All layers over idx (B, T) with its last n_latents positions as latents; context dropout in training."""
         B, T = idx.shape
         N = n_latents
+        x = self.wte(idx)  # (B, T, C)
         pos = torch.arange(T, device=idx.device)[None]  # (1, T): rotary angles use positions in this window
-        x = self.embed(idx, pos)  # (B, T, C)
         ctx, ctx_pos = x[:, : T - N], pos[:, : T - N].expand(B, -1)
         n_keep = (T - N) - int(self.config.context_dropout * (T - N))
         if self.training and n_keep < T - N:
@@ -258,8 +249,8 @@ class PerceiverAR(nn.Module):
                 elif reset:
                     logits, cache = self.encode(idx[:, s:], T - p)
                 else:
+                    e = self.wte(idx[:, -1:])  # (B, 1, C): the newest token is a new input and a new latent
                     pos = torch.full((1, 1), T - 1 - s, device=idx.device)
-                    e = self.embed(idx[:, -1:], pos)  # (B, 1, C): the newest token is a new input and a new latent
                     logits, cache = self.run(e, pos, e, pos, cache)
                 idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
         return idx

@@ -3193,6 +3193,17 @@ def test_copy_accuracy_scores_a_model_that_predicts_only_its_last_positions_on_t
     assert bench.copy_accuracy(LastK(), 16, "cpu", n_rows=5, rows_per_call=2) == 1.0
 
 
+def test_perceiver_ar_rotary_base_0_spreads_the_wavelengths_over_the_context():
+    """rotary_base = 0 (as the official code: wavelengths up to the context length) turns pair i by block_size^(-i/n)
+    per position; the default keeps base 10,000, so checkpoints trained before the option mean what they meant."""
+    make = lambda **kw: perceiver_ar.RotaryAttention(perceiver_ar.Config(n_embd=32, n_head=2, block_size=4096, **kw))
+    n = make().inv_freq.numel()
+    assert torch.equal(make(rotary_base=0).inv_freq, 4096.0 ** (-torch.arange(n) / n))
+    assert torch.equal(make().inv_freq, 10000.0 ** (-torch.arange(n) / n))
+    with pytest.raises(ValueError, match="rotary_base=1"):
+        make(rotary_base=1)
+
+
 def test_rotary_margin_is_what_perceiver_ar_rotary_scores_between_offsets():
     """rotary_margin's scores are those of perceiver_ar's rotary: a query and keys of ones in every rotated
     pair, turned by apply_rotary with the model's frequencies, score sum_i cos(delta f_i) at offset delta."""
