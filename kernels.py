@@ -11,7 +11,7 @@ public entry point.
   1. Block-sparse    (a) attention_mask, dense_attention  (b) _fwd_kernel with its tile loop
      attention       _fwd_tiles, _bwd_dq_kernel, _bwd_dkdv_kernel  (c) tile_lists, launch_config
                      (d) attention
-  2. LSH attention   (a) sort_by_bucket, dense_lsh_attention  (b) _lsh_fwd_kernel,
+  2. LSH attention   (a) sort_by_bucket, torch_lsh_attention  (b) _lsh_fwd_kernel,
                      _lsh_bwd_dkdv_kernel, _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config
                      (d) lsh_attention
   3. AFT sums        (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel,
@@ -625,8 +625,8 @@ def decoding_sdpa():
 # rounds combine as out = sum_r softmax_r(lse_r) * o_r. The dense twin below computes exactly that; the Triton
 # kernels merge the rounds as they go and never store the per-round outputs.
 # Two optional masks of the paper, both off in trax's final code and here by default:
-# - same_bucket: a key in another bucket is masked even when it shares the chunk window (causal implies it);
-# - dedup: a key seen in c of the rounds' windows gets its logit lowered by log(c), so that the combined
+# - same_bucket_mask: a key in another bucket is masked even when it shares the chunk window (causal implies it);
+# - dup_correction: a key seen in c of the rounds' windows gets its logit lowered by log(c), so that the combined
 #   output is the softmax over the union of the windows, each key counted once.
 # Keys are passed separately from queries (the Reformer's k is the unit-normalised q); autograd adds the two
 # gradients when the caller computes k from q.
@@ -635,13 +635,13 @@ SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no
 last_lsh_backend = None  # "triton" or "dense": which path the most recent lsh_attention call used
 
 
-def sort_by_bucket(buckets, chunk, same_bucket=False, causal=False):
+def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
     """buckets (B, H, R, T) -> sorted positions st (B, H, R, P), sorted index of each position rank, window ids
     loc, both (B, H, R, T), and span: key j lies in query i's window of a round exactly when
     in_window(loc_i, loc_j, span).
 
     st[..., s] is the original position at sorted index s (-1 for an empty slot); rank[..., t] the sorted index
-    of position t. loc[..., t] is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket
+    of position t. loc[..., t] is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket_mask
     (rank grows with the bucket, so other buckets land 2 or more away, or below). With causal, every bucket
     starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk * bucket (span chunk:
     the chunk latest sorted indices of the same bucket; another bucket lands chunk or more away).
@@ -662,7 +662,7 @@ def sort_by_bucket(buckets, chunk, same_bucket=False, causal=False):
         return st, rank, rank + chunk * buckets.long(), chunk
     rank = torch.empty_like(st).scatter_(-1, st, pos.expand_as(st))
     loc = rank // chunk
-    if same_bucket:
+    if same_bucket_mask:
         loc = loc + 2 * buckets.long()
     return st, rank, loc, 2
 
@@ -676,11 +676,11 @@ def in_window(loc_q, loc_k, span):
 _in_window = jit(in_window)
 
 
-def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, causal=False):
+def torch_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False, causal=False):
     """The plain PyTorch twin: per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) by sort + gather.
     T must be a multiple of chunk (lsh_attention pads any other length)."""
     B, H, T, D = q.shape
-    st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
+    st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     R, P = st.shape[2:]
     N = P // chunk
 
@@ -699,7 +699,7 @@ def dense_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, d
     s = (sq @ sk.transpose(-1, -2)) * scale  # (B, H, R, N, m, 2m)
     is_self = kpos[..., None, :] == qpos[..., :, None]
     s = s.masked_fill(is_self, SELF_LOGIT)
-    if dedup:
+    if dup_correction:
         # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
         qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, R * P).expand(B, H, R, R * P))
         qloc = qloc.view(B, H, R, R, N, chunk)
@@ -730,13 +730,13 @@ def combine_rounds(o, lse):
 #
 # Shared by the three kernels: the logits s = scale * q.k of a tile of queries against a tile of keys, masked.
 # Order of operations, same as the reference: the self logit; minus log(count of rounds whose window holds the
-# key) with dedup; -inf for keys later in the original order or outside round r's window. qpos, kpos and k_ok
+# key) with dup_correction; -inf for keys later in the original order or outside round r's window. qpos, kpos and k_ok
 # come shaped to broadcast against s (queries x keys, or keys x queries in the dK/dV kernel). LOC holds loc
 # (B, H, R, T) of sort_by_bucket; bh * R + r is the row of round r.
 @jit
-def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DEDUP: tl.constexpr):
+def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DUP_CORRECTION: tl.constexpr):
     s = tl.where(kpos == qpos, self_logit, s)
-    if DEDUP:
+    if DUP_CORRECTION:
         count = tl.zeros(s.shape, dtype=tl.int32)
         for r2 in range(R):
             count += _lsh_window(LOC + (bh * R + r2) * T, qpos, kpos, span).to(tl.int32)
@@ -804,7 +804,7 @@ LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T, P,
                     TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
-                    DEDUP: tl.constexpr):
+                    DUP_CORRECTION: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r  # row of this round in ST (B, H, R, P) and LOC (B, H, R, T)
@@ -823,7 +823,7 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
         k = _load_rows(K, bh * T * D, kpos, k_ok, D, TILE_D)
         v = _load_rows(V, bh * T * D, kpos, k_ok, D, TILE_D)
         s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
-                      T, span, self_logit, DEDUP)
+                      T, span, self_logit, DUP_CORRECTION)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -864,7 +864,7 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, chunk, scale, self_logit, T, P,
                          TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
-                         DEDUP: tl.constexpr):
+                         DUP_CORRECTION: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r
@@ -884,7 +884,7 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, 
         l = tl.load(L + bh * T + qpos, mask=q_ok, other=1.0)
         delta = tl.load(DELTA + bh * T + qpos, mask=q_ok, other=0.0)
         sT = _lsh_mask(tl.dot(k, tl.trans(q)) * scale, qpos[None, :], kpos[:, None], k_ok[:, None], LOC, bh, r, R,
-                       T, span, self_logit, DEDUP)  # (TILE_M keys, TILE_N queries)
+                       T, span, self_logit, DUP_CORRECTION)  # (TILE_M keys, TILE_N queries)
         pT = tl.exp(sT - m[None, :]) / l[None, :]
         dv += tl.dot(pT.to(do.dtype), do)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
@@ -898,7 +898,7 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, 
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk, scale, self_logit, T, P,
                        TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
-                       DEDUP: tl.constexpr):
+                       DUP_CORRECTION: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     bhr = bh * R + r
@@ -917,7 +917,7 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk,
         k = _load_rows(K, bh * T * D, kpos, k_ok, D, TILE_D)
         v = _load_rows(V, bh * T * D, kpos, k_ok, D, TILE_D)
         s = _lsh_mask(tl.dot(q, tl.trans(k)) * scale, qpos[:, None], kpos[None, :], k_ok[None, :], LOC, bh, r, R,
-                      T, span, self_logit, DEDUP)
+                      T, span, self_logit, DUP_CORRECTION)
         p = tl.exp(s - m[:, None]) / l[:, None]
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -939,36 +939,36 @@ def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, T
 # (c) The launcher: a launch per round, forward and backward; the rows' running max and sum carry the
 # rounds' merge from one launch to the next.
 
-def lsh_launch_config(chunk, D, dtype, arch, dedup):
+def lsh_launch_config(chunk, D, dtype, arch, dup_correction):
     """Tile sizes and launch parameters of the three LSH kernels on sm_`arch` (None: the interpreter): a program's
     rows TILE_M (the chunk), the width TILE_N of the tiles it walks, the padded head dim TILE_D, warps and stages.
     tl.dot needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked. The
-    walked tiles are 64 wide on sm_90 (for head dims up to 64) and 32 otherwise (16 for dedup's count tile next to
-    (64, 128) ones on sm_90); 8 warps for tiles of rows over 8 KB, 4 otherwise; one pipeline stage, as a program
+    walked tiles are 64 wide on sm_90 (for head dims up to 64) and 32 otherwise (16 for dup_correction's count tile
+    next to (64, 128) ones on sm_90); 8 warps for tiles of rows over 8 KB, 4 otherwise; one pipeline stage, as a program
     walks only two chunks. docs/kernels.md says how these were chosen; the compile check in test_all.py checks
     each for spills."""
     tile_m, tile_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
     tile_n = 32
     if (arch or 90) == 90:
-        tile_n = 64 if tile_d <= 64 else 16 if dedup and tile_m * tile_d >= 8192 else 32
+        tile_n = 64 if tile_d <= 64 else 16 if dup_correction and tile_m * tile_d >= 8192 else 32
     tile_n = min(tile_m, tile_n)
     tile_bytes = tile_m * tile_d * dtype.itemsize
-    warps = 8 if tile_bytes > 8192 or dedup and tile_m >= 64 else 4
+    warps = 8 if tile_bytes > 8192 or dup_correction and tile_m >= 64 else 4
     return dict(lsh=dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps,
                          num_stages=1))
 
 
-def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal, arch):
+def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_correction, causal, arch):
     """lsh_attention's Triton path after its checks and padding, for sm_`arch`."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket, causal)
+    st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
-    cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dedup)["lsh"]
-    settings = (span, chunk, scale, dedup, cfg)
+    cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dup_correction)["lsh"]
+    settings = (span, chunk, scale, dup_correction, cfg)
     return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), settings)
 
 
-def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg):
+def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dup_correction, cfg):
     """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running
     max and sum m, l (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket
     (int32)."""
@@ -979,11 +979,11 @@ def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dedup, cfg):
     m, l = (torch.empty(B, H, T, device=q.device, dtype=torch.float32) for _ in range(2))
     for r in range(R):
         _lsh_fwd_kernel[(B * H, P // chunk)](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT,
-                                             T, P, D=D, DEDUP=dedup, **cfg)
+                                             T, P, D=D, DUP_CORRECTION=dup_correction, **cfg)
     return out, m, l
 
 
-def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dedup, cfg):
+def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_correction, cfg):
     """The backward launches: delta, then per round the dK/dV and the dQ kernel; dq, dk, dv."""
     B, H, T, D = q.shape
     R, P = st.shape[2:]
@@ -1005,8 +1005,8 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dedup, cf
         grid = (part[0].size(0), P // chunk)
         for r in range(R):
             scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
-            _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DEDUP=dedup, **cfg)
-            _lsh_bwd_dq_kernel[grid](*part, acc[0], *scalars, D=D, DEDUP=dedup, **cfg)
+            _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
+            _lsh_bwd_dq_kernel[grid](*part, acc[0], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
         if acc is not out:
             for o, a in zip(out, acc):
                 o.copy_(a)
@@ -1016,7 +1016,7 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dedup, cf
 
 # (d) The public function and its family's checks
 
-def _lsh_config_unfit(arch, dtype, D, chunk, dedup):
+def _lsh_config_unfit(arch, dtype, D, chunk, dup_correction):
     """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence; None
     when they do (triton_dispatch checks the architecture itself). The compile check in test_all.py compiles every
     configuration let through."""
@@ -1025,9 +1025,9 @@ def _lsh_config_unfit(arch, dtype, D, chunk, dedup):
     if chunk > 64:
         return (f"the LSH Triton kernels take chunks of at most 64 (a program holds chunk x chunk logit tiles in "
                 f"registers; 128 spills them), got {chunk}")
-    if D > 128 or (dtype == torch.float32 and D > (32 if dedup else 64)):
-        return (f"the LSH Triton kernels take head dims up to 128, in fp32 up to 64, 32 with dedup (wider fp32 rows "
-                f"overflow shared memory or registers; use bf16 autocast), got {D} in {dtype}")
+    if D > 128 or (dtype == torch.float32 and D > (32 if dup_correction else 64)):
+        return (f"the LSH Triton kernels take head dims up to 128, in fp32 up to 64, 32 with dup_correction (wider "
+                f"fp32 rows overflow shared memory or registers; use bf16 autocast), got {D} in {dtype}")
     if arch is not None and D not in TRITON_HEAD_DIMS:
         return f"the LSH Triton kernels take head dims {TRITON_HEAD_DIMS} on a GPU (those are compile-checked), got {D}"
     return None
@@ -1045,25 +1045,28 @@ def pad_to_chunks(q, k, v, buckets, chunk):
     return q, k, v, torch.cat([buckets, sentinel], dim=-1)
 
 
-def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket=False, dedup=False, causal=False, backend=None):
+def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False, causal=False,
+                  backend=None):
     """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
 
     Any T: a sequence that chunk does not divide is padded inside (pad_to_chunks), its output the function of
     the unpadded sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
     keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, the dense PyTorch twin
-    (dense_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' forces one and
+    (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' forces one and
     last_lsh_backend says which ran.
     """
     global last_lsh_backend
-    runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_config_unfit, q.dtype, q.size(-1), chunk, dedup)
+    runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_config_unfit, q.dtype, q.size(-1), chunk,
+                              dup_correction)
     last_lsh_backend = "triton" if runs else "dense"
     T = q.size(2)
     q, k, v, buckets = pad_to_chunks(q, k, v, buckets, chunk)
+    mode = (same_bucket_mask, dup_correction, causal)
     if not runs:
-        out = combine_rounds(*dense_lsh_attention(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal))
+        out = combine_rounds(*torch_lsh_attention(q, k, v, buckets, chunk, scale, *mode))
     else:
         k, v = k.to(q.dtype), v.to(q.dtype)
-        out = _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket, dedup, causal, _arch(q.device))
+        out = _lsh_attention_triton(q, k, v, buckets, chunk, scale, *mode, _arch(q.device))
     return out[:, :, :T]
 
 

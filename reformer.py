@@ -140,8 +140,8 @@ class SharedQKAttention(nn.Module):
             buckets = hash_buckets(q, rotations[h0:h1], self.factors)  # (B, H', n_hashes, T)
         else:  # one bucket and one round: the sort keeps the order, so chunks are consecutive positions
             buckets = torch.zeros(B, h1 - h0, 1, T, dtype=torch.long, device=x.device)
-        y = lsh_attention(q, k, v, buckets, self.config.chunk, same_bucket=self.config.same_bucket_mask,
-                          dedup=self.config.dup_correction, causal=self.config.causal_lsh)
+        y = lsh_attention(q, k, v, buckets, self.config.chunk, same_bucket_mask=self.config.same_bucket_mask,
+                          dup_correction=self.config.dup_correction, causal=self.config.causal_lsh)
         y = y.transpose(1, 2).reshape(B, T, (h1 - h0) * D)  # (B, H', T, D) -> (B, T, H' D)
         return F.linear(y, self.proj.weight[:, rows], self.proj.bias if h0 == 0 else None)
 

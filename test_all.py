@@ -1677,8 +1677,8 @@ def dense_shared_qk_attention(q, v):
     return torch.softmax(s, dim=-1) @ v
 
 
-LSH_MODES = {"paper": dict(), "same-bucket-dedup": dict(same_bucket=True, dedup=True),
-             "causal": dict(causal=True), "causal-dedup": dict(causal=True, dedup=True)}
+LSH_MODES = {"paper": dict(), "same-bucket-dup-correction": dict(same_bucket_mask=True, dup_correction=True),
+             "causal": dict(causal=True), "causal-dup-correction": dict(causal=True, dup_correction=True)}
 
 
 @pytest.mark.parametrize("chunk,R,T", [(8, 1, 32), (8, 3, 36), (16, 2, 32)])
@@ -1708,7 +1708,7 @@ def test_lsh_kernel_walking_narrower_key_tiles_matches_reference(chunk):
     results = {}
     for backend in ("dense", "triton"):
         with kernels.launch_overrides(lsh=dict(TILE_N=16)):
-            out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, backend=backend, dedup=True)
+            out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, backend=backend, dup_correction=True)
             results[backend] = (out.detach(), *torch.autograd.grad((out * grad_out).sum(), (q, v)))
     for ref, tri in zip(results["dense"], results["triton"]):
         torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5)
@@ -1776,9 +1776,9 @@ def test_one_chunk_covering_the_sequence_equals_dense_shared_qk_attention(backen
     torch.testing.assert_close(dv, dv_ref, **tol)
 
 
-def windows_from_definition(buckets, chunk, same_bucket=False, causal=False):
+def windows_from_definition(buckets, chunk, same_bucket_mask=False, causal=False):
     """Boolean (R, T, T): key j is in query i's window in round r. Paper: j <= i in the own or previous chunk of
-    the sorted order (and bucket with same_bucket). Causal: j <= i in the same bucket, fewer than chunk sorted
+    the sorted order (and bucket with same_bucket_mask). Causal: j <= i in the same bucket, fewer than chunk sorted
     places back. Any T: the last chunk may be short."""
     R, T = buckets.shape
     win = torch.zeros(R, T, T, dtype=torch.bool)
@@ -1792,18 +1792,18 @@ def windows_from_definition(buckets, chunk, same_bucket=False, causal=False):
                     win[r, i, j] = same and rank[i] - rank[j] < chunk
                 else:
                     near = rank[j] // chunk in (rank[i] // chunk, rank[i] // chunk - 1)
-                    win[r, i, j] = near and (same or not same_bucket)
+                    win[r, i, j] = near and (same or not same_bucket_mask)
     return win
 
 
-def lsh_reference(q, k, v, buckets, chunk, same_bucket=False, dedup=False, causal=False):
+def lsh_reference(q, k, v, buckets, chunk, same_bucket_mask=False, dup_correction=False, causal=False):
     """LSH attention in float64 from the windows' definition: one softmax over all rounds' windows, a key
-    weighted by the number of rounds whose window holds it (by 1 with dedup). (B, H, T, D)."""
+    weighted by the number of rounds whose window holds it (by 1 with dup_correction). (B, H, T, D)."""
     B, H, T, _ = q.shape
     out = torch.zeros(q.shape, dtype=torch.float64)
     for b, h in itertools.product(range(B), range(H)):
-        win = windows_from_definition(buckets[b, h], chunk, same_bucket, causal)
-        weight = win.any(0).double() if dedup else win.sum(0).double()  # (T, T)
+        win = windows_from_definition(buckets[b, h], chunk, same_bucket_mask, causal)
+        weight = win.any(0).double() if dup_correction else win.sum(0).double()  # (T, T)
         s = q[b, h].double() @ k[b, h].double().T
         s = s.masked_fill(torch.eye(T, dtype=torch.bool), SELF_LOGIT).masked_fill(weight == 0, float("-inf"))
         e = weight * torch.exp(s - s.max(-1, keepdim=True).values)
@@ -1811,14 +1811,14 @@ def lsh_reference(q, k, v, buckets, chunk, same_bucket=False, dedup=False, causa
     return out
 
 
-@pytest.mark.parametrize("same_bucket,dedup", [(False, False), (True, False), (True, True)])
-def test_lsh_rounds_combine_by_logsumexp(same_bucket, dedup):
+@pytest.mark.parametrize("same_bucket_mask,dup_correction", [(False, False), (True, False), (True, True)])
+def test_lsh_rounds_combine_by_logsumexp(same_bucket_mask, dup_correction):
     # Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a key counted
     # once per round that sees it; with the duplicate correction, once in all (the union of the windows).
     q, v, buckets = random_lsh_inputs(B=1, H=1, T=32, R=3, n_buckets=4, dtype=torch.float64)
     k = F.normalize(q, dim=-1)
-    out = lsh_attention(q, k, v, buckets, chunk=4, same_bucket=same_bucket, dedup=dedup, backend="dense")
-    expected = lsh_reference(q, k, v, buckets, 4, same_bucket, dedup)
+    out = lsh_attention(q, k, v, buckets, chunk=4, same_bucket_mask=same_bucket_mask, dup_correction=dup_correction, backend="dense")
+    expected = lsh_reference(q, k, v, buckets, 4, same_bucket_mask, dup_correction)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
 
 
@@ -1836,7 +1836,7 @@ def test_lsh_on_a_length_chunk_does_not_divide_equals_the_reference_with_a_short
                                rtol=tol)
 
 
-def later_inputs_effect(backend, R, scale, causal, dedup=False, T=44, t=21, chunk=8):
+def later_inputs_effect(backend, R, scale, causal, dup_correction=False, T=44, t=21, chunk=8):
     """How much the LSH output before position t moves when q, k, v and the buckets at positions >= t change,
     and the largest gradient of the output at t with respect to q, k, v at positions after t."""
     g = torch.Generator().manual_seed(R)
@@ -1847,7 +1847,7 @@ def later_inputs_effect(backend, R, scale, causal, dedup=False, T=44, t=21, chun
         x[..., t:] = new[..., t:].flip(-1) if x.is_floating_point() else new[..., t:]  # other values after t
     if backend == "triton":
         q, k, v, changed[0], changed[1], changed[2] = (x.float() for x in (q, k, v, *changed[:3]))
-    mode = dict(chunk=chunk, causal=causal, dedup=dedup, backend=backend)
+    mode = dict(chunk=chunk, causal=causal, dup_correction=dup_correction, backend=backend)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     out = lsh_attention(q, k, v, buckets, **mode)
     moved = (lsh_attention(*changed, **mode) - out)[:, :, :t].abs().max().item()
@@ -1857,11 +1857,11 @@ def later_inputs_effect(backend, R, scale, causal, dedup=False, T=44, t=21, chun
 
 
 @pytest.mark.parametrize("backend", ["dense", "triton"])
-@pytest.mark.parametrize("R,dedup", [(1, False), (2, True), (3, False), (4, True)])
+@pytest.mark.parametrize("R,dup_correction", [(1, False), (2, True), (3, False), (4, True)])
 @pytest.mark.parametrize("scale", [1.0, 100.0])
-def test_causal_lsh_future_inputs_do_not_change_past_outputs(backend, R, dedup, scale):
+def test_causal_lsh_future_inputs_do_not_change_past_outputs(backend, R, dup_correction, scale):
     skip_large_keys_on_the_interpreter(backend, scale)
-    moved, grad_from_future = later_inputs_effect(backend, R, scale, causal=True, dedup=dedup)
+    moved, grad_from_future = later_inputs_effect(backend, R, scale, causal=True, dup_correction=dup_correction)
     assert grad_from_future == 0
     assert moved == 0  # not even rounding: every bucket starts a chunk, so sums run in one order
 
@@ -3617,7 +3617,7 @@ def launch_forward_and_backward(arch, kind, dtype, D, size):
         out = kernels._aft_triton(k, v, band)
     else:
         buckets = torch.randint(4, (1, 2, 2, T))
-        out = kernels._lsh_attention_triton(q, k, v, buckets, size, 1.0, False, kind == "lsh-dedup", False, arch)
+        out = kernels._lsh_attention_triton(q, k, v, buckets, size, 1.0, False, kind == "lsh-dup-correction", False, arch)
     out.backward(torch.ones_like(out))
 
 
@@ -3655,7 +3655,7 @@ def dispatch_unfit(arch, kind, dtype, D, size):
         return kernels._sparse_config_unfit(arch, getattr(torch, dtype), D, size)
     if kind == "aft":
         return kernels._aft_config_unfit(arch, getattr(torch, dtype))
-    return kernels._lsh_config_unfit(arch, getattr(torch, dtype), D, size, kind == "lsh-dedup")
+    return kernels._lsh_config_unfit(arch, getattr(torch, dtype), D, size, kind == "lsh-dup-correction")
 
 
 def launchable(configs):
@@ -3664,7 +3664,7 @@ def launchable(configs):
 
 def all_gpu_configs():
     """Every (arch, kind, dtype, D, block or chunk) the dispatch launches on the five architectures."""
-    sizes = dict(sparse=kernels.TRITON_TILES, lsh=LSH_TILES, **{"lsh-dedup": LSH_TILES})
+    sizes = dict(sparse=kernels.TRITON_TILES, lsh=LSH_TILES, **{"lsh-dup-correction": LSH_TILES})
     return launchable([(arch, kind, dtype, D, size) for arch in ARCHS for kind in sizes for dtype in DTYPES
                        for D in kernels.TRITON_HEAD_DIMS for size in sizes[kind]]
                       + [(arch, "aft", dtype, 512, s) for arch in ARCHS for dtype in DTYPES for s in AFT_WINDOWS])
@@ -3679,7 +3679,7 @@ def default_gpu_configs():
     for arch in (80, 86, 90):
         configs += [(arch, "sparse", "bfloat16", 64, 64), (arch, "lsh", "bfloat16", 64, 64),
                     (arch, "aft", "bfloat16", 512, 32)]
-        for kind, dtype in itertools.product(("sparse", "lsh-dedup"), ("bfloat16", "float32")):
+        for kind, dtype in itertools.product(("sparse", "lsh-dup-correction"), ("bfloat16", "float32")):
             fits = [c for c in all_gpu_configs() if c[:3] == (arch, kind, dtype)]
             configs += [max(fits, key=lambda c: c[3:])] if fits else []
     return launchable(configs)
@@ -3746,7 +3746,7 @@ def test_dispatch_refuses_what_does_not_fit_a_gpu_with_a_reason(monkeypatch):
     assert dispatch_unfit(75, "lsh", "bfloat16", 64, 64).startswith("the Triton kernels need sm_80")
     assert dispatch_unfit(90, "lsh", "bfloat16", 64, 128).startswith("the LSH Triton kernels take chunks of at most 64")
     assert dispatch_unfit(90, "lsh", "bfloat16", 48, 64).startswith("the LSH Triton kernels take head dims")
-    for config in [(arch, kind, dtype, D, size) for arch in ARCHS for kind in ("sparse", "lsh", "lsh-dedup")
+    for config in [(arch, kind, dtype, D, size) for arch in ARCHS for kind in ("sparse", "lsh", "lsh-dup-correction")
                    for dtype in DTYPES for D in kernels.TRITON_HEAD_DIMS for size in (16, 32, 64, 128)]:
         reason = dispatch_unfit(*config)
         assert reason is None or (reason.startswith("the ") and "\n" not in reason), (config, reason)
@@ -3907,7 +3907,7 @@ def test_gpu_lsh_kernel_matches_float64_reference(gpu_arch, dtype, D, chunk):
     # error within 3x that of the dense twin in the same dtype, plus a floor.
     dtype, floor = GPU_DTYPES[dtype]
     modes = [mode for mode in LSH_MODES if not kernels._gpu_unfit(gpu_arch)
-             and not kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, LSH_MODES[mode].get("dedup", False))]
+             and not kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, LSH_MODES[mode].get("dup_correction", False))]
     if not modes:  # the dispatch takes the dense twin here
         pytest.skip(kernels._gpu_unfit(gpu_arch) or kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, False))
     T = 6 * chunk + 5
