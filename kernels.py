@@ -632,7 +632,7 @@ def decoding_sdpa():
 # gradients when the caller computes k from q.
 
 SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
-last_lsh_backend = None  # "triton" or "dense": which path the most recent lsh_attention call used
+last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recent lsh_attention call used
 
 
 def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
@@ -676,6 +676,35 @@ def in_window(loc_q, loc_k, span):
 _in_window = jit(in_window)
 
 
+def with_previous(x, chunks=3, rows=4):  # each chunk's rows: the previous chunk's, then its own
+    return torch.cat([x.roll(1, dims=chunks), x], dim=rows)
+
+
+def window_masks(st, loc, span, chunk, dup_correction, dtype):
+    """Per round and chunk, over its m queries x 2m keys (previous chunk's, then own), all (B, H, R, N, m, 2m):
+    which key is the query itself, log(count of rounds whose window holds the key) in dtype with dup_correction
+    (else 0), and which keys the query may see (an empty slot's row sees all: any finite result, never read back)."""
+    B, H, R, P = st.shape
+    N = P // chunk
+    qpos = st.view(B, H, R, N, chunk)  # -1 in empty slots
+    kpos = with_previous(qpos)  # (B, H, R, N, 2m)
+    is_self = kpos[..., None, :] == qpos[..., :, None]
+    log_count = 0.0
+    if dup_correction:
+        # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
+        qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, R * P).expand(B, H, R, R * P))
+        qloc = qloc.view(B, H, R, R, N, chunk)
+        kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, 2 * R * P).expand(B, H, R, 2 * R * P))
+        kloc = kloc.view(B, H, R, R, N, 2 * chunk)
+        log_count = in_window(qloc[..., :, None], kloc[..., None, :], span).sum(2).clamp(min=1).to(dtype).log()
+    first = torch.zeros(N, 2 * chunk, dtype=torch.bool, device=st.device)
+    first[0, :chunk] = True  # the first chunk has no previous chunk
+    sloc = loc.gather(3, st.clamp(min=0)).view(B, H, R, N, chunk)  # this round's loc of the sorted rows
+    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & (kpos[..., None, :] >= 0) & ~first[:, None, :] \
+        & in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)
+    return is_self, log_count, allowed | (qpos < 0)[..., None]
+
+
 def torch_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False, causal=False):
     """The plain PyTorch twin: per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) by sort + gather.
     T must be a multiple of chunk (lsh_attention pads any other length)."""
@@ -689,30 +718,11 @@ def torch_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=Fal
         rows = x[:, :, None].expand(B, H, R, T, E).gather(3, st.clamp(min=0)[..., None].expand(B, H, R, P, E))
         return rows.view(B, H, R, N, chunk, E)  # an empty slot holds row 0, masked below
 
-    def with_previous(x):  # (B, H, R, N, m, ...) -> (B, H, R, N, 2m, ...): previous chunk's rows, then own
-        return torch.cat([x.roll(1, dims=3), x], dim=4)
-
     sq = gather_rows(q)  # (B, H, R, N, m, D)
     sk, sv = with_previous(gather_rows(k)), with_previous(gather_rows(v))  # (B, H, R, N, 2m, D)
-    qpos = st.view(B, H, R, N, chunk)  # -1 in empty slots
-    kpos = with_previous(qpos)  # (B, H, R, N, 2m)
+    is_self, log_count, allowed = window_masks(st, loc, span, chunk, dup_correction, q.dtype)
     s = (sq @ sk.transpose(-1, -2)) * scale  # (B, H, R, N, m, 2m)
-    is_self = kpos[..., None, :] == qpos[..., :, None]
-    s = s.masked_fill(is_self, SELF_LOGIT)
-    if dup_correction:
-        # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
-        qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, R * P).expand(B, H, R, R * P))
-        qloc = qloc.view(B, H, R, R, N, chunk)
-        kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, 2 * R * P).expand(B, H, R, 2 * R * P))
-        kloc = kloc.view(B, H, R, R, N, 2 * chunk)
-        count = in_window(qloc[..., :, None], kloc[..., None, :], span).sum(2)  # (B, H, R, N, m, 2m)
-        s = s - count.clamp(min=1).to(s.dtype).log()
-    first = torch.zeros(N, 2 * chunk, dtype=torch.bool, device=q.device)
-    first[0, :chunk] = True  # the first chunk has no previous chunk
-    sloc = loc.gather(3, st.clamp(min=0)).view(B, H, R, N, chunk)  # this round's loc of the sorted rows
-    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & (kpos[..., None, :] >= 0) & ~first[:, None, :] \
-        & in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)
-    allowed |= (qpos < 0)[..., None]  # an empty slot's row: any finite result, never read back
+    s = s.masked_fill(is_self, SELF_LOGIT) - log_count
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, R, N, m)
     so = torch.exp(s - lse[..., None]) @ sv  # (B, H, R, N, m, D)
@@ -724,6 +734,62 @@ def combine_rounds(o, lse):
     """out = sum_r exp(lse_r - logsumexp_r lse_r) o_r: (B, H, R, T, D), (B, H, R, T) -> (B, H, T, D)."""
     w = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=2)
     return (o * w[..., None].to(o.dtype)).sum(2)
+
+
+# (a') On a CPU: the same windows, each chunk's softmax by PyTorch's fused CPU attention (flash attention with an
+# additive mask, which also returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward:
+# 2-3x the twin's speed on a CPU (docs/results.md). One difference below rounding: the self logit is added
+# (s + SELF_LOGIT) rather than set, and a query's own key weighs exp(SELF_LOGIT) ~ 0 unless nothing else is in
+# its window. The backward runs once per round with that round's log-sum-exp, dout * w_r (w_r the round's weight
+# in the combination) and the combined output in place of the round's: the softmax backward's
+# delta_i = w_r out_i . dout_i then also carries the round's share of the gradient through w_r.
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _LSHOnCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, st, rank, bias, scale):
+        B, H, T, D = q.shape
+        R, P = st.shape[2:]
+        rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, bias.size(2))  # in (B*H*T)
+        key_rows = with_previous(rows, 0, 1)  # (chunks, 2m): the previous chunk's rows, then its own
+        sq, sk, sv = gather_rows(q, rows), gather_rows(k, key_rows), gather_rows(v, key_rows)
+        o, lse = _cpu_flash(sq, sk, sv, 0.0, False, attn_mask=bias, scale=scale)
+        o = o.view(B, H, R, P, D).gather(3, rank[..., None].expand(-1, -1, -1, -1, D))  # undo the sort
+        w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
+        out = (o * w[..., None]).sum(2)
+        w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
+        ctx.save_for_backward(q, k, v, rows, key_rows, bias, out, lse, w)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, rows, key_rows, bias, out, lse, w = ctx.saved_tensors
+        sq, so, sdo = (gather_rows(x, rows) for x in (q, out, dout))
+        sk, sv = gather_rows(k, key_rows), gather_rows(v, key_rows)
+        dq, dk, dv = _cpu_flash_backward(sdo * w[..., None], sq, sk, sv, so, lse, 0.0, False, attn_mask=bias,
+                                         scale=ctx.scale)
+        D = q.size(3)  # each row's gradient, summed over the rounds and chunks that hold it:
+        add = lambda d, at: torch.zeros(q.numel() // D, D, dtype=d.dtype).index_add_(0, at.view(-1), d.view(-1, D))
+        return add(dq, rows).view(q.shape), add(dk, key_rows).view(q.shape), add(dv, key_rows).view(q.shape), \
+            None, None, None, None
+
+
+def gather_rows(x, rows):
+    """Rows of x (B, H, T, D) at indices rows (chunks, n) into its (B*H*T) rows: (chunks, 1, n, D)."""
+    return x.reshape(-1, x.size(-1)).index_select(0, rows.view(-1)).view(rows.size(0), 1, rows.size(1), -1)
+
+
+def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False,
+                      causal=False):
+    """The twin's combined output (combine_rounds of torch_lsh_attention), computed by _LSHOnCPU."""
+    st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
+    is_self, log_count, allowed = window_masks(st, loc, span, chunk, dup_correction, q.dtype)
+    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(is_self, SELF_LOGIT).sub_(log_count)
+    bias.masked_fill_(~allowed, float("-inf"))
+    return _LSHOnCPU.apply(q, k, v, st, rank, bias.view(-1, 1, chunk, 2 * chunk), scale)
 
 
 # (b) The kernels.
@@ -1051,23 +1117,24 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
 
     Any T: a sequence that chunk does not divide is padded inside (pad_to_chunks), its output the function of
     the unpadded sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
-    keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, the dense PyTorch twin
-    (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' forces one and
-    last_lsh_backend says which ran.
+    keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, cpu_lsh_attention on a
+    CPU, the PyTorch twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the
+    twin) forces one and last_lsh_backend says which ran.
     """
     global last_lsh_backend
     runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_config_unfit, q.dtype, q.size(-1), chunk,
                               dup_correction)
-    last_lsh_backend = "triton" if runs else "dense"
+    on_cpu = not runs and q.device.type == "cpu" and backend != "dense"
+    last_lsh_backend = "triton" if runs else "cpu" if on_cpu else "dense"
     T = q.size(2)
     q, k, v, buckets = pad_to_chunks(q, k, v, buckets, chunk)
     mode = (same_bucket_mask, dup_correction, causal)
-    if not runs:
-        out = combine_rounds(*torch_lsh_attention(q, k, v, buckets, chunk, scale, *mode))
-    else:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        out = _lsh_attention_triton(q, k, v, buckets, chunk, scale, *mode, _arch(q.device))
-    return out[:, :, :T]
+    if not runs and not on_cpu:
+        return combine_rounds(*torch_lsh_attention(q, k, v, buckets, chunk, scale, *mode))[:, :, :T]
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if on_cpu:
+        return cpu_lsh_attention(q, k, v, buckets, chunk, scale, *mode)[:, :, :T]
+    return _lsh_attention_triton(q, k, v, buckets, chunk, scale, *mode, _arch(q.device))[:, :, :T]
 
 
 # ================================================================================================================

@@ -311,8 +311,8 @@ def dependence_maps(model, idx):
     one also sees discrete paths (where positions sort), which have no gradient. The replaced sequences are compared
     row for row with the unchanged one in a batch of the same shape, for a model's rounding may depend on the batch
     size (a kernel chosen by shape: nn.GRU's logits move by ~1e-7 between batch 1 and 64 on a CPU), which is no
-    dependence, and changes within 64 units of rounding of the largest logit count as none. Tensors the forward
-    draws itself come in the model's dtype (default_dtype)."""
+    dependence, and values within 64 units of rounding of a map's largest (a gradient, a logit change) count
+    as none. Tensors the forward draws itself come in the model's dtype (default_dtype)."""
     with default_dtype(next(model.parameters()).dtype):
         if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
             model.config = dataclasses.replace(model.config, reversible=False)
@@ -329,7 +329,8 @@ def dependence_maps(model, idx):
             probe = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(y)
             rows = [torch.autograd.grad((y[0, t] * probe).sum(), x, retain_graph=True)[0][0].norm(dim=-1)
                     for t in range(y.size(1))]
-            maps.append(torch.stack(rows).detach())  # (T_out, T_in)
+            grads = torch.stack(rows).detach()  # (T_out, T_in); within rounding of the largest: none, as below
+            maps.append(grads.masked_fill(grads <= 64 * torch.finfo(grads.dtype).eps * grads.amax(), 0))
         with torch.no_grad():
             same = idx.repeat(idx.size(1), 1)  # (T, T)
             changed = same.clone()  # row j has token j replaced

@@ -1750,7 +1750,9 @@ def test_reformer_with_the_lsh_kernel_trains_like_the_dense_twin(monkeypatch):
 def test_lsh_backend_is_chosen_automatically_and_refuses_what_the_kernel_cannot_take():
     q, v, buckets = random_lsh_inputs()
     lsh_attention(q, q, v, buckets, 8)
-    assert kernels.last_lsh_backend == "dense"  # CPU tensors
+    assert kernels.last_lsh_backend == "cpu"  # CPU tensors: cpu_lsh_attention
+    lsh_attention(q, q, v, buckets, 8, backend="dense")
+    assert kernels.last_lsh_backend == "dense"
     with pytest.raises(ValueError, match="chunks of at most 64"):
         lsh_attention(q, q, v, buckets, 128, backend="triton")
     wide = torch.randn(1, 1, 16, 128)
@@ -1809,6 +1811,24 @@ def lsh_reference(q, k, v, buckets, chunk, same_bucket_mask=False, dup_correctio
         e = weight * torch.exp(s - s.max(-1, keepdim=True).values)
         out[b, h] = (e @ v[b, h].double()) / e.sum(-1, keepdim=True)
     return out
+
+
+@pytest.mark.parametrize("mode", LSH_MODES)
+def test_lsh_on_a_cpu_gives_the_twins_output_and_gradients(mode):
+    """On a CPU lsh_attention runs cpu_lsh_attention (PyTorch's fused CPU attention per chunk, its own backward
+    per round): in float64 it gives the twin's output and gradients in every mode, through the padding of a
+    length chunk does not divide (T = 37) and the causal layout's empty slots, with k computed from q."""
+    q, v, buckets = random_lsh_inputs(B=2, H=2, T=37, R=3, n_buckets=4, dtype=torch.float64)
+    grad_out = torch.randn(2, 2, 37, 16, dtype=torch.float64)
+    results = {}
+    for backend in ("dense", None):
+        out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, 8, scale=0.7, backend=backend, **LSH_MODES[mode])
+        (out * grad_out).sum().backward()
+        results[kernels.last_lsh_backend] = (out.detach(), q.grad, v.grad)
+        q.grad = v.grad = None
+    assert set(results) == {"dense", "cpu"}
+    for ref, got in zip(results["dense"], results["cpu"]):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("same_bucket_mask,dup_correction", [(False, False), (True, False), (True, True)])
