@@ -15,6 +15,7 @@ Stages, in the order they run (the first five are the project's GPU targets):
   generate   generation tokens/s with and without each model's cache
   memory     the Sparse Transformer post's attention-memory table, from the formula and measured
   models     (on request) training tokens/s and peak memory of every model at several lengths
+  reformer_cpu (on request) the Reformer's CPU training step (its two attention paths) beside Perceiver AR's
   same_budget (on request) short training runs of every model under one budget, several seeds
   long_context (on request) every model trained at a long context, bits by position in the window
   recall     (on request) copy accuracy across growing distances, each run trained until it stops improving
@@ -29,6 +30,7 @@ machine, versions, command, seeds) and every figure with its timing repeats, rew
 stopped from outside keeps what it finished.
 """
 import argparse
+import functools
 import gc
 import json
 import math
@@ -49,13 +51,15 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # the CPU run uses it eagerly
 
 import kernels
+import reformer
 import sample
 import sparse_transformer as st
 import train
 
 GPU_STAGES = ("kernels", "lsh", "reformer", "aft", "perceiver")
 DEFAULT_STAGES = GPU_STAGES + ("generate", "memory")
-ALL_STAGES = DEFAULT_STAGES + ("models", "same_budget", "long_context", "recall", "ladder", "kernel_sweep")
+ALL_STAGES = DEFAULT_STAGES + ("models", "reformer_cpu", "same_budget", "long_context", "recall", "ladder",
+                               "kernel_sweep")
 
 # Sizes per stage: what the targets name on a GPU, and tiny ones that run everything quickly on a CPU.
 SIZES = {
@@ -815,6 +819,44 @@ def stage_models(args, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Stage reformer_cpu: the Reformer's training step on a CPU beside Perceiver AR's, its two CPU attention paths
+
+def stage_reformer_cpu(args, device):
+    """One AdamW training step at each of args.lengths (batch 1, width 64, 2 heads; issue 36's setting): Perceiver
+    AR with 256 latents (its cross-attention and one latent block), then the Reformer (2 layers, 4 rounds, chunks
+    of 64) with its attention on cpu_lsh_attention or on the twin (backend 'dense'), with the paper's hash (one
+    factor: T/64 columns, O(T^2)) or factorize_hash; each step also as a multiple of Perceiver AR's in this run."""
+    shape = dict(n_embd=64, n_head=2)
+    cells = []
+    for T in args.lengths:
+        cells.append(({"model": "perceiver_ar", "n": T},
+                      training_step("perceiver_ar", 1, T, device, n_layer=1, n_latents=256, **shape)))
+        for lsh, factorize in (("cpu", True), ("cpu", False), ("dense", True), ("dense", False)):
+            step = training_step("reformer", 1, T, device, n_layer=2, factorize_hash=factorize, **shape)
+            cells.append(({"model": "reformer", "n": T, "lsh": lsh, "factorize_hash": factorize},
+                          lambda step=step, lsh=lsh: with_lsh_backend(lsh, step)))
+    rows = run_cells(cells, first_guess=30)
+    for row in rows:
+        base = find(rows, model="perceiver_ar", n=row["n"])
+        if row.get("step_ms") and base:
+            row["vs_perceiver"] = row["step_ms"] / base["step_ms"]
+    show("Reformer vs Perceiver AR, one training step on the CPU, batch 1, width 64, 2 heads", rows,
+         [("model", "model", ""), ("n", "n", ""), ("attention", "lsh", ""), ("factorize_hash", "factorize_hash", ""),
+          ("ms / step", "step_ms", ".0f"), ("x Perceiver AR", "vs_perceiver", ".1f"), ("peak GiB", "peak_gib", ".2f")])
+    return rows
+
+
+def with_lsh_backend(backend, cell):
+    """cell() with the Reformer's lsh_attention calls on `backend` ('cpu': the default on a CPU; 'dense': the twin)."""
+    lsh_attention = reformer.lsh_attention
+    reformer.lsh_attention = functools.partial(lsh_attention, backend=None if backend == "cpu" else backend)
+    try:
+        return cell()
+    finally:
+        reformer.lsh_attention = lsh_attention
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Stage same_budget: every model trained the same way on the same text, several seeds
 
 SAME_BUDGET = ["--block_size", "256", "--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--batch_size", "8",
@@ -1302,6 +1344,7 @@ def main(argv=None):
                   perceiver=lambda: stage_perceiver(sizes, device),
                   generate=lambda: stage_generate(sizes, device, args.models),
                   memory=lambda: stage_memory(sizes, device), models=lambda: stage_models(args, device),
+                  reformer_cpu=lambda: stage_reformer_cpu(args, device),
                   same_budget=lambda: stage_same_budget(args, device),
                   long_context=lambda: stage_long_context(args, device), recall=lambda: stage_recall(args, device),
                   ladder=lambda: stage_ladder(args, device),

@@ -754,7 +754,7 @@ class _LSHOnCPU(torch.autograd.Function):
         R, P = st.shape[2:]
         rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, bias.size(2))  # in (B*H*T)
         key_rows = with_previous(rows, 0, 1)  # (chunks, 2m): the previous chunk's rows, then its own
-        sq, sk, sv = gather_rows(q, rows), gather_rows(k, key_rows), gather_rows(v, key_rows)
+        sq, sk, sv = rows_at(q, rows), rows_at(k, key_rows), rows_at(v, key_rows)
         o, lse = _cpu_flash(sq, sk, sv, 0.0, False, attn_mask=bias, scale=scale)
         o = o.view(B, H, R, P, D).gather(3, rank[..., None].expand(-1, -1, -1, -1, D))  # undo the sort
         w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
@@ -767,8 +767,8 @@ class _LSHOnCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, rows, key_rows, bias, out, lse, w = ctx.saved_tensors
-        sq, so, sdo = (gather_rows(x, rows) for x in (q, out, dout))
-        sk, sv = gather_rows(k, key_rows), gather_rows(v, key_rows)
+        sq, so, sdo = (rows_at(x, rows) for x in (q, out, dout))
+        sk, sv = rows_at(k, key_rows), rows_at(v, key_rows)
         dq, dk, dv = _cpu_flash_backward(sdo * w[..., None], sq, sk, sv, so, lse, 0.0, False, attn_mask=bias,
                                          scale=ctx.scale)
         D = q.size(3)  # each row's gradient, summed over the rounds and chunks that hold it:
@@ -777,7 +777,7 @@ class _LSHOnCPU(torch.autograd.Function):
             None, None, None, None
 
 
-def gather_rows(x, rows):
+def rows_at(x, rows):
     """Rows of x (B, H, T, D) at indices rows (chunks, n) into its (B*H*T) rows: (chunks, 1, n, D)."""
     return x.reshape(-1, x.size(-1)).index_select(0, rows.view(-1)).view(rows.size(0), 1, rows.size(1), -1)
 

@@ -3240,6 +3240,23 @@ def test_rotary_margin_is_what_perceiver_ar_rotary_scores_between_offsets():
     assert bench.rotary_margin(freqs(4), 131072)[0] < 0.001 < 0.5 < bench.rotary_margin(freqs(8), 131072)[0]
 
 
+def test_bench_reformer_cpu_stage_times_both_attention_paths_beside_perceiver_ar(tmp_path):
+    """Every (attention path, hash) row of the Reformer ran on its path (the twin really is swapped in and out)
+    and is given as a multiple of Perceiver AR's step at its length."""
+    calls = []
+    real = kernels.lsh_attention
+    spy = lambda *a, **kw: (calls.append(kw.get("backend")), real(*a, **kw))[1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench.reformer, "lsh_attention", spy)
+        rows = bench.main(["--stages", "reformer_cpu", "--lengths", "512", "--device", "cpu", "--budget", "120",
+                           "--out_dir", str(tmp_path)])["reformer_cpu"]
+        assert bench.reformer.lsh_attention is spy  # put back after every cell
+    assert [(r["model"], r.get("lsh"), r.get("factorize_hash")) for r in rows] == [("perceiver_ar", None, None)] + [
+        ("reformer", lsh, f) for lsh, f in (("cpu", True), ("cpu", False), ("dense", True), ("dense", False))]
+    assert all(r["status"] == "ok" and r["vs_perceiver"] == r["step_ms"] / rows[0]["step_ms"] for r in rows)
+    assert set(calls) == {None, "dense"}
+
+
 def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "LADDER", ["--data", "copy", "--n_head", "2", "--n_embd", "32", "--warmup", "1",
                                           "--eval_iters", "1"])
