@@ -109,7 +109,7 @@ def parse_args(argv=None):
     g.add_argument("--ladder_tokens", type=int, default=32768,
                    help="ladder: tokens per step; batch = tokens / 2d, between 1 and 8 sequences")
     g.add_argument("--ladder_flags", default="", help="ladder: train.py flags added to the recipe (LADDER), e.g. "
-                   "'--n_embd 128 --sinusoid 0.02 --rotary_frac 0'")
+                   "'--n_embd 128 --rotary_base 0'")
     args = p.parse_args(argv)
     bad = lambda flag, why: p.error(f"--{flag} {getattr(args, flag)!r}: {why}")
     stages = args.stages.split(",")

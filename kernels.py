@@ -758,7 +758,7 @@ class _LSHOnCPU(torch.autograd.Function):
         o, lse = _cpu_flash(sq, sk, sv, 0.0, False, attn_mask=bias, scale=scale)
         o = o.view(B, H, R, P, D).gather(3, rank[..., None].expand(-1, -1, -1, -1, D))  # undo the sort
         w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
-        out = (o * w[..., None]).sum(2)
+        out = (o * w[..., None].to(o.dtype)).sum(2)  # in q's dtype, as combine_rounds
         w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
         ctx.save_for_backward(q, k, v, rows, key_rows, bias, out, lse, w)
         ctx.scale = scale
@@ -769,8 +769,8 @@ class _LSHOnCPU(torch.autograd.Function):
         q, k, v, rows, key_rows, bias, out, lse, w = ctx.saved_tensors
         sq, so, sdo = (rows_at(x, rows) for x in (q, out, dout))
         sk, sv = rows_at(k, key_rows), rows_at(v, key_rows)
-        dq, dk, dv = _cpu_flash_backward(sdo * w[..., None], sq, sk, sv, so, lse, 0.0, False, attn_mask=bias,
-                                         scale=ctx.scale)
+        dq, dk, dv = _cpu_flash_backward(sdo * w[..., None].to(sdo.dtype), sq, sk, sv, so, lse, 0.0, False,
+                                         attn_mask=bias, scale=ctx.scale)
         D = q.size(3)  # each row's gradient, summed over the rounds and chunks that hold it:
         add = lambda d, at: torch.zeros(q.numel() // D, D, dtype=d.dtype).index_add_(0, at.view(-1), d.view(-1, D))
         return add(dq, rows).view(q.shape), add(dk, key_rows).view(q.shape), add(dv, key_rows).view(q.shape), \

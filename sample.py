@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data as datasets
+import data
 import train
 
 
@@ -132,33 +132,33 @@ def load_trained(out_dir, device, data_spec=None, use="sampling from it"):
     if data_spec is None:
         return ckpt, model, train.checkpoint_data(ckpt, path, f"{use} on other data is refused: restore the data "
                                                               f"it was trained on, or pass --data to use other data")
-    data = datasets.load(data_spec, ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
+    dataset = data.load(data_spec, ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
     vocab = ckpt["model_config"]["vocab_size"]
-    if data.vocab_size > vocab:
-        raise ValueError(f"--data {data_spec}: {data.name} has {data.vocab_size} token values, more than the "
+    if dataset.vocab_size > vocab:
+        raise ValueError(f"--data {data_spec}: {dataset.name} has {dataset.vocab_size} token values, more than the "
                          f"model's {vocab}; choose data of the kind it was trained on")
-    if data.record != ckpt.get("data"):
+    if dataset.record != ckpt.get("data"):
         trained = ckpt["data"]["name"] if ckpt.get("data") else f"unrecorded, --data {ckpt['args']['data']}"
-        print(f"note: {use} on {data.name} as --data asks, not on the data it was trained on ({trained})")
-    return ckpt, model, data
+        print(f"note: {use} on {dataset.name} as --data asks, not on the data it was trained on ({trained})")
+    return ckpt, model, dataset
 
 
-def split_windows(data, split, block_size):
+def split_windows(dataset, split, block_size):
     """The rows of a split (1-D stream or [N, L] rows with the start token in front) and T, the window length."""
-    tokens = data.splits[split]
-    rows = [tokens] if tokens.dim() == 1 else [torch.cat([torch.tensor([data.bos]), r.long()]) for r in tokens]
+    tokens = dataset.splits[split]
+    rows = [tokens] if tokens.dim() == 1 else [torch.cat([torch.tensor([dataset.bos]), r.long()]) for r in tokens]
     return rows, min(block_size, len(rows[0]) - 1)
 
 
 @torch.no_grad()
-def evaluate_split(model, data, split, block_size, batch_size, device, ctx):
+def evaluate_split(model, dataset, split, block_size, batch_size, device, ctx):
     """Bits per token over a whole split in consecutive windows of block_size. Each window scores the targets
     of its last `k` positions (all of them for most models, the latents for Perceiver AR) and the next window
     starts k positions later, so every scored token is predicted once; within a row (images, audio) the first
     window starts at the start token. Returns (bits, tokens scored, tokens in the split, bits by position): the
     last as position_buckets' rows, position p being the p-th target of a window (predicted from p inputs)."""
     model.eval()
-    rows, T = split_windows(data, split, block_size)
+    rows, T = split_windows(dataset, split, block_size)
     with ctx:
         k = model(rows[0][None, :T].long().to(device))[0].size(1)  # positions the model scores per window
     windows = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, k) if s + T + 1 <= len(rows[r])]
@@ -191,13 +191,13 @@ def position_buckets(bits, T):
 
 
 @torch.no_grad()
-def evaluate_prefixes(model, data, split, block_size, device, ctx, n_windows=8, n_positions=16):
+def evaluate_prefixes(model, dataset, split, block_size, device, ctx, n_windows=8, n_positions=16):
     """Bits of a model fed only each scored position's prefix, as generation feeds it, beside the bits its
     ordinary forward gives on the same positions: n_positions positions spread over each of n_windows windows
     spread over the split. For an exactly causal model the two agree to rounding; for the Reformer's LSH sort
     (a later token moves the chunk boundaries) they need not, and the prefix figure is the honest one."""
     model.eval()
-    rows, T = split_windows(data, split, block_size)
+    rows, T = split_windows(dataset, split, block_size)
     starts = [(r, s) for r in range(len(rows)) for s in range(0, len(rows[r]) - T, T)]
     picked = [starts[i] for i in torch.linspace(0, len(starts) - 1, min(n_windows, len(starts))).long().tolist()]
     seq = torch.stack([rows[r][s:s + T + 1] for r, s in picked]).long().to(device)  # (b, T + 1)
@@ -213,25 +213,25 @@ def evaluate_prefixes(model, data, split, block_size, device, ctx, n_windows=8, 
 
 def evaluate_checkpoint(args):
     device = train.default_device(args)
-    ckpt, model, data = load_trained(args.out_dir, device, args.data, use="scoring it")
-    if not data.splits:
-        raise ValueError(f"{data.name} is generated on the fly and has no fixed split; sample.py reports recall")
+    ckpt, model, dataset = load_trained(args.out_dir, device, args.data, use="scoring it")
+    if not dataset.splits:
+        raise ValueError(f"{dataset.name} is generated on the fly and has no fixed split; sample.py reports recall")
     _, _, ctx = train.autocast_for(args, device)
     block_size = ckpt["model_config"]["block_size"]
-    bits, count, total, by_position = evaluate_split(model, data, args.evaluate, block_size, args.batch_size,
+    bits, count, total, by_position = evaluate_split(model, dataset, args.evaluate, block_size, args.batch_size,
                                                      device, ctx)
-    print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {data.name} {args.evaluate}: {bits:.4f} "
-          f"{data.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
-    print(f"by position in the window ({data.unit}): "
+    print(f"{ckpt['args']['model']} (step {ckpt['step']}) on {dataset.name} {args.evaluate}: {bits:.4f} "
+          f"{dataset.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
+    print(f"by position in the window ({dataset.unit}): "
           + ", ".join(f"{first}-{last} {b:.4f}" for first, last, b in by_position))
-    write_position_table(os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}"), by_position, data.unit)
-    figures = dict(model=ckpt["args"]["model"], step=ckpt["step"], data=data.name, split=args.evaluate, bits=bits,
-                   unit=data.unit, tokens=count, of_tokens=total, block_size=block_size, by_position=by_position)
+    write_position_table(os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}"), by_position, dataset.unit)
+    figures = dict(model=ckpt["args"]["model"], step=ckpt["step"], data=dataset.name, split=args.evaluate, bits=bits,
+                   unit=dataset.unit, tokens=count, of_tokens=total, block_size=block_size, by_position=by_position)
     prefix = None
     if not getattr(model, "exactly_causal", True):
-        prefix, window, n = evaluate_prefixes(model, data, args.evaluate, block_size, device, ctx)
+        prefix, window, n = evaluate_prefixes(model, dataset, args.evaluate, block_size, device, ctx)
         print(f"its forward is not exactly causal, so on {n} positions fed their prefix alone (as generation does): "
-              f"{prefix:.4f} {data.unit}, against {window:.4f} from the whole windows")
+              f"{prefix:.4f} {dataset.unit}, against {window:.4f} from the whole windows")
         figures.update(prefix_bits=prefix, prefix_window_bits=window, prefix_positions=n)
     import bench  # here: bench imports this file
     path = os.path.join(args.out_dir, f"evaluate_{args.evaluate}.json")
@@ -412,7 +412,7 @@ def write_png(path, img):
 
 def write_wav(path, tokens, rate):
     """8-bit mu-law tokens -> 16-bit mono PCM WAV."""
-    pcm = np.clip(datasets.mu_law_decode(np.asarray(tokens)) * 32767, -32767, 32767).astype("<i2")
+    pcm = np.clip(data.mu_law_decode(np.asarray(tokens)) * 32767, -32767, 32767).astype("<i2")
     with wave.open(path, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -445,7 +445,7 @@ def generate(model, idx, n, args, gen, desc):
     return idx
 
 
-def sample_text(model, data, args, gen, device, block_size):
+def sample_text(model, dataset, args, gen, device, block_size):
     """Continue --prompt, or by default a validation excerpt of 64 bytes (a quarter of the window in a smaller
     model): short, so that generation runs on the model's cache until the window is full."""
     k = args.num_samples
@@ -453,9 +453,9 @@ def sample_text(model, data, args, gen, device, block_size):
         prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)[None].repeat(k, 1)
     else:
         n = max(1, min(64, block_size // 4))
-        start = torch.randint(0, len(data.splits["val"]) - n, (1,),
+        start = torch.randint(0, len(dataset.splits["val"]) - n, (1,),
                               generator=torch.Generator().manual_seed(args.seed)).item()
-        prompt = data.splits["val"][start:start + n].long()[None].repeat(k, 1)
+        prompt = dataset.splits["val"][start:start + n].long()[None].repeat(k, 1)
     out = generate(model, prompt.to(device), args.max_new_tokens, args, gen, "text")
     for i in range(k):
         print(f"\n--- sample {i + 1} ---\n{bytes(out[i].tolist()).decode('utf-8', errors='replace')}")
@@ -469,14 +469,14 @@ def fewer_samples(n, rows, what):
     return min(n, len(rows))
 
 
-def sample_images(model, data, args, gen, device):
+def sample_images(model, dataset, args, gen, device):
     """One PNG: per test image a row of prompt (top half) | completions | ground truth, then a row of
     unconditional samples (--unconditional: only that row)."""
-    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, data.splits["test"], "images")
-    bos = torch.full((k, 1), data.bos, device=device)
+    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, dataset.splits["test"], "images")
+    bos = torch.full((k, 1), dataset.bos, device=device)
     rows = []
     if not args.unconditional:
-        truth = data.splits["test"][:k].long().to(device)  # (k, 3072)
+        truth = dataset.splits["test"][:k].long().to(device)  # (k, 3072)
         prompt = torch.cat([bos, truth[:, :1536]], dim=1)
         completions = [generate(model, prompt, 1536, args, gen, f"completion {c + 1}")[:, 1:]
                        for c in range(args.completions)]
@@ -489,21 +489,21 @@ def sample_images(model, data, args, gen, device):
           + "a row of unconditional samples")
 
 
-def sample_copy(model, data, args, gen, device, block_size):
+def sample_copy(model, dataset, args, gen, device, block_size):
     """Show the first half, ask for the second: it should repeat the first."""
     k, half_len = args.num_samples, block_size // 2
     half = torch.randint(0, 256, (k, half_len), generator=torch.Generator().manual_seed(args.seed))
-    prompt = torch.cat([torch.full((k, 1), data.bos), half], dim=1).to(device)
+    prompt = torch.cat([torch.full((k, 1), dataset.bos), half], dim=1).to(device)
     out = generate(model, prompt, half_len, args, gen, "copy")[:, -half_len:].cpu()
     print(f"copy task: {(out == half).float().mean().item():.1%} of {k} x {half_len} tokens recalled across a "
           f"distance of {half_len}")
 
 
-def sample_audio(model, data, args, gen, device, rate):
+def sample_audio(model, dataset, args, gen, device, rate):
     """Continue up to one second of each validation clip (or start from nothing) and write 16-bit WAVs."""
-    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, data.splits["val"], "clips")
-    bos = torch.full((k, 1), data.bos, device=device)
-    prompt = bos if args.unconditional else torch.cat([bos, data.splits["val"][:k, :rate].long().to(device)], dim=1)
+    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, dataset.splits["val"], "clips")
+    bos = torch.full((k, 1), dataset.bos, device=device)
+    prompt = bos if args.unconditional else torch.cat([bos, dataset.splits["val"][:k, :rate].long().to(device)], dim=1)
     out = generate(model, prompt, int(args.seconds * rate), args, gen, "audio")[:, 1:]
     for i in range(k):
         path = os.path.join(args.out_dir, f"sample_{i + 1}.wav")
@@ -519,20 +519,20 @@ def main(argv=None):
     device = train.default_device(args)
     if args.show_attention:
         return show_attention(args, device)
-    ckpt, model, data = load_trained(args.out_dir, device, args.data)
+    ckpt, model, dataset = load_trained(args.out_dir, device, args.data)
     config = ckpt["model_config"]
-    print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {data.describe()}")
+    print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {dataset.describe()}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     _, _, ctx = train.autocast_for(args, device)
     with ctx:
-        if data.kind == "text":
-            sample_text(model, data, args, gen, device, config["block_size"])
-        elif data.kind == "image":
-            sample_images(model, data, args, gen, device)
-        elif data.kind == "copy":
-            sample_copy(model, data, args, gen, device, config["block_size"])
+        if dataset.kind == "text":
+            sample_text(model, dataset, args, gen, device, config["block_size"])
+        elif dataset.kind == "image":
+            sample_images(model, dataset, args, gen, device)
+        elif dataset.kind == "copy":
+            sample_copy(model, dataset, args, gen, device, config["block_size"])
         else:
-            sample_audio(model, data, args, gen, device, ckpt["args"]["audio_rate"])
+            sample_audio(model, dataset, args, gen, device, ckpt["args"]["audio_rate"])
 
 
 if __name__ == "__main__":

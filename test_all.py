@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 import aft
 import bench
-import data as datasets
+import data
 import kernels
 import perceiver_ar
 import reformer
@@ -108,7 +108,7 @@ def md5(b):
 def text_file(tmp_path):
     """Real text (Python's own help topics) written to a file, as a user's --data text:PATH would be."""
     path = tmp_path / "corpus.txt"
-    path.write_bytes(bytes(datasets.load_offline_text().splits["train"][:60_000].numpy()))
+    path.write_bytes(bytes(data.load_offline_text().splits["train"][:60_000].numpy()))
     return str(path)
 
 
@@ -126,7 +126,7 @@ def write_wav(path, signal, rate, channels=1, width=2):
 def folder(kind):
     def build(tmp_path):
         (tmp_path / "d").mkdir()
-        return tmp_path / "d", lambda: datasets.load(f"{kind}:{tmp_path / 'd'}")
+        return tmp_path / "d", lambda: data.load(f"{kind}:{tmp_path / 'd'}")
     return build
 
 
@@ -287,11 +287,11 @@ def test_enwik8_download_verify_cache_and_split(tmp_path):
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("enwik8", payload)
     url, size, root = zpath.as_uri(), zpath.stat().st_size, str(tmp_path / "cache")
-    d = datasets.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
+    d = data.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18_000, 1_000, 1_000]
     assert bytes(torch.cat([d.splits[s] for s in ("train", "val", "test")]).numpy()) == payload
     zpath.unlink()  # the second load must come from the cache, not the network
-    again = datasets.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
+    again = data.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
     assert torch.equal(again.splits["val"], d.splits["val"])
 
 
@@ -301,15 +301,15 @@ def test_corrupt_enwik8_download_is_rejected_and_not_kept(tmp_path):
         z.writestr("enwik8", b"x" * 5000)
     root = tmp_path / "cache"
     with pytest.raises(ValueError, match="expected"):
-        datasets.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size + 1, md5="0" * 32, root=str(root))
+        data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size + 1, md5="0" * 32, root=str(root))
     assert not any(root.iterdir())  # no half-written or unverified file left behind
     with pytest.raises(ValueError, match="md5"):
-        datasets.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size, md5="0" * 32, root=str(root))
+        data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size, md5="0" * 32, root=str(root))
 
 
 def test_offline_download_says_which_url_failed_and_where_to_put_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="by hand") as e:
-        datasets.load_enwik8(url=(tmp_path / "absent.zip").as_uri(), root=str(tmp_path / "c"))
+        data.load_enwik8(url=(tmp_path / "absent.zip").as_uri(), root=str(tmp_path / "c"))
     assert "absent.zip" in str(e.value) and str(tmp_path / "c") in str(e.value)
 
 
@@ -337,7 +337,7 @@ def assert_raster_order(planar, raster):
 def test_cifar10_download_verify_decode_in_raster_order(tmp_path):
     archive = tmp_path / "cifar.tar.gz"
     batches = make_cifar_archive(archive)
-    d = datasets.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
+    d = data.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
     assert d.splits["train"].shape == (20, 3072) and d.splits["test"].shape == (4, 3072)
     planar_train = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)])
     assert_raster_order(planar_train, d.splits["train"].numpy())
@@ -348,18 +348,18 @@ def test_corrupt_cifar10_archive_is_rejected_before_unpickling(tmp_path):
     archive = tmp_path / "cifar.tar.gz"
     make_cifar_archive(archive)
     with pytest.raises(ValueError, match="md5"):  # downloaded
-        datasets.load_cifar10(url=archive.as_uri(), md5="0" * 32, root=str(tmp_path / "c"))
+        data.load_cifar10(url=archive.as_uri(), md5="0" * 32, root=str(tmp_path / "c"))
     (tmp_path / "c").mkdir(exist_ok=True)
     (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes()[:-10])  # put there by hand
     with pytest.raises(ValueError, match="md5"):
-        datasets.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
+        data.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
                     reason="the real CIFAR-10 sample lives in ../shared/data, absent from this checkout")
 def test_real_cifar10_images_decode_in_raster_order():
     planar = np.load(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz"))["data"]
-    assert_raster_order(planar, datasets.planar_to_raster(planar))
+    assert_raster_order(planar, data.planar_to_raster(planar))
 
 
 def test_wav_folder_is_mixed_resampled_mu_law_encoded_and_cut(tmp_path):
@@ -367,10 +367,10 @@ def test_wav_folder_is_mixed_resampled_mu_law_encoded_and_cut(tmp_path):
     t = np.arange(int(rate * seconds)) / rate
     write_wav(tmp_path / "a.wav", 0.5 * np.sin(2 * np.pi * 440 * t), rate, channels=2)
     write_wav(tmp_path / "b.wav", 0.3 * np.sin(2 * np.pi * 220 * t), rate, width=4)
-    d = datasets.load_wav_dir(str(tmp_path), rate=8000, seq_len=1000)
+    d = data.load_wav_dir(str(tmp_path), rate=8000, seq_len=1000)
     # each file 3 s at 8 kHz = 24,000 samples = 24 rows of 1000; of the 48 rows the last 5% + 5% are held out
     assert [tuple(d.splits[s].shape) for s in ("train", "val", "test")] == [(44, 1000), (2, 1000), (2, 1000)]
-    decoded = datasets.mu_law_decode(d.splits["train"][0].numpy())
+    decoded = data.mu_law_decode(d.splits["train"][0].numpy())
     t8 = np.arange(1000) / 8000
     assert np.abs(decoded - 0.5 * np.sin(2 * np.pi * 440 * t8)).max() < 0.02  # resampled, not just truncated
 
@@ -378,38 +378,38 @@ def test_wav_folder_is_mixed_resampled_mu_law_encoded_and_cut(tmp_path):
 def test_mu_law_is_the_continuous_companding_formula():
     x = np.random.default_rng(1).uniform(-1, 1, 1000)
     y = np.sign(x) * np.log(1 + 255 * np.abs(x)) / np.log(256)
-    np.testing.assert_array_equal(datasets.mu_law_encode(x), np.round((y + 1) * 127.5).astype(np.uint8))
-    err = np.abs(datasets.mu_law_decode(datasets.mu_law_encode(x)) - x)
+    np.testing.assert_array_equal(data.mu_law_encode(x), np.round((y + 1) * 127.5).astype(np.uint8))
+    err = np.abs(data.mu_law_decode(data.mu_law_encode(x)) - x)
     assert (err <= 0.03 * np.abs(x) + 1e-3).all()  # relative error of 8-bit mu-law
 
 
 def test_sampler_windows_are_shifted_by_one_and_rows_start_with_bos():
     rows = torch.randint(0, 256, (5, 40), dtype=torch.uint8)
-    d = datasets.Data("rows", "image", {"train": rows}, vocab_size=257, bos=256)
-    x, y = datasets.BatchSampler(d, "train", 40, 8, seed=0).next_batch()
+    d = data.Data("rows", "image", {"train": rows}, vocab_size=257, bos=256)
+    x, y = data.BatchSampler(d, "train", 40, 8, seed=0).next_batch()
     assert x.shape == y.shape == (8, 40) and (x[:, 0] == 256).all() and torch.equal(x[:, 1:], y[:, :-1])
     assert all(any(torch.equal(r.long(), yy) for r in rows) for yy in y)  # whole rows, first token predicted
 
 
 def test_sampler_resumes_exactly_from_its_state():
-    d = datasets.load_offline_text()
-    a = datasets.BatchSampler(d, "train", 64, 4, seed=3)
+    d = data.load_offline_text()
+    a = data.BatchSampler(d, "train", 64, 4, seed=3)
     a.next_batch()
-    b = datasets.BatchSampler(d, "train", 64, 4, seed=99)
+    b = data.BatchSampler(d, "train", 64, 4, seed=99)
     b.load_state_dict(a.state_dict())
     (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
     assert xa.shape == (4, 64) and torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_copy_task_rows_repeat_their_first_half():
-    x, y = datasets.BatchSampler(datasets.load("copy"), "train", 64, 3, seed=0).next_batch()
+    x, y = data.BatchSampler(data.load("copy"), "train", 64, 3, seed=0).next_batch()
     assert torch.equal(y[:, 32:], y[:, :32]) and (x[:, 0] == 256).all()
 
 
 def test_sampler_refuses_an_empty_split():
-    d = datasets.Data("rows", "image", {"train": torch.zeros(0, 40, dtype=torch.uint8)}, vocab_size=257, bos=256)
+    d = data.Data("rows", "image", {"train": torch.zeros(0, 40, dtype=torch.uint8)}, vocab_size=257, bos=256)
     with pytest.raises(ValueError, match="train split of rows is empty"):
-        datasets.BatchSampler(d, "train", 40, 8, seed=0)
+        data.BatchSampler(d, "train", 40, 8, seed=0)
 
 
 def test_enwik8_unpacks_through_a_temporary_file_and_rechecks_the_cached_member(tmp_path):
@@ -418,7 +418,7 @@ def test_enwik8_unpacks_through_a_temporary_file_and_rechecks_the_cached_member(
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("enwik8", payload)
     root = tmp_path / "cache"
-    load = functools.partial(datasets.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
+    load = functools.partial(data.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
                              md5=md5(payload), root=str(root))
     load()
     assert sorted(p.name for p in root.iterdir()) == ["enwik8", "enwik8.zip"]  # no .part left
@@ -455,7 +455,7 @@ def test_images_take_the_official_cifar10_layouts(tmp_path, layout):
         path.write_bytes(pickle.dumps({b"data": planar, b"labels": list(range(20)), b"batch_label": b"test"}))
     else:
         path.write_bytes(py2_cifar_batch(planar))
-    d = datasets.load(f"images:{path}")
+    d = data.load(f"images:{path}")
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
     assert_raster_order(planar, torch.cat([d.splits[s] for s in ("train", "val", "test")]).numpy())
 
@@ -467,30 +467,30 @@ def test_images_refuse_a_pickle_that_would_run_code(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": Payload()}))
     with pytest.raises(ValueError, match=r"\.open, which a CIFAR-10 batch never does"):
-        datasets.load(f"images:{path}")
+        data.load(f"images:{path}")
     assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
                     reason="the real CIFAR-10 sample lives in ../shared/data, absent from this checkout")
 def test_real_cifar10_sample_trains_through_images():
-    d = datasets.load(f"images:{os.path.join(SHARED_DATA, 'cifar10_test_0_19.npz')}")
+    d = data.load(f"images:{os.path.join(SHARED_DATA, 'cifar10_test_0_19.npz')}")
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
-    x, y = datasets.BatchSampler(d, "train", 3072, 2, seed=0).next_batch()
+    x, y = data.BatchSampler(d, "train", 3072, 2, seed=0).next_batch()
     assert x.shape == (2, 3072) and (x[:, 0] == 256).all()
 
 
 def test_offline_cifar10_says_where_the_archive_goes_and_offers_images(tmp_path):
     root = tmp_path / "c"
     with pytest.raises(FileNotFoundError) as e:
-        datasets.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(root))
+        data.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(root))
     assert str(root / "cifar-10-python.tar.gz") in str(e.value) and "--data images:PATH" in str(e.value)
 
 
 def test_damaged_cifar10_cache_is_rebuilt_from_the_archive(tmp_path):
     archive = tmp_path / "cifar.tar.gz"
     batches = make_cifar_archive(archive)
-    load = functools.partial(datasets.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
+    load = functools.partial(data.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
                              root=str(tmp_path / "c"))
     load()
     cache = tmp_path / "c" / "cifar10_raster.npz"
@@ -512,25 +512,25 @@ def test_one_recording_holds_out_its_last_rows_at_the_default_audio_length(tmp_p
     if source == "generated":
         t = np.arange(int(22_050 * 45.8)) / 22_050
         write_wav(path, 0.4 * np.sin(2 * np.pi * 440 * t) * np.sin(2 * np.pi * 0.5 * t), 22_050)
-    d = datasets.load(f"wav:{path}")  # the default --audio_seq_len 65536
+    d = data.load(f"wav:{path}")  # the default --audio_seq_len 65536
     # 45.8 s at 12 kHz = 549,600 samples = 8 rows: 6 train, then one row each of validation and test at the end
     assert [tuple(d.splits[s].shape) for s in ("train", "val", "test")] == [(6, 65536), (1, 65536), (1, 65536)]
-    whole = datasets.to_rows(datasets.read_wav(path), 65536)
+    whole = data.to_rows(data.read_wav(path), 65536)
     assert torch.equal(torch.cat([d.splits[s] for s in ("train", "val", "test")]), whole)
 
 
 def test_too_little_audio_names_an_audio_seq_len_that_works(tmp_path):
     write_wav(tmp_path / "short.wav", np.sin(np.arange(24_000) / 5), 12_000)  # 2 s
     with pytest.raises(ValueError, match=r"2\.0 s of audio.*--audio_seq_len 4096 or less"):
-        datasets.load(f"wav:{tmp_path}")
-    assert datasets.load(f"wav:{tmp_path}", audio_seq_len=4096).splits["test"].shape == (1, 4096)
+        data.load(f"wav:{tmp_path}")
+    assert data.load(f"wav:{tmp_path}", audio_seq_len=4096).splits["test"].shape == (1, 4096)
 
 
 def test_truncated_wav_keeps_its_whole_frames(tmp_path):
     write_wav(tmp_path / "a.wav", np.sin(np.arange(1000) / 7), 12_000, channels=2)
-    full = datasets.read_wav(str(tmp_path / "a.wav"))
+    full = data.read_wav(str(tmp_path / "a.wav"))
     (tmp_path / "a.wav").write_bytes((tmp_path / "a.wav").read_bytes()[:-3])  # a frame is 4 bytes
-    np.testing.assert_array_equal(datasets.read_wav(str(tmp_path / "a.wav")), full[:999])
+    np.testing.assert_array_equal(data.read_wav(str(tmp_path / "a.wav")), full[:999])
 
 
 def wav_header(fmt=1, channels=1, rate=12_000, width=2, n_bytes=0):
@@ -553,7 +553,7 @@ TEXT = b"Real text for a damaged-file test, long enough to be a data set. " * 10
 def enwik8_with_zip(tmp_path, zip_bytes):
     """A hand-placed enwik8.zip; the expected size is its own, so the check reaches the zip's contents."""
     path = bad_file(tmp_path, "c/enwik8.zip", zip_bytes)
-    return path, lambda: datasets.load_enwik8(url="file:///absent", zip_size=len(zip_bytes), md5="0" * 32,
+    return path, lambda: data.load_enwik8(url="file:///absent", zip_size=len(zip_bytes), md5="0" * 32,
                                               root=str(tmp_path / "c"))
 
 
@@ -570,27 +570,27 @@ def flip_middle_byte(b):
 
 def damaged_cifar_cache(tmp_path):
     path = bad_file(tmp_path, "c/cifar10_raster.npz", b"\x80\x04 not an npz")  # looks like a pickle to numpy
-    return path, lambda: datasets.load_cifar10(url="file:///absent", root=str(tmp_path / "c"))
+    return path, lambda: data.load_cifar10(url="file:///absent", root=str(tmp_path / "c"))
 
 
 def truncated_cifar_archive(tmp_path):
     make_cifar_archive(tmp_path / "a.tar.gz")
     good = (tmp_path / "a.tar.gz").read_bytes()
     path = bad_file(tmp_path, "c/cifar-10-python.tar.gz", good[:len(good) // 2])
-    return path, lambda: datasets.load_cifar10(url="file:///absent", md5=md5(good), root=str(tmp_path / "c"))
+    return path, lambda: data.load_cifar10(url="file:///absent", md5=md5(good), root=str(tmp_path / "c"))
 
 
 def wav_folder_with_one_damaged_file(tmp_path):
     (tmp_path / "w").mkdir()
     write_wav(tmp_path / "w" / "a_good.wav", np.zeros(100), 12_000)
     path = bad_file(tmp_path, "w/b_bad.wav", wav_header(n_bytes=200)[:30])
-    return path, lambda: datasets.load(f"wav:{tmp_path / 'w'}")
+    return path, lambda: data.load(f"wav:{tmp_path / 'w'}")
 
 
 def loaded_as(spec_kind, name, content):
     def build(tmp_path):
         path = bad_file(tmp_path, name, content)
-        return path, lambda: datasets.load(f"{spec_kind}:{path}")
+        return path, lambda: data.load(f"{spec_kind}:{path}")
     return build
 
 
@@ -620,7 +620,7 @@ DAMAGED_FILES = {
     "member-less enwik8.zip": (lambda p: enwik8_with_zip(p, zipped("enwik9", TEXT)), ValueError, "delete it"),
     "enwik8.zip, damaged member": (lambda p: enwik8_with_zip(p, zipped("enwik8", bytes(range(256)) * 50,
                                                                        flip_middle_byte)), ValueError, "delete it"),
-    "truncated enwik8.zip": (lambda p: (bad_file(p, "c/enwik8.zip", TEXT), lambda: datasets.load_enwik8(
+    "truncated enwik8.zip": (lambda p: (bad_file(p, "c/enwik8.zip", TEXT), lambda: data.load_enwik8(
         url="file:///absent", zip_size=len(TEXT) + 1, root=str(p / "c"))), ValueError, "delete it and retry"),
     "non-WAV .wav": (loaded_as("wav", "a.wav", TEXT), ValueError, "convert it to 16-bit PCM"),
     "empty .wav": (loaded_as("wav", "a.wav", b""), ValueError, "convert it to 16-bit PCM"),
@@ -682,7 +682,7 @@ def test_a_run_shorter_than_eval_interval_still_ends_with_its_checkpoint(text_fi
 
 def test_the_flags_line_names_the_data_trained_on_not_the_one_asked_for(tmp_path, monkeypatch, capsys):
     """Offline, --data enwik8 trains on the pydoc_data stand-in: the printed flags say so."""
-    monkeypatch.setattr(datasets, "load_enwik8", offline_enwik8)
+    monkeypatch.setattr(data, "load_enwik8", offline_enwik8)
     train.main(["--data", "enwik8", "--max_iters", "1", "--out_dir", str(tmp_path)] + TINY)
     flags = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("flags: "))
     assert " data=pydoc_data (for --data enwik8) " in flags and "data=enwik8" not in flags
@@ -742,7 +742,7 @@ def test_learning_speed_does_not_regress(text_file, tmp_path):
         return history[-1]["val_loss"] / math.log(2)
 
     text_path = tmp_path / "pydoc.txt"  # Python's own help text: on every machine
-    text_path.write_bytes(bytes(datasets.load_offline_text().splits["train"].numpy()))
+    text_path.write_bytes(bytes(data.load_offline_text().splits["train"].numpy()))
     assert np.mean([bits(seed) for seed in (1, 2, 3)]) < 3.9
     assert bits(1, zero_head=True) > 3.9  # the test bites
 
@@ -871,19 +871,19 @@ def offline_enwik8():
 
 def downloaded_enwik8():
     tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8))
-    return datasets.Data("enwik8", "text", datasets.split_stream(tokens), note="a stand-in, in this test")
+    return data.Data("enwik8", "text", data.split_stream(tokens), note="a stand-in, in this test")
 
 
 def test_a_run_on_the_offline_fallback_stays_on_it_once_enwik8_can_be_had(tmp_path, monkeypatch, capsys):
     """Offline, --data enwik8 trains on pydoc_data and the checkpoint records that: once enwik8 is there, --resume
     continues on pydoc_data (the uninterrupted offline run's losses) and sample.py --evaluate scores pydoc_data
     (the same bits), unless --data asks for other data, which the output then says."""
-    monkeypatch.setattr(datasets, "load_enwik8", offline_enwik8)
+    monkeypatch.setattr(data, "load_enwik8", offline_enwik8)
     run = ["--data", "enwik8", "--lr_decay_iters", "4", "--eval_interval", "2"] + TINY
     whole = train.main(run + ["--max_iters", "4", "--out_dir", str(tmp_path / "a")])
     train.main(run + ["--max_iters", "2", "--out_dir", str(tmp_path / "b")])
     offline_bits = sample.main(["--evaluate", "val", "--out_dir", str(tmp_path / "a")])
-    monkeypatch.setattr(datasets, "load_enwik8", downloaded_enwik8)
+    monkeypatch.setattr(data, "load_enwik8", downloaded_enwik8)
     capsys.readouterr()
     rest = train.main(["--resume", "--max_iters", "4", "--out_dir", str(tmp_path / "b")])
     assert [h for h in whole if h["step"] >= 2] == rest and "data: pydoc_data" in capsys.readouterr().out
@@ -895,10 +895,10 @@ def test_a_run_on_the_offline_fallback_stays_on_it_once_enwik8_can_be_had(tmp_pa
 
 
 def test_a_run_on_enwik8_is_not_resumed_sampled_or_scored_on_the_offline_fallback(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(datasets, "load_enwik8", downloaded_enwik8)
+    monkeypatch.setattr(data, "load_enwik8", downloaded_enwik8)
     out = str(tmp_path)
     train.main(["--data", "enwik8", "--max_iters", "2", "--eval_interval", "2", "--out_dir", out] + TINY)
-    monkeypatch.setattr(datasets, "load_enwik8", offline_enwik8)
+    monkeypatch.setattr(data, "load_enwik8", offline_enwik8)
     for command, use in ((lambda: train.main(["--resume", "--max_iters", "4", "--out_dir", out]), "resuming"),
                          (lambda: sample.main(["--out_dir", out, "--device", "cpu"]), "sampling from it"),
                          (lambda: sample.main(["--evaluate", "val", "--out_dir", out]), "scoring it")):
@@ -912,7 +912,7 @@ def test_a_run_on_enwik8_is_not_resumed_sampled_or_scored_on_the_offline_fallbac
 
 
 def test_a_run_on_synthetic_audio_stays_on_it_once_wav_files_appear(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(datasets, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
     out = str(tmp_path / "run")
     train.main(["--data", "audio", "--audio_rate", "1000", "--audio_seq_len", "64", "--max_iters", "2",
                 "--eval_interval", "2", "--out_dir", out] + TINY)
@@ -934,7 +934,7 @@ def test_changed_data_is_refused_and_a_checkpoint_from_before_data_records_gets_
     out = str(tmp_path / "run")
     train.main(["--data", f"text:{text_file}", "--max_iters", "2", "--eval_interval", "2", "--out_dir", out] + TINY)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["data"] == datasets.load(f"text:{text_file}").record  # its name and the md5 of its splits
+    assert ckpt["data"] == data.load(f"text:{text_file}").record  # its name and the md5 of its splits
     original = open(text_file, "rb").read()
     with open(text_file, "wb") as f:
         f.write(original.replace(b"e", b"E"))
@@ -948,7 +948,7 @@ def test_changed_data_is_refused_and_a_checkpoint_from_before_data_records_gets_
     capsys.readouterr()
     train.main(["--resume", "--max_iters", "4", "--out_dir", out])
     assert "predates data records, so its data cannot be checked" in capsys.readouterr().out
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["data"] == datasets.load(
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["data"] == data.load(
         f"text:{text_file}").record  # recorded from then on
 
 
@@ -1038,7 +1038,7 @@ def test_default_prompt_is_short_so_that_generation_runs_on_the_cache(text_file,
     monkeypatch.setattr(sample, "generate", kept)
     sample.main(["--out_dir", out, "--num_samples", "1", "--max_new_tokens", "2", "--device", "cpu"])
     prompt = bytes(prompts[0][0].tolist())
-    assert len(prompt) == 64 and prompt in bytes(datasets.load(f"text:{text_file}").splits["val"].numpy())
+    assert len(prompt) == 64 and prompt in bytes(data.load(f"text:{text_file}").splits["val"].numpy())
 
 
 def test_ctrl_c_stops_training_with_one_line_saying_where_and_status_130(text_file, tmp_path):
@@ -1085,7 +1085,7 @@ def test_whole_split_evaluation_scores_every_token_once(name):
     extra = {"n_latents": 8} if name == "perceiver_ar" else {}
     model = train.build_model(name, dict(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, **extra))
     stream = torch.randint(0, 256, (32 * 4 + 6,), dtype=torch.uint8)
-    d = datasets.Data("s", "text", {"test": stream})
+    d = data.Data("s", "text", {"test": stream})
     bits, count, total, by_position = sample.evaluate_split(model, d, "test", 32, 3, "cpu", train.nullcontext())
     k = 32 if name == "transformer" else 8
     nats, n, per_position = 0.0, 0, []
@@ -1151,7 +1151,7 @@ def test_prefix_evaluation_agrees_with_the_window_exactly_when_the_forward_is_ca
     model = train.build_model(name, dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32, chunk=8,
                                          **settings) if name == "reformer" else
                               dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
-    d = datasets.Data("s", "text", {"val": torch.randint(0, 256, (2000,), dtype=torch.uint8)})
+    d = data.Data("s", "text", {"val": torch.randint(0, 256, (2000,), dtype=torch.uint8)})
     prefix, window, n = sample.evaluate_prefixes(model, d, "val", 64, "cpu", train.nullcontext())
     assert n == 8 * 16
     assert (abs(prefix - window) < 1e-5) == agree, (prefix, window)
@@ -1404,15 +1404,15 @@ def test_resume_with_a_larger_block_size_or_damaged_checkpoint_is_rejected(text_
 
 def test_missing_data_and_unknown_data_names_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        datasets.load(f"text:{tmp_path / 'nope.txt'}")
+        data.load(f"text:{tmp_path / 'nope.txt'}")
     with pytest.raises(FileNotFoundError, match="no .wav files"):
-        datasets.load(f"wav:{tmp_path}")
+        data.load(f"wav:{tmp_path}")
     with pytest.raises(ValueError, match="unknown --data"):
-        datasets.load("imagenet")
+        data.load("imagenet")
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((4, 28, 28), np.uint8))
     with pytest.raises(ValueError, match=r"expected uint8 \[N >= 3, 32, 32, 3\]"):
-        datasets.load(f"images:{bad}")
+        data.load(f"images:{bad}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2898,7 +2898,7 @@ def test_wav_writer_output_opens_with_the_wave_module(tmp_path):
     with wave.open(str(tmp_path / "x.wav")) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 12_000, 1234)
         pcm = np.frombuffer(w.readframes(1234), "<i2") / 32767
-    np.testing.assert_allclose(pcm, datasets.mu_law_decode(tokens), atol=1e-4)
+    np.testing.assert_allclose(pcm, data.mu_law_decode(tokens), atol=1e-4)
 
 
 def test_image_sampling_writes_a_grid_of_prompt_completions_and_truth(tmp_path):
@@ -2994,7 +2994,7 @@ def test_more_samples_than_the_split_has_prompts_for_are_said_not_dropped_silent
     out = tmp_path / "run"
     common = ["--audio_rate", "1000", "--audio_seq_len", "64"]
     train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--out_dir", str(out)] + common + TINY)
-    clips = len(datasets.load(f"wav:{tmp_path}", 1000, 64).splits["val"])
+    clips = len(data.load(f"wav:{tmp_path}", 1000, 64).splits["val"])
     capsys.readouterr()
     for extra, written in (([], clips), (["--unconditional"], clips + 2)):
         for old in out.glob("sample_*.wav"):

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data as datasets
+import data
 import kernels
 
 # To add a model, add a line here and a file like perceiver_ar.py (README, "Add a model": a Config
@@ -87,9 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_interval", type=int, default=250,
                    help="evaluate and checkpoint every N steps, and at the last (default %(default)s)")
     p.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation (default %(default)s)")
-    p.add_argument("--audio_rate", type=int, default=datasets.AUDIO_RATE,
+    p.add_argument("--audio_rate", type=int, default=data.AUDIO_RATE,
                    help="audio data: samples per second (default %(default)s)")
-    p.add_argument("--audio_seq_len", type=int, default=datasets.AUDIO_SEQ_LEN,
+    p.add_argument("--audio_seq_len", type=int, default=data.AUDIO_SEQ_LEN,
                    help="audio data: samples per row (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on GPUs that have it, float32 on CPU")
@@ -274,13 +274,13 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def evaluate(model, data, args, device, ctx):
+def evaluate(model, dataset, args, device, ctx):
     """Mean loss in nats on eval_iters fixed batches of each split, the same at every evaluation
     (the splits draw different ones, which matters for the copy task's generated batches)."""
     model.eval()
     out = {}
     for split, seed in (("train", 12345), ("val", 54321)):
-        sampler = datasets.BatchSampler(data, split, args.block_size, args.batch_size, seed, device)
+        sampler = data.BatchSampler(dataset, split, args.block_size, args.batch_size, seed, device)
         losses = []
         for _ in range(args.eval_iters):
             x, y = sampler.next_batch()
@@ -361,19 +361,19 @@ def checkpoint_data(ckpt, path, refused):
     holds now) and held to the checkpoint's record of it: other data stops with one sentence
     ending in `refused`. A checkpoint from before data records gets a printed note instead."""
     args, record = ckpt["args"], ckpt.get("data")
-    data = datasets.load_recorded(record, args["data"], args["audio_rate"], args["audio_seq_len"])
+    dataset = data.load_recorded(record, args["data"], args["audio_rate"], args["audio_seq_len"])
     if record is None:
         print(f"note: {path} predates data records, so its data cannot be checked; using "
-              f"{data.name}, what --data {args['data']} loads now")
-    elif data.record != record:
-        now = data.name if data.name != record["name"] else \
-            f"{data.name} with other contents (md5 {data.record['md5']}, recorded {record['md5']})"
+              f"{dataset.name}, what --data {args['data']} loads now")
+    elif dataset.record != record:
+        now = dataset.name if dataset.name != record["name"] else \
+            f"{dataset.name} with other contents (md5 {dataset.record['md5']}, recorded {record['md5']})"
         raise ValueError(f"{path} was trained on {record['name']}, but --data {args['data']} now "
                          f"loads {now}; {refused}")
-    return data
+    return dataset
 
 
-def checkpoint_state(parts, step, args, config, data, val_loss, device_type, ddp):
+def checkpoint_state(parts, step, args, config, dataset, val_loss, device_type, ddp):
     """Everything to resume exactly, as tensors and plain values (all load_checkpoint reads): the
     state of parts (model, optimizer, loss scaler, sampler) and, under DDP, every rank's sampler
     and RNG, so each resumes on its own stream."""
@@ -389,7 +389,7 @@ def checkpoint_state(parts, step, args, config, data, val_loss, device_type, ddp
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "model_config": config, "rng": rng,
             "args": {k: v for k, v in vars(args).items() if k != "given"}, "samplers": samplers,
-            "data": data.record, "val_loss": val_loss}
+            "data": dataset.record, "val_loss": val_loss}
 
 
 def save_unless_diverged(path, state, write):
@@ -405,13 +405,13 @@ def save_unless_diverged(path, state, write):
         os.replace(path + ".tmp", path)
 
 
-def report_evaluation(args, data, step, losses, tokens_per_step, tokens_per_s, start, first):
+def report_evaluation(args, dataset, step, losses, tokens_per_step, tokens_per_s, start, first):
     """Print an evaluation after `step` steps and append it to out_dir/metrics.jsonl, once its
     checkpoint is written so that the two agree. A run's first report keeps the lines up to the
     step it started from (a fresh run's: none): the file is one run's curve."""
     bits = {k: v / math.log(2) for k, v in losses.items()}
-    tqdm.write(f"step {step}: train {bits['train']:.4f} {data.unit}, val {bits['val']:.4f} "
-               f"{data.unit}, {tokens_per_s:,.0f} tokens/s")  # tqdm.write: below the bar
+    tqdm.write(f"step {step}: train {bits['train']:.4f} {dataset.unit}, val {bits['val']:.4f} "
+               f"{dataset.unit}, {tokens_per_s:,.0f} tokens/s")  # tqdm.write: below the bar
     record = dict(step=step, tokens=step * tokens_per_step, train_bits=bits["train"],
                   val_bits=bits["val"], lr=lr_at(step - 1, args), tokens_per_s=tokens_per_s,
                   time=time.time())
@@ -491,14 +491,14 @@ def start_run(args, ckpt, path, ddp, rank, device, device_type, dtype):
     torch.manual_seed(args.seed + rank)
     refused = ("resuming on other data is refused: restore the data it was trained on, or train "
                "afresh in another --out_dir")
-    data = (checkpoint_data(ckpt, path, refused) if ckpt else
-            datasets.load(args.data, args.audio_rate, args.audio_seq_len))
-    config = ckpt["model_config"] if ckpt else model_config(args.model, args, data.vocab_size,
+    dataset = (checkpoint_data(ckpt, path, refused) if ckpt else
+            data.load(args.data, args.audio_rate, args.audio_seq_len))
+    config = ckpt["model_config"] if ckpt else model_config(args.model, args, dataset.vocab_size,
                                                             **args.model_overrides)
     model = build_model(args.model, config).to(device)
     optimizer = configure_optimizers(model, args.weight_decay, args.lr, (0.9, 0.95), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    sampler = datasets.BatchSampler(data, "train", args.block_size, args.batch_size,
+    sampler = data.BatchSampler(dataset, "train", args.block_size, args.batch_size,
                                     args.seed + rank, device)
     parts = model, optimizer, scaler, sampler
     if ckpt:
@@ -512,7 +512,7 @@ def start_run(args, ckpt, path, ddp, rank, device, device_type, dtype):
     if ddp:
         local = [int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None
         trained = DDP(trained, device_ids=local)
-    return data, config, trained, parts, ckpt["step"] if ckpt else 0
+    return dataset, config, trained, parts, ckpt["step"] if ckpt else 0
 
 
 def train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step):
@@ -549,17 +549,17 @@ def main(argv=None):
     ddp, rank, world, device = setup_distributed(args)
     master, log = rank == 0, print if rank == 0 else (lambda *a, **k: None)
     device_type, dtype, ctx = autocast_for(args, device)
-    data, config, model, parts, start = start_run(args, ckpt, ckpt_path, ddp, rank, device,
+    dataset, config, model, parts, start = start_run(args, ckpt, ckpt_path, ddp, rank, device,
                                                   device_type, dtype)
     raw_model, optimizer, scaler, sampler = parts
-    log(data.describe())
+    log(dataset.describe())
     log(f"model: {args.model}, {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
         f"parameters, config {config}")
     log("\n".join(notes + [f"{kernels.backend_info(device)}; device {device}, dtype {args.dtype}, "
                            f"{world} process(es)"]))
     used = {k: v for k, v in vars(args).items() if k != "given"}
-    if data.name != args.data:  # the data trained on: an offline stand-in's own name, say
-        used["data"] = f"{data.name} (for --data {args.data})"
+    if dataset.name != args.data:  # the data trained on: an offline stand-in's own name, say
+        used["data"] = f"{dataset.name} (for --data {args.data})"
     log("flags: " + " ".join(f"{k}={v}" for k, v in used.items()))
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
 
@@ -575,16 +575,16 @@ def main(argv=None):
             history.append({"step": step, "loss": loss})
             tokens_per_s = tokens_per_step * (step + 1 - last_eval) / (time.time() - t_eval)
             bar.update()
-            bar.set_postfix({"loss": f"{loss:.4f}", data.unit: f"{loss / math.log(2):.3f}",
+            bar.set_postfix({"loss": f"{loss:.4f}", dataset.unit: f"{loss / math.log(2):.3f}",
                              "tokens/s": f"{tokens_per_s:,.0f}"})
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
-                losses = evaluate(model, data, args, device, ctx)
+                losses = evaluate(model, dataset, args, device, ctx)
                 history.append({"step": step, **{f"{k}_loss": v for k, v in losses.items()}})
                 save_unless_diverged(ckpt_path, checkpoint_state(
-                    parts, step + 1, args, config, data, losses["val"], device_type, ddp), master)
+                    parts, step + 1, args, config, dataset, losses["val"], device_type, ddp), master)
                 saved = step + 1  # on disk (rank 0 wrote it): what a Ctrl-C from here on reports
                 if master:
-                    report_evaluation(args, data, step + 1, losses, tokens_per_step, tokens_per_s,
+                    report_evaluation(args, dataset, step + 1, losses, tokens_per_step, tokens_per_s,
                                       start, first=last_eval == start)
                 last_eval, t_eval = step + 1, time.time()
             if ctrl_c.requested:
