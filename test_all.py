@@ -1532,20 +1532,6 @@ def randomized(model):
     return model
 
 
-@pytest.mark.parametrize("pattern,combine", [("all", "interleaved")] + SPARSE)
-def test_sparse_future_tokens_do_not_change_past_logits(pattern, combine):
-    torch.manual_seed(2)
-    model = randomized(SparseTransformer(tiny(pattern=pattern, combine=combine, pos_emb="factorized"))).eval()
-    idx = torch.randint(0, 11, (2, 64))
-    t = 29
-    changed = idx.clone()
-    changed[:, t] = (idx[:, t] + 1) % 11
-    a, _ = model(idx)
-    b, _ = model(changed)
-    assert torch.equal(a[:, :t], b[:, :t])
-    assert not torch.allclose(a[:, t], b[:, t])
-
-
 @pytest.mark.parametrize("pattern", ["all", "strided", "fixed"])
 def test_recompute_gives_the_same_loss_and_gradients_with_dropout(pattern):
     results = []
@@ -2569,20 +2555,6 @@ def test_cross_attention_matches_bottom_right_causal_reference(T, N):
     assert_grads_match(model, logits, ref)
 
 
-def test_perceiver_future_tokens_do_not_change_past_logits():
-    model = make_model()
-    T, N = 16, 6
-    idx = torch.randint(0, 11, (2, T))
-    logits, _ = model(idx)
-    for t in [0, 5, 10, 13, 15]:
-        changed = idx.clone()
-        changed[:, t] = (changed[:, t] + 1) % 11
-        new, _ = model(changed)
-        before = [k for k in range(N) if T - N + k < t]  # latents strictly before the changed input
-        torch.testing.assert_close(new[:, before], logits[:, before], rtol=0, atol=0)
-        assert (new[:, len(before) :] - logits[:, len(before) :]).abs().amax() > 1e-6  # the rest do see it
-
-
 def test_loss_is_cross_entropy_on_latent_positions_plus_training_z_loss():
     model = make_model(z_loss=1e-2)
     idx, targets = torch.randint(0, 11, (2, 16)), torch.randint(0, 11, (2, 16))
@@ -2802,7 +2774,7 @@ CAUSAL_CASES = {  # name: (model, Config settings beyond the shared tiny ones, e
                              True) for c in st.COMBINES},
     # causal LSH in 4 buckets of about 16 positions: a query's window of chunk = 8 keys ends inside its bucket
     "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, n_buckets=4, causal_lsh=True), True),
-    "reformer_causal_lsh_dedup": ("reformer", dict(chunk=8, n_hashes=2, n_buckets=4, causal_lsh=True,
+    "reformer_causal_lsh_dup_correction": ("reformer", dict(chunk=8, n_hashes=2, n_buckets=4, causal_lsh=True,
                                                    dup_correction=True), True),
     "reformer_local_chunks": ("reformer", dict(chunk=8, lsh_every=3), True),
     "reformer_paper_lsh": ("reformer", dict(chunk=8, n_hashes=2), False),
