@@ -11,7 +11,7 @@ public entry point.
   1. Block-sparse    (a) attention_mask, dense_attention  (b) _fwd_kernel with its tile loop
      attention       _fwd_tiles, _bwd_dq_kernel, _bwd_dkdv_kernel  (c) tile_lists, launch_config
                      (d) attention
-  2. LSH attention   (a) sort_by_bucket, torch_lsh_attention  (b) _lsh_fwd_kernel,
+  2. LSH attention   (a) sort_by_bucket, torch_lsh_attention, cpu_lsh_attention  (b) _lsh_fwd_kernel,
                      _lsh_bwd_dkdv_kernel, _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config
                      (d) lsh_attention
   3. AFT sums        (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel,
@@ -738,7 +738,7 @@ def combine_rounds(o, lse):
 
 # (a') On a CPU: the same windows, each chunk's softmax by PyTorch's fused CPU attention (flash attention with an
 # additive mask, which also returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward:
-# 2-3x the twin's speed on a CPU (docs/results.md). One difference below rounding: the self logit is added
+# 1.4-2.2x the twin's speed in a Reformer training step on a CPU (docs/results.md). One difference below rounding: the self logit is added
 # (s + SELF_LOGIT) rather than set, and a query's own key weighs exp(SELF_LOGIT) ~ 0 unless nothing else is in
 # its window. The backward runs once per round with that round's log-sum-exp, dout * w_r (w_r the round's weight
 # in the combination) and the combined output in place of the round's: the softmax backward's
@@ -796,8 +796,8 @@ def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False
 #
 # Shared by the three kernels: the logits s = scale * q.k of a tile of queries against a tile of keys, masked.
 # Order of operations, same as the reference: the self logit; minus log(count of rounds whose window holds the
-# key) with dup_correction; -inf for keys later in the original order or outside round r's window. qpos, kpos and k_ok
-# come shaped to broadcast against s (queries x keys, or keys x queries in the dK/dV kernel). LOC holds loc
+# key) with dup_correction; -inf for keys later in the original order or outside round r's window. qpos, kpos
+# and k_ok come shaped to broadcast against s (queries x keys, or keys x queries in the dK/dV kernel). LOC holds loc
 # (B, H, R, T) of sort_by_bucket; bh * R + r is the row of round r.
 @jit
 def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DUP_CORRECTION: tl.constexpr):
