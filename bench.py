@@ -1058,13 +1058,19 @@ def copy_accuracy(model, d, device, n_rows=16, n_positions=32, rows_per_call=16)
     return (predicted == seq[:, [t + 1 for t in positions]]).float().mean().item()
 
 
+def copy_rows(models):
+    """(model, row label, its flags) for the copy-task stages: a row per model, two for the Reformer (paper and
+    causal LSH, as SAME_RUNS)."""
+    return [(name, label, flags) for name in models
+            for label, flags in (SAME_RUNS["reformer"] if name == "reformer" else [(name, [])])]
+
+
 def stage_recall(args, device):
     """Every model learns the copy task (data.py's `copy`: each row's second half repeats its first) at each
     distance d, same size and settings for all, trained to the end (recall_run); accuracy on fresh rows, mean
     over seeds 1..args.seeds. Chance is 1/256. Distances run shortest first, so a run cut short by the session
     leaves the longest ones, which resume where they stopped."""
-    labels = [(name, label, flags) for name in args.models
-              for label, flags in (SAME_RUNS["reformer"] if name == "reformer" else [(name, [])])]
+    labels = copy_rows(args.models)
     rows = {label: dict(model=label, status="ok") for _, label, _ in labels}
     for d in args.distances:
         for name, label, flags in labels:
@@ -1163,8 +1169,7 @@ def stage_ladder(args, device):
     rotary encoding separates offsets up to 2d (rotary_margin). Rounds are kept in the run folder, so a stopped
     stage resumes."""
     rows = []
-    for name, label, flags in [(name, label, flags) for name in args.models
-                               for label, flags in (SAME_RUNS["reformer"] if name == "reformer" else [(name, [])])]:
+    for name, label, flags in copy_rows(args.models):
         row, missed = dict(model=label, status="ok"), False
         for d in args.distances:
             curve = ladder_run(name, label, flags, d, args, device, train=not missed)
@@ -1195,15 +1200,15 @@ def ladder_run(name, label, flags, d, args, device, train=True):
     path = os.path.join(out, "ladder_curve.json")
     curve = read_json(path) if os.path.exists(path) else []
     batch = ladder_batch(d, args.ladder_tokens)
-    flags = (["--model", name, "--block_size", str(2 * d), "--batch_size", str(batch), "--lr_decay_iters",
-              str(args.ladder_cap), "--eval_interval", str(args.ladder_check), "--seed", "1", "--out_dir", out,
-              "--device", str(device)] + LADDER + LADDER_RUNS.get(name, ["--n_layer", "2"])
-             + flags + args.ladder_flags.split())
+    argv = (["--model", name, "--block_size", str(2 * d), "--batch_size", str(batch), "--lr_decay_iters",
+             str(args.ladder_cap), "--eval_interval", str(args.ladder_check), "--seed", "1", "--out_dir", out,
+             "--device", str(device)] + LADDER + LADDER_RUNS.get(name, ["--n_layer", "2"])
+            + flags + args.ladder_flags.split())
     while train and (not curve or (curve[-1]["accuracy"] < 0.99 and curve[-1]["step"] < args.ladder_cap
                                    and sum(r["seconds"] for r in curve) < 60 * args.ladder_minutes)):
         steps = min(args.ladder_cap, (curve[-1]["step"] if curve else 0) + args.ladder_check)
         start = time.time()
-        evaluations = train_once(flags + ["--max_iters", str(steps)], out, steps)
+        evaluations = train_once(argv + ["--max_iters", str(steps)], out, steps)
         seconds = time.time() - start
         _, model, _ = sample.load_trained(out, device)
         accuracy = copy_accuracy(model, d, device, n_rows=8, n_positions=64, rows_per_call=1)

@@ -329,8 +329,8 @@ def dependence_maps(model, idx):
             probe = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(y)
             rows = [torch.autograd.grad((y[0, t] * probe).sum(), x, retain_graph=True)[0][0].norm(dim=-1)
                     for t in range(y.size(1))]
-            grads = torch.stack(rows).detach()  # (T_out, T_in); within rounding of the largest: none, as below
-            maps.append(grads.masked_fill(grads <= 64 * torch.finfo(grads.dtype).eps * grads.amax(), 0))
+            grads = torch.stack(rows).detach()  # (T_out, T_in)
+            maps.append(beyond_rounding(grads, grads.amax()))
         with torch.no_grad():
             same = idx.repeat(idx.size(1), 1)  # (T, T)
             changed = same.clone()  # row j has token j replaced
@@ -340,8 +340,12 @@ def dependence_maps(model, idx):
         # A change within the logits' rounding is no dependence: where the paper LSH's sort only permutes the keys
         # of an earlier chunk, the sums there move in their last bits on one CPU and not at all on another (3e-17
         # to 2e-16 in the float64 picture, whose real changes are 1e-5 and more).
-        noise = 64 * torch.finfo(logits.dtype).eps * logits.abs().amax()
-        return maps + [moved.masked_fill(moved <= noise, 0).T]
+        return maps + [beyond_rounding(moved, logits.abs().amax()).T]
+
+
+def beyond_rounding(m, largest):
+    """m with every value within 64 units of rounding of `largest` set to 0: no dependence."""
+    return m.masked_fill(m <= 64 * torch.finfo(m.dtype).eps * largest, 0)
 
 
 def picture(maps, scale=4, gap=8):
