@@ -681,14 +681,16 @@ def with_previous(x, chunks=3, rows=4):  # each chunk's rows: the previous chunk
 
 
 def window_masks(st, loc, span, chunk, dup_correction, dtype):
-    """Per round and chunk, over its m queries x 2m keys (previous chunk's, then own), all (B, H, R, N, m, 2m):
-    which key is the query itself, log(count of rounds whose window holds the key) in dtype with dup_correction
-    (else 0), and which keys the query may see (an empty slot's row sees all: any finite result, never read back)."""
+    """Per round and chunk, over its m queries x 2m keys (previous chunk's, then own): which key is the query
+    itself (m, 2m: key m + i for query i), log(count of rounds whose window holds the key) (B, H, R, N, m, 2m) in
+    dtype with dup_correction (else 0), and which keys the query may see (B, H, R, N, m, 2m; an empty slot's row
+    sees at least itself: a finite result, never read back)."""
     B, H, R, P = st.shape
     N = P // chunk
     qpos = st.view(B, H, R, N, chunk)  # -1 in empty slots
     kpos = with_previous(qpos)  # (B, H, R, N, 2m)
-    is_self = kpos[..., None, :] == qpos[..., :, None]
+    cols = torch.arange(2 * chunk, device=st.device)
+    is_self = cols == cols[:chunk, None] + chunk
     log_count = 0.0
     if dup_correction:
         # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
@@ -697,12 +699,15 @@ def window_masks(st, loc, span, chunk, dup_correction, dtype):
         kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, 2 * R * P).expand(B, H, R, 2 * R * P))
         kloc = kloc.view(B, H, R, R, N, 2 * chunk)
         log_count = in_window(qloc[..., :, None], kloc[..., None, :], span).sum(2).clamp(min=1).to(dtype).log()
-    first = torch.zeros(N, 2 * chunk, dtype=torch.bool, device=st.device)
-    first[0, :chunk] = True  # the first chunk has no previous chunk
+    # keys that no query may see (empty slots; the first chunk's previous chunk, which it does not have) and the
+    # queries of empty slots move to position P, later than every real query: one comparison masks them all
+    first = (cols < chunk) & (torch.arange(N, device=st.device) == 0)[:, None]  # (N, 2m)
+    kpos = kpos.masked_fill((kpos < 0) | first, P)
+    allowed = kpos[..., None, :] <= qpos.masked_fill(qpos < 0, P)[..., :, None]
     sloc = loc.gather(3, st.clamp(min=0)).view(B, H, R, N, chunk)  # this round's loc of the sorted rows
-    allowed = (kpos[..., None, :] <= qpos[..., :, None]) & (kpos[..., None, :] >= 0) & ~first[:, None, :] \
-        & in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)
-    return is_self, log_count, allowed | (qpos < 0)[..., None]
+    if not torch.equal(sloc, torch.arange(N, device=st.device)[:, None].expand_as(sloc)):  # windows = chunks:
+        allowed &= in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)  # nothing outside
+    return is_self, log_count, allowed
 
 
 def torch_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False, causal=False):
@@ -737,49 +742,73 @@ def combine_rounds(o, lse):
 
 
 # (a') On a CPU: the same windows, each chunk's softmax by PyTorch's fused CPU attention (flash attention with an
-# additive mask, which also returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward:
-# 1.4-2.2x the twin's speed in a Reformer training step on a CPU (docs/results.md). One difference below rounding: the self logit is added
-# (s + SELF_LOGIT) rather than set, and a query's own key weighs exp(SELF_LOGIT) ~ 0 unless nothing else is in
-# its window. The backward runs once per round with that round's log-sum-exp, dout * w_r (w_r the round's weight
-# in the combination) and the combined output in place of the round's: the softmax backward's
-# delta_i = w_r out_i . dout_i then also carries the round's share of the gradient through w_r.
+# additive mask, which also returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward. One
+# difference below rounding: the self logit is added (s + SELF_LOGIT) rather than set, and a query's own key weighs
+# exp(SELF_LOGIT) ~ 0 unless nothing else is in its window. The backward takes each round's log-sum-exp, dout * w_r
+# (w_r the round's weight in the combination) and the combined output in place of the round's: the softmax
+# backward's delta_i = w_r out_i . dout_i then also carries the round's share of the gradient through w_r.
+# Both go CPU_GROUP chunks at a time: a group's buffers are small enough for the allocator to reuse, where buffers
+# of the whole sequence are fresh memory each time, a page fault per 4 KiB (docs/results.md: the speed-ups).
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+CPU_GROUP = 256  # chunks: a group's additive mask is 8 MiB at m = 64 in float32
 
 
 class _LSHOnCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, st, rank, bias, scale):
+    def forward(ctx, q, k, v, st, rank, allowed, self_bias, scale):
         B, H, T, D = q.shape
         R, P = st.shape[2:]
-        rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, bias.size(2))  # in (B*H*T)
-        key_rows = with_previous(rows, 0, 1)  # (chunks, 2m): the previous chunk's rows, then its own
-        sq, sk, sv = rows_at(q, rows), rows_at(k, key_rows), rows_at(v, key_rows)
-        o, lse = _cpu_flash(sq, sk, sv, 0.0, False, attn_mask=bias, scale=scale)
-        o = o.view(B, H, R, P, D).gather(3, rank[..., None].expand(-1, -1, -1, -1, D))  # undo the sort
+        rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
+        q_, k_, v_ = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
+        o, lse = (torch.cat(parts) for parts in zip(*(
+            _cpu_flash(rows_at(q_, rows[g]), windows_at(k_, rows, g), windows_at(v_, rows, g), 0.0, False,
+                       attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
         w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
-        out = (o * w[..., None].to(o.dtype)).sum(2)  # in q's dtype, as combine_rounds
         w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
-        ctx.save_for_backward(q, k, v, rows, key_rows, bias, out, lse, w)
+        out = torch.zeros(B * H * T, D, dtype=q.dtype)
+        out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
+        ctx.save_for_backward(q_, k_, v_, rows, allowed, self_bias, out, lse, w)
         ctx.scale = scale
-        return out
+        return out.view(q.shape)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, rows, key_rows, bias, out, lse, w = ctx.saved_tensors
-        sq, so, sdo = (rows_at(x, rows) for x in (q, out, dout))
-        sk, sv = rows_at(k, key_rows), rows_at(v, key_rows)
-        dq, dk, dv = _cpu_flash_backward(sdo * w[..., None].to(sdo.dtype), sq, sk, sv, so, lse, 0.0, False,
-                                         attn_mask=bias, scale=ctx.scale)
-        D = q.size(3)  # each row's gradient, summed over the rounds and chunks that hold it:
-        add = lambda d, at: torch.zeros(q.numel() // D, D, dtype=d.dtype).index_add_(0, at.view(-1), d.view(-1, D))
-        return add(dq, rows).view(q.shape), add(dk, key_rows).view(q.shape), add(dv, key_rows).view(q.shape), \
-            None, None, None, None
+        q, k, v, rows, allowed, self_bias, out, lse, w = ctx.saved_tensors  # q, k, v, out: (B*H*T, D)
+        shape, D, key_rows = dout.shape, q.size(1), with_previous(rows, 0, 1)
+        dout, dq, dk, dv = dout.reshape(-1, D), torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
+        for g in groups(rows):  # each row's gradient, summed over the rounds and chunks that hold it
+            gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
+                                             rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
+                                             rows_at(out, rows[g]), lse[g], 0.0, False,
+                                             attn_mask=mask_at(allowed, self_bias, g), scale=ctx.scale)
+            dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, D))
+            dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, D))
+            dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, D))
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+
+
+def groups(rows):
+    return [slice(i, i + CPU_GROUP) for i in range(0, rows.size(0), CPU_GROUP)]
+
+
+def mask_at(allowed, self_bias, g):
+    """The additive mask of chunks g: self_bias (the self logit, minus log_count) where allowed, else -inf."""
+    return torch.where(allowed[g], self_bias[g], float("-inf"))
 
 
 def rows_at(x, rows):
-    """Rows of x (B, H, T, D) at indices rows (chunks, n) into its (B*H*T) rows: (chunks, 1, n, D)."""
-    return x.reshape(-1, x.size(-1)).index_select(0, rows.view(-1)).view(rows.size(0), 1, rows.size(1), -1)
+    """Rows of x (B*H*T, D) at indices rows (chunks, m): (chunks, 1, m, D)."""
+    return x.index_select(0, rows.reshape(-1)).view(rows.size(0), 1, rows.size(1), -1)
+
+
+def windows_at(x, rows, g):
+    """x's (B*H*T, D) keys of chunks rows[g], the previous chunk's rows then its own (with_previous), (n, 1, 2m, D):
+    a view of overlapping windows over rows gathered once (the last chunk's before the first, as its previous)."""
+    m, D = rows.size(1), x.size(-1)
+    n = len(range(rows.size(0))[g])
+    flat = x.index_select(0, torch.cat([rows[g.start - 1], rows[g].reshape(-1)]))
+    return flat.as_strided((n, 1, 2 * m, D), (m * D, m * D, D, 1))
 
 
 def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False,
@@ -787,9 +816,9 @@ def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False
     """The twin's combined output (combine_rounds of torch_lsh_attention), computed by _LSHOnCPU."""
     st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     is_self, log_count, allowed = window_masks(st, loc, span, chunk, dup_correction, q.dtype)
-    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(is_self, SELF_LOGIT).sub_(log_count)
-    bias.masked_fill_(~allowed, float("-inf"))
-    return _LSHOnCPU.apply(q, k, v, st, rank, bias.view(-1, 1, chunk, 2 * chunk), scale)
+    self_bias = (is_self * SELF_LOGIT - log_count).to(q.dtype).expand(allowed.shape)  # a view unless log_count
+    window = (-1, 1, chunk, 2 * chunk)
+    return _LSHOnCPU.apply(q, k, v, st, rank, allowed.view(window), self_bias.reshape(window), scale)
 
 
 # (b) The kernels.

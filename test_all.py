@@ -1721,18 +1721,19 @@ LSH_KERNEL_CASES = {
     # fp16 inputs: logits and the merged output in fp32, the output stored in fp16, gradients summed in fp32
     # for a quarter of the B*H = 6 heads at a time (groups of 2, across the batch boundary)
     "fp16": (2, 3, 32, 3, 8, {}, torch.float16, 4, "triton"),
-    # cpu_lsh_attention: PyTorch's fused CPU attention per chunk, its own backward per round; every
-    # mode, through the padding of a length chunk does not divide (T = 37) and the causal layout's
-    # empty slots
+    # cpu_lsh_attention: PyTorch's fused CPU attention per chunk, in groups of 7 chunks (which
+    # straddle rounds and heads); every mode, through the padding of a length chunk does not divide
+    # (T = 37) and the causal layout's empty slots
     **{f"{mode}-cpu": (2, 2, 37, 3, 8, dict(scale=0.7, **LSH_MODES[mode]), torch.float64, 0, "cpu")
        for mode in LSH_MODES},
 }
 
 
 @pytest.mark.parametrize("case", LSH_KERNEL_CASES)
-def test_lsh_kernel_and_cpu_path_give_the_twins_output_and_gradients(case):
+def test_lsh_kernel_and_cpu_path_give_the_twins_output_and_gradients(case, monkeypatch):
     """Output and the gradients of q (k = q / |q| included) and v, as the dense twin gives them."""
     B, H, T, R, chunk, mode, dtype, seed, path = LSH_KERNEL_CASES[case]
+    monkeypatch.setattr(kernels, "CPU_GROUP", 7)
     q, v, buckets = random_lsh_inputs(B=B, H=H, T=T, R=R, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(B, H, T, 16, generator=g, dtype=torch.float64)
