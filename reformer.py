@@ -106,6 +106,9 @@ class SharedQKAttention(nn.Module):
         self.qk = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.v = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # The reversible forward records the buckets it hashes (a list), its recompute replays them (an iterator):
+        # the recompute attends exactly as the forward did, without hashing a rebuilt input again
+        self.record, self.replay = None, None
 
     def rotations(self, device):
         """Random R (H, n_hashes, D, n/2 summed over the factors n): fresh in every training forward, fixed per
@@ -135,9 +138,14 @@ class SharedQKAttention(nn.Module):
         # Keys are unit vectors and logits are q.k with no 1/sqrt(D) factor, as in trax (lucidrains' version
         # multiplies by D^-0.5 as well).
         k = F.normalize(q, dim=-1)
-        if self.use_lsh:
+        if self.use_lsh:  # the rotations are drawn in a replay too: the generator then moves on as it did
             rotations = self.rotations(x.device) if rotations is None else rotations
-            buckets = hash_buckets(q, rotations[h0:h1], self.factors)  # (B, H', n_hashes, T)
+            if self.replay is not None:
+                buckets = next(self.replay)
+            else:
+                buckets = hash_buckets(q, rotations[h0:h1], self.factors)  # (B, H', n_hashes, T)
+                if self.record is not None:
+                    self.record.append(buckets)
         else:  # one bucket and one round: the sort keeps the order, so chunks are consecutive positions
             buckets = torch.zeros(B, h1 - h0, 1, T, dtype=torch.long, device=x.device)
         y = lsh_attention(q, k, v, buckets, self.config.chunk, same_bucket_mask=self.config.same_bucket_mask,
@@ -203,17 +211,20 @@ class ReversibleBlock(nn.Module):
         y1 = x1 + self.f(x2)
         return y1, x2 + self.g(y1)
 
-    def forward_saving_rng(self, x1, x2):
-        """forward() that also returns the generator states f and g start from, for the recompute."""
+    def forward_saving(self, x1, x2):
+        """forward() that also returns what the recompute replays: the generator states f and g start from
+        and the buckets f hashed."""
         f_rng = rng_state(x2.device)
+        self.attn.record = []
         y1 = x1 + self.f(x2)
+        buckets, self.attn.record = self.attn.record, None
         g_rng = rng_state(x2.device)
-        return y1, x2 + self.g(y1), (f_rng, g_rng)
+        return y1, x2 + self.g(y1), (f_rng, g_rng, buckets)
 
-    def backward_pass(self, y1, y2, dy1, dy2, rng, reuse_y, reuse_dy):
+    def backward_pass(self, y1, y2, dy1, dy2, saved, reuse_y, reuse_dy):
         """Rebuild (x1, x2) from (y1, y2) and turn (dy1, dy2) into (dx1, dx2); parameter grads go to .grad.
         reuse_y, reuse_dy: whether (y1, y2), (dy1, dy2) are dead afterwards, so the results may take their memory."""
-        f_rng, g_rng = rng
+        f_rng, g_rng, buckets = saved
         y1 = y1.detach().requires_grad_()
         gy1 = []
         with torch.enable_grad(), replayed_rng(g_rng, y1.device):
@@ -230,6 +241,7 @@ class ReversibleBlock(nn.Module):
         del gy1, y2, dy1
         y1.grad = None
         x2.requires_grad_()
+        self.attn.replay = iter(buckets)
         with torch.enable_grad(), replayed_rng(f_rng, x2.device):
             if self.attn_chunks == 1:
                 fx2 = self.f(x2)
@@ -245,6 +257,7 @@ class ReversibleBlock(nn.Module):
                     torch.autograd.backward(part, dx1)
                     fx2 = fx2 + wide(part.detach())
                 torch.autograd.backward(h, h_in.grad)
+        self.attn.replay = None
         with torch.no_grad():
             x1 = y1.detach().sub_(fx2) if reuse_y else y1 - fx2
             dx2 = dy2.add_(x2.grad) if reuse_dy else x2.grad.add_(dy2)
@@ -256,10 +269,10 @@ class ReversibleSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1, x2, blocks):
-        ctx.blocks, ctx.rng = blocks, []
+        ctx.blocks, ctx.saved = blocks, []
         for block in blocks:
-            x1, x2, rng = block.forward_saving_rng(x1, x2)
-            ctx.rng.append(rng)
+            x1, x2, saved = block.forward_saving(x1, x2)
+            ctx.saved.append(saved)
         device = x1.device.type  # the recompute must see the same autocast setting as the forward
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         # The outputs as detached aliases, not saved tensors: the backward rebuilds the last layer's inputs in
@@ -276,9 +289,9 @@ class ReversibleSequence(torch.autograd.Function):
         (y1, y2), ctx.outputs = ctx.outputs, None
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            for i, (block, rng) in enumerate(zip(reversed(ctx.blocks), reversed(ctx.rng))):
+            for i, (block, saved) in enumerate(zip(reversed(ctx.blocks), reversed(ctx.saved))):
                 # the incoming gradients are not ours to overwrite (one tensor may be both); rebuilt ones are
-                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, rng, reuse_y=True, reuse_dy=i > 0)
+                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, saved, reuse_y=True, reuse_dy=i > 0)
         return dy1, dy2, None
 
 

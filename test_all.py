@@ -1994,14 +1994,35 @@ def test_reversible_block_rebuilds_its_inputs(dtype, tol, attn_chunks):
     block = block.to(dtype).train()
     x1, x2 = torch.randn(2, 2, 32, 16, dtype=dtype)
     with torch.no_grad():
-        y1, y2, rng = block.forward_saving_rng(x1, x2)
+        y1, y2, saved = block.forward_saving(x1, x2)
     dy1, dy2 = torch.randn(2, *y1.shape, dtype=dtype)
     kept = [t.clone() for t in (y1, y2, dy1, dy2)]
-    r1, r2, dx1, dx2 = block.backward_pass(y1, y2, dy1, dy2, rng, reuse_y=False, reuse_dy=False)
+    r1, r2, dx1, dx2 = block.backward_pass(y1, y2, dy1, dy2, saved, reuse_y=False, reuse_dy=False)
     assert (r1 - x1).abs().max() < tol and (r2 - x2).abs().max() < tol
     assert all(torch.equal(a, b) for a, b in zip(kept, (y1, y2, dy1, dy2)))  # the inputs are left as they were
-    again = block.backward_pass(*kept, rng, reuse_y=True, reuse_dy=True)  # in the inputs' memory: the same results
+    again = block.backward_pass(*kept, saved, reuse_y=True, reuse_dy=True)  # in the inputs' memory: the same
     assert all(torch.equal(a, b) for a, b in zip(again, (r1, r2, dx1, dx2), strict=True))
+
+
+@pytest.mark.parametrize("attn_chunks", [1, 2])
+def test_the_reversible_recompute_attends_with_the_buckets_the_forward_hashed(attn_chunks, monkeypatch):
+    """One hash per layer and step: the recompute replays the forward's buckets (a hash of the rebuilt input,
+    equal only to rounding, could put a near tie in another bucket), and its gradients are the plain model's."""
+    calls, hash_buckets = [], reformer.hash_buckets
+    monkeypatch.setattr(reformer, "hash_buckets", lambda *a: calls.append(1) or hash_buckets(*a))
+    grads = []
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        model = Reformer(reformer_config(n_layer=2, n_head=4, attn_chunks=attn_chunks, dropout=0.1,
+                                         reversible=reversible)).double().train()
+        idx = torch.randint(11, (2, 32), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        model(idx, idx)[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+        assert len(calls) == 2 * attn_chunks  # two LSH layers, a hash per group of heads, none again
+        calls.clear()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_a_second_backward_through_the_reversible_layers_says_why_it_cannot_run():
@@ -2020,11 +2041,11 @@ def test_grouped_attention_backward_under_autocast_frees_each_layers_activations
     block = ReversibleBlock(cfg, layer_idx=0).train()
     x1, x2 = torch.randn(2, 2, 32, 16)
     with torch.no_grad():
-        y1, y2, rng = block.forward_saving_rng(x1, x2)
+        y1, y2, saved = block.forward_saving(x1, x2)
     inputs, f_parts = [], block.f_parts
     block.f_parts = lambda h: inputs.append(weakref.ref(h)) or f_parts(h)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        block.backward_pass(y1, y2, *torch.randn(2, 2, 32, 16), rng, reuse_y=False, reuse_dy=False)
+        block.backward_pass(y1, y2, *torch.randn(2, 2, 32, 16), saved, reuse_y=False, reuse_dy=False)
         gc.collect()
         assert len(inputs) == 1 and inputs[0]() is None  # freed while the context is still open
 
