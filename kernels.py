@@ -705,8 +705,9 @@ def window_masks(st, loc, span, chunk, dup_correction, dtype):
     kpos = kpos.masked_fill((kpos < 0) | first, P)
     allowed = kpos[..., None, :] <= qpos.masked_fill(qpos < 0, P)[..., :, None]
     sloc = loc.gather(3, st.clamp(min=0)).view(B, H, R, N, chunk)  # this round's loc of the sorted rows
-    if not torch.equal(sloc, torch.arange(N, device=st.device)[:, None].expand_as(sloc)):  # windows = chunks:
-        allowed &= in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)  # nothing outside
+    # the windows exclude more only where they are not simply the chunks (same_bucket_mask, causal)
+    if not torch.equal(sloc, torch.arange(N, device=st.device)[:, None].expand_as(sloc)):
+        allowed &= in_window(sloc[..., :, None], with_previous(sloc)[..., None, :], span)
     return is_self, log_count, allowed
 
 
