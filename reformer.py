@@ -106,9 +106,7 @@ class SharedQKAttention(nn.Module):
         self.qk = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.v = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # The reversible forward records the buckets it hashes (a list), its recompute replays them (an iterator):
-        # the recompute attends exactly as the forward did, without hashing a rebuilt input again
-        self.record, self.replay = None, None
+        self.record, self.replay = None, None  # see bucket_tape
 
     def rotations(self, device):
         """Random R (H, n_hashes, D, n/2 summed over the factors n): fresh in every training forward, fixed per
@@ -157,6 +155,17 @@ class SharedQKAttention(nn.Module):
 def rng_state(device):
     """The CPU generator's state and, on CUDA, the device generator's: what dropout and hashing draw from."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def bucket_tape(attn, buckets=None):
+    """Inside, attn records the buckets it hashes in a list (yielded), or replays `buckets` instead of hashing:
+    the reversible recompute attends exactly as its forward did, without hashing a rebuilt input again."""
+    attn.record, attn.replay = ([], None) if buckets is None else (None, iter(buckets))
+    try:
+        yield attn.record
+    finally:
+        attn.record = attn.replay = None
 
 
 @contextmanager
@@ -215,9 +224,8 @@ class ReversibleBlock(nn.Module):
         """forward() that also returns what the recompute replays: the generator states f and g start from
         and the buckets f hashed."""
         f_rng = rng_state(x2.device)
-        self.attn.record = []
-        y1 = x1 + self.f(x2)
-        buckets, self.attn.record = self.attn.record, None
+        with bucket_tape(self.attn) as buckets:
+            y1 = x1 + self.f(x2)
         g_rng = rng_state(x2.device)
         return y1, x2 + self.g(y1), (f_rng, g_rng, buckets)
 
@@ -241,8 +249,7 @@ class ReversibleBlock(nn.Module):
         del gy1, y2, dy1
         y1.grad = None
         x2.requires_grad_()
-        self.attn.replay = iter(buckets)
-        with torch.enable_grad(), replayed_rng(f_rng, x2.device):
+        with torch.enable_grad(), replayed_rng(f_rng, x2.device), bucket_tape(self.attn, buckets):
             if self.attn_chunks == 1:
                 fx2 = self.f(x2)
                 torch.autograd.backward(fx2, dx1)
@@ -257,7 +264,6 @@ class ReversibleBlock(nn.Module):
                     torch.autograd.backward(part, dx1)
                     fx2 = fx2 + wide(part.detach())
                 torch.autograd.backward(h, h_in.grad)
-        self.attn.replay = None
         with torch.no_grad():
             x1 = y1.detach().sub_(fx2) if reuse_y else y1 - fx2
             dx2 = dy2.add_(x2.grad) if reuse_dy else x2.grad.add_(dy2)
