@@ -6,7 +6,8 @@
 # 2. (~CELL_S s) Perceiver AR copy-ladder cells (issue #36), one bench.py --stages ladder process each, side by
 #    side (seconds per step are of a shared GPU), width 128, rotary_base 0: 16,384 (chance through 23,000 steps
 #    on 2026-12-04: does a stair come by ~50,000?), 4,096 with seed 2 (how much the first stair's step varies
-#    between runs: 4,900 with seed 1, none by 10,250 at base 10,000) and 65,536 (chance through 6,750);
+#    between runs: 4,900 with seed 1, none by 10,250 at base 10,000) and 65,536 (chance through 6,750); and the
+#    Reformer (the CPU recipe) at 1,024;
 # 3. (~BENCH_BUDGET s, 0 skips it) bench.py: the kernels beside FlexAttention (cut short on 2026-12-04).
 # Everything lands in $OUT: versions.txt, gpu_tests.txt, summary.txt and results.tgz (every bench.json record,
 # bench.md, ladder curves and logs; copy a record to docs/bench/DEVICE-DATE-WHAT.json and link it beside its
@@ -33,6 +34,7 @@ echo "GPU tests: exit $? ($(tail -1 "$OUT/gpu_tests.txt"))" | tee "$OUT/summary.
 cell pa_w128_base_16384 perceiver_ar 16384 --ladder_flags "--n_embd 128 --rotary_base 0"
 cell pa_w128_base_4096_seed2 perceiver_ar 4096 --ladder_flags "--n_embd 128 --rotary_base 0 --seed 2"
 cell pa_w128_base_65536 perceiver_ar 65536 --ladder_flags "--n_embd 128 --rotary_base 0"
+cell reformer_1024 reformer 1024  # the Reformer's GPU rung (500 steps at chance in the first call)
 wait
 cat "$RUN/cells.txt" >> "$OUT/summary.txt"
 grep -h "accuracy" "$RUN"/*.log | grep -v "^    " >> "$OUT/summary.txt"
