@@ -2973,8 +2973,10 @@ def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(t
     assert {"commit", "dirty", "device", "cpu", "threads", "torch", "triton", "command", "args", "seeds", "results"} \
         <= set(record)
     assert record["results"]["aft"][1]["vs_transformer"] > 0
-    timing = record["results"]["aft"][0]["timings"]  # one timed figure, its 3 repeats beside it
-    assert [len(t["repeats"]) for t in timing] == [3] and timing[0]["ms"] == record["results"]["aft"][0]["step_ms"]
+    # one timed figure, its repeats beside it: 3, or one call of a quarter second or more (a busy machine)
+    (timing,) = record["results"]["aft"][0]["timings"]
+    assert len(timing["repeats"]) == 3 or timing["repeats"] == [timing["ms"]] and timing["ms"] >= 250
+    assert timing["ms"] == record["results"]["aft"][0]["step_ms"]
     assert (tmp_path / "bench.md").read_text().count("|---") >= len(bench.DEFAULT_STAGES)
 
 
