@@ -113,7 +113,8 @@ class SharedQKAttention(nn.Module):
         layer in eval.
 
         The training seed is drawn from torch's CPU generator, so the reversible backward, which restores that
-        generator's state, draws the same rotations again.
+        generator's state, draws the same rotations again (it replays the forward's buckets, bucket_tape, but the
+        draw keeps the generator where the dropout after it expects it).
         """
         cfg = self.config
         seed = int(torch.randint(2**62, (1,))) if self.training else self.layer_idx
