@@ -789,7 +789,7 @@ class _LSHOnCPU(torch.autograd.Function):
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
 
 
-def groups(rows):
+def groups(rows):  # CPU_GROUP chunks at a time
     return [slice(i, i + CPU_GROUP) for i in range(0, rows.size(0), CPU_GROUP)]
 
 
@@ -806,8 +806,7 @@ def rows_at(x, rows):
 def windows_at(x, rows, g):
     """x's (B*H*T, D) keys of chunks rows[g], the previous chunk's rows then its own (with_previous), (n, 1, 2m, D):
     a view of overlapping windows over rows gathered once (the last chunk's before the first, as its previous)."""
-    m, D = rows.size(1), x.size(-1)
-    n = len(range(rows.size(0))[g])
+    (n, m), D = rows[g].shape, x.size(-1)
     flat = x.index_select(0, torch.cat([rows[g.start - 1], rows[g].reshape(-1)]))
     return flat.as_strided((n, 1, 2 * m, D), (m * D, m * D, D, 1))
 
