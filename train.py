@@ -152,15 +152,12 @@ def check_args(args):
     """One sentence naming the first flag whose value the code cannot take, or None."""
     at_least = {"block_size": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "batch_size": 1, "grad_accum": 1,
                 "max_iters": 1, "eval_interval": 1, "eval_iters": 1, "audio_rate": 1, "audio_seq_len": 2,
-                "warmup": 0, "lr_decay_iters": 1}
-    for flag, low in at_least.items():
+                "warmup": 0, "lr_decay_iters": 1, "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "lr": 1e-12}
+    for flag, low in at_least.items():  # the float flags must be finite too, and lr positive
         value = getattr(args, flag)
-        if value is not None and value < low:
-            return f"--{flag} {value}: must be at least {low}"
-    for flag in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        value, low = getattr(args, flag), 1e-12 if flag == "lr" else 0
         if value is not None and not (math.isfinite(value) and value >= low):
-            return f"--{flag} {value}: must be a finite number, {'positive' if low else '0 or more'}"
+            return f"--{flag} {value}: must be " + ("a finite number, " if type(value) is float else "") + \
+                ("positive" if flag == "lr" else f"at least {low}")
     if not 0 <= args.dropout < 1:
         return f"--dropout {args.dropout}: must be a fraction in [0, 1)"
     for name, value in args.model_overrides.items():
@@ -461,9 +458,10 @@ def describe_run(args, dataset, config, model, notes, device, world):
     used = {k: v for k, v in vars(args).items() if k != "given"}
     if dataset.name != args.data:  # the data trained on: an offline stand-in's own name, say
         used["data"] = f"{dataset.name} (for --data {args.data})"
-    return "\n".join([dataset.describe(), f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-                      f"parameters, config {config}", *notes, f"{kernels.backend_info(device)}; device {device}, "
-                      f"dtype {args.dtype}, {world} process(es)", "flags: " + " ".join(f"{k}={v}" for k, v in used.items())])
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    return "\n".join([dataset.describe(), f"model: {args.model}, {n_params:.2f}M parameters, config {config}", *notes,
+                      f"{kernels.backend_info(device)}; device {device}, dtype {args.dtype}, {world} process(es)",
+                      "flags: " + " ".join(f"{k}={v}" for k, v in used.items())])
 
 
 def train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step):
