@@ -165,7 +165,7 @@ def load_enwik8(url=ENWIK8_URL, zip_size=ENWIK8_ZIP_SIZE, md5=ENWIK8_MD5, root=N
                     z.open("enwik8") as src, open(part, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)  # checks the member's CRC at its end
             if mismatch(part, md5=md5):
-                raise ValueError(f"{member} unpacked from {zpath} fails its md5 check ({md5}): delete {zpath} and retry")
+                raise ValueError(f"enwik8 unpacked from {zpath} fails its md5 check ({md5}): delete {zpath} and retry")
     else:
         problem = mismatch(member, md5=md5)
         if problem:
