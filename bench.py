@@ -949,6 +949,27 @@ def plot_curves(rows, path, ylabel="validation bits per byte (mean over seeds)")
     print(f"wrote {path}")
 
 
+def plot_positions(curves, path, unit):
+    """{label: [(first, last, bits)]} -> one line per label against the buckets' last positions (log scale);
+    False when matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, rows in curves.items():
+        ax.plot([last for _, last, _ in rows], [b for _, _, b in rows], marker="o", markersize=3,
+                label=label or None)
+    ax.set(xscale="log", xlabel="position in the window (end of each bucket)", ylabel=unit)
+    if any(curves):
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Stage long_context: every model trained at a long context, scored by position in the window
 
@@ -992,7 +1013,7 @@ def stage_long_context(args, device):
           ("prefix-only", "prefix_bits", ".3f"), ("same, windowed", "prefix_window_bits", ".3f")] + [(f"<= {p}", f"p{p}", ".3f") for p in edges]
          + [("tokens/s", "tokens_per_s", ",.0f"), ("peak GiB", "peak_gib", ".2f")])
     path = os.path.join(args.out_dir, "long_context.png")
-    if sample.plot_positions(curves, path, "validation bits per byte"):
+    if plot_positions(curves, path, "validation bits per byte"):
         print(f"wrote {path}")
     return rows
 

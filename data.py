@@ -7,16 +7,9 @@ Every data set becomes a `Data` whose splits are uint8 tensors of one of two sha
   `bos` (= 256, so vocab_size 257) stands in front of each row so that every real token, the first included,
   is predicted and counted in bits per dim.
 
-Named data sets (the `--data` flag of train.py):
-  enwik8          the Hutter Prize bytes (download, md5 check, cache), split 90M / 5M / 5M
-  cifar10         CIFAR-10, 3072 tokens per image in raster order with RGB interleaved per pixel
-  audio           the .wav files under data/audio/ (mono, 12 kHz, 8-bit mu-law, rows of 65,536 samples)
-  copy            synthetic long-range recall: each row's second half repeats its first half
-  text:PATH       any file of bytes (.bz2 and .gz are decompressed)
-  wav:DIR         any folder of .wav files (or one .wav file)
-  images:PATH     a .npy of uint8 [N, 32, 32, 3], or real CIFAR-10 images in an official layout: a python batch
-                  file of the archive (data_batch_1, test_batch) or a .npz with `data` uint8 [N, 3072]
-Downloads go to a git-ignored cache (`data/` beside this file, or $NANOLONG_DATA).
+`load` (at the end) turns a --data value of train.py into a Data: enwik8, cifar10, audio (the .wav files under
+data/audio/), copy, or a file of your own (text:PATH, wav:DIR, images:PATH); docs/training.md tables them with
+their splits. Downloads go to a git-ignored cache (`data/` beside this file, or $NANOLONG_DATA).
 """
 import bz2
 import codecs
@@ -27,7 +20,6 @@ import hashlib
 import math
 import os
 import pickle
-import shutil
 import tarfile
 import urllib.request
 import wave
@@ -95,54 +87,46 @@ def reading(path, what, fix):
         raise ValueError(f"{path} is not a readable {what} ({f'{name}: {e}' if str(e) else name}); {fix}") from e
 
 
-def md5_of(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def mismatch(path, size=None, md5=None):
     """Why the file at path is not the expected one (size first: cheap, and it shows truncation), or None."""
     got = os.path.getsize(path)
     if size is not None and got != size:
         return f"is {got:,} bytes, expected {size:,}"
-    if md5 is not None and md5_of(path) != md5:
-        return f"({got:,} bytes) fails its md5 check ({md5})"
+    if md5 is not None:
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != md5:
+            return f"({got:,} bytes) fails its md5 check ({md5})"
     return None
 
 
-def download(url, path, size=None, md5=None):
-    """Fetch url to path with a progress bar; written to path + '.part' first so a broken fetch leaves nothing."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".part"
-    with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-        total = int(r.headers.get("Content-Length") or 0) or size
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                bar.update(len(chunk))
-    problem = mismatch(tmp, size, md5)
-    if problem:
-        os.remove(tmp)
-        raise ValueError(f"the download of {url} {problem}: it is damaged; try again")
-    os.replace(tmp, path)
-
-
-def fetch(url, path, size=None, md5=None):
-    """Return path, downloading it if absent (a file put there by hand is checked the same way); raise
-    FileNotFoundError saying what to do when offline."""
-    if not os.path.exists(path):
-        try:
-            download(url, path, size, md5)
-        except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
-            raise FileNotFoundError(
-                f"could not download {url} ({e}); offline? Download it by hand and put it at {path}") from e
-    else:
+def fetch(url, path, size=None, md5=None, meanwhile=""):
+    """path, downloaded from url with a progress bar if absent, and checked against size and md5 either way (a file
+    put there by hand too). Offline, a FileNotFoundError says where to put the file, then `meanwhile`."""
+    if os.path.exists(path):
         problem = mismatch(path, size, md5)
         if problem:
             raise ValueError(f"{path} {problem}: it is damaged or incomplete; delete it and retry")
+        return path
+    part = path + ".part"  # renamed to path once checked, so that a broken download is never taken for the file
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or size
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        raise FileNotFoundError(f"could not download {url} ({e}); offline? Download it by hand and put it at "
+                                f"{path}{meanwhile}") from e
+    problem = mismatch(part, size, md5)
+    if problem:
+        os.remove(part)
+        raise ValueError(f"the download of {url} {problem}: it is damaged; try again")
+    os.replace(part, path)
     return path
 
 
@@ -157,35 +141,16 @@ def split_stream(tokens, fractions=(0.90, 0.05, 0.05)):
 # text
 
 def load_enwik8(url=ENWIK8_URL, zip_size=ENWIK8_ZIP_SIZE, md5=ENWIK8_MD5, root=None):
-    """enwik8: the 100M-byte member of enwik8.zip, cached, split 90/5/5. The cached member is md5-checked at every
-    load (0.3 s), so an interrupted or hand-made copy is never used as is."""
-    root = root or os.path.join(DATA_DIR, "enwik8")
-    member = os.path.join(root, "enwik8")
-    if not os.path.exists(member):
-        zpath = fetch(url, os.path.join(root, "enwik8.zip"), size=zip_size)
-        unzip(zpath, "enwik8", member, fix=f"delete it and retry, or put the real one from {url} there")
-        if md5_of(member) != md5:
-            os.remove(member)
-            raise ValueError(f"{member} unpacked from {zpath} fails its md5 check ({md5}): delete {zpath} and retry")
-    else:
-        problem = mismatch(member, md5=md5)
-        if problem:
-            raise ValueError(f"the cached {member} {problem}: it is damaged or incomplete; delete it and retry")
-    tokens = torch.from_numpy(np.fromfile(member, dtype=np.uint8))
-    return Data("enwik8", "text", split_stream(tokens), note=f"{member}, {len(tokens):,} bytes")
-
-
-def unzip(zpath, name, dest, fix):
-    """Copy member `name` of a zip archive to dest through a temporary file, so an interrupted copy leaves nothing."""
-    tmp = dest + ".part"
-    try:
-        with reading(zpath, f"zip archive holding {name}", fix):
-            with zipfile.ZipFile(zpath) as z, z.open(name) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)  # checks the member's CRC at its end
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """enwik8: the 100M-byte member of enwik8.zip (downloaded once and kept), read from the zip and md5-checked at
+    every load (0.7 s), so a damaged or hand-made copy is never used as is; split 90/5/5."""
+    zpath = fetch(url, os.path.join(root or os.path.join(DATA_DIR, "enwik8"), "enwik8.zip"), size=zip_size)
+    with reading(zpath, "zip archive holding enwik8", f"delete it and retry, or put the real one from {url} there"), \
+            zipfile.ZipFile(zpath) as z:
+        raw = bytearray(z.read("enwik8"))  # checks the member's CRC
+    if hashlib.md5(raw).hexdigest() != md5:
+        raise ValueError(f"the enwik8 in {zpath} fails its md5 check ({md5}): delete {zpath} and retry")
+    tokens = torch.frombuffer(raw, dtype=torch.uint8)
+    return Data("enwik8", "text", split_stream(tokens), note=f"{zpath}, {len(tokens):,} bytes")
 
 
 def load_text(path):
@@ -252,53 +217,22 @@ def cifar_rows(batch, where):
 
 
 def load_cifar10(url=CIFAR10_URL, md5=CIFAR10_MD5, root=None):
-    """CIFAR-10 python archive, md5-checked before anything is unpickled, unpacked once into a cache of raster
-    rows; 50k train, 10k test (also val). A damaged cache is rebuilt from the archive."""
-    root = root or os.path.join(DATA_DIR, "cifar10")
-    cache, archive = os.path.join(root, "cifar10_raster.npz"), os.path.join(root, "cifar-10-python.tar.gz")
-    arrays = read_cifar_cache(cache) if os.path.exists(cache) else None
-    if arrays is None:
-        if os.path.exists(cache):  # written atomically here, so damaged by something else
-            if not os.path.exists(archive):
-                raise ValueError(f"the CIFAR-10 cache {cache} is damaged; delete it and retry (it is rebuilt from "
-                                 f"the archive, downloaded again)")
-            print(f"the CIFAR-10 cache {cache} is damaged; rebuilding it from {archive}")
-        try:
-            fetch(url, archive, md5=md5)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}; meanwhile --data images:PATH trains on real CIFAR-10 images from one "
-                                    f"of its python batch files (data_batch_1, test_batch) or a .npz of `data` "
-                                    f"uint8 [N, 3072]") from e
-        arrays = build_cifar_cache(archive, cache)
-    train, test = (torch.from_numpy(a) for a in arrays)
-    # The papers report bits/dim on the test set and tune nothing on it here, so it doubles as validation.
-    return Data("cifar10", "image", {"train": train, "val": test, "test": test}, vocab_size=257, bos=BOS,
-                note="validation = the official test batch")
-
-
-def read_cifar_cache(cache):
-    """The cached (train, test) raster rows, or None when the file is damaged."""
-    try:
-        with np.load(cache) as f:
-            arrays = f["train"], f["test"]
-    except Exception:  # damaged in any of the ways `reading` lists
-        return None
-    return arrays if all(a.dtype == np.uint8 and a.ndim == 2 and a.shape[1] == 3072 for a in arrays) else None
-
-
-def build_cifar_cache(archive, cache):
-    """The archive's five training batches and its test batch as raster rows, written to the cache atomically."""
+    """CIFAR-10's python archive (downloaded once and kept), md5-checked before anything is unpickled and read at
+    every load (2.5 s); 50k train, 10k test. The papers report bits/dim on the test set and nothing is tuned on it
+    here, so it doubles as validation."""
+    archive = fetch(url, os.path.join(root or os.path.join(DATA_DIR, "cifar10"), "cifar-10-python.tar.gz"), md5=md5,
+                    meanwhile="; meanwhile --data images:PATH trains on real CIFAR-10 images from one of its python "
+                              "batch files (data_batch_1, test_batch) or a .npz of `data` uint8 [N, 3072]")
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     with reading(archive, "CIFAR-10 archive", "delete it and retry"), tarfile.open(archive, "r:gz") as tar:
         batches = {os.path.basename(m.name): CifarUnpickler(tar.extractfile(m), encoding="bytes").load()
                    for m in tar.getmembers() if os.path.basename(m.name) in names}
     if len(batches) != 6:
         raise ValueError(f"{archive} lacks some of data_batch_1..5 / test_batch (found {sorted(batches)})")
-    rows = {name: cifar_rows(batch, f"{archive} member {name}") for name, batch in batches.items()}
-    train, test = np.concatenate([rows[name] for name in names[:5]]), rows["test_batch"]
-    np.savez(cache + ".tmp.npz", train=train, test=test)
-    os.replace(cache + ".tmp.npz", cache)
-    return train, test
+    rows = {name: torch.from_numpy(cifar_rows(batch, f"{archive} member {name}")) for name, batch in batches.items()}
+    train, test = torch.cat([rows[name] for name in names[:5]]), rows["test_batch"]
+    return Data("cifar10", "image", {"train": train, "val": test, "test": test}, vocab_size=257, bos=BOS,
+                note="validation = the official test batch")
 
 
 IMAGE_FILES = ("a .npy of uint8 [N, 32, 32, 3], a .npz with `data` uint8 [N, 3072] (CIFAR-10's planar rows) or a "
@@ -369,25 +303,14 @@ def read_wav(path, rate=AUDIO_RATE):
     raw = raw[:len(raw) // (n_ch * width) * n_ch * width]  # a truncated file: the whole frames it still holds
     if not raw:
         raise ValueError(f"{path} holds no audio; remove it or move it out of the folder")
+    b = np.frombuffer(raw, np.uint8).reshape(-1, width).astype(np.int32)  # little-endian samples, a byte a column
     if width == 1:
-        x = np.frombuffer(raw, np.uint8).astype(np.float64) / 128 - 1
-    elif width == 3:  # little-endian 24-bit: widen to 32 bits by putting the 3 bytes in the top of each int32
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
-        x = (b[:, 0].astype(np.int32) << 8 | b[:, 1].astype(np.int32) << 16 | b[:, 2].astype(np.int32) << 24) / 2**31
-    else:
-        x = np.frombuffer(raw, {2: np.int16, 4: np.int32}[width]).astype(np.float64) / 2 ** (8 * width - 1)
+        b ^= 0x80  # 8-bit WAV is unsigned: 128 is silence
+    # each sample's bytes in the top of an int32, so that every width reads as a signed fraction of 2**31
+    x = sum(b[:, i] << (32 - 8 * width + 8 * i) for i in range(width)) / 2**31
     x = x.reshape(-1, n_ch).mean(axis=1)  # mix to mono
     n_out = int(len(x) * rate / src_rate)
     return np.interp(np.arange(n_out) * (src_rate / rate), np.arange(len(x)), x)
-
-
-def synthetic_audio(rate=AUDIO_RATE, seconds=60, seed=0):
-    """A generated signal (decaying tones on a scale), used only when no .wav file is at hand."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(rate * 0.25)) / rate
-    notes = [np.exp(-4 * t) * np.sin(2 * np.pi * 220 * 2 ** (rng.integers(0, 12) / 12) * t)
-             for _ in range(seconds * 4)]
-    return 0.5 * np.concatenate(notes)
 
 
 def to_rows(x, seq_len):
@@ -436,27 +359,22 @@ def audio_too_short(what, waves, rate, seq_len, need):
                       f"one each, each within one file); {advice}")
 
 
-def load_audio(rate=AUDIO_RATE, seq_len=AUDIO_SEQ_LEN):
-    """The .wav files under data/audio/; without any, a labelled synthetic signal so training still runs."""
-    root = os.path.join(DATA_DIR, "audio")
-    if os.path.isdir(root) and any(f.lower().endswith(".wav") for _, _, fs in os.walk(root) for f in fs):
-        return load_wav_dir(root, rate, seq_len)
-    print(f"no .wav files under {root}: put a folder of recordings there (or pass --data wav:DIR); "
-          f"using a SYNTHETIC signal of decaying tones instead")
-    return load_synthetic_audio(rate, seq_len)
-
-
 def load_synthetic_audio(rate=AUDIO_RATE, seq_len=AUDIO_SEQ_LEN):
-    """The labelled stand-in for `audio` without .wav files: the synthetic signal cut into rows and split."""
-    x = synthetic_audio(rate, seconds=max(60, 25 * seq_len // rate))
-    splits = {s: to_rows(part, seq_len) for s, part in split_stream(x).items()}
+    """The labelled stand-in for `audio` without .wav files: quarter-second decaying tones on a scale, at least a
+    minute of them, cut into rows and split."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(rate * 0.25)) / rate
+    notes = [np.exp(-4 * t) * np.sin(2 * np.pi * 220 * 2 ** (rng.integers(0, 12) / 12) * t)
+             for _ in range(4 * max(60, 25 * seq_len // rate))]
+    splits = {s: to_rows(part, seq_len) for s, part in split_stream(0.5 * np.concatenate(notes)).items()}
     return Data("audio (synthetic)", "audio", splits, vocab_size=257, bos=BOS, note="generated tones, not music")
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 def load(spec, audio_rate=AUDIO_RATE, audio_seq_len=AUDIO_SEQ_LEN):
-    """Resolve a --data value to a Data. Offline enwik8 falls back to text found on every machine."""
+    """Resolve a --data value to a Data. Offline, enwik8 falls back to text found on every machine, and audio
+    without .wav files to a labelled synthetic signal, so that training still runs."""
     kind, _, arg = spec.partition(":")
     if kind == "enwik8":
         try:
@@ -467,7 +385,12 @@ def load(spec, audio_rate=AUDIO_RATE, audio_seq_len=AUDIO_SEQ_LEN):
     if kind == "cifar10":
         return load_cifar10()
     if kind == "audio":
-        return load_audio(audio_rate, audio_seq_len)
+        root = os.path.join(DATA_DIR, "audio")
+        if any(f.lower().endswith(".wav") for _, _, files in os.walk(root) for f in files):
+            return load_wav_dir(root, audio_rate, audio_seq_len)
+        print(f"no .wav files under {root}: put a folder of recordings there (or pass --data wav:DIR); "
+              f"using a SYNTHETIC signal of decaying tones instead")
+        return load_synthetic_audio(audio_rate, audio_seq_len)
     if kind == "copy":
         return Data("copy", "copy", vocab_size=257, bos=BOS,
                     note="random tokens whose second half repeats the first (recall across half a row)")

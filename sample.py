@@ -8,9 +8,6 @@ data it was trained on come from out_dir/ckpt.pt (other data is refused, or take
     python sample.py --out_dir out_audio --seconds 5                # audio: out_audio/sample_1.wav ...
     python sample.py --out_dir out --evaluate test                  # bits per byte over the whole test split
     python sample.py --show_attention --model sparse_strided --stride 4   # a fresh model: what outputs read
-
-Its own file (as in nanoGPT) because it shares nothing with the training loop but the checkpoint; the PNG and
-WAV writers use the standard library only.
 """
 import argparse
 import contextlib
@@ -63,53 +60,41 @@ def parse_args(argv=None):
                         "checkpoint; with one model its settings are flags too (--model NAME --help lists them)")
     p.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
     args, _ = p.parse_known_args(argv)
-    mp = picture_flags(p, args.model) if args.model in train.MODELS else p
+    fields = []
+    if args.model in train.MODELS:  # the picture's settings become flags, typed and explained as in train.py
+        module, _, variant = train.MODELS[args.model]
+        Config = importlib.import_module(module).Config
+        fields = [f for f in dataclasses.fields(Config) if f.name not in (*variant, "vocab_size", "dropout")]
+        picture = {**PICTURE_BASE, **pictures()[args.model][1]}
+        usage = f"python sample.py --show_attention --model {args.model} [its settings] [flags]"
+        p = argparse.ArgumentParser(parents=[p], add_help=False, allow_abbrev=False, description=p.description,
+                                    formatter_class=p.formatter_class, usage=usage)
+        group = p.add_argument_group(f"settings of the {args.model} picture (values as train.py takes them: 8, "
+                                     f"True, '(8, 8)')")
+        train.add_config_flags(group, Config, fields, lambda f: f"picture: {picture.get(f.name, f.default)!r}")
     if args.help:
-        mp.print_help()
+        p.print_help()
         sys.exit(0)
-    args, unknown = mp.parse_known_args(argv)
+    args, unknown = p.parse_known_args(argv)
     if unknown:
-        mp.error(f"unrecognized arguments: {' '.join(unknown)}"
-                 + ("" if args.model in train.MODELS else " (a model's settings are flags with --show_attention "
-                                                           "--model NAME)"))
-    args.model_overrides = {}
-    if mp is not p:
-        args.model_overrides = {k: getattr(args, k) for k in mp.model_fields if getattr(args, k) is not None}
-        for k in mp.model_fields:
-            delattr(args, k)
-        if args.model_overrides and not args.show_attention:
-            mp.error(f"--{next(iter(args.model_overrides))} sets the model of a picture: add --show_attention")
+        hint = "" if fields else " (a model's settings are flags with --show_attention --model NAME)"
+        p.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    args.model_overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    for f in fields:
+        delattr(args, f.name)
+    if args.model_overrides and not args.show_attention:
+        p.error(f"--{next(iter(args.model_overrides))} sets the model of a picture: add --show_attention")
     del args.help
-    for flag in ("num_samples", "max_new_tokens", "completions", "top_k", "batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    for flag in ("seconds", "temperature"):
-        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
-            p.error(f"--{flag} {getattr(args, flag)}: must be a positive number")
+    for flag in ("num_samples", "max_new_tokens", "completions", "top_k", "batch_size", "seconds", "temperature"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{flag} {value}: must be positive")
     if args.prompt == "":
         p.error("--prompt is empty; give some text, or leave the flag out for a validation excerpt")
     problem = train.check_device(args.device)
     if problem:
         p.error(problem)
     return args
-
-
-def picture_flags(p, name):
-    """p with model `name`'s settings as flags for --show_attention --model NAME, typed and explained as in train.py:
-    its own Config fields and the shared block_size (the picture's length), n_layer, n_head and n_embd, each left
-    at the picture's value unless typed. The parser's model_fields lists them."""
-    module, _, variant = train.MODELS[name]
-    Config = importlib.import_module(module).Config
-    picture = {**PICTURE_BASE, **pictures()[name][1]}
-    mp = argparse.ArgumentParser(parents=[p], add_help=False, allow_abbrev=False, description=p.description,
-                                 formatter_class=p.formatter_class,
-                                 usage=f"python sample.py --show_attention --model {name} [its settings] [flags]")
-    group = mp.add_argument_group(f"settings of the {name} picture (values as train.py takes them: 8, True, "
-                                  f"'(8, 8)')")
-    fields = [f for f in dataclasses.fields(Config) if f.name not in (*variant, "vocab_size", "dropout")]
-    train.add_config_flags(group, Config, fields, lambda f: f"picture: {picture.get(f.name, f.default)!r}")
-    mp.model_fields = [f.name for f in fields]
-    return mp
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,6 +197,9 @@ def evaluate_prefixes(model, dataset, split, block_size, device, ctx, n_windows=
 
 
 def evaluate_checkpoint(args):
+    """--evaluate: the whole split's bits, overall and by position in the window, printed and kept beside the
+    checkpoint (bits_by_position_SPLIT.csv and .png; evaluate_SPLIT.json holds them with code, machine and command)."""
+    import bench  # here: bench imports this file
     device = train.default_device(args)
     ckpt, model, dataset = load_trained(args.out_dir, device, args.data, use="scoring it")
     if not dataset.splits:
@@ -224,53 +212,26 @@ def evaluate_checkpoint(args):
           f"{dataset.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
     print(f"by position in the window ({dataset.unit}): "
           + ", ".join(f"{first}-{last} {b:.4f}" for first, last, b in by_position))
-    write_position_table(os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}"), by_position, dataset.unit)
+    stem = os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}")
+    with open(stem + ".csv", "w") as f:
+        f.write("first_position,last_position,bits\n")
+        f.writelines(f"{first},{last},{b:.6f}\n" for first, last, b in by_position)
+    drawn = bench.plot_positions({"": by_position}, stem + ".png", dataset.unit)
+    print(f"wrote {stem}.csv" + (f" and {stem}.png" if drawn else f"; no {stem}.png: matplotlib is not installed "
+                                                                  f"(pip install matplotlib draws it)"))
     figures = dict(model=ckpt["args"]["model"], step=ckpt["step"], data=dataset.name, split=args.evaluate, bits=bits,
                    unit=dataset.unit, tokens=count, of_tokens=total, block_size=block_size, by_position=by_position)
-    prefix = None
     if not getattr(model, "exactly_causal", True):
         prefix, window, n = evaluate_prefixes(model, dataset, args.evaluate, block_size, device, ctx)
         print(f"its forward is not exactly causal, so on {n} positions fed their prefix alone (as generation does): "
               f"{prefix:.4f} {dataset.unit}, against {window:.4f} from the whole windows")
         figures.update(prefix_bits=prefix, prefix_window_bits=window, prefix_positions=n)
-    import bench  # here: bench imports this file
     path = os.path.join(args.out_dir, f"evaluate_{args.evaluate}.json")
     with open(path, "w") as f:  # the record: code, machine, versions, command and seed beside the figures
         json.dump(dict(bench.device_record(torch.device(device), args, seeds=[ckpt["args"].get("seed")]),
                        results=figures), f, indent=1)
     print(f"wrote {path}")
-    return bits if prefix is None else (bits, prefix)
-
-
-def write_position_table(stem, by_position, unit):
-    """stem.csv with one row per position bucket, and stem.png of the curve when matplotlib is installed."""
-    with open(stem + ".csv", "w") as f:
-        f.write("first_position,last_position,bits\n")
-        f.writelines(f"{first},{last},{b:.6f}\n" for first, last, b in by_position)
-    drawn = plot_positions({"": by_position}, stem + ".png", unit)
-    print(f"wrote {stem}.csv" + (f" and {stem}.png" if drawn else f"; no {stem}.png: matplotlib is not installed "
-                                                                  f"(pip install matplotlib draws it)"))
-
-
-def plot_positions(curves, path, unit):
-    """{label: [(first, last, bits)]} -> one line per label against the buckets' last positions (log scale);
-    False when matplotlib is not installed (it is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, rows in curves.items():
-        ax.plot([last for _, last, _ in rows], [b for _, _, b in rows], marker="o", markersize=3,
-                label=label or None)
-    ax.set(xscale="log", xlabel="position in the window (end of each bucket)", ylabel=unit)
-    if any(curves):
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return True
+    return bits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,12 +268,11 @@ def default_dtype(dtype):
 def dependence_maps(model, idx):
     """What each output depends on, for one sequence idx (1, T). Per token mixer (the `attn` modules: attention or
     AFT's mixer) in forward order, a (T_out, T_in) map of |d out_t / d in_j| (its key input where queries and keys
-    differ); then, for the whole network, the largest change of the logits at t when token j is replaced: that
-    one also sees discrete paths (where positions sort), which have no gradient. The replaced sequences are compared
-    row for row with the unchanged one in a batch of the same shape, for a model's rounding may depend on the batch
-    size (a kernel chosen by shape: nn.GRU's logits move by ~1e-7 between batch 1 and 64 on a CPU), which is no
-    dependence, and values within 64 units of rounding of a map's largest (a gradient, a logit change) count
-    as none. Tensors the forward draws itself come in the model's dtype (default_dtype)."""
+    differ); then, for the whole network, the largest change of the logits at t when token j is replaced, which
+    also sees discrete paths (where positions sort) that have no gradient. The replaced sequences are compared row
+    for row with the unchanged one in a batch of the same shape, for a model's rounding may depend on the batch size
+    (nn.GRU's logits move by ~1e-7 between batch 1 and 64 on a CPU). Tensors the forward draws come in the model's
+    dtype (default_dtype)."""
     with default_dtype(next(model.parameters()).dtype):
         if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
             model.config = dataclasses.replace(model.config, reversible=False)
@@ -337,14 +297,13 @@ def dependence_maps(model, idx):
             changed.diagonal().add_(1).remainder_(model.config.vocab_size)
             logits = model(same)[0]  # (T, T_out, V)
             moved = (model(changed)[0] - logits).abs().amax(-1)  # (T, T_out): replaced j, output t
-        # A change within the logits' rounding is no dependence: where the paper LSH's sort only permutes the keys
-        # of an earlier chunk, the sums there move in their last bits on one CPU and not at all on another (3e-17
-        # to 2e-16 in the float64 picture, whose real changes are 1e-5 and more).
         return maps + [beyond_rounding(moved, logits.abs().amax()).T]
 
 
 def beyond_rounding(m, largest):
-    """m with every value within 64 units of rounding of `largest` set to 0: no dependence."""
+    """m with every value within 64 units of rounding of `largest` (a map's largest gradient or logit change) set to
+    0: no dependence. Where the paper LSH's sort only permutes an earlier chunk's keys, the sums there move in their
+    last bits on one CPU and not at all on another (3e-17 to 2e-16 in the float64 picture, real changes 1e-5 up)."""
     return m.masked_fill(m <= 64 * torch.finfo(m.dtype).eps * largest, 0)
 
 
@@ -398,7 +357,7 @@ def picture_model(name, **settings):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Generation: text, images, copy recall, audio
+# Generation: text, images, copy recall, audio (PNG and WAV written with the standard library alone)
 
 def write_png(path, img):
     """uint8 [H, W, 3] -> PNG: signature, IHDR, one zlib-compressed IDAT (filter 0 per row), IEND."""

@@ -442,18 +442,19 @@ def test_sampler_refuses_an_empty_split():
         data.BatchSampler(d, "train", 40, 8, seed=0)
 
 
-def test_enwik8_unpacks_through_a_temporary_file_and_rechecks_the_cached_member(tmp_path):
+def test_enwik8_is_read_from_its_kept_zip_and_md5_checked_at_every_load(tmp_path):
     payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
     zpath = tmp_path / "served.zip"
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
+    with zipfile.ZipFile(zpath, "w") as z:  # stored: a zip of other bytes of the same length has the same size
         z.writestr("enwik8", payload)
     root = tmp_path / "cache"
     load = functools.partial(data.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
                              md5=md5(payload), root=str(root))
     load()
-    assert sorted(p.name for p in root.iterdir()) == ["enwik8", "enwik8.zip"]  # no .part left
-    (root / "enwik8").write_bytes(payload[:12_345])  # an interrupted copy, as an older version could leave
-    with pytest.raises(ValueError, match=r"cached .*enwik8 \(12,345 bytes\) fails its md5 check.*delete it"):
+    assert sorted(p.name for p in root.iterdir()) == ["enwik8.zip"]  # no .part left, nothing unpacked
+    with zipfile.ZipFile(root / "enwik8.zip", "w") as z:  # passes the size check, not the md5
+        z.writestr("enwik8", payload[::-1])
+    with pytest.raises(ValueError, match=r"enwik8 in .*enwik8\.zip fails its md5 check.*delete"):
         load()
 
 
@@ -517,16 +518,16 @@ def test_offline_cifar10_says_where_the_archive_goes_and_offers_images(tmp_path)
     assert str(root / "cifar-10-python.tar.gz") in str(e.value) and "--data images:PATH" in str(e.value)
 
 
-def test_damaged_cifar10_cache_is_rebuilt_from_the_archive(tmp_path):
+def test_kept_cifar10_archive_is_md5_checked_at_every_load(tmp_path):
     archive = tmp_path / "cifar.tar.gz"
     batches = make_cifar_archive(archive)
     load = functools.partial(data.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
                              root=str(tmp_path / "c"))
-    load()
-    cache = tmp_path / "c" / "cifar10_raster.npz"
-    cache.write_bytes(cache.read_bytes()[:1000])
     assert_raster_order(batches["test_batch"], load().splits["test"].numpy())
-    assert np.load(cache)["test"].shape == (4, 3072)  # the cache itself was rewritten
+    kept = tmp_path / "c" / "cifar-10-python.tar.gz"
+    kept.write_bytes(flip_middle_byte(kept.read_bytes()))  # damaged after the download, same size
+    with pytest.raises(ValueError, match=r"cifar-10-python\.tar\.gz .*fails its md5 check.*delete it"):
+        load()
 
 
 REAL_RECORDING = os.path.join(SHARED_DATA, "brahms_hungarian_dance_5.wav")  # 45.8 s, 16-bit mono, 22,050 Hz
@@ -596,11 +597,6 @@ def zipped(name, payload, damage=lambda b: b):
 
 def flip_middle_byte(b):
     return b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:]
-
-
-def damaged_cifar_cache(tmp_path):
-    path = bad_file(tmp_path, "c/cifar10_raster.npz", b"\x80\x04 not an npz")  # looks like a pickle to numpy
-    return path, lambda: data.load_cifar10(url="file:///absent", root=str(tmp_path / "c"))
 
 
 def truncated_cifar_archive(tmp_path):
@@ -674,7 +670,6 @@ DAMAGED_FILES = {
     "two images": (loaded_as("images", "i.npz", npz_bytes(data=np.zeros((2, 3072), np.uint8))), ValueError,
                    "need at least one each"),
     "images: a folder": (folder("images"), ValueError, "takes one file"),
-    "damaged CIFAR-10 cache, no archive": (damaged_cifar_cache, ValueError, "is damaged; delete it and retry"),
     "truncated hand-placed CIFAR-10 archive": (truncated_cifar_archive, ValueError, "delete it and retry"),
 }
 
