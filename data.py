@@ -404,16 +404,26 @@ def load(spec, audio_rate=AUDIO_RATE, audio_seq_len=AUDIO_SEQ_LEN):
                      f"images:PATH")
 
 
-def load_recorded(record, spec, audio_rate=AUDIO_RATE, audio_seq_len=AUDIO_SEQ_LEN):
-    """The data a checkpoint's record (Data.record, or None) names: the stand-ins that enwik8 and audio fall back
-    to are rebuilt as they were trained on, whatever data/ holds now; anything else is loaded by its --data spec.
-    The caller compares the record."""
+def load_recorded(ckpt, path, refused):
+    """The data checkpoint ckpt (read from path) was trained on, loaded again and held to its record (Data.record):
+    the stand-ins that enwik8 and audio fall back to are rebuilt as they were, whatever data/ holds now; other
+    data stops with one sentence ending in `refused`. A checkpoint from before data records gets a note instead."""
+    args, record = ckpt["args"], ckpt.get("data")
     name = record and record["name"]
     if name == "pydoc_data":
-        return load_offline_text()
-    if name == "audio (synthetic)":
-        return load_synthetic_audio(audio_rate, audio_seq_len)
-    return load(spec, audio_rate, audio_seq_len)
+        dataset = load_offline_text()
+    elif name == "audio (synthetic)":
+        dataset = load_synthetic_audio(args["audio_rate"], args["audio_seq_len"])
+    else:
+        dataset = load(args["data"], args["audio_rate"], args["audio_seq_len"])
+    if record is None:
+        print(f"note: {path} predates data records, so its data cannot be checked; using {dataset.name}, what "
+              f"--data {args['data']} loads now")
+    elif dataset.record != record:
+        now = dataset.name if dataset.name != name else \
+            f"{dataset.name} with other contents (md5 {dataset.record['md5']}, recorded {record['md5']})"
+        raise ValueError(f"{path} was trained on {name}, but --data {args['data']} now loads {now}; {refused}")
+    return dataset
 
 
 class BatchSampler:

@@ -110,13 +110,13 @@ def load_model(path, device):
 
 def load_trained(out_dir, device, data_spec=None, use="sampling from it"):
     """The checkpoint in out_dir, its model (in eval mode, on device) and the data it was trained on, held to the
-    checkpoint's record of it (train.checkpoint_data). data_spec, a --data value, loads other data on purpose
+    checkpoint's record of it (data.load_recorded). data_spec, a --data value, loads other data on purpose
     instead, and a printed note says so."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt, model = load_model(path, device)
     if data_spec is None:
-        return ckpt, model, train.checkpoint_data(ckpt, path, f"{use} on other data is refused: restore the data "
-                                                              f"it was trained on, or pass --data to use other data")
+        return ckpt, model, data.load_recorded(ckpt, path, f"{use} on other data is refused: restore the data it "
+                                                           f"was trained on, or pass --data to use other data")
     dataset = data.load(data_spec, ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
     vocab = ckpt["model_config"]["vocab_size"]
     if dataset.vocab_size > vocab:

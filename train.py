@@ -315,23 +315,6 @@ def same_run_settings(args, ckpt, path):
     return lines
 
 
-def checkpoint_data(ckpt, path, refused):
-    """The data ckpt was trained on, loaded again (a stand-in rebuilt as it was, whatever data/ holds now) and
-    held to the checkpoint's record of it: other data stops with one sentence ending in `refused`. A checkpoint
-    from before data records gets a printed note instead."""
-    args, record = ckpt["args"], ckpt.get("data")
-    dataset = data.load_recorded(record, args["data"], args["audio_rate"], args["audio_seq_len"])
-    if record is None:
-        print(f"note: {path} predates data records, so its data cannot be checked; using "
-              f"{dataset.name}, what --data {args['data']} loads now")
-    elif dataset.record != record:
-        now = dataset.name if dataset.name != record["name"] else \
-            f"{dataset.name} with other contents (md5 {dataset.record['md5']}, recorded {record['md5']})"
-        raise ValueError(f"{path} was trained on {record['name']}, but --data {args['data']} now "
-                         f"loads {now}; {refused}")
-    return dataset
-
-
 def checkpoint_state(parts, step, args, config, dataset, val_loss, device_type, ddp):
     """Everything to resume exactly, as tensors and plain values (what load_checkpoint reads): the state of
     parts (model, optimizer, loss scaler, sampler) and, under DDP, every rank's sampler and RNG."""
@@ -432,7 +415,7 @@ def start_run(args, ckpt, path, ddp, rank, device, device_type, dtype):
     torch.manual_seed(args.seed + rank)
     refused = ("resuming on other data is refused: restore the data it was trained on, or train afresh in "
                "another --out_dir")
-    dataset = (checkpoint_data(ckpt, path, refused) if ckpt else
+    dataset = (data.load_recorded(ckpt, path, refused) if ckpt else
                data.load(args.data, args.audio_rate, args.audio_seq_len))
     config = ckpt["model_config"] if ckpt else model_config(args.model, args, dataset.vocab_size,
                                                             **args.model_overrides)
