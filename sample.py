@@ -239,8 +239,8 @@ def evaluate_checkpoint(args):
 
 PICTURE_BASE = dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32)  # every picture: 64 tokens
 PICTURES = {  # picture: (model, its settings at which every pattern is visible in a 64-token picture)
-    "transformer": ("transformer", {}), "sparse_strided": ("sparse_strided", dict(stride=8, attn_block=4)),
-    "sparse_fixed": ("sparse_fixed", dict(stride=16, summary=4, n_offsets=2, attn_block=4)),
+    "transformer": ("transformer", {}), "sparse_strided": ("sparse_strided", dict(stride=8, tile=4)),
+    "sparse_fixed": ("sparse_fixed", dict(stride=16, summary=4, n_offsets=2, tile=4)),
     "reformer": ("reformer", dict(chunk=8, n_hashes=2)),
     "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, causal_lsh=True)),
     "aft_full": ("aft_full", {}), "aft_simple": ("aft_simple", {}), "aft_local": ("aft_local", dict(window=8)),

@@ -9,7 +9,7 @@ fixed subset of the past, built from two parts A1 and A2 with l ~ sqrt(n):
 "all" is the dense baseline (`--model transformer`), "local" is A1 of strided alone. The parts combine by
 interleaving (residual block r uses part r mod 2), merging (each head attends to A1 u A2) or splitting the
 heads between them and concatenating their outputs. Both patterns run as block-sparse attention: every part is a
-boolean block layout (which tiles of the attention matrix are computed) plus the causal mask and, for the
+boolean tile layout (which tiles of the attention matrix are computed) plus the causal mask and, for the
 local band, a sliding window; the strided part A2 becomes block-diagonal after the paper's transpose.
 
 Residual blocks are pre-activation (section 5.2), with dropout only at the end of each residual branch:
@@ -52,12 +52,12 @@ class Config:
     summary: int = 32  # c: the summary positions at the end of each fixed block
     n_offsets: int = 4  # fixed: head h reads the summary sub-block h mod n_offsets from the block's end
     combine: str = "interleaved"  # how A1 and A2 combine: "interleaved", "merged" or "multihead"
-    attn_block: int = 0  # tile size of the block-sparse kernel; 0 = auto_attn_block
+    tile: int = 0  # side of the attention tiles the block-sparse kernel computes; 0 = auto_tile
     recompute: bool = False  # recompute each block in the backward pass instead of storing activations
     pos_emb: str = "learned"  # "learned" (one per position), "factorized" (row, column), "image" (row, col, channel)
 
 
-def auto_attn_block(config):
+def auto_tile(config):
     """The official code's 32, which keeps the patterns of short sequences fine; 64 from block_size 4096 on, where
     a GPU run is likely and an H100 needs tiles of 64 rows for its fast matrix instructions (wgmma: 32-row tiles
     compile to the older mma), whenever the pattern tiles into 64s (fixed: stride and summary multiples of 64)."""
@@ -66,15 +66,15 @@ def auto_attn_block(config):
 
 
 def auto_stride(config):
-    """l ~ sqrt(n) as the paper suggests: for strided the largest l <= sqrt(n) whose [n/l, l] view tiles into
-    attn_block-sized blocks; for local and fixed the paper's 128."""
-    n, blk = config.block_size, config.attn_block
+    """l ~ sqrt(n) as the paper suggests: for strided the largest l <= sqrt(n) with n/l a multiple of the tile
+    (the transposed order tiles exactly); for local and fixed the paper's 128."""
+    n, tile = config.block_size, config.tile
     if config.pattern != "strided":
         return 128
-    fits = [l for l in range(1, math.isqrt(n) + 1) if n % (l * blk) == 0]
+    fits = [l for l in range(1, math.isqrt(n) + 1) if n % (l * tile) == 0]
     if not fits:
-        raise ValueError(f"no stride tiles block_size {n} into blocks of attn_block {blk}: choose a block_size "
-                         f"that is a multiple of attn_block * l for some l, e.g. {blk * blk}")
+        raise ValueError(f"no stride tiles block_size {n} into tiles of {tile}: choose a block_size that is a "
+                         f"multiple of tile * l for some l, e.g. {tile * tile}")
     return fits[-1]
 
 
@@ -84,26 +84,26 @@ def check_config(config):
                                  ("pos_emb", config.pos_emb, POS_EMBS)):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-    for name in ("attn_block", "summary", "n_offsets"):
+    for name in ("tile", "summary", "n_offsets"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.stride < 0:
         raise ValueError(f"stride must be 0 (automatic) or a positive number of positions, got {config.stride}")
     if config.n_embd % config.n_head:
         raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
-    l, c, blk, n = config.stride or auto_stride(config), config.summary, config.attn_block, config.block_size
-    if config.pattern == "strided" and n % (l * blk) != 0:
-        strides = [s for s in range(1, n + 1) if n % (s * blk) == 0]
+    l, c, tile, n = config.stride or auto_stride(config), config.summary, config.tile, config.block_size
+    if config.pattern == "strided" and n % (l * tile) != 0:
+        strides = [s for s in range(1, n + 1) if n % (s * tile) == 0]
         raise ValueError(
             f"the strided pattern views the sequence as an [n/l, l] matrix and needs n/l to be a multiple of "
-            f"attn_block, so block_size must be a multiple of stride * attn_block = {l * blk} "
-            f"(e.g. {l * blk}, {2 * l * blk}, {4 * l * blk}); with block_size {n} and attn_block {blk} the "
-            f"strides that work are {strides or 'none (lower attn_block)'}")
+            f"tile, so block_size must be a multiple of stride * tile = {l * tile} "
+            f"(e.g. {l * tile}, {2 * l * tile}, {4 * l * tile}); with block_size {n} and tile {tile} the "
+            f"strides that work are {strides or 'none (lower tile)'}")
     if config.pattern == "fixed":
-        if l % blk or c % blk or not 0 < c <= l:
+        if l % tile or c % tile or not 0 < c <= l:
             raise ValueError(
-                f"the fixed pattern is exact at block level only when stride (l={l}) and summary (c={c}) are "
-                f"multiples of attn_block ({blk}) with 0 < c <= l; e.g. stride 128, summary 32, attn_block 32")
+                f"the fixed pattern is exact at tile level only when stride (l={l}) and summary (c={c}) are "
+                f"multiples of tile ({tile}) with 0 < c <= l; e.g. stride 128, summary 32, tile 32")
         if config.n_offsets < 1 or config.n_offsets * c > l:
             raise ValueError(f"n_offsets ({config.n_offsets}) summary sub-blocks of c={c} must fit in a block of "
                              f"l={l}: choose 1 <= n_offsets <= {l // c}")
@@ -160,64 +160,64 @@ def element_mask(config, layer, q_pos, k_pos):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The patterns as block layouts: boolean (n_blocks, n_blocks) tensors of the tiles the kernel computes. Together
+# The patterns as tile layouts: boolean (n_tiles, n_tiles) tensors of the tiles the kernel computes. Together
 # with the kernel's causal mask (and window, for "local") each reproduces its part's element mask exactly.
 
-def causal_tiles(n_blocks):
-    return torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()
+def causal_tiles(n_tiles):
+    return torch.ones(n_tiles, n_tiles, dtype=torch.bool).tril()
 
 
-def local_layout(n_blocks, block, l):
-    """Tiles that meet the band i - l < j <= i, i.e. (qb - kb) * block < l + block - 1; the kernel's
+def local_layout(n_tiles, tile, l):
+    """Tiles that meet the band i - l < j <= i, i.e. (qt - kt) * tile < l + tile - 1; the kernel's
     window=l cuts the band inside them."""
-    return causal_tiles(n_blocks).triu(-((l + block - 2) // block))
+    return causal_tiles(n_tiles).triu(-((l + tile - 2) // tile))
 
 
-def strided_layout(n_blocks, block, n, l):
+def strided_layout(n_tiles, tile, n, l):
     """On the transposed sequence each residue class mod l is a contiguous run of n/l positions in original
     order, so A2 is causal attention inside each run: whole tiles on the block diagonal of each run."""
-    run = n // l // block  # tiles per run
-    return torch.block_diag(*[causal_tiles(run)] * (n_blocks // run))
+    run = n // l // tile  # tiles per run
+    return torch.block_diag(*[causal_tiles(run)] * (n_tiles // run))
 
 
-def fixed_layout(n_blocks, block, l):
+def fixed_layout(n_tiles, tile, l):
     """A1 of fixed: the tiles of the query's own block of length l."""
-    chunk = torch.arange(n_blocks) * block // l
-    return causal_tiles(n_blocks) & (chunk[:, None] == chunk[None, :])
+    chunk = torch.arange(n_tiles) * tile // l
+    return causal_tiles(n_tiles) & (chunk[:, None] == chunk[None, :])
 
 
-def summary_layout(n_blocks, block, l, c, offset):
+def summary_layout(n_tiles, tile, l, c, offset):
     """A2 of fixed: the key tiles holding positions [l - c - offset, l - offset) of every block of length l."""
-    start = torch.arange(n_blocks) * block % l
-    return causal_tiles(n_blocks) & ((start >= l - c - offset) & (start < l - offset))[None, :]
+    start = torch.arange(n_tiles) * tile % l
+    return causal_tiles(n_tiles) & ((start >= l - c - offset) & (start < l - offset))[None, :]
 
 
 def layer_layout(config, layer, kind, n):
-    """The block layout (H or 1, n/block, n/block) of one layer for kind "local", "strided" (on the transposed
+    """The tile layout (H or 1, n/tile, n/tile) of one layer for kind "local", "strided" (on the transposed
     order) or "fixed" (per head, the union of the parts the head attends to). Try print(layer_layout(...))."""
-    blk, l, c, nb = config.attn_block, config.stride, config.summary, n // config.attn_block
+    tile, l, c, nt = config.tile, config.stride, config.summary, n // config.tile
     if kind == "local":
-        return local_layout(nb, blk, l)[None]
+        return local_layout(nt, tile, l)[None]
     if kind == "strided":
-        return strided_layout(nb, blk, n, l)[None]
+        return strided_layout(nt, tile, n, l)[None]
     layouts = []
     for h, parts in enumerate(head_parts(config, layer)):
-        layout = torch.zeros(nb, nb, dtype=torch.bool)
+        layout = torch.zeros(nt, nt, dtype=torch.bool)
         if "block" in parts:
-            layout |= fixed_layout(nb, blk, l)
+            layout |= fixed_layout(nt, tile, l)
         if "summary" in parts:
-            layout |= summary_layout(nb, blk, l, c, (h % config.n_offsets) * c)
+            layout |= summary_layout(nt, tile, l, c, (h % config.n_offsets) * c)
         layouts.append(layout)
     return torch.stack(layouts)
 
 
-def strided_transpose(x, l, block):
+def strided_transpose(x, l, tile):
     """(B, H, n, D) -> (B, H, n, D) reordered by j mod l, then j: the [n/l, l] matrix read column by column."""
     B, H, n, D = x.shape
-    if n % l or (n // l) % block:
-        raise ValueError(f"the strided transpose needs the length n={n} to be a multiple of stride * attn_block "
-                         f"= {l * block} (n/l a multiple of the kernel block); lengths that work: "
-                         f"{l * block}, {2 * l * block}, {3 * l * block}, ...")
+    if n % l or (n // l) % tile:
+        raise ValueError(f"the strided transpose needs the length n={n} to be a multiple of stride * tile "
+                         f"= {l * tile} (n/l a multiple of the tile); lengths that work: "
+                         f"{l * tile}, {2 * l * tile}, {3 * l * tile}, ...")
     return x.view(B, H, n // l, l, D).transpose(2, 3).reshape(B, H, n, D)
 
 
@@ -237,7 +237,7 @@ class CausalSelfAttention(nn.Module):
         self.config = config
         self.pattern = config.pattern
         self.layer = layer
-        self.layouts = {}  # (kind, n) -> block layout on the CPU: building one costs more than using it
+        self.layouts = {}  # (kind, n) -> tile layout on the CPU: building one costs more than using it
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -258,7 +258,7 @@ class CausalSelfAttention(nn.Module):
         # Pad the end to a length the layouts tile (for strided also a valid transpose). Padding only adds
         # future keys, which the causal mask hides from every real query.
         T = q.size(2)
-        multiple = cfg.stride * cfg.attn_block if cfg.pattern == "strided" else cfg.attn_block
+        multiple = cfg.stride * cfg.tile if cfg.pattern == "strided" else cfg.tile
         n = -(-T // multiple) * multiple
         if n != T:
             q, k, v = (F.pad(t, (0, 0, 0, n - T)) for t in (q, k, v))
@@ -272,7 +272,7 @@ class CausalSelfAttention(nn.Module):
 
     def fixed(self, q, k, v):
         """A1 and A2 of fixed are both whole tiles: one kernel call with a per-head layout."""
-        return attention(q, k, v, layout=self.layout("fixed", q.size(2)), tile=self.config.attn_block)
+        return attention(q, k, v, layout=self.layout("fixed", q.size(2)), tile=self.config.tile)
 
     def strided(self, q, k, v):
         """The local band (pattern "local", A1 of strided) and the transposed A2 of strided, in their orders."""
@@ -290,15 +290,15 @@ class CausalSelfAttention(nn.Module):
         return self.local(q, k, v) if parts[0] == ("local",) else self.transposed(q, k, v)
 
     def local(self, q, k, v):
-        layout = self.layout("local", q.size(2))  # (1, nb, nb)
-        return attention(q, k, v, layout=layout, tile=self.config.attn_block, window=self.config.stride)
+        layout = self.layout("local", q.size(2))  # (1, n/tile, n/tile)
+        return attention(q, k, v, layout=layout, tile=self.config.tile, window=self.config.stride)
 
     def transposed(self, q, k, v):
         """A2 of strided, block-sparse: in the transposed order it is causal attention within each run."""
-        blk, l = self.config.attn_block, self.config.stride
-        q, k, v = (strided_transpose(t, l, blk) for t in (q, k, v))
-        layout = self.layout("strided", q.size(2))  # (1, nb, nb)
-        return strided_untranspose(attention(q, k, v, layout=layout, tile=blk), l)
+        tile, l = self.config.tile, self.config.stride
+        q, k, v = (strided_transpose(t, l, tile) for t in (q, k, v))
+        layout = self.layout("strided", q.size(2))  # (1, n/tile, n/tile)
+        return strided_untranspose(attention(q, k, v, layout=layout, tile=tile), l)
 
     def attend_cached(self, q, k, v, cache):
         """Decoding: append k, v to the cache; each new query attends to the cached keys its mask row allows."""
@@ -398,8 +398,8 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 class SparseTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.attn_block == 0:
-            config = dataclasses.replace(config, attn_block=auto_attn_block(config))
+        if config.tile == 0:
+            config = dataclasses.replace(config, tile=auto_tile(config))
         check_config(config)
         if config.stride == 0:
             config = dataclasses.replace(config, stride=auto_stride(config))

@@ -284,6 +284,8 @@ def load_checkpoint(path, purpose="--resume"):
                          f"{reason}); restore a copy or start afresh in another --out_dir") from e
     if missing:
         raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by this train.py")
+    if "attn_block" in ckpt["model_config"]:  # the Sparse Transformer's tile, by its name before 2026-12-04
+        ckpt["model_config"]["tile"] = ckpt["model_config"].pop("attn_block")
     return ckpt
 
 
