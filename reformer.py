@@ -4,10 +4,10 @@ decoder-only Transformer whose memory stays small on long sequences, through fou
 
 - Shared-QK attention (section 3): one projection gives the queries, and the keys are the queries scaled to
   unit length, k_j = q_j / ||q_j||. A position attends to itself only when it has no other key.
-- LSH attention (section 3): angular locality-sensitive hashing, bucket(x) = argmax([xR; -xR]) with a random
-  R of shape [d_h, n_buckets/2], in n_hashes rounds. Each round sorts the positions by (bucket, position),
-  cuts them into chunks of m = `chunk`, and lets every chunk attend to itself and the previous chunk, causal
-  by original position; the rounds combine by their log-sum-exp weights,
+- LSH attention (section 3): angular locality-sensitive hashing, bucket(x) = argmax([xA; -xA]) with a random
+  rotation A of shape [d_h, n_buckets/2] (the paper's R), in n_hashes rounds (R in the shapes below). Each
+  round sorts the positions by (bucket, position), cuts them into chunks of m = `chunk`, and lets every chunk
+  attend to itself and the previous chunk, causal by original position; the rounds combine by their log-sum-exp weights,
       out_i = sum_r exp(lse_r,i - logsumexp_r lse_r,i) o_r,i.
   With `causal_lsh` (our option, not the paper's) each query instead attends to the `chunk` most recent keys
   of its own bucket, a sliding window over the sorted order.
@@ -109,7 +109,7 @@ class SharedQKAttention(nn.Module):
         self.record, self.replay = None, None  # see bucket_tape
 
     def rotations(self, device):
-        """Random R (H, n_hashes, D, n/2 summed over the factors n): fresh in every training forward, fixed per
+        """Random rotations (H, R, D, n/2 summed over the factors n): fresh in every training forward, fixed per
         layer in eval.
 
         The training seed is drawn from torch's CPU generator, so the reversible backward, which restores that
