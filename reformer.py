@@ -7,7 +7,8 @@ decoder-only Transformer whose memory stays small on long sequences, through fou
 - LSH attention (section 3): angular locality-sensitive hashing, bucket(x) = argmax([xA; -xA]) with a random
   rotation A of shape [d_h, n_buckets/2] (the paper's R), in n_hashes rounds (R in the shapes below). Each
   round sorts the positions by (bucket, position), cuts them into chunks of m = `chunk`, and lets every chunk
-  attend to itself and the previous chunk, causal by original position; the rounds combine by their log-sum-exp weights,
+  attend to itself and the previous chunk, causal by original position; the rounds combine by their
+  log-sum-exp weights,
       out_i = sum_r exp(lse_r,i - logsumexp_r lse_r,i) o_r,i.
   With `causal_lsh` (our option, not the paper's) each query instead attends to the `chunk` most recent keys
   of its own bucket, a sliding window over the sorted order.
