@@ -312,24 +312,27 @@ train.MODELS["conv_lm"] = ("conv_lm", "ConvLM", {})  # the line in train.py's MO
 # data: download, verify, cache, split, order
 
 def test_enwik8_download_verify_cache_and_split(tmp_path):
+    """Unpacked through a temporary file (no .part left); the second load comes from the cache, whose unpacked
+    member is checked again."""
     payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
-    zpath = tmp_path / "served.zip"
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("enwik8", payload)
-    url, size, root = zpath.as_uri(), zpath.stat().st_size, str(tmp_path / "cache")
-    d = data.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
+    zpath, root = tmp_path / "served.zip", tmp_path / "cache"
+    zpath.write_bytes(zipped("enwik8", payload))
+    load = functools.partial(data.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
+                             md5=md5(payload), root=str(root))
+    d = load()
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18_000, 1_000, 1_000]
     assert bytes(torch.cat([d.splits[s] for s in ("train", "val", "test")]).numpy()) == payload
+    assert sorted(p.name for p in root.iterdir()) == ["enwik8", "enwik8.zip"]
     zpath.unlink()  # the second load must come from the cache, not the network
-    again = data.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
-    assert torch.equal(again.splits["val"], d.splits["val"])
+    assert torch.equal(load().splits["val"], d.splits["val"])
+    (root / "enwik8").write_bytes(payload[:12_345])  # an interrupted copy, as an older version could leave
+    with pytest.raises(ValueError, match=r"cached .*enwik8 \(12,345 bytes\) fails its md5 check.*delete it"):
+        load()
 
 
 def test_corrupt_enwik8_download_is_rejected_and_not_kept(tmp_path):
-    zpath = tmp_path / "served.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        z.writestr("enwik8", b"x" * 5000)
-    root = tmp_path / "cache"
+    zpath, root = tmp_path / "served.zip", tmp_path / "cache"
+    zpath.write_bytes(zipped("enwik8", b"x" * 5000))
     with pytest.raises(ValueError, match="expected"):
         data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size + 1, md5="0" * 32, root=str(root))
     assert not any(root.iterdir())  # no half-written or unverified file left behind
@@ -337,10 +340,13 @@ def test_corrupt_enwik8_download_is_rejected_and_not_kept(tmp_path):
         data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size, md5="0" * 32, root=str(root))
 
 
-def test_offline_download_says_which_url_failed_and_where_to_put_the_file(tmp_path):
+def test_offline_downloads_say_which_url_failed_and_where_to_put_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="by hand") as e:
         data.load_enwik8(url=(tmp_path / "absent.zip").as_uri(), root=str(tmp_path / "c"))
     assert "absent.zip" in str(e.value) and str(tmp_path / "c") in str(e.value)
+    with pytest.raises(FileNotFoundError) as e:  # CIFAR-10 also offers images:PATH
+        data.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(tmp_path / "c"))
+    assert str(tmp_path / "c" / "cifar-10-python.tar.gz") in str(e.value) and "--data images:PATH" in str(e.value)
 
 
 def make_cifar_archive(path, n_per_batch=4, seed=0):
@@ -364,14 +370,20 @@ def assert_raster_order(planar, raster):
     np.testing.assert_array_equal(raster, expected)
 
 
-def test_cifar10_download_verify_decode_in_raster_order(tmp_path):
+def test_cifar10_download_verify_decode_in_raster_order_and_rebuild_a_damaged_cache(tmp_path):
     archive = tmp_path / "cifar.tar.gz"
     batches = make_cifar_archive(archive)
-    d = data.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
+    load = functools.partial(data.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
+                             root=str(tmp_path / "c"))
+    d = load()
     assert d.splits["train"].shape == (20, 3072) and d.splits["test"].shape == (4, 3072)
     planar_train = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)])
     assert_raster_order(planar_train, d.splits["train"].numpy())
     assert_raster_order(batches["test_batch"], d.splits["test"].numpy())
+    cache = tmp_path / "c" / "cifar10_raster.npz"
+    cache.write_bytes(cache.read_bytes()[:1000])
+    assert_raster_order(batches["test_batch"], load().splits["test"].numpy())
+    assert np.load(cache)["test"].shape == (4, 3072)  # the cache itself was rewritten
 
 
 def test_corrupt_cifar10_archive_is_rejected_before_unpickling(tmp_path):
@@ -383,13 +395,6 @@ def test_corrupt_cifar10_archive_is_rejected_before_unpickling(tmp_path):
     (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes()[:-10])  # put there by hand
     with pytest.raises(ValueError, match="md5"):
         data.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
-
-
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
-                    reason="the real CIFAR-10 sample lives in ../shared/data, absent from this checkout")
-def test_real_cifar10_images_decode_in_raster_order():
-    planar = np.load(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz"))["data"]
-    assert_raster_order(planar, data.planar_to_raster(planar))
 
 
 def test_wav_folder_is_mixed_resampled_mu_law_encoded_and_cut(tmp_path):
@@ -442,21 +447,6 @@ def test_sampler_refuses_an_empty_split():
         data.BatchSampler(d, "train", 40, 8, seed=0)
 
 
-def test_enwik8_unpacks_through_a_temporary_file_and_rechecks_the_cached_member(tmp_path):
-    payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
-    zpath = tmp_path / "served.zip"
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("enwik8", payload)
-    root = tmp_path / "cache"
-    load = functools.partial(data.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
-                             md5=md5(payload), root=str(root))
-    load()
-    assert sorted(p.name for p in root.iterdir()) == ["enwik8", "enwik8.zip"]  # no .part left
-    (root / "enwik8").write_bytes(payload[:12_345])  # an interrupted copy, as an older version could leave
-    with pytest.raises(ValueError, match=r"cached .*enwik8 \(12,345 bytes\) fails its md5 check.*delete it"):
-        load()
-
-
 def py2_cifar_batch(planar):
     """A CIFAR-10 batch as the official archive stores it: Python 2's cPickle, protocol 2, numpy.core globals,
     str (not bytes) data; Python 3 cannot write this, so it is assembled opcode by opcode."""
@@ -503,30 +493,14 @@ def test_images_refuse_a_pickle_that_would_run_code(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
                     reason="the real CIFAR-10 sample lives in ../shared/data, absent from this checkout")
-def test_real_cifar10_sample_trains_through_images():
-    d = data.load(f"images:{os.path.join(SHARED_DATA, 'cifar10_test_0_19.npz')}")
+def test_real_cifar10_sample_decodes_in_raster_order_and_trains_through_images():
+    path = os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")
+    planar = np.load(path)["data"]
+    assert_raster_order(planar, data.planar_to_raster(planar))
+    d = data.load(f"images:{path}")
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
     x, y = data.BatchSampler(d, "train", 3072, 2, seed=0).next_batch()
     assert x.shape == (2, 3072) and (x[:, 0] == 256).all()
-
-
-def test_offline_cifar10_says_where_the_archive_goes_and_offers_images(tmp_path):
-    root = tmp_path / "c"
-    with pytest.raises(FileNotFoundError) as e:
-        data.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(root))
-    assert str(root / "cifar-10-python.tar.gz") in str(e.value) and "--data images:PATH" in str(e.value)
-
-
-def test_damaged_cifar10_cache_is_rebuilt_from_the_archive(tmp_path):
-    archive = tmp_path / "cifar.tar.gz"
-    batches = make_cifar_archive(archive)
-    load = functools.partial(data.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
-                             root=str(tmp_path / "c"))
-    load()
-    cache = tmp_path / "c" / "cifar10_raster.npz"
-    cache.write_bytes(cache.read_bytes()[:1000])
-    assert_raster_order(batches["test_batch"], load().splits["test"].numpy())
-    assert np.load(cache)["test"].shape == (4, 3072)  # the cache itself was rewritten
 
 
 REAL_RECORDING = os.path.join(SHARED_DATA, "brahms_hungarian_dance_5.wav")  # 45.8 s, 16-bit mono, 22,050 Hz
@@ -636,7 +610,8 @@ def npz_bytes(**arrays):
     return buf.getvalue()
 
 
-# name -> (build(tmp_path) -> (path the message must name, load), exception, what the message tells the user)
+# Damaged, wrong or missing files, and an unknown name: name -> (build(tmp_path) -> (path or name the message
+# must name, load), exception, what the message tells the user)
 DAMAGED_FILES = {
     "truncated .bz2": (loaded_as("text", "t.bz2", bz2.compress(TEXT)[:-40]), ValueError, "download it again"),
     "garbage .bz2": (loaded_as("text", "t.bz2", TEXT), ValueError, "decompress it and pass"),
@@ -676,6 +651,12 @@ DAMAGED_FILES = {
     "images: a folder": (folder("images"), ValueError, "takes one file"),
     "damaged CIFAR-10 cache, no archive": (damaged_cifar_cache, ValueError, "is damaged; delete it and retry"),
     "truncated hand-placed CIFAR-10 archive": (truncated_cifar_archive, ValueError, "delete it and retry"),
+    "images of 28x28": (loaded_as("images", "i.npy", npy_bytes(np.zeros((4, 28, 28), np.uint8))), ValueError,
+                        "expected uint8 [N >= 3, 32, 32, 3]"),
+    "missing text file": (lambda p: (p / "no.txt", lambda: data.load(f"text:{p / 'no.txt'}")), FileNotFoundError,
+                          "does not exist"),
+    "wav: a folder without .wav files": (folder("wav"), FileNotFoundError, "no .wav files"),
+    "unknown --data": (lambda p: ("imagenet", lambda: data.load("imagenet")), ValueError, "unknown --data"),
 }
 
 
@@ -1471,19 +1452,6 @@ def test_resume_with_a_larger_block_size_or_damaged_checkpoint_is_rejected(text_
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a torn write from another tool
     with pytest.raises(ValueError, match="damaged"):
         train.main(base + ["--resume", "--max_iters", "4"])
-
-
-def test_missing_data_and_unknown_data_names_are_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.load(f"text:{tmp_path / 'nope.txt'}")
-    with pytest.raises(FileNotFoundError, match="no .wav files"):
-        data.load(f"wav:{tmp_path}")
-    with pytest.raises(ValueError, match="unknown --data"):
-        data.load("imagenet")
-    bad = tmp_path / "bad.npy"
-    np.save(bad, np.zeros((4, 28, 28), np.uint8))
-    with pytest.raises(ValueError, match=r"expected uint8 \[N >= 3, 32, 32, 3\]"):
-        data.load(f"images:{bad}")
 
 
 # ----------------------------------------------------------------------------------------------------------
