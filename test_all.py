@@ -1413,7 +1413,10 @@ def test_text_sampling_continues_the_prompt_and_ends_when_progress_bars_are_disa
 # ----------------------------------------------------------------------------------------------------------
 # sparse_transformer.py: patterns, transpose, recompute, position embeddings, cached generation
 
-SPARSE = [("local", "interleaved")] + [(p, c) for p in ("strided", "fixed") for c in st.COMBINES]
+# (pattern, combine, backend): every pattern on the dense path; on the Triton kernel, the ones that make every call
+SPARSE = [("local", "interleaved", "dense")] + [(p, c, "dense") for p in ("strided", "fixed") for c in st.COMBINES] + [
+    (p, c, "triton") for p, c in (("strided", "interleaved"), ("strided", "multihead"), ("fixed", "merged"),
+                                  ("fixed", "multihead"))]
 
 
 def as_sets(mask):
@@ -1487,42 +1490,29 @@ def test_strided_transpose_gives_the_masked_attention_output():
     torch.testing.assert_close(st.strided_untranspose(st.strided_transpose(x, 8, 4), 8), x, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("pattern,combine", SPARSE)
-def test_every_layer_equals_attention_under_its_element_mask(pattern, combine):
+@pytest.mark.parametrize("pattern,combine,backend", SPARSE)
+def test_every_layer_equals_attention_under_its_element_mask(pattern, combine, backend, monkeypatch):
+    """Output and gradients. Dense: float64, at 64 positions and 37 (padded up to a tileable, transposable
+    length). Triton: float32, in the kernel's smallest tiles, 16 (the fixed pattern's stride 32)."""
     torch.manual_seed(1)
-    cfg = sparse_config(pattern=pattern, combine=combine)
-    for layer, T in itertools.product((0, 1), (64, 37)):  # 37: padded up to a tileable / transposable length
-        attn = st.CausalSelfAttention(cfg, layer).double()
-        q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    if backend == "triton":
+        monkeypatch.setattr(st, "attention", functools.partial(kernels.attention, backend="triton"))
+        cfg = sparse_config(pattern=pattern, combine=combine, stride=32 if pattern == "fixed" else 4, summary=16,
+                            attn_block=16, n_head=2, n_embd=32)
+        dtype, lengths, tol, grad_tol = torch.float32, (64,), dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
+    else:
+        cfg = sparse_config(pattern=pattern, combine=combine)
+        dtype, lengths, tol = torch.float64, (64, 37), dict(rtol=1e-10, atol=1e-10)
+        grad_tol = tol
+    for layer, T in itertools.product((0, 1), lengths):
+        q, k, v = (torch.randn(2, cfg.n_head, T, 16, dtype=dtype, requires_grad=True) for _ in range(3))
         pos = torch.arange(T)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=element_mask(cfg, layer, pos, pos))
-        out = attn.attend(q, k, v)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (q, k, v), g)
-        ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
-@pytest.mark.parametrize("pattern,combine", [("strided", "interleaved"), ("strided", "multihead"),
-                                             ("fixed", "merged"), ("fixed", "multihead")])  # every kernel call
-def test_patterns_on_the_triton_kernel_equal_attention_under_their_element_masks(pattern, combine, monkeypatch):
-    monkeypatch.setattr(st, "attention", functools.partial(kernels.attention, backend="triton"))
-    torch.manual_seed(8)
-    l = 32 if pattern == "fixed" else 4  # kernel tiles of 16: the smallest the Triton kernel takes
-    cfg = sparse_config(pattern=pattern, combine=combine, stride=l, summary=16, attn_block=16,
-                        n_head=2, n_embd=32)
-    for layer in (0, 1):
-        q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
-        pos = torch.arange(64)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=element_mask(cfg, layer, pos, pos))
-        out = st.CausalSelfAttention(cfg, layer).attend(q, k, v)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        out = st.CausalSelfAttention(cfg, layer).to(dtype).attend(q, k, v)
+        torch.testing.assert_close(out, ref, **tol)
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a, b, **grad_tol)
 
 
 def randomized(model):
@@ -1548,19 +1538,19 @@ def test_recompute_gives_the_same_loss_and_gradients_with_dropout(pattern):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-def saved_activation_elements(model, idx):
-    """How many tensor elements the forward pass keeps for the backward."""
-    total = 0
+def saved_bytes(model, idx):
+    """Bytes of the storages the training forward on idx keeps for the backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
 
-    def pack(t):
-        nonlocal total
-        if not isinstance(t, torch.nn.Parameter):
-            total += t.numel()
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         model(idx[:, :-1], idx[:, 1:])
-    return total
+    return sum(storages.values())
 
 
 def test_recompute_keeps_no_attention_maps_for_the_backward():
@@ -1568,7 +1558,7 @@ def test_recompute_keeps_no_attention_maps_for_the_backward():
     saved = {}
     for recompute, T in itertools.product((False, True), (64, 256)):
         model = SparseTransformer(sparse_config(block_size=256, n_layer=4, recompute=recompute))
-        saved[recompute, T] = saved_activation_elements(model, torch.randint(0, 11, (1, T + 1)))
+        saved[recompute, T] = saved_bytes(model, torch.randint(0, 11, (1, T + 1)))
     assert saved[False, 256] > 5 * saved[False, 64]  # n x n tensors are kept without recompute (4x n: > 4x)
     assert saved[True, 256] <= 4 * saved[True, 64] + 1  # linear in n with it
     assert saved[True, 256] < saved[False, 256] / 10
@@ -1694,21 +1684,6 @@ def test_reformer_with_the_lsh_kernel_trains_like_the_dense_twin(monkeypatch):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_lsh_backend_is_chosen_automatically_and_refuses_what_the_kernel_cannot_take():
-    q, v, buckets = random_lsh_inputs()
-    lsh_attention(q, q, v, buckets, 8)
-    assert kernels.last_lsh_backend == "cpu"  # CPU tensors: cpu_lsh_attention
-    lsh_attention(q, q, v, buckets, 8, backend="dense")
-    assert kernels.last_lsh_backend == "dense"
-    with pytest.raises(ValueError, match="chunks of at most 64"):
-        lsh_attention(q, q, v, buckets, 128, backend="triton")
-    wide = torch.randn(1, 1, 16, 128)
-    with pytest.raises(ValueError, match="in fp32 up to 64"):
-        lsh_attention(wide, wide, wide, buckets[:, :1, :, :16], 8, backend="triton")
-    with pytest.raises(ValueError, match="unknown LSH attention backend"):
-        lsh_attention(q, q, v, buckets, 8, backend="cuda")
-
-
 @pytest.mark.parametrize("backend", ["dense", "triton"])
 def test_one_chunk_covering_the_sequence_equals_dense_shared_qk_attention(backend):
     # With one chunk every key is in the window whatever the buckets, so every round is dense attention.
@@ -1760,29 +1735,29 @@ def lsh_reference(q, k, v, buckets, chunk, same_bucket_mask=False, dup_correctio
     return out
 
 
-@pytest.mark.parametrize("same_bucket_mask,dup_correction", [(False, False), (True, False), (True, True)])
-def test_lsh_rounds_combine_by_logsumexp(same_bucket_mask, dup_correction):
-    # Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a key counted
-    # once per round that sees it; with the duplicate correction, once in all (the union of the windows).
-    q, v, buckets = random_lsh_inputs(B=1, H=1, T=32, R=3, n_buckets=4, dtype=torch.float64)
-    k = F.normalize(q, dim=-1)
-    out = lsh_attention(q, k, v, buckets, chunk=4, same_bucket_mask=same_bucket_mask, dup_correction=dup_correction, backend="dense")
-    expected = lsh_reference(q, k, v, buckets, 4, same_bucket_mask, dup_correction)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+# case: (backend, T, chunk, lsh_attention's options), 3 rounds of 4 buckets: chunks of 4 in 32 positions, and of 8 in
+# 37 = 4 * 8 + 5, where the last chunk holds 5 positions and the padding inside must not show in the output
+LSH_REFERENCE_CASES = {
+    **{f"rounds-{name}": ("dense", 32, 4, options) for name, options in (
+        ("paper", {}), ("same-bucket", dict(same_bucket_mask=True)),
+        ("same-bucket-dup-correction", dict(same_bucket_mask=True, dup_correction=True)))},
+    **{f"short-last-chunk-{mode}-{backend}": (backend, 37, 8, LSH_MODES[mode])
+       for backend in ("dense", "triton") for mode in LSH_MODES},
+}
 
 
-@pytest.mark.parametrize("backend", ["dense", "triton"])
-@pytest.mark.parametrize("mode", LSH_MODES)
-def test_lsh_on_a_length_chunk_does_not_divide_equals_the_reference_with_a_short_last_chunk(backend, mode):
-    # T = 4 * 8 + 5: the last chunk holds 5 positions; the padding inside must not show in the output
-    q, v, buckets = random_lsh_inputs(B=1, H=2, T=37, R=3, n_buckets=4, dtype=torch.float64 if backend == "dense"
+@pytest.mark.parametrize("case", LSH_REFERENCE_CASES)
+def test_lsh_rounds_combine_by_logsumexp(case):
+    """Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a key counted once
+    per round that sees it; with the duplicate correction, once in all (the union of the windows): lsh_reference,
+    in float64 on the twin, float32 on the kernel."""
+    backend, T, chunk, options = LSH_REFERENCE_CASES[case]
+    q, v, buckets = random_lsh_inputs(B=1, H=2, T=T, R=3, n_buckets=4, dtype=torch.float64 if backend == "dense"
                                       else torch.float32, seed=6)
     k = F.normalize(q, dim=-1)
-    out = lsh_attention(q, k, v, buckets, chunk=8, backend=backend, **LSH_MODES[mode])
-    assert out.shape == q.shape
+    out = lsh_attention(q, k, v, buckets, chunk, backend=backend, **options)
     tol = 1e-10 if backend == "dense" else 2e-5
-    torch.testing.assert_close(out.double(), lsh_reference(q, k, v, buckets, 8, **LSH_MODES[mode]), atol=tol,
-                               rtol=tol)
+    torch.testing.assert_close(out.double(), lsh_reference(q, k, v, buckets, chunk, **options), atol=tol, rtol=tol)
 
 
 def later_inputs_effect(backend, R, scale, causal, dup_correction=False, T=44, t=21, chunk=8):
@@ -1993,16 +1968,12 @@ def test_axial_position_embedding_concatenates_row_and_column_vectors():
         torch.testing.assert_close(e[i], torch.cat([pos.rows[i // 8], pos.cols[i % 8]]))
 
 
-def test_reformer_runs_a_length_that_is_no_multiple_of_chunk():
-    # (the lengths and shapes it refuses: BAD_MODEL_INPUT)
-    model = Reformer(reformer_config()).eval()
-    assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)
-
 def test_generate_predicts_each_token_from_exactly_its_prefix(monkeypatch):
-    """No padding in the forward: every step runs the model on the prefix as it stands, so generation computes
-    what the prefix-only evaluation scores."""
+    """No padding in the forward: every step runs the model on the prefix as it stands (lengths 5 to 8, of chunks of
+    8), so generation computes what the prefix-only evaluation scores. (The lengths it refuses: BAD_MODEL_INPUT.)"""
     torch.manual_seed(0)
     model = Reformer(reformer_config()).eval()
+    assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)  # logits of no padded position
     lengths = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda idx, targets=None: lengths.append(idx.size(1)) or forward(idx))
@@ -2015,24 +1986,14 @@ def test_generate_predicts_each_token_from_exactly_its_prefix(monkeypatch):
 def test_reversible_layers_keep_activation_memory_constant_in_depth():
     """Bytes autograd saves for the backward (parameters excluded): the same for 1 to 8 reversible layers,
     growing linearly with depth for the same network run with ordinary autograd."""
-    def saved_bytes(n_layer, reversible):
+    def saved(n_layer, reversible):
         torch.manual_seed(0)
         model = Reformer(reformer.Config(block_size=128, n_layer=n_layer, n_head=2, n_embd=16, chunk=16,
                                          reversible=reversible))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
+        return saved_bytes(model, torch.randint(0, 256, (2, 129)))
 
-        def keep(t):
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model(torch.randint(0, 256, (2, 128)), torch.randint(0, 256, (2, 128)))
-        return sum(storages.values())
-
-    reversible = [saved_bytes(L, True) for L in (1, 2, 8)]
-    plain = [saved_bytes(L, False) for L in (1, 2, 8)]
+    reversible = [saved(L, True) for L in (1, 2, 8)]
+    plain = [saved(L, False) for L in (1, 2, 8)]
     assert reversible[0] == reversible[1] == reversible[2]
     assert plain[2] - plain[1] == pytest.approx(6 * (plain[1] - plain[0]), rel=0.01) and plain[1] > reversible[1]
 
@@ -2303,17 +2264,6 @@ def test_mixer_on_the_kernels_equals_mixer_on_pytorch_ops(variant, w_rank):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-def test_aft_backend_is_pytorch_on_cpu_and_a_bad_one_is_refused():
-    q, k, v, band = aft_kernel_inputs("local", 9)
-    assert not aft.kernel_runs(k, None, band)  # a CPU tensor: the PyTorch path, even with the interpreter on
-    with pytest.raises(ValueError, match="unknown AFT backend"):
-        aft.aft_simple(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match="feature groups must divide"):
-        aft.aft_banded(q, k, v, torch.zeros(3, 9, 2, dtype=torch.float64), backend="triton")
-    huge = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(2**14, 2**9, 2**8)  # 2^31 elements, one stored
-    assert "index in 32 bits" in kernels.aft_unfit(None, huge)
 
 
 @pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2)])
@@ -3625,13 +3575,35 @@ def test_rows_without_visible_keys_give_zero_output_and_finite_grads():
         assert out[:, :, :16].abs().sum() > 0, backend
 
 
-def test_automatic_backend_is_dense_on_cpu():
+def test_backends_are_the_pytorch_ones_on_cpu_and_what_a_kernel_cannot_take_is_refused():
+    """CPU tensors take the PyTorch paths, even with the interpreter on: the dense fallback, cpu_lsh_attention, AFT's
+    PyTorch sums; a backend asked for by name runs; an unknown one, or a shape a kernel cannot take, is refused."""
     q, k, v, _ = random_inputs(1, 1, 32, 32, 16)
     attention(q, k, v, layout=torch.ones(1, 2, 2, dtype=torch.bool), tile=16)
     assert kernels.last_backend == "dense"
     attention(q, k, v, tile=16, backend="triton")
     assert kernels.last_backend == "triton"
     assert kernels.backend_info("cpu") == "attention backend: dense PyTorch fallback (no CUDA device)"
+    q, v, buckets = random_lsh_inputs()
+    lsh_attention(q, q, v, buckets, 8)
+    assert kernels.last_lsh_backend == "cpu"
+    lsh_attention(q, q, v, buckets, 8, backend="dense")
+    assert kernels.last_lsh_backend == "dense"
+    with pytest.raises(ValueError, match="chunks of at most 64"):
+        lsh_attention(q, q, v, buckets, 128, backend="triton")
+    wide = torch.randn(1, 1, 16, 128)
+    with pytest.raises(ValueError, match="in fp32 up to 64"):
+        lsh_attention(wide, wide, wide, buckets[:, :1, :, :16], 8, backend="triton")
+    with pytest.raises(ValueError, match="unknown LSH attention backend"):
+        lsh_attention(q, q, v, buckets, 8, backend="cuda")
+    q, k, v, band = aft_kernel_inputs("local", 9)
+    assert not aft.kernel_runs(k, None, band)
+    with pytest.raises(ValueError, match="unknown AFT backend"):
+        aft.aft_simple(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="feature groups must divide"):
+        aft.aft_banded(q, k, v, torch.zeros(3, 9, 2, dtype=torch.float64), backend="triton")
+    huge = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(2**14, 2**9, 2**8)  # 2^31 elements, one stored
+    assert "index in 32 bits" in kernels.aft_unfit(None, huge)
 
 
 def test_layout_index_lists_are_cached_by_content():
