@@ -1208,6 +1208,8 @@ BAD_MODEL_INPUT = {
     "aft_local: window 0": (lambda: tiny("aft_local", window=0), "window must be at least 1"),
     "aft_full: w_rank -1": (lambda: tiny("aft_full", w_rank=-1), "w_rank must be 0"),
     "aft_conv: width 9 over 2 heads": (lambda: tiny("aft_conv", n_embd=9), "divisible by n_head"),
+    **{f"aft_{v}: a cache": (lambda v=v: tiny_model(v)(tokens(3), cache=[{}, {}]), "recurrent")
+       for v in ("full", "conv")},  # they generate by recomputing: CACHED_GENERATION
     "perceiver_ar: 17 tokens, block_size 16": (lambda: make_model()(tokens(17)), "does not fit"),
     "perceiver_ar: 5 tokens, 6 latents": (lambda: make_model()(tokens(5)), "does not fit"),
     "perceiver_ar: 9 latents, block_size 8": (
@@ -2052,13 +2054,20 @@ def random_mixer(variant, w_rank=0, block_size=8, n_embd=6, n_head=2, window=3):
     return mixer
 
 
-@pytest.mark.parametrize("variant,w_rank", [("full", 0), ("full", 3), ("simple", 0), ("local", 0),
-                                            ("local", 3), ("conv", 0)])
-@pytest.mark.parametrize("key_scale,T", [(1, 7), (1, 12), (10, 12), (50, 12), (100, 12)])
-def test_mixer_matches_paper_formula_forward_and_gradients(variant, w_rank, key_scale, T):
-    """Forward and every gradient, to float64 rounding; T = 7 < block_size slices w. Keys x100
-    spread over ~1000 within a sequence, beyond even float64's exp: rows stabilised, the formula."""
+AFT_MIXERS = [("full", 0), ("full", 3), ("simple", 0), ("local", 0), ("local", 3), ("conv", 0)]
+
+
+@pytest.mark.parametrize("variant,w_rank,key_scale,T,backend", [
+    (variant, w_rank, key_scale, T, "dense") for variant, w_rank in AFT_MIXERS
+    for key_scale, T in ((1, 7), (1, 12), (10, 12), (50, 12), (100, 12))] + [
+    (variant, w_rank, 1, 12, "triton") for variant, w_rank in AFT_MIXERS if variant != "full"])  # full: no kernel
+def test_mixer_matches_paper_formula_forward_and_gradients(variant, w_rank, key_scale, T, backend):
+    """Forward and every gradient, to float64 rounding, on PyTorch ops and on the kernels; T = 7 < block_size
+    slices w. Keys x100 spread over ~1000 within a sequence, beyond even float64's exp: rows stabilised, the
+    formula."""
     mixer = random_mixer(variant, w_rank, block_size=12, n_embd=8, n_head=2)
+    if backend == "triton":
+        mixer.backend = "triton"
     with torch.no_grad():
         mixer.qkv.weight[8:16] *= key_scale
     x = torch.randn(2, T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -2111,7 +2120,7 @@ def test_parallel_forward_equals_step_by_step_at_large_keys(variant, w_rank, key
     torch.testing.assert_close(mixer(x), stepped, rtol=1e-12, atol=1e-12)
 
 
-def test_local_with_window_covering_sequence_equals_full():
+def test_local_equals_full_with_a_window_covering_the_sequence_and_simple_with_zero_bias():
     q, k, v = qkv()
     T, s = 9, 11
     w = torch.randn(T, T, dtype=torch.float64, requires_grad=True)
@@ -2121,10 +2130,6 @@ def test_local_with_window_covering_sequence_equals_full():
     g = torch.randn_like(y_full)
     for a, b in zip(torch.autograd.grad(y_local, [q, k, v, w], g), torch.autograd.grad(y_full, [q, k, v, w], g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_local_with_zero_bias_equals_simple():
-    q, k, v = qkv()
     y_local = aft_local(q, k, v, torch.zeros(9, 3, dtype=torch.float64))
     torch.testing.assert_close(y_local, aft_simple(q, k, v), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y_local, naive_aft(q, k, v, torch.zeros(9, 9, dtype=torch.float64)))
@@ -2252,20 +2257,6 @@ def test_aft_kernel_is_exactly_causal_across_chunks(case):
         assert not torch.equal(moved[:, j], out[:, j])
 
 
-@pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 3), ("conv", 0)])
-def test_mixer_on_the_kernels_equals_mixer_on_pytorch_ops(variant, w_rank):
-    mixer = random_mixer(variant, w_rank, block_size=12, n_embd=8, n_head=2)
-    x = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
-    outputs, grads = [], []
-    for backend in ("triton", "dense"):
-        mixer.backend = backend
-        outputs.append(mixer(x))
-        grads.append(torch.autograd.grad(outputs[-1].square().sum(), [x, *mixer.parameters()]))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
 @pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2)])
 def test_recurrent_form_matches_parallel_forward(variant, w_rank):
     model = tiny_model(variant, w_rank)
@@ -2273,14 +2264,6 @@ def test_recurrent_form_matches_parallel_forward(variant, w_rank):
     cache = [{} for _ in model.blocks]
     chunks = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), model(idx)[0], rtol=1e-10, atol=1e-12)
-
-
-def test_full_and_conv_refuse_a_cache_and_generate_by_recomputing():
-    for variant in ("full", "conv"):
-        model = tiny_model(variant, block_size=8)
-        with pytest.raises(ValueError, match="recurrent"):
-            model(torch.zeros(1, 3, dtype=torch.long), cache=[{} for _ in model.blocks])
-        assert model.generate(torch.zeros(1, 7, dtype=torch.long), 3).shape == (1, 10)  # crops to block_size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2350,19 +2333,10 @@ def assert_grads_match(model, out, ref):
             torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-9 * (1 + r.abs().max().item()), msg=name)
 
 
-def test_all_latents_equals_dense_causal_transformer():
-    model = make_model(n_latents=16)
-    idx = torch.randint(0, 11, (3, 16))
-    logits, _ = model(idx)
-    ref = reference_logits(model, idx, N=16)
-    assert logits.shape == (3, 16, 11)
-    torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-12)
-    assert_grads_match(model, logits, ref)
-
-
-@pytest.mark.parametrize("T,N", [(16, 6), (11, 6), (16, 1), (9, 9)])
+@pytest.mark.parametrize("T,N", [(16, 6), (11, 6), (16, 1), (9, 9), (16, 16)])
 def test_cross_attention_matches_bottom_right_causal_reference(T, N):
-    """Latent k (position T-N+k) sees inputs 0..T-N+k, for short inputs and any n_latents set at eval."""
+    """Latent k (position T-N+k) sees inputs 0..T-N+k, for short inputs and any n_latents set at eval. With every
+    position a latent (N = T = block_size), the model is a plain dense causal Transformer."""
     model = make_model()
     model.n_latents = N
     idx = torch.randint(0, 11, (2, T))
@@ -2386,13 +2360,17 @@ def test_loss_is_cross_entropy_on_latent_positions_plus_training_z_loss():
     torch.testing.assert_close(train_loss, (expected + 1e-2 * z).float())
 
 
-def test_context_dropout_is_off_in_eval():
-    model = make_model(context_dropout=0.5)
-    plain = make_model(context_dropout=0.0)
+def test_context_dropout_is_off_in_eval_and_at_1_hides_all_context_in_training():
+    model, plain = make_model(context_dropout=1.0), make_model(context_dropout=0.0)
     idx = torch.randint(0, 11, (2, 16))
+    changed = idx.clone()
+    changed[:, :10] = torch.randint(0, 11, (2, 10))
     out = model(idx)[0]
     torch.testing.assert_close(model(idx)[0], out, rtol=0, atol=0)
     torch.testing.assert_close(plain(idx)[0], out, rtol=0, atol=0)
+    assert (model(changed)[0] - out).abs().amax() > 1e-6
+    model.train()
+    torch.testing.assert_close(model(changed)[0], model(idx)[0], rtol=0, atol=0)
 
 
 def test_context_dropout_removes_a_fraction_of_context_and_keeps_causality():
@@ -2415,41 +2393,17 @@ def test_context_dropout_removes_a_fraction_of_context_and_keeps_causality():
     torch.testing.assert_close(model(changed)[0][:, :2], logits[:, :2], rtol=0, atol=0)
 
 
-def test_full_context_dropout_hides_all_context_in_training_only():
-    model = make_model(context_dropout=1.0)
-    idx = torch.randint(0, 11, (2, 16))
-    changed = idx.clone()
-    changed[:, :10] = torch.randint(0, 11, (2, 10))
-    assert (model(changed)[0] - model(idx)[0]).abs().amax() > 1e-6
-    model.train()
-    torch.testing.assert_close(model(changed)[0], model(idx)[0], rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("prompt_len", [3, 20])
-def test_cached_generation_matches_uncached(prompt_len, monkeypatch):
+def test_generation_reads_at_most_block_size_inputs_and_the_cache_encodes_only_at_resets(prompt_len, monkeypatch):
+    """(CACHED_GENERATION holds the cached tokens and logits to the uncached ones.)"""
     model = make_model()
     prompt = torch.randint(0, 11, (2, prompt_len))
-    recorded = []
-
-    def recording_sample_next(logits, *args, **kwargs):
-        recorded.append(logits.clone())
-        return sample_next(logits, *args, **kwargs)
-
-    sample_next = perceiver_ar.sample_next
-    monkeypatch.setattr(perceiver_ar, "sample_next", recording_sample_next)
-    widths = []
+    widths, encodes, encode = [], [], model.encode
     model.register_forward_pre_hook(lambda mod, args: widths.append(args[0].size(1)))
-    out = model.generate(prompt, 30, top_k=7, generator=torch.Generator().manual_seed(3), use_cache=False)
-    uncached_logits, recorded[:] = list(recorded), []
-    encodes = []
-    encode = model.encode
+    out = model.generate(prompt, 30, use_cache=False)
     monkeypatch.setattr(model, "encode", lambda *a: encodes.append(1) or encode(*a))
-    cached = model.generate(prompt, 30, top_k=7, generator=torch.Generator().manual_seed(3), use_cache=True)
-    assert torch.equal(cached, out)
+    model.generate(prompt, 30, use_cache=True)
     assert out.shape == (2, prompt_len + 30) and torch.equal(out[:, :prompt_len], prompt)
-    assert len(recorded) == len(uncached_logits) == 30  # the logits of every sampled token
-    for a, b in zip(recorded, uncached_logits):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert max(widths) <= 16  # never more than block_size inputs
     assert len(encodes) <= 10  # the full model ran only at resets (every N/2 = 3 tokens or so), not 30 times
 
@@ -2702,7 +2656,9 @@ def sampling_sparse(pattern, combine):
 
 # case: (the model, prompt (rows, length), tokens generated, top_k): greedy for every registered
 # model (32 tokens); sampled from the top 8 for each Sparse Transformer pattern's cache, from the
-# top 6 for AFT's recurrent variants (weights of order one, 24 tokens). Each goes past block_size.
+# top 6 for AFT's recurrent variants (weights of order one, 24 tokens), from the top 7 for Perceiver
+# AR's (16 tokens, 6 latents) after a short prompt and one longer than block_size. Each goes past
+# block_size.
 CACHED_GENERATION = {
     **{name: (functools.partial(tiny, name, block_size=32), (2, 5), 40, 1)
        for name in train.MODELS},
@@ -2711,21 +2667,30 @@ CACHED_GENERATION = {
                     ("strided", "merged"), ("fixed", "merged"))},
     **{f"aft_{v}_rank{r}_top6": (functools.partial(tiny_model, v, r, block_size=24), (4, 3), 30, 6)
        for v, r in (("simple", 0), ("local", 0), ("local", 2))},
+    **{f"perceiver_ar_prompt{n}_top7": (make_model, (2, n), 30, 7) for n in (3, 20)},
 }
 
 
 @pytest.mark.parametrize("case", CACHED_GENERATION)
-def test_generation_gives_the_same_tokens_with_and_without_the_cache(case):
-    """Decoding past block_size (where caches restart or slide) must not depend on use_cache. In
-    float64: the two paths round differently, and no sampled token may rest on a float32 tie."""
+def test_generation_gives_the_same_tokens_with_and_without_the_cache(case, monkeypatch):
+    """Decoding past block_size (where caches restart or slide) must not depend on use_cache: the
+    same tokens, drawn from the same logits. In float64: the two paths round differently, and no
+    sampled token may rest on a float32 tie."""
     build, (rows, length), new_tokens, top_k = CACHED_GENERATION[case]
     torch.manual_seed(0)
     model = build().double().eval()
     prompt = torch.randint(11, (rows, length))
+    drawn_from, sample_next = [], st.sample_next
+    for module in (st, reformer, aft, perceiver_ar):  # each model's generate calls its module's sample_next
+        monkeypatch.setattr(module, "sample_next", lambda logits, *args: drawn_from.append(logits.clone())
+                            or sample_next(logits, *args))
     cached, uncached = (model.generate(prompt, new_tokens, top_k=top_k, use_cache=use_cache,
                                        generator=torch.Generator().manual_seed(7))
                         for use_cache in (True, False))
     assert cached.shape == (rows, length + new_tokens) and torch.equal(cached, uncached)
+    assert len(drawn_from) == 2 * new_tokens  # the logits of every sampled token, cached then uncached
+    for a, b in zip(drawn_from[:new_tokens], drawn_from[new_tokens:]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_model_settings_become_flags_and_reach_the_model():
