@@ -312,13 +312,18 @@ train.MODELS["conv_lm"] = ("conv_lm", "ConvLM", {})  # the line in train.py's MO
 # data: download, verify, cache, split, order
 
 def test_enwik8_download_verify_cache_and_split(tmp_path):
-    """Unpacked through a temporary file (no .part left); the second load comes from the cache, whose unpacked
-    member is checked again."""
+    """A download of the wrong size or md5 is refused and not kept. A good one is unpacked through a temporary file
+    (no .part left) and split; the second load comes from the cache, whose unpacked member is checked again."""
     payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
     zpath, root = tmp_path / "served.zip", tmp_path / "cache"
     zpath.write_bytes(zipped("enwik8", payload))
-    load = functools.partial(data.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
-                             md5=md5(payload), root=str(root))
+    size, download = zpath.stat().st_size, functools.partial(data.load_enwik8, url=zpath.as_uri(), root=str(root))
+    with pytest.raises(ValueError, match="expected"):
+        download(zip_size=size + 1, md5="0" * 32)
+    assert not any(root.iterdir())  # no half-written or unverified file left behind
+    with pytest.raises(ValueError, match="md5"):
+        download(zip_size=size, md5="0" * 32)
+    load = functools.partial(download, zip_size=size, md5=md5(payload))
     d = load()
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18_000, 1_000, 1_000]
     assert bytes(torch.cat([d.splits[s] for s in ("train", "val", "test")]).numpy()) == payload
@@ -328,16 +333,6 @@ def test_enwik8_download_verify_cache_and_split(tmp_path):
     (root / "enwik8").write_bytes(payload[:12_345])  # an interrupted copy, as an older version could leave
     with pytest.raises(ValueError, match=r"cached .*enwik8 \(12,345 bytes\) fails its md5 check.*delete it"):
         load()
-
-
-def test_corrupt_enwik8_download_is_rejected_and_not_kept(tmp_path):
-    zpath, root = tmp_path / "served.zip", tmp_path / "cache"
-    zpath.write_bytes(zipped("enwik8", b"x" * 5000))
-    with pytest.raises(ValueError, match="expected"):
-        data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size + 1, md5="0" * 32, root=str(root))
-    assert not any(root.iterdir())  # no half-written or unverified file left behind
-    with pytest.raises(ValueError, match="md5"):
-        data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size, md5="0" * 32, root=str(root))
 
 
 def test_offline_downloads_say_which_url_failed_and_where_to_put_the_file(tmp_path):
@@ -371,10 +366,19 @@ def assert_raster_order(planar, raster):
 
 
 def test_cifar10_download_verify_decode_in_raster_order_and_rebuild_a_damaged_cache(tmp_path):
+    """A wrong md5, downloaded or of an archive put there by hand, is refused before unpickling."""
     archive = tmp_path / "cifar.tar.gz"
     batches = make_cifar_archive(archive)
-    load = functools.partial(data.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
-                             root=str(tmp_path / "c"))
+    download = functools.partial(data.load_cifar10, url=archive.as_uri(), root=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="md5"):
+        download(md5="0" * 32)
+    (tmp_path / "c").mkdir(exist_ok=True)
+    placed = tmp_path / "c" / "cifar-10-python.tar.gz"
+    placed.write_bytes(archive.read_bytes()[:-10])
+    load = functools.partial(download, md5=md5(archive.read_bytes()))
+    with pytest.raises(ValueError, match="md5"):
+        load()
+    placed.unlink()
     d = load()
     assert d.splits["train"].shape == (20, 3072) and d.splits["test"].shape == (4, 3072)
     planar_train = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)])
@@ -384,17 +388,6 @@ def test_cifar10_download_verify_decode_in_raster_order_and_rebuild_a_damaged_ca
     cache.write_bytes(cache.read_bytes()[:1000])
     assert_raster_order(batches["test_batch"], load().splits["test"].numpy())
     assert np.load(cache)["test"].shape == (4, 3072)  # the cache itself was rewritten
-
-
-def test_corrupt_cifar10_archive_is_rejected_before_unpickling(tmp_path):
-    archive = tmp_path / "cifar.tar.gz"
-    make_cifar_archive(archive)
-    with pytest.raises(ValueError, match="md5"):  # downloaded
-        data.load_cifar10(url=archive.as_uri(), md5="0" * 32, root=str(tmp_path / "c"))
-    (tmp_path / "c").mkdir(exist_ok=True)
-    (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes()[:-10])  # put there by hand
-    with pytest.raises(ValueError, match="md5"):
-        data.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
 
 
 def test_wav_folder_is_mixed_resampled_mu_law_encoded_and_cut(tmp_path):
@@ -420,10 +413,12 @@ def test_mu_law_is_the_continuous_companding_formula():
 
 def test_sampler_windows_are_shifted_by_one_and_rows_start_with_bos():
     rows = torch.randint(0, 256, (5, 40), dtype=torch.uint8)
-    d = data.Data("rows", "image", {"train": rows}, vocab_size=257, bos=256)
+    d = data.Data("rows", "image", {"train": rows, "val": rows[:0]}, vocab_size=257, bos=256)
     x, y = data.BatchSampler(d, "train", 40, 8, seed=0).next_batch()
     assert x.shape == y.shape == (8, 40) and (x[:, 0] == 256).all() and torch.equal(x[:, 1:], y[:, :-1])
     assert all(any(torch.equal(r.long(), yy) for r in rows) for yy in y)  # whole rows, first token predicted
+    with pytest.raises(ValueError, match="val split of rows is empty"):
+        data.BatchSampler(d, "val", 40, 8, seed=0)
 
 
 def test_sampler_resumes_exactly_from_its_state():
@@ -439,12 +434,6 @@ def test_sampler_resumes_exactly_from_its_state():
 def test_copy_task_rows_repeat_their_first_half():
     x, y = data.BatchSampler(data.load("copy"), "train", 64, 3, seed=0).next_batch()
     assert torch.equal(y[:, 32:], y[:, :32]) and (x[:, 0] == 256).all()
-
-
-def test_sampler_refuses_an_empty_split():
-    d = data.Data("rows", "image", {"train": torch.zeros(0, 40, dtype=torch.uint8)}, vocab_size=257, bos=256)
-    with pytest.raises(ValueError, match="train split of rows is empty"):
-        data.BatchSampler(d, "train", 40, 8, seed=0)
 
 
 def py2_cifar_batch(planar):
@@ -1025,15 +1014,6 @@ def test_ctrl_c_stops_training_with_one_line_saying_where_and_status_130(text_fi
     assert run.returncode == 130 and "Traceback" not in err and where, err[-3000:]
     reached, saved = int(where[1]), int(where[2])
     assert reached >= saved >= 2 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == saved
-
-
-def test_bench_gives_a_setting_a_model_refuses_its_reason_and_keeps_tracebacks_for_the_unexpected(tmp_path, capsys):
-    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--models",
-                       "sparse_strided", "--lengths", "7"])["models"]
-    assert rows[0]["status"].startswith("refused: no stride tiles block_size 7") and "\n" not in rows[0]["status"]
-    assert "Traceback" not in capsys.readouterr().err
-    assert bench.attempt(lambda: 1 / 0)["status"] == "error: ZeroDivisionError: division by zero"
-    assert "Traceback" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["transformer", "perceiver_ar"])
@@ -1935,7 +1915,12 @@ def test_grouped_attention_backward_under_autocast_frees_each_layers_activations
         assert len(inputs) == 1 and inputs[0]() is None  # freed while the context is still open
 
 
-def test_attention_by_groups_of_heads_matches_all_heads_at_once():
+def test_attention_by_groups_of_heads_and_feed_forward_by_chunks_match_all_at_once():
+    block = ReversibleBlock(reformer_config(), layer_idx=0).eval()
+    x = torch.randn(2, 32, 16)
+    whole = block.g(x)
+    block.ff_chunks = 3  # uneven slices: 11, 11, 10
+    torch.testing.assert_close(block.g(x), whole, atol=1e-6, rtol=1e-6)
     torch.manual_seed(0)
     whole = Reformer(reformer_config(n_head=4)).double().eval()
     grouped = Reformer(reformer_config(n_head=4, attn_chunks=3)).double().eval()  # 2 groups of 2
@@ -1950,14 +1935,6 @@ def test_attention_by_groups_of_heads_matches_all_heads_at_once():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     with pytest.raises(ValueError, match="attn_chunks"):
         Reformer(reformer_config(n_head=4, attn_chunks=5))
-
-
-def test_chunked_feed_forward_matches_unchunked():
-    block = ReversibleBlock(reformer_config(), layer_idx=0).eval()
-    x = torch.randn(2, 32, 16)
-    whole = block.g(x)
-    block.ff_chunks = 3  # uneven slices: 11, 11, 10
-    torch.testing.assert_close(block.g(x), whole, atol=1e-6, rtol=1e-6)
 
 
 def test_axial_position_embedding_concatenates_row_and_column_vectors():
@@ -2930,7 +2907,9 @@ def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finish
 
 
 def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forward_leaks():
-    """An oracle that copies the token d back scores 1; one that would need a later token scores chance."""
+    """An oracle that copies the token d back scores 1; one that would need a later token scores chance. Perceiver
+    AR predicts only its latents (the last k positions): an oracle that copies there scores 1, and rows taken in
+    several calls score as in one."""
     class Oracle(torch.nn.Module):
         exactly_causal = False
 
@@ -2946,10 +2925,6 @@ def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forwar
     assert bench.copy_accuracy(good, 16, "cpu") == 1.0
     assert bench.copy_accuracy(cheat, 16, "cpu") < 0.1 and len(cheat.calls) == 32  # one prefix per position
 
-
-def test_copy_accuracy_scores_a_model_that_predicts_only_its_last_positions_on_those():
-    """Perceiver AR predicts only its latents (the last k positions): an oracle that copies there scores 1, and
-    rows taken in several calls score as in one."""
     class LastK(torch.nn.Module):
         def forward(self, idx):  # the token d = 16 back, for the last 8 positions only
             return F.one_hot(idx[:, -8 - 15 : -15], 257).float(), None
@@ -3027,20 +3002,31 @@ def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_res
     assert "d16" not in shown and len(shown["d32_curve"]) == 1  # but a distance run before is shown
 
 
-def test_flex_block_mask_in_flex_blocks_computes_the_model_layouts():
+def test_flex_block_masks_compute_the_model_layouts_and_list_the_same_blocks_as_arithmetic_or_table():
     # bench hands FlexAttention the layouts in its own blocks of 128 positions (8 x 8 tiles of 16 here): full
     # where every tile is visible and uncut (inside the fixed pattern's blocks of 256), partial (masked element
-    # by element) where some are.
+    # by element) where some are. What makes the kernels table's two Flex columns comparable: create_block_mask
+    # of each arithmetic mask_mod lists the same full and partial blocks as flex_block_mask of the layout; only the
+    # work per element of a partial block differs (arithmetic, or a lookup in a captured table).
     from torch.nn.attention.flex_attention import flex_attention
     n, block = 1024, 16
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
-    kinds = []
-    for name, layout, window, _ in bench.model_layouts(n, block, 256, 2):
-        mask = bench.flex_block_mask(layout, block, n, window, "cpu")
-        kinds.append((int(mask.kv_num_blocks.sum()), int(mask.full_kv_num_blocks.sum())))
+
+    def listed(counts, indices):  # (1, H', m), (1, H', m, m) -> (H', m, m): which blocks a row lists
+        first = torch.arange(indices.size(-1)) < counts[..., None]
+        return torch.zeros(indices.shape).scatter_add(-1, indices.long(), first.float())[0] > 0
+    kinds = []  # (partial, full) blocks listed, per layout
+    for name, layout, window, mask_mod in bench.model_layouts(n, block, 256, 2):
+        table = bench.flex_block_mask(layout, block, n, window, "cpu")
+        kinds.append((int(table.kv_num_blocks.sum()), int(table.full_kv_num_blocks.sum())))
         expected = dense_attention(q, k, v, layout=layout, tile=block, window=window)
-        torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), expected, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=table), expected, atol=1e-5, rtol=1e-5, msg=name)
+        arithmetic = bench.flex_mask(mask_mod, layout.size(0), n, torch.device("cpu"))
+        assert arithmetic.BLOCK_SIZE == table.BLOCK_SIZE == (128, 128), name
+        for kind in ("kv", "full_kv"):
+            a, t = (listed(getattr(m, f"{kind}_num_blocks"), getattr(m, f"{kind}_indices")) for m in (arithmetic, table))
+            assert torch.equal(a, t), (name, kind)
     assert all(partial > 0 for partial, _ in kinds) and any(full > 0 for _, full in kinds), kinds
 
 
@@ -3064,27 +3050,6 @@ def test_flex_arithmetic_masks_equal_the_kernel_masks_of_the_model_layouts(n):
             expected = torch.cat([expected, later], dim=-1).expand(H, block, n)
             got = mask_mod(0, h, torch.arange(m * block, (m + 1) * block)[None, :, None], kv_idx)
             assert torch.equal(got.expand(H, block, n), expected), (name, m)
-
-
-def test_flex_arithmetic_block_masks_list_the_same_blocks_as_the_layout_table():
-    # What makes the kernels table's two Flex columns comparable: create_block_mask of each arithmetic mask_mod
-    # lists the same full and partial 128-blocks as flex_block_mask of the layout; only the work per element of
-    # a partial block differs (arithmetic, or a lookup in a captured table).
-    n, block = 1024, 16
-
-    def listed(counts, indices):  # (1, H', m), (1, H', m, m) -> (H', m, m): which blocks a row lists
-        first = torch.arange(indices.size(-1)) < counts[..., None]
-        return torch.zeros(indices.shape).scatter_add(-1, indices.long(), first.float())[0] > 0
-    blocks = {"kv": 0, "full_kv": 0}  # partial and full blocks listed, over the layouts
-    for name, layout, window, mask_mod in bench.model_layouts(n, block, 256, 2):
-        arithmetic = bench.flex_mask(mask_mod, layout.size(0), n, torch.device("cpu"))
-        table = bench.flex_block_mask(layout, block, n, window, "cpu")
-        assert arithmetic.BLOCK_SIZE == table.BLOCK_SIZE == (128, 128), name
-        for kind in blocks:
-            a, t = (listed(getattr(m, f"{kind}_num_blocks"), getattr(m, f"{kind}_indices")) for m in (arithmetic, table))
-            assert torch.equal(a, t), (name, kind)
-            blocks[kind] += int(a.sum())
-    assert all(blocks.values()), blocks
 
 
 def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_path, monkeypatch):
@@ -3254,12 +3219,18 @@ def test_bench_skips_what_the_budget_cannot_fit(tmp_path):
     assert all(r["status"].startswith("skipped: budget") for rows in results.values() for r in rows)
 
 
-def test_bench_models_stage_times_every_model(tmp_path):
-    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--lengths", "64",
-                          "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])
-    rows = results["models"]
+def test_bench_models_stage_times_every_model_and_gives_a_setting_a_model_refuses_its_reason(tmp_path, capsys):
+    """A refusal is the model's one sentence, without a traceback; the unexpected keeps its traceback."""
+    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--lengths"]
+    rows = bench.main(argv + ["64", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])["models"]
     assert [r["model"] for r in rows] == list(train.MODELS)
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["params_m"] > 0 for r in rows)
+    capsys.readouterr()
+    rows = bench.main(argv + ["7", "--models", "sparse_strided"])["models"]
+    assert rows[0]["status"].startswith("refused: no stride tiles block_size 7") and "\n" not in rows[0]["status"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert bench.attempt(lambda: 1 / 0)["status"] == "error: ZeroDivisionError: division by zero"
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_memory_table_formula_reproduces_the_sparse_transformer_post():
@@ -3563,7 +3534,7 @@ def test_backends_are_the_pytorch_ones_on_cpu_and_what_a_kernel_cannot_take_is_r
     assert "index in 32 bits" in kernels.aft_unfit(None, huge)
 
 
-def test_layout_index_lists_are_cached_by_content():
+def test_layout_index_lists_are_cached_by_content_and_put_the_tiles_the_band_cuts_first():
     # A model's own layout tensor is looked up by identity (its content is not serialised again), a rebuilt one
     # by content; a layout changed in place gets new lists.
     layout = random_layout(2, 64, 64, 16)
@@ -3574,9 +3545,6 @@ def test_layout_index_lists_are_cached_by_content():
     layout[0] = ~layout[0]
     changed = kernels.tile_lists(layout, 16, 64, 64, 0, 65, "cpu")
     assert changed is not first and not torch.equal(changed[1], first[1])
-
-
-def test_layout_lists_put_the_tiles_the_band_cuts_first():
     # Causal, window 40 (query p sees keys p - 39 .. p), tile 16, T = S = 64: query tile 3 (rows 48..63) sees
     # key tiles 0 and 1 cut by the window (row 63 sees keys from 24 on), 2 whole and 3 cut by the diagonal.
     layout = torch.ones(1, 4, 4, dtype=torch.bool)
