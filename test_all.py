@@ -178,6 +178,16 @@ def outputs_and_grads(fn, q, k, v, dout):
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
 
+def training_step(model, idx, targets, seed):
+    """[logits, loss, every parameter's gradient] of one forward and backward, dropout and hashes drawn from seed:
+    what two ways of computing the same model must agree on."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    logits, loss = model(idx, targets)
+    loss.backward()  # a reversible backward too puts the parameters' gradients in .grad
+    return [logits.detach(), loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
 # The one tiny-model factory. TINY_MODEL: the sizes every test across the models starts from (the
 # README's CAUSAL_CASES line: 2 layers, width 32, 64 tokens); TINY_SECTION: the smaller ones a model
 # file's own section starts from (section=True). A test names what it changes beyond them.
@@ -1460,22 +1470,11 @@ def test_block_layouts_with_element_parts_reproduce_element_masks_and_are_sparse
         assert torch.equal(layout, tile_has_entry)  # ... and every computed tile holds an allowed entry
 
 
-def test_strided_transpose_gives_the_masked_attention_output():
-    torch.manual_seed(0)
-    cfg = sparse_config(pattern="strided", combine="interleaved")
-    attn = st.CausalSelfAttention(cfg, layer=1).double()
-    q, k, v = (torch.randn(2, 4, 64, 8, dtype=torch.float64) for _ in range(3))
-    i, j = torch.arange(64)[:, None], torch.arange(64)[None, :]
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & ((i - j) % 8 == 0))
-    torch.testing.assert_close(attn.transposed(q, k, v), expected, rtol=1e-12, atol=1e-12)
-    x = torch.randn(1, 1, 64, 1)
-    torch.testing.assert_close(st.strided_untranspose(st.strided_transpose(x, 8, 4), 8), x, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("pattern,combine,backend", SPARSE)
 def test_every_layer_equals_attention_under_its_element_mask(pattern, combine, backend, monkeypatch):
     """Output and gradients. Dense: float64, at 64 positions and 37 (padded up to a tileable, transposable
-    length). Triton: float32, in the kernel's smallest tiles, 16 (the fixed pattern's stride 32)."""
+    length). Triton: float32, in the kernel's smallest tiles, 16 (the fixed pattern's stride 32). The strided
+    pattern's second part (A2, every layer 1 of interleaved) runs as causal attention in the transposed order."""
     torch.manual_seed(1)
     if backend == "triton":
         monkeypatch.setattr(st, "attention", functools.partial(kernels.attention, backend="triton"))
@@ -1504,19 +1503,14 @@ def randomized(model):
 
 @pytest.mark.parametrize("pattern", ["all", "strided", "fixed"])
 def test_recompute_gives_the_same_loss_and_gradients_with_dropout(pattern):
-    results = []
+    steps = []
     for recompute in (False, True):
         torch.manual_seed(3)
-        model = tiny("transformer", True, pattern=pattern, dropout=0.2, recompute=recompute)
-        model = randomized(model).double()
+        model = randomized(tiny("transformer", True, pattern=pattern, dropout=0.2, recompute=recompute)).double()
         idx = torch.randint(0, 11, (2, 64))
-        torch.manual_seed(4)  # the same dropout masks in both runs
-        _, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters()]))
-    (loss0, g0), (loss1, g1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g0, g1):
+        steps.append(training_step(model, idx[:, :-1], idx[:, 1:], seed=4))  # the same dropout masks in both runs
+    torch.testing.assert_close(steps[1][1], steps[0][1], rtol=1e-12, atol=1e-12)  # the loss
+    for a, b in zip(*steps):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
@@ -1650,20 +1644,16 @@ def test_lsh_kernel_and_cpu_path_give_the_twins_output_and_gradients(case, monke
 
 def test_reformer_with_the_lsh_kernel_trains_like_the_dense_twin(monkeypatch):
     # The whole model, reversible recompute included, with the Triton kernel (interpreter) in every layer.
-    cfg = reformer_config(n_hashes=3, ff_chunks=2)
-    results = {}
+    steps = []
     for backend in ("dense", "triton"):
         monkeypatch.setattr(reformer, "lsh_attention", functools.partial(kernels.lsh_attention, backend=backend))
         torch.manual_seed(0)
-        model = Reformer(cfg).train()
+        model = Reformer(reformer_config(n_hashes=3, ff_chunks=2)).train()
         idx = torch.randint(11, (2, 32))
-        torch.manual_seed(1)
-        _, loss = model(idx, idx)
-        loss.backward()
+        steps.append(training_step(model, idx, idx, seed=1))
         assert kernels.last_lsh_backend == backend
-        results[backend] = [loss.detach()] + [p.grad for p in model.parameters()]
-    for ref, got in zip(results["dense"], results["triton"]):
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    for want, got in zip(*steps):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["dense", "triton"])
@@ -1855,20 +1845,15 @@ def test_reversible_gradients_match_ordinary_backprop(n_head, attn_chunks, monke
                           attn_chunks=attn_chunks)
     model = Reformer(cfg).double().train()
     idx = torch.randint(11, (2, 32))
-    grads, losses = [], []
+    steps = []
     for reversible in (True, False):
         model.config.reversible = reversible
-        model.zero_grad()
-        torch.manual_seed(1)
-        _, loss = model(idx, idx)
-        loss.backward()
+        steps.append(training_step(model, idx, idx, seed=1))
         assert len(calls) == attn_chunks  # lsh_every=2: one LSH layer of the two
         calls.clear()
-        losses.append(loss.detach())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-12, rtol=1e-12)
-    for name in grads[1]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-8, msg=name)
+    torch.testing.assert_close(steps[0][1], steps[1][1], atol=1e-12, rtol=1e-12)  # the loss
+    for name, a, b in zip(["logits", "loss"] + [n for n, _ in model.named_parameters()], *steps, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
 @pytest.mark.parametrize("attn_chunks", [1, 2])
@@ -1926,12 +1911,7 @@ def test_attention_by_groups_of_heads_and_feed_forward_by_chunks_match_all_at_on
     grouped = Reformer(reformer_config(n_head=4, attn_chunks=3)).double().eval()  # 2 groups of 2
     grouped.load_state_dict(whole.state_dict())
     idx = torch.randint(11, (2, 32))
-    outputs = []
-    for model in (whole, grouped):
-        logits, loss = model(idx, idx)
-        loss.backward()  # the reversible backward puts the parameters' gradients in .grad
-        outputs.append([logits, *(p.grad for p in model.parameters())])
-    for a, b in zip(*outputs):
+    for a, b in zip(*(training_step(model, idx, idx, seed=0) for model in (whole, grouped)), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     with pytest.raises(ValueError, match="attn_chunks"):
         Reformer(reformer_config(n_head=4, attn_chunks=5))
