@@ -179,8 +179,8 @@ def outputs_and_grads(fn, q, k, v, dout):
 
 
 def training_step(model, idx, targets, seed):
-    """[logits, loss, every parameter's gradient] of one forward and backward, dropout and hashes drawn from seed:
-    what two ways of computing the same model must agree on."""
+    """[logits, loss, every parameter's gradient] of one forward and backward, dropout and hashes
+    drawn from seed: what two ways of computing the same model must agree on."""
     model.zero_grad()
     torch.manual_seed(seed)
     logits, loss = model(idx, targets)
@@ -322,12 +322,14 @@ train.MODELS["conv_lm"] = ("conv_lm", "ConvLM", {})  # the line in train.py's MO
 # data: download, verify, cache, split, order
 
 def test_enwik8_download_verify_cache_and_split(tmp_path):
-    """A download of the wrong size or md5 is refused and not kept. A good one is unpacked through a temporary file
-    (no .part left) and split; the second load comes from the cache, whose unpacked member is checked again."""
+    """A download of the wrong size or md5 is refused and not kept. A good one is unpacked through a
+    temporary file (no .part left) and split; the second load comes from the cache, whose unpacked
+    member is checked again."""
     payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
     zpath, root = tmp_path / "served.zip", tmp_path / "cache"
     zpath.write_bytes(zipped("enwik8", payload))
-    size, download = zpath.stat().st_size, functools.partial(data.load_enwik8, url=zpath.as_uri(), root=str(root))
+    size = zpath.stat().st_size
+    download = functools.partial(data.load_enwik8, url=zpath.as_uri(), root=str(root))
     with pytest.raises(ValueError, match="expected"):
         download(zip_size=size + 1, md5="0" * 32)
     assert not any(root.iterdir())  # no half-written or unverified file left behind
@@ -349,9 +351,9 @@ def test_offline_downloads_say_which_url_failed_and_where_to_put_the_file(tmp_pa
     with pytest.raises(FileNotFoundError, match="by hand") as e:
         data.load_enwik8(url=(tmp_path / "absent.zip").as_uri(), root=str(tmp_path / "c"))
     assert "absent.zip" in str(e.value) and str(tmp_path / "c") in str(e.value)
-    with pytest.raises(FileNotFoundError) as e:  # CIFAR-10 also offers images:PATH
+    with pytest.raises(FileNotFoundError, match="--data images:PATH") as e:  # CIFAR-10's
         data.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(tmp_path / "c"))
-    assert str(tmp_path / "c" / "cifar-10-python.tar.gz") in str(e.value) and "--data images:PATH" in str(e.value)
+    assert str(tmp_path / "c" / "cifar-10-python.tar.gz") in str(e.value)
 
 
 def make_cifar_archive(path, n_per_batch=4, seed=0):
@@ -609,8 +611,8 @@ def npz_bytes(**arrays):
     return buf.getvalue()
 
 
-# Damaged, wrong or missing files, and an unknown name: name -> (build(tmp_path) -> (path or name the message
-# must name, load), exception, what the message tells the user)
+# Damaged, wrong or missing files, and an unknown name: name -> (build(tmp_path) -> (path or name
+# the message must name, load), exception, what the message tells the user)
 DAMAGED_FILES = {
     "truncated .bz2": (loaded_as("text", "t.bz2", bz2.compress(TEXT)[:-40]), ValueError, "download it again"),
     "garbage .bz2": (loaded_as("text", "t.bz2", TEXT), ValueError, "decompress it and pass"),
@@ -650,12 +652,13 @@ DAMAGED_FILES = {
     "images: a folder": (folder("images"), ValueError, "takes one file"),
     "damaged CIFAR-10 cache, no archive": (damaged_cifar_cache, ValueError, "is damaged; delete it and retry"),
     "truncated hand-placed CIFAR-10 archive": (truncated_cifar_archive, ValueError, "delete it and retry"),
-    "images of 28x28": (loaded_as("images", "i.npy", npy_bytes(np.zeros((4, 28, 28), np.uint8))), ValueError,
-                        "expected uint8 [N >= 3, 32, 32, 3]"),
-    "missing text file": (lambda p: (p / "no.txt", lambda: data.load(f"text:{p / 'no.txt'}")), FileNotFoundError,
-                          "does not exist"),
+    "images of 28x28": (loaded_as("images", "i.npy", npy_bytes(np.zeros((4, 28, 28), np.uint8))),
+                        ValueError, "expected uint8 [N >= 3, 32, 32, 3]"),
+    "missing text file": (lambda p: (p / "no.txt", lambda: data.load(f"text:{p / 'no.txt'}")),
+                          FileNotFoundError, "does not exist"),
     "wav: a folder without .wav files": (folder("wav"), FileNotFoundError, "no .wav files"),
-    "unknown --data": (lambda p: ("imagenet", lambda: data.load("imagenet")), ValueError, "unknown --data"),
+    "unknown --data": (lambda p: ("imagenet", lambda: data.load("imagenet")), ValueError,
+                       "unknown --data"),
 }
 
 
@@ -809,12 +812,15 @@ def test_an_extended_run_keeps_its_schedule_so_the_rate_never_rises(text_file, t
     the losses are those of one run on that schedule (dropout's too). A training flag typed when
     resuming overrides the checkpoint's, a typed --lr_decay_iters moves the horizon: the line of
     overrides and the flags line say so."""
-    run = ["--data", f"text:{text_file}", "--eval_interval", "1", "--dropout", "0.1"] + TINY + ["--warmup", "0"]
-    whole = train.main(run + ["--max_iters", "9", "--lr_decay_iters", "6", "--out_dir", str(tmp_path / "whole")])
+    run = ["--data", f"text:{text_file}", "--eval_interval", "1", "--dropout", "0.1"] + TINY
+    run += ["--warmup", "0"]
+    whole = train.main(run + ["--max_iters", "9", "--lr_decay_iters", "6", "--out_dir",
+                              str(tmp_path / "a")])
     train.main(run + ["--max_iters", "6", "--out_dir", str(tmp_path)])
     capsys.readouterr()
     resume = ["--resume", "--out_dir", str(tmp_path)]
-    assert train.main(resume + ["--max_iters", "9"]) == [h for h in whole if h["step"] >= 6]  # bit-exact on CPU
+    rest = train.main(resume + ["--max_iters", "9"])
+    assert [h for h in whole if h["step"] >= 6] == rest  # bit-exact on CPU
     assert "the cosine ends at step 6 and the steps after it run at min_lr" in capsys.readouterr().out
     metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rates = [json.loads(line)["lr"] for line in metrics]  # the rate of each step, 0 to 8
@@ -822,11 +828,12 @@ def test_an_extended_run_keeps_its_schedule_so_the_rate_never_rises(text_file, t
     assert rates[6:] == [1e-4] * 3  # steps 6, 7, 8: min_lr, lr / 10
     args = train.parse_args(["--max_iters", "9", "--lr_decay_iters", "6", "--warmup", "0"])
     assert [train.lr_at(step, args) for step in range(9)] == rates
-    history = train.main(resume + ["--max_iters", "12", "--lr_decay_iters", "12", "--eval_iters", "1"])
+    history = train.main(resume + ["--max_iters", "12", "--lr_decay_iters", "12",
+                                   "--eval_iters", "1"])
     printed = capsys.readouterr().out
-    assert ("from the command line, overriding the checkpoint: max_iters=12 (checkpoint: 9), lr_decay_iters=12 "
-            "(checkpoint: 6), eval_iters=1 (checkpoint: 2)\n") in printed
-    assert " max_iters=12 " in printed and " eval_iters=1 " in printed and " batch_size=4 " in printed
+    assert ("from the command line, overriding the checkpoint: max_iters=12 (checkpoint: 9), "
+            "lr_decay_iters=12 (checkpoint: 6), eval_iters=1 (checkpoint: 2)\n") in printed
+    assert all(f" {flag} " in printed for flag in ("max_iters=12", "eval_iters=1", "batch_size=4"))
     assert [h["step"] for h in history if "loss" in h] == [9, 10, 11]
 
 
@@ -840,9 +847,10 @@ def downloaded_enwik8():
 
 
 def test_a_run_on_the_offline_fallback_stays_on_it_once_enwik8_can_be_had(tmp_path, monkeypatch, capsys):
-    """Offline, --data enwik8 trains on pydoc_data, which the printed flags say, and the checkpoint records: once
-    enwik8 is there, --resume continues on pydoc_data (the uninterrupted offline run's losses) and sample.py
-    --evaluate scores pydoc_data (the same bits), unless --data asks for other data, which the output then says."""
+    """Offline, --data enwik8 trains on pydoc_data, which the printed flags say, and the checkpoint
+    records: once enwik8 is there, --resume continues on pydoc_data (the uninterrupted offline run's
+    losses) and sample.py --evaluate scores pydoc_data (the same bits), unless --data asks for other
+    data, which the output then says."""
     monkeypatch.setattr(data, "load_enwik8", offline_enwik8)
     run = ["--data", "enwik8", "--lr_decay_iters", "4", "--eval_interval", "2"] + TINY
     whole = train.main(run + ["--max_iters", "4", "--out_dir", str(tmp_path / "a")])
@@ -1066,9 +1074,10 @@ def test_position_buckets_grow_fourfold_and_cover_only_the_scored_positions():
 
 def test_a_short_run_ends_with_the_checkpoint_whose_bits_by_position_evaluation_prints_and_saves(
         text_file, tmp_path, monkeypatch, capsys):
-    """The quickstart's 200 steps under the default eval_interval of 250: the run evaluates and writes its
-    checkpoint at its last step, so sample.py has something to read when it ends. --evaluate prints bits by
-    position and saves them beside the checkpoint; without matplotlib one line says no png is drawn."""
+    """The quickstart's 200 steps under the default eval_interval of 250: the run evaluates and
+    writes its checkpoint at its last step, so sample.py has something to read when it ends.
+    --evaluate prints bits by position and saves them beside the checkpoint; without matplotlib one
+    line says no png is drawn."""
     train.main(["--data", f"text:{text_file}", "--max_iters", "3", "--out_dir", str(tmp_path)] + TINY)
     assert train.parse_args([]).eval_interval > 3
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
@@ -1216,17 +1225,19 @@ def test_a_model_refuses_what_it_cannot_take_with_value_error_and_a_sentence(cas
 
 
 @pytest.mark.parametrize("name", list(train.MODELS))
-def test_every_model_trains_through_train_py_and_every_integer_setting_is_refused_at_parse_time_or_works(
+def test_every_model_trains_and_every_integer_setting_is_refused_at_parse_time_or_works(
         name, text_file, tmp_path):
-    """Every registered model trains two steps through train.py and writes its checkpoint. The class, not the
-    examples: 0 and -1 for every integer field of every model's Config either stop at parse time with a sentence
-    naming the flag, or are taken (0 = automatic) and the model trains a step."""
+    """Every registered model trains two steps through train.py and writes its checkpoint. The
+    class, not the examples: 0 and -1 for every integer field of every model's Config either stop at
+    parse time with a sentence naming the flag, or are taken (0 = automatic) and the model trains a
+    step."""
     module, _, variant = train.MODELS[name]
     fields = [f.name for f in dataclasses.fields(importlib.import_module(module).Config)
               if f.type is int and f.name not in train.SHARED_FIELDS and f.name not in variant]
     base = ["--model", name, "--data", f"text:{text_file}"] + TINY + ["--block_size", "64"]
-    hist = train.main(base + ["--max_iters", "2", "--eval_interval", "2", "--out_dir", str(tmp_path / "defaults")])
-    assert math.isfinite(hist[-1]["val_loss"]) and (tmp_path / "defaults" / "ckpt.pt").exists()
+    hist = train.main(base + ["--max_iters", "2", "--eval_interval", "2", "--out_dir",
+                              str(tmp_path / "all")])
+    assert math.isfinite(hist[-1]["val_loss"]) and (tmp_path / "all" / "ckpt.pt").exists()
     for field, value in itertools.product(fields, ("0", "-1")):
         argv = base + ["--max_iters", "1", "--eval_interval", "1", f"--{field}", value, "--out_dir",
                        str(tmp_path / f"{field}{value}")]
@@ -1339,14 +1350,16 @@ def test_every_published_figure_links_a_record_that_holds_its_code_machine_and_c
         assert all("timings" in r for r in cells if any(k.endswith("_ms") for k in r)), (where, name)
 
 
-def test_resume_refuses_what_contradicts_the_checkpoint_or_a_damaged_one_and_keeps_the_rest(text_file, tmp_path):
+def test_resume_refuses_what_contradicts_the_checkpoint_or_a_damaged_one_and_keeps_the_rest(
+        text_file, tmp_path):
     base = ["--out_dir", str(tmp_path)] + TINY
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train.main(base + ["--resume"])
     train.main(base + ["--data", f"text:{text_file}", "--max_iters", "2", "--eval_interval", "2"])
     for flags, fragment in ((["--data", "copy"], f"--data copy differs from the checkpoint's text:{text_file}"),
                             (["--n_embd", "64"], "--n_embd 64 differs from the checkpoint's 32"),
-                            (["--block_size", "64"], "--block_size 64 differs from the checkpoint's 32"),
+                            (["--block_size", "64"],
+                             "--block_size 64 differs from the checkpoint's 32"),
                             (["--model", "aft_local"], "--model aft_local differs from the checkpoint's transformer"),
                             (["--max_iters", "2"], "already at step 2, so --max_iters 2 leaves nothing to do")):
         with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -1390,13 +1403,14 @@ def test_unusable_out_dir_and_missing_checkpoint_are_one_sentence(text_file, tmp
         assert "--resume" not in str(e.value)
 
 
-def test_text_sampling_continues_the_prompt_and_ends_when_progress_bars_are_disabled(text_file, tmp_path):
+def test_text_sampling_continues_the_prompt_and_ends_without_progress_bars(text_file, tmp_path):
     """Progress bars only display: with TQDM_DISABLE=1 generation still counts its tokens and ends."""
     train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1",
                 "--out_dir", str(tmp_path)] + TINY)
     r = subprocess.run([sys.executable, "sample.py", "--out_dir", str(tmp_path), "--max_new_tokens", "25",
                         "--num_samples", "2", "--prompt", "Hello, long context", "--device", "cpu"],
-                       capture_output=True, text=True, cwd=HERE, timeout=120, env={**os.environ, "TQDM_DISABLE": "1"})
+                       capture_output=True, text=True, cwd=HERE, timeout=120,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
     assert r.returncode == 0 and r.stdout.count("Hello, long context") == 2, r.stderr
     first, _ = r.stdout.split("--- sample 1 ---\n")[1].split("--- sample 2 ---")
     assert len(first.encode()) >= len("Hello, long context") + 25 - 25 // 4
@@ -1405,10 +1419,12 @@ def test_text_sampling_continues_the_prompt_and_ends_when_progress_bars_are_disa
 # ----------------------------------------------------------------------------------------------------------
 # sparse_transformer.py: patterns, transpose, recompute, position embeddings, cached generation
 
-# (pattern, combine, backend): every pattern on the dense path; on the Triton kernel, the ones that make every call
-SPARSE = [("local", "interleaved", "dense")] + [(p, c, "dense") for p in ("strided", "fixed") for c in st.COMBINES] + [
-    (p, c, "triton") for p, c in (("strided", "interleaved"), ("strided", "multihead"), ("fixed", "merged"),
-                                  ("fixed", "multihead"))]
+# (pattern, combine, backend): every pattern on the dense path; on the Triton kernel, the ones that
+# make every call the kernel gets
+SPARSE = [("local", "interleaved", "dense")] + [
+    (p, c, "dense") for p in ("strided", "fixed") for c in st.COMBINES] + [
+    (p, c, "triton") for p, c in (("strided", "interleaved"), ("strided", "multihead"),
+                                  ("fixed", "merged"), ("fixed", "multihead"))]
 
 
 def as_sets(mask):
@@ -1471,22 +1487,27 @@ def test_block_layouts_with_element_parts_reproduce_element_masks_and_are_sparse
 
 
 @pytest.mark.parametrize("pattern,combine,backend", SPARSE)
-def test_every_layer_equals_attention_under_its_element_mask(pattern, combine, backend, monkeypatch):
-    """Output and gradients. Dense: float64, at 64 positions and 37 (padded up to a tileable, transposable
-    length). Triton: float32, in the kernel's smallest tiles, 16 (the fixed pattern's stride 32). The strided
-    pattern's second part (A2, every layer 1 of interleaved) runs as causal attention in the transposed order."""
+def test_every_layer_equals_attention_under_its_element_mask(pattern, combine, backend,
+                                                             monkeypatch):
+    """Output and gradients. Dense: float64, at 64 positions and 37 (padded up to a tileable,
+    transposable length). Triton: float32, in the kernel's smallest tiles, 16 (the fixed pattern's
+    stride 32). The strided pattern's second part (A2, every layer 1 of interleaved) runs as causal
+    attention in the transposed order."""
     torch.manual_seed(1)
     if backend == "triton":
         monkeypatch.setattr(st, "attention", functools.partial(kernels.attention, backend="triton"))
-        cfg = sparse_config(pattern=pattern, combine=combine, stride=32 if pattern == "fixed" else 4, summary=16,
+        stride = 32 if pattern == "fixed" else 4
+        cfg = sparse_config(pattern=pattern, combine=combine, stride=stride, summary=16,
                             attn_block=16, n_head=2, n_embd=32)
-        dtype, lengths, tol, grad_tol = torch.float32, (64,), dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
+        dtype, lengths = torch.float32, (64,)
+        tol, grad_tol = dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
     else:
         cfg = sparse_config(pattern=pattern, combine=combine)
-        dtype, lengths, tol = torch.float64, (64, 37), dict(rtol=1e-10, atol=1e-10)
-        grad_tol = tol
+        dtype, lengths = torch.float64, (64, 37)
+        tol = grad_tol = dict(rtol=1e-10, atol=1e-10)
     for layer, T in itertools.product((0, 1), lengths):
-        q, k, v = (torch.randn(2, cfg.n_head, T, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(2, cfg.n_head, T, 16, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
         pos = torch.arange(T)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=element_mask(cfg, layer, pos, pos))
         out = st.CausalSelfAttention(cfg, layer).to(dtype).attend(q, k, v)
@@ -1506,16 +1527,17 @@ def test_recompute_gives_the_same_loss_and_gradients_with_dropout(pattern):
     steps = []
     for recompute in (False, True):
         torch.manual_seed(3)
-        model = randomized(tiny("transformer", True, pattern=pattern, dropout=0.2, recompute=recompute)).double()
+        model = tiny("transformer", True, pattern=pattern, dropout=0.2, recompute=recompute)
+        model = randomized(model).double()
         idx = torch.randint(0, 11, (2, 64))
-        steps.append(training_step(model, idx[:, :-1], idx[:, 1:], seed=4))  # the same dropout masks in both runs
+        steps.append(training_step(model, idx[:, :-1], idx[:, 1:], seed=4))  # the same dropout
     torch.testing.assert_close(steps[1][1], steps[0][1], rtol=1e-12, atol=1e-12)  # the loss
     for a, b in zip(*steps):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
 def saved_bytes(model, idx):
-    """Bytes of the storages the training forward on idx keeps for the backward, parameters excluded."""
+    """Bytes of the storages a training forward on idx keeps for the backward (parameters not)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -1707,8 +1729,9 @@ def lsh_reference(q, k, v, buckets, chunk, same_bucket_mask=False, dup_correctio
     return out
 
 
-# case: (backend, T, chunk, lsh_attention's options), 3 rounds of 4 buckets: chunks of 4 in 32 positions, and of 8 in
-# 37 = 4 * 8 + 5, where the last chunk holds 5 positions and the padding inside must not show in the output
+# case: (backend, T, chunk, lsh_attention's options), 3 rounds of 4 buckets: chunks of 4 in 32
+# positions, and of 8 in 37 = 4 * 8 + 5, where the last chunk holds 5 positions and the padding
+# inside must not show in the output
 LSH_REFERENCE_CASES = {
     **{f"rounds-{name}": ("dense", 32, 4, options) for name, options in (
         ("paper", {}), ("same-bucket", dict(same_bucket_mask=True)),
@@ -1720,16 +1743,16 @@ LSH_REFERENCE_CASES = {
 
 @pytest.mark.parametrize("case", LSH_REFERENCE_CASES)
 def test_lsh_rounds_combine_by_logsumexp(case):
-    """Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a key counted once
-    per round that sees it; with the duplicate correction, once in all (the union of the windows): lsh_reference,
-    in float64 on the twin, float32 on the kernel."""
+    """Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a
+    key counted once per round that sees it; with the duplicate correction, once in all (the union
+    of the windows): lsh_reference, in float64 on the twin, float32 on the kernel."""
     backend, T, chunk, options = LSH_REFERENCE_CASES[case]
-    q, v, buckets = random_lsh_inputs(B=1, H=2, T=T, R=3, n_buckets=4, dtype=torch.float64 if backend == "dense"
-                                      else torch.float32, seed=6)
+    dtype, tol = (torch.float64, 1e-10) if backend == "dense" else (torch.float32, 2e-5)
+    q, v, buckets = random_lsh_inputs(B=1, H=2, T=T, R=3, n_buckets=4, dtype=dtype, seed=6)
     k = F.normalize(q, dim=-1)
     out = lsh_attention(q, k, v, buckets, chunk, backend=backend, **options)
-    tol = 1e-10 if backend == "dense" else 2e-5
-    torch.testing.assert_close(out.double(), lsh_reference(q, k, v, buckets, chunk, **options), atol=tol, rtol=tol)
+    expected = lsh_reference(q, k, v, buckets, chunk, **options)
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
 def later_inputs_effect(backend, R, scale, causal, dup_correction=False, T=44, t=21, chunk=8):
@@ -1852,7 +1875,8 @@ def test_reversible_gradients_match_ordinary_backprop(n_head, attn_chunks, monke
         assert len(calls) == attn_chunks  # lsh_every=2: one LSH layer of the two
         calls.clear()
     torch.testing.assert_close(steps[0][1], steps[1][1], atol=1e-12, rtol=1e-12)  # the loss
-    for name, a, b in zip(["logits", "loss"] + [n for n, _ in model.named_parameters()], *steps, strict=True):
+    names = ["logits", "loss"] + [name for name, _ in model.named_parameters()]
+    for name, a, b in zip(names, *steps, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
@@ -1911,7 +1935,8 @@ def test_attention_by_groups_of_heads_and_feed_forward_by_chunks_match_all_at_on
     grouped = Reformer(reformer_config(n_head=4, attn_chunks=3)).double().eval()  # 2 groups of 2
     grouped.load_state_dict(whole.state_dict())
     idx = torch.randint(11, (2, 32))
-    for a, b in zip(*(training_step(model, idx, idx, seed=0) for model in (whole, grouped)), strict=True):
+    steps = [training_step(model, idx, idx, seed=0) for model in (whole, grouped)]
+    for a, b in zip(*steps, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     with pytest.raises(ValueError, match="attn_chunks"):
         Reformer(reformer_config(n_head=4, attn_chunks=5))
@@ -1928,11 +1953,12 @@ def test_axial_position_embedding_concatenates_row_and_column_vectors():
 
 
 def test_generate_predicts_each_token_from_exactly_its_prefix(monkeypatch):
-    """No padding in the forward: every step runs the model on the prefix as it stands (lengths 5 to 8, of chunks of
-    8), so generation computes what the prefix-only evaluation scores. (The lengths it refuses: BAD_MODEL_INPUT.)"""
+    """No padding in the forward: every step runs the model on the prefix as it stands (lengths 5 to
+    8, of chunks of 8), so generation computes what the prefix-only evaluation scores. (The lengths
+    it refuses: BAD_MODEL_INPUT.)"""
     torch.manual_seed(0)
     model = Reformer(reformer_config()).eval()
-    assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)  # logits of no padded position
+    assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)  # no padded position
     lengths = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda idx, targets=None: lengths.append(idx.size(1)) or forward(idx))
@@ -2017,11 +2043,11 @@ AFT_MIXERS = [("full", 0), ("full", 3), ("simple", 0), ("local", 0), ("local", 3
 @pytest.mark.parametrize("variant,w_rank,key_scale,T,backend", [
     (variant, w_rank, key_scale, T, "dense") for variant, w_rank in AFT_MIXERS
     for key_scale, T in ((1, 7), (1, 12), (10, 12), (50, 12), (100, 12))] + [
-    (variant, w_rank, 1, 12, "triton") for variant, w_rank in AFT_MIXERS if variant != "full"])  # full: no kernel
+    (variant, w_rank, 1, 12, "triton") for variant, w_rank in AFT_MIXERS if variant != "full"])
 def test_mixer_matches_paper_formula_forward_and_gradients(variant, w_rank, key_scale, T, backend):
-    """Forward and every gradient, to float64 rounding, on PyTorch ops and on the kernels; T = 7 < block_size
-    slices w. Keys x100 spread over ~1000 within a sequence, beyond even float64's exp: rows stabilised, the
-    formula."""
+    """Forward and every gradient, to float64 rounding, on PyTorch ops and on the kernels; T = 7 <
+    block_size slices w. Keys x100 spread over ~1000 within a sequence, beyond even float64's exp:
+    rows stabilised, the formula."""
     mixer = random_mixer(variant, w_rank, block_size=12, n_embd=8, n_head=2)
     if backend == "triton":
         mixer.backend = "triton"
@@ -2292,8 +2318,9 @@ def assert_grads_match(model, out, ref):
 
 @pytest.mark.parametrize("T,N", [(16, 6), (11, 6), (16, 1), (9, 9), (16, 16)])
 def test_cross_attention_matches_bottom_right_causal_reference(T, N):
-    """Latent k (position T-N+k) sees inputs 0..T-N+k, for short inputs and any n_latents set at eval. With every
-    position a latent (N = T = block_size), the model is a plain dense causal Transformer."""
+    """Latent k (position T-N+k) sees inputs 0..T-N+k, for short inputs and any n_latents set at
+    eval. With every position a latent (N = T = block_size), the model is a plain dense causal
+    Transformer."""
     model = make_model()
     model.n_latents = N
     idx = torch.randint(0, 11, (2, T))
@@ -2351,7 +2378,8 @@ def test_context_dropout_removes_a_fraction_of_context_and_keeps_causality():
 
 
 @pytest.mark.parametrize("prompt_len", [3, 20])
-def test_generation_reads_at_most_block_size_inputs_and_the_cache_encodes_only_at_resets(prompt_len, monkeypatch):
+def test_generation_reads_at_most_block_size_inputs_and_the_cache_encodes_only_at_resets(
+        prompt_len, monkeypatch):
     """(CACHED_GENERATION holds the cached tokens and logits to the uncached ones.)"""
     model = make_model()
     prompt = torch.randint(0, 11, (2, prompt_len))
@@ -2435,9 +2463,10 @@ def test_strided_and_fixed_pictures_are_their_pattern_definitions(name):
 
 
 def test_show_attention_takes_the_models_settings_as_flags_like_train_py(tmp_path, capsys, monkeypatch):
-    """`--show_attention --model sparse_strided --stride 4` draws one png, stride 4: layer 1's panel is the strided
-    pattern's first part at l = 4. A model's setting without --show_attention, or with --model all, stops with one
-    sentence; `--model NAME --help` lists the settings with the picture's values."""
+    """`--show_attention --model sparse_strided --stride 4` draws one png, stride 4: layer 1's panel
+    is the strided pattern's first part at l = 4. A model's setting without --show_attention, or
+    with --model all, stops with one sentence; `--model NAME --help` lists the settings with the
+    picture's values."""
     sample.main(["--show_attention", "--model", "sparse_strided", "--stride", "4", "--out_dir", str(tmp_path),
                  "--device", "cpu"])
     w, h, pixels = read_png(tmp_path / "attention_sparse_strided.png")
@@ -2573,14 +2602,11 @@ def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monke
 # sampling modes (sample.py), and bench.py
 
 
-def test_png_writer_output_parses_back_to_the_same_pixels(tmp_path):
+def test_png_writer_output_parses_back_and_wav_writer_output_opens_with_the_wave_module(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     sample.write_png(str(tmp_path / "x.png"), img)
     w, h, pixels = read_png(tmp_path / "x.png")
     assert (w, h) == (5, 7) and np.array_equal(pixels, img)
-
-
-def test_wav_writer_output_opens_with_the_wave_module(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 256, 1234).astype(np.uint8)
     sample.write_wav(str(tmp_path / "x.wav"), tokens, 12_000)
     with wave.open(str(tmp_path / "x.wav")) as w:
@@ -2638,14 +2664,14 @@ def test_generation_gives_the_same_tokens_with_and_without_the_cache(case, monke
     model = build().double().eval()
     prompt = torch.randint(11, (rows, length))
     drawn_from, sample_next = [], st.sample_next
-    for module in (st, reformer, aft, perceiver_ar):  # each model's generate calls its module's sample_next
-        monkeypatch.setattr(module, "sample_next", lambda logits, *args: drawn_from.append(logits.clone())
+    for module in (st, reformer, aft, perceiver_ar):  # each model's generate calls its module's
+        monkeypatch.setattr(module, "sample_next", lambda logits, *args: drawn_from.append(logits)
                             or sample_next(logits, *args))
     cached, uncached = (model.generate(prompt, new_tokens, top_k=top_k, use_cache=use_cache,
                                        generator=torch.Generator().manual_seed(7))
                         for use_cache in (True, False))
     assert cached.shape == (rows, length + new_tokens) and torch.equal(cached, uncached)
-    assert len(drawn_from) == 2 * new_tokens  # the logits of every sampled token, cached then uncached
+    assert len(drawn_from) == 2 * new_tokens  # every sampled token's logits, cached then uncached
     for a, b in zip(drawn_from[:new_tokens], drawn_from[new_tokens:]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -2657,11 +2683,12 @@ def test_model_settings_become_flags_and_reach_the_model():
 
 
 @pytest.mark.parametrize("name", list(train.MODELS))
-def test_every_flag_is_explained_and_a_models_own_by_its_config_fields_comment(name, capsys, monkeypatch):
-    """`--model NAME --help` gives every flag a line of its own (n_layer, lr, seed ... too, not only the model's),
-    says how a model flag's value is written (True/False, a tuple as in Python), and gives each of the model's own
-    flags the comment written beside its Config field (read here straight from the file) and its default, not a
-    generic "setting"."""
+def test_every_flag_is_explained_and_a_models_own_by_its_config_fields_comment(name, capsys,
+                                                                               monkeypatch):
+    """`--model NAME --help` gives every flag a line of its own (n_layer, lr, seed ... too, not only
+    the model's), says how a model flag's value is written (True/False, a tuple as in Python), and
+    gives each of the model's own flags the comment written beside its Config field (read here
+    straight from the file) and its default, not a generic "setting"."""
     module, _, variant = train.MODELS[name]
     mod = importlib.import_module(module)
     own = [f for f in dataclasses.fields(mod.Config) if f.name not in train.SHARED_FIELDS and f.name not in variant]
@@ -2673,7 +2700,7 @@ def test_every_flag_is_explained_and_a_models_own_by_its_config_fields_comment(n
     shown = capsys.readouterr().out
     entries = re.findall(r"^  (-.*(?:\n {6,}.*)*)", shown, re.M)  # a flag, its metavar, its help on 1+ lines
     unexplained = [e for e in entries if not re.sub(r"^(-h, --help|--\w+)( [A-Z_]+| \{[^}]*\})?", "", e).strip()]
-    assert len(entries) > 25 + len(own) and not unexplained, unexplained  # the shared flags, then the model's
+    assert len(entries) > 25 + len(own) and not unexplained, unexplained  # shared ones, the model's
     assert "True or False" in shown and '--axial_shape "(64, 64)"' in shown
     shown = " ".join(shown.split())
     assert own and "setting (default" not in shown
@@ -2683,14 +2710,17 @@ def test_every_flag_is_explained_and_a_models_own_by_its_config_fields_comment(n
         assert f"--{f.name} {f.name.upper()} {comment[1]} (default {f.default!r})" in shown, f.name
 
 
-def test_audio_sampling_writes_wav_files_of_the_requested_length_and_says_when_prompts_run_out(tmp_path, capsys):
-    """Audio continues validation clips by --seconds: asked for more samples than the split holds, sample.py says
-    how many it samples, rather than dropping some silently. Unconditional samples need no prompt: all are drawn."""
+def test_audio_sampling_writes_wav_files_of_the_requested_length_and_says_when_prompts_run_out(
+        tmp_path, capsys):
+    """Audio continues validation clips by --seconds: asked for more samples than the split holds,
+    sample.py says how many it samples, rather than dropping some silently. Unconditional samples
+    need no prompt: all are drawn."""
     write_wav(tmp_path / "clip.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 8000 * 4), 8000)  # 4 s of noise
     out = tmp_path / "run"
-    train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--out_dir", str(out), "--audio_rate", "1000",
-                "--audio_seq_len", "64"] + TINY)
-    sample.main(["--out_dir", str(out), "--seconds", "0.1", "--num_samples", "1", "--device", "cpu"])
+    train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--out_dir", str(out),
+                "--audio_rate", "1000", "--audio_seq_len", "64"] + TINY)
+    sample.main(["--out_dir", str(out), "--seconds", "0.1", "--num_samples", "1",
+                 "--device", "cpu"])
     with wave.open(str(out / "sample_1.wav")) as w:  # prompt: a 64-sample validation row (< 1 s)
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (1000, 1, 64 + 100)
     clips = len(data.load(f"wav:{tmp_path}", 1000, 64).splits["val"])
@@ -2887,9 +2917,9 @@ def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finish
 
 
 def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forward_leaks():
-    """An oracle that copies the token d back scores 1; one that would need a later token scores chance. Perceiver
-    AR predicts only its latents (the last k positions): an oracle that copies there scores 1, and rows taken in
-    several calls score as in one."""
+    """An oracle that copies the token d back scores 1; one that would need a later token scores
+    chance. Perceiver AR predicts only its latents (the last k positions): an oracle that copies
+    there scores 1, and rows taken in several calls score as in one."""
     class Oracle(torch.nn.Module):
         exactly_causal = False
 
@@ -2912,20 +2942,18 @@ def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forwar
     assert bench.copy_accuracy(LastK(), 16, "cpu", n_rows=5, rows_per_call=2) == 1.0
 
 
-def test_perceiver_ar_rotary_base_0_spreads_the_wavelengths_over_the_context():
-    """rotary_base = 0 (as the official code: wavelengths up to the context length) turns pair i by block_size^(-i/n)
-    per position; the default keeps base 10,000, so checkpoints trained before the option mean what they meant."""
+def test_rotary_margin_is_what_perceiver_ar_rotary_scores_and_base_0_spans_the_context():
+    """rotary_margin's scores are those of perceiver_ar's rotary: a query and keys of ones in every
+    rotated pair, turned by apply_rotary with the model's frequencies, score sum_i cos(delta f_i) at
+    offset delta. rotary_base = 0 (as the official code: wavelengths up to the context length) turns
+    pair i by block_size^(-i/n) per position; the default keeps base 10,000, so checkpoints trained
+    before the option mean what they meant."""
     make = lambda **kw: perceiver_ar.RotaryAttention(perceiver_ar.Config(n_embd=32, n_head=2, block_size=4096, **kw))
     n = make().inv_freq.numel()
     assert torch.equal(make(rotary_base=0).inv_freq, 4096.0 ** (-torch.arange(n) / n))
     assert torch.equal(make().inv_freq, 10000.0 ** (-torch.arange(n) / n))
     with pytest.raises(ValueError, match="rotary_base=1"):
         make(rotary_base=1)
-
-
-def test_rotary_margin_is_what_perceiver_ar_rotary_scores_between_offsets():
-    """rotary_margin's scores are those of perceiver_ar's rotary: a query and keys of ones in every rotated
-    pair, turned by apply_rotary with the model's frequencies, score sum_i cos(delta f_i) at offset delta."""
     n_pairs, span = 4, 512
     attn = perceiver_ar.RotaryAttention(perceiver_ar.Config(n_embd=2 * n_pairs, n_head=1, rotary_frac=1.0))
     x = torch.cat([torch.ones(n_pairs), torch.zeros(n_pairs)]).double().expand(1, 1, span, -1)  # (1, 1, S, D)
@@ -2982,12 +3010,13 @@ def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_res
     assert "d16" not in shown and len(shown["d32_curve"]) == 1  # but a distance run before is shown
 
 
-def test_flex_block_masks_compute_the_model_layouts_and_list_the_same_blocks_as_arithmetic_or_table():
+def test_flex_block_masks_compute_the_model_layouts_and_list_the_same_blocks_arithmetic_or_not():
     # bench hands FlexAttention the layouts in its own blocks of 128 positions (8 x 8 tiles of 16 here): full
     # where every tile is visible and uncut (inside the fixed pattern's blocks of 256), partial (masked element
-    # by element) where some are. What makes the kernels table's two Flex columns comparable: create_block_mask
-    # of each arithmetic mask_mod lists the same full and partial blocks as flex_block_mask of the layout; only the
-    # work per element of a partial block differs (arithmetic, or a lookup in a captured table).
+    # by element) where some are. What makes the kernels table's two Flex columns comparable:
+    # create_block_mask of each arithmetic mask_mod lists the same full and partial blocks as
+    # flex_block_mask of the layout; only the work per element of a partial block differs
+    # (arithmetic, or a lookup in a captured table).
     from torch.nn.attention.flex_attention import flex_attention
     n, block = 1024, 16
     g = torch.Generator().manual_seed(0)
@@ -3001,7 +3030,8 @@ def test_flex_block_masks_compute_the_model_layouts_and_list_the_same_blocks_as_
         table = bench.flex_block_mask(layout, block, n, window, "cpu")
         kinds.append((int(table.kv_num_blocks.sum()), int(table.full_kv_num_blocks.sum())))
         expected = dense_attention(q, k, v, layout=layout, tile=block, window=window)
-        torch.testing.assert_close(flex_attention(q, k, v, block_mask=table), expected, atol=1e-5, rtol=1e-5, msg=name)
+        got = flex_attention(q, k, v, block_mask=table)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)
         arithmetic = bench.flex_mask(mask_mod, layout.size(0), n, torch.device("cpu"))
         assert arithmetic.BLOCK_SIZE == table.BLOCK_SIZE == (128, 128), name
         for kind in ("kv", "full_kv"):
@@ -3186,21 +3216,19 @@ def test_bench_keeps_the_cells_of_a_run_killed_mid_stage(tmp_path, monkeypatch):
     assert bench.SAVE_CELLS is None
 
 
-def test_bench_table_says_why_a_row_has_no_figures_once():
+def test_bench_skips_what_the_budget_cannot_fit_and_its_table_says_why_once(tmp_path):
     table = bench.markdown([{"T": 64, "ms": 1.5}, {"T": 128, "status": "skipped: budget"}],
                            [("T", "T", "d"), ("ms", "ms", ".1f"), ("GiB", "gib", ".1f")])
     assert table.splitlines()[2:] == ["| 64 | 1.5 | - |", "| 128 | skipped: budget | - |"]
-
-
-def test_bench_skips_what_the_budget_cannot_fit(tmp_path):
     results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "reformer,aft",
                           "--budget", "0.001"])
     assert list(results) == ["reformer", "aft"] and all(results.values())
     assert all(r["status"].startswith("skipped: budget") for rows in results.values() for r in rows)
 
 
-def test_bench_models_stage_times_every_model_and_gives_a_setting_a_model_refuses_its_reason(tmp_path, capsys):
-    """A refusal is the model's one sentence, without a traceback; the unexpected keeps its traceback."""
+def test_bench_models_stage_times_every_model_and_says_why_one_refuses_a_setting(tmp_path, capsys):
+    """A refusal is the model's one sentence, without a traceback; the unexpected keeps its
+    traceback."""
     argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--lengths"]
     rows = bench.main(argv + ["64", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])["models"]
     assert [r["model"] for r in rows] == list(train.MODELS)
@@ -3236,7 +3264,8 @@ def random_layout(heads, T, S, block, seed=0):
 
 
 def assert_close_to_reference(fn, q, k, v, dout, atol, **mask):
-    """Output and gradients finite and as the float64 reference gives them; rows without visible keys exactly 0."""
+    """Output and gradients finite and as the float64 reference gives them; rows without visible
+    keys exactly 0."""
     ours = outputs_and_grads(fn, q, k, v, dout)
     assert ours[0].dtype == q.dtype
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -3251,12 +3280,13 @@ def assert_close_to_reference(fn, q, k, v, dout, atol, **mask):
 # case: (B, H, layout heads (0: no layout), T, S, D, tile, causal, window, options): attention on
 # the Triton kernel (interpreted) against the float64 reference, output and gradients, in float32
 # within 1e-4; a random layout leaves a row of queries without keys (their output and dq exactly
-# 0, but in fp16 with the diagonal tiles added). options: backend dense: the PyTorch fallback, within 1e-6. sub_tile: programs and
-# sub-tiles narrower than the layout's tile (a tile's rows split between programs, a list entry
-# walked in pieces). fp16, with a scale and the diagonal tiles in the layout, within 2e-2 (bf16
-# takes the same code path, but the 3.9 interpreter's tl.dot multiplies raw bf16 bits, so bf16 is
-# checked on a GPU only: by test_gpu_block_sparse_kernel_matches_float64_reference below, and by
-# `python bench.py`, whose kernels stage compares it with FlexAttention).
+# 0, but in fp16 with the diagonal tiles added). options: backend dense: the PyTorch fallback,
+# within 1e-6. sub_tile: programs and sub-tiles narrower than the layout's tile (a tile's rows
+# split between programs, a list entry walked in pieces). fp16, with a scale and the diagonal
+# tiles in the layout, within 2e-2 (bf16 takes the same code path, but the 3.9 interpreter's
+# tl.dot multiplies raw bf16 bits, so bf16 is checked on a GPU only: by
+# test_gpu_block_sparse_kernel_matches_float64_reference below, and by `python bench.py`, whose
+# kernels stage compares it with FlexAttention).
 CASES = {
     "per_head_layouts_uneven_heads": (1, 3, 3, 64, 64, 16, 16, True, None, {}),
     "broadcast_layout_batch_2": (2, 1, 1, 64, 64, 32, 32, True, None, {}),
@@ -3484,8 +3514,9 @@ def test_dispatch_refuses_what_does_not_fit_a_gpu_with_a_reason(monkeypatch):
 
 
 def test_backends_are_the_pytorch_ones_on_cpu_and_what_a_kernel_cannot_take_is_refused():
-    """CPU tensors take the PyTorch paths, even with the interpreter on: the dense fallback, cpu_lsh_attention, AFT's
-    PyTorch sums; a backend asked for by name runs; an unknown one, or a shape a kernel cannot take, is refused."""
+    """CPU tensors take the PyTorch paths, even with the interpreter on: the dense fallback,
+    cpu_lsh_attention, AFT's PyTorch sums; a backend asked for by name runs; an unknown one, or a
+    shape a kernel cannot take, is refused."""
     q, k, v, _ = random_inputs(1, 1, 32, 32, 16)
     attention(q, k, v, layout=torch.ones(1, 2, 2, dtype=torch.bool), tile=16)
     assert kernels.last_backend == "dense"
