@@ -2664,9 +2664,12 @@ def test_generation_gives_the_same_tokens_with_and_without_the_cache(case, monke
     model = build().double().eval()
     prompt = torch.randint(11, (rows, length))
     drawn_from, sample_next = [], st.sample_next
+
+    def recording(logits, *args):
+        drawn_from.append(logits.clone())
+        return sample_next(logits, *args)
     for module in (st, reformer, aft, perceiver_ar):  # each model's generate calls its module's
-        monkeypatch.setattr(module, "sample_next", lambda logits, *args: drawn_from.append(logits)
-                            or sample_next(logits, *args))
+        monkeypatch.setattr(module, "sample_next", recording)
     cached, uncached = (model.generate(prompt, new_tokens, top_k=top_k, use_cache=use_cache,
                                        generator=torch.Generator().manual_seed(7))
                         for use_cache in (True, False))
