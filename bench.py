@@ -310,11 +310,11 @@ def model_layouts(n, tile, band, H):
     (A1 u A2 merged, stride `band`, summary one tile, per-head summary offsets). mask_mod is the same pattern as
     FlexAttention's users write it, arithmetic on the positions of the order the kernel sees; a test holds it
     equal to kernels.attention_mask of the layout and window."""
-    local = st.Config(block_size=n, n_head=H, pattern="local", stride=band, attn_block=tile)
-    strided = st.Config(block_size=n, n_head=H, pattern="strided", attn_block=tile)
+    local = st.Config(block_size=n, n_head=H, pattern="local", stride=band, tile=tile)
+    strided = st.Config(block_size=n, n_head=H, pattern="strided", tile=tile)
     strided.stride = st.auto_stride(strided)
     fixed = st.Config(block_size=n, n_head=H, pattern="fixed", combine="merged", stride=band, summary=tile,
-                      n_offsets=min(4, band // tile), attn_block=tile)
+                      n_offsets=min(4, band // tile), tile=tile)
     run = n // strided.stride  # the transposed order: each residue class mod l is a run of n/l positions
     l, c, n_offsets = fixed.stride, fixed.summary, fixed.n_offsets
 
@@ -1055,8 +1055,8 @@ RECALL = ["--data", "copy", "--n_head", "2", "--n_embd", "64", "--batch_size", "
 RECALL_SETTINGS = {"aft_full": ["--w_rank", "32"],  # a full (2d x 2d) w per layer would dwarf every other model
                    # patterns that stay sparse at these lengths: tiles of 8 let the strided stride be ~sqrt(2d)
                    # (8 or 16, not 2 or 4), and fixed blocks of 16 (the paper's 128 would cover the whole row)
-                   "sparse_strided": ["--attn_block", "8"],
-                   "sparse_fixed": ["--attn_block", "8", "--stride", "16", "--summary", "8", "--n_offsets", "2"]}
+                   "sparse_strided": ["--tile", "8"],
+                   "sparse_fixed": ["--tile", "8", "--stride", "16", "--summary", "8", "--n_offsets", "2"]}
 
 
 @torch.no_grad()

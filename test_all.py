@@ -178,12 +178,22 @@ def outputs_and_grads(fn, q, k, v, dout):
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
 
+def training_step(model, idx, targets, seed):
+    """[logits, loss, every parameter's gradient] of one forward and backward, dropout and hashes
+    drawn from seed: what two ways of computing the same model must agree on."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    logits, loss = model(idx, targets)
+    loss.backward()  # a reversible backward too puts the parameters' gradients in .grad
+    return [logits.detach(), loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
 # The one tiny-model factory. TINY_MODEL: the sizes every test across the models starts from (the
 # README's CAUSAL_CASES line: 2 layers, width 32, 64 tokens); TINY_SECTION: the smaller ones a model
 # file's own section starts from (section=True). A test names what it changes beyond them.
 TINY_MODEL = dict(block_size=64, vocab_size=11, n_layer=2, n_head=2, n_embd=32)
 TINY_SECTION = {
-    "sparse_transformer": dict(n_head=4, n_embd=16, stride=8, summary=4, n_offsets=2, attn_block=4),
+    "sparse_transformer": dict(n_head=4, n_embd=16, stride=8, summary=4, n_offsets=2, tile=4),
     "reformer": dict(block_size=32, n_embd=16, dropout=0.0, n_hashes=2, n_buckets=4, chunk=8),
     "aft": dict(block_size=12, n_embd=8, window=3),
     "perceiver_ar": dict(block_size=16, n_embd=16, n_latents=6, dropout=0.0),
@@ -311,36 +321,40 @@ train.MODELS["conv_lm"] = ("conv_lm", "ConvLM", {})  # the line in train.py's MO
 # ----------------------------------------------------------------------------------------------------------
 # data: download, verify, cache, split, order
 
-def test_enwik8_download_verify_cache_and_split(tmp_path):
+def test_enwik8_download_verify_keep_and_split(tmp_path):
+    """A download of the wrong size or md5 is refused and not kept. A good one is kept as the zip alone (no .part
+    left, nothing unpacked) and split; the next load reads the kept zip, whose member is md5-checked again."""
     payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
-    zpath = tmp_path / "served.zip"
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
+    zpath, root = tmp_path / "served.zip", tmp_path / "cache"
+    with zipfile.ZipFile(zpath, "w") as z:  # stored: a zip of other bytes of the same length has the same size
         z.writestr("enwik8", payload)
-    url, size, root = zpath.as_uri(), zpath.stat().st_size, str(tmp_path / "cache")
-    d = data.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
-    assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18_000, 1_000, 1_000]
-    assert bytes(torch.cat([d.splits[s] for s in ("train", "val", "test")]).numpy()) == payload
-    zpath.unlink()  # the second load must come from the cache, not the network
-    again = data.load_enwik8(url=url, zip_size=size, md5=md5(payload), root=root)
-    assert torch.equal(again.splits["val"], d.splits["val"])
-
-
-def test_corrupt_enwik8_download_is_rejected_and_not_kept(tmp_path):
-    zpath = tmp_path / "served.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        z.writestr("enwik8", b"x" * 5000)
-    root = tmp_path / "cache"
+    size = zpath.stat().st_size
+    download = functools.partial(data.load_enwik8, url=zpath.as_uri(), root=str(root))
     with pytest.raises(ValueError, match="expected"):
-        data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size + 1, md5="0" * 32, root=str(root))
+        download(zip_size=size + 1, md5="0" * 32)
     assert not any(root.iterdir())  # no half-written or unverified file left behind
     with pytest.raises(ValueError, match="md5"):
-        data.load_enwik8(url=zpath.as_uri(), zip_size=zpath.stat().st_size, md5="0" * 32, root=str(root))
+        download(zip_size=size, md5="0" * 32)
+    load = functools.partial(download, zip_size=size, md5=md5(payload))
+    d = load()
+    assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18_000, 1_000, 1_000]
+    assert bytes(torch.cat([d.splits[s] for s in ("train", "val", "test")]).numpy()) == payload
+    assert sorted(p.name for p in root.iterdir()) == ["enwik8.zip"]
+    zpath.unlink()  # the second load must come from the kept zip, not the network
+    assert torch.equal(load().splits["val"], d.splits["val"])
+    with zipfile.ZipFile(root / "enwik8.zip", "w") as z:  # passes the size check, not the md5
+        z.writestr("enwik8", payload[::-1])
+    with pytest.raises(ValueError, match=r"enwik8 in .*enwik8\.zip fails its md5 check.*delete"):
+        load()
 
 
-def test_offline_download_says_which_url_failed_and_where_to_put_the_file(tmp_path):
+def test_offline_downloads_say_which_url_failed_and_where_to_put_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="by hand") as e:
         data.load_enwik8(url=(tmp_path / "absent.zip").as_uri(), root=str(tmp_path / "c"))
     assert "absent.zip" in str(e.value) and str(tmp_path / "c") in str(e.value)
+    with pytest.raises(FileNotFoundError, match="--data images:PATH") as e:  # CIFAR-10's
+        data.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(tmp_path / "c"))
+    assert str(tmp_path / "c" / "cifar-10-python.tar.gz") in str(e.value)
 
 
 def make_cifar_archive(path, n_per_batch=4, seed=0):
@@ -364,32 +378,29 @@ def assert_raster_order(planar, raster):
     np.testing.assert_array_equal(raster, expected)
 
 
-def test_cifar10_download_verify_decode_in_raster_order(tmp_path):
+def test_cifar10_download_verify_and_decode_in_raster_order_at_every_load(tmp_path):
+    """A wrong md5, downloaded, of an archive put there by hand, or of the kept one damaged later, is refused
+    before unpickling."""
     archive = tmp_path / "cifar.tar.gz"
     batches = make_cifar_archive(archive)
-    d = data.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
+    download = functools.partial(data.load_cifar10, url=archive.as_uri(), root=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="md5"):
+        download(md5="0" * 32)
+    (tmp_path / "c").mkdir(exist_ok=True)
+    placed = tmp_path / "c" / "cifar-10-python.tar.gz"
+    placed.write_bytes(archive.read_bytes()[:-10])
+    load = functools.partial(download, md5=md5(archive.read_bytes()))
+    with pytest.raises(ValueError, match="md5"):
+        load()
+    placed.unlink()
+    d = load()
     assert d.splits["train"].shape == (20, 3072) and d.splits["test"].shape == (4, 3072)
     planar_train = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)])
     assert_raster_order(planar_train, d.splits["train"].numpy())
     assert_raster_order(batches["test_batch"], d.splits["test"].numpy())
-
-
-def test_corrupt_cifar10_archive_is_rejected_before_unpickling(tmp_path):
-    archive = tmp_path / "cifar.tar.gz"
-    make_cifar_archive(archive)
-    with pytest.raises(ValueError, match="md5"):  # downloaded
-        data.load_cifar10(url=archive.as_uri(), md5="0" * 32, root=str(tmp_path / "c"))
-    (tmp_path / "c").mkdir(exist_ok=True)
-    (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(archive.read_bytes()[:-10])  # put there by hand
-    with pytest.raises(ValueError, match="md5"):
-        data.load_cifar10(url=archive.as_uri(), md5=md5(archive.read_bytes()), root=str(tmp_path / "c"))
-
-
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
-                    reason="the real CIFAR-10 sample lives in ../shared/data, absent from this checkout")
-def test_real_cifar10_images_decode_in_raster_order():
-    planar = np.load(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz"))["data"]
-    assert_raster_order(planar, data.planar_to_raster(planar))
+    placed.write_bytes(flip_middle_byte(placed.read_bytes()))  # damaged after the download, same size
+    with pytest.raises(ValueError, match=r"cifar-10-python\.tar\.gz .*fails its md5 check.*delete it"):
+        load()
 
 
 def test_wav_folder_is_mixed_resampled_mu_law_encoded_and_cut(tmp_path):
@@ -415,10 +426,12 @@ def test_mu_law_is_the_continuous_companding_formula():
 
 def test_sampler_windows_are_shifted_by_one_and_rows_start_with_bos():
     rows = torch.randint(0, 256, (5, 40), dtype=torch.uint8)
-    d = data.Data("rows", "image", {"train": rows}, vocab_size=257, bos=256)
+    d = data.Data("rows", "image", {"train": rows, "val": rows[:0]}, vocab_size=257, bos=256)
     x, y = data.BatchSampler(d, "train", 40, 8, seed=0).next_batch()
     assert x.shape == y.shape == (8, 40) and (x[:, 0] == 256).all() and torch.equal(x[:, 1:], y[:, :-1])
     assert all(any(torch.equal(r.long(), yy) for r in rows) for yy in y)  # whole rows, first token predicted
+    with pytest.raises(ValueError, match="val split of rows is empty"):
+        data.BatchSampler(d, "val", 40, 8, seed=0)
 
 
 def test_sampler_resumes_exactly_from_its_state():
@@ -434,28 +447,6 @@ def test_sampler_resumes_exactly_from_its_state():
 def test_copy_task_rows_repeat_their_first_half():
     x, y = data.BatchSampler(data.load("copy"), "train", 64, 3, seed=0).next_batch()
     assert torch.equal(y[:, 32:], y[:, :32]) and (x[:, 0] == 256).all()
-
-
-def test_sampler_refuses_an_empty_split():
-    d = data.Data("rows", "image", {"train": torch.zeros(0, 40, dtype=torch.uint8)}, vocab_size=257, bos=256)
-    with pytest.raises(ValueError, match="train split of rows is empty"):
-        data.BatchSampler(d, "train", 40, 8, seed=0)
-
-
-def test_enwik8_is_read_from_its_kept_zip_and_md5_checked_at_every_load(tmp_path):
-    payload = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
-    zpath = tmp_path / "served.zip"
-    with zipfile.ZipFile(zpath, "w") as z:  # stored: a zip of other bytes of the same length has the same size
-        z.writestr("enwik8", payload)
-    root = tmp_path / "cache"
-    load = functools.partial(data.load_enwik8, url=zpath.as_uri(), zip_size=zpath.stat().st_size,
-                             md5=md5(payload), root=str(root))
-    load()
-    assert sorted(p.name for p in root.iterdir()) == ["enwik8.zip"]  # no .part left, nothing unpacked
-    with zipfile.ZipFile(root / "enwik8.zip", "w") as z:  # passes the size check, not the md5
-        z.writestr("enwik8", payload[::-1])
-    with pytest.raises(ValueError, match=r"enwik8 in .*enwik8\.zip fails its md5 check.*delete"):
-        load()
 
 
 def py2_cifar_batch(planar):
@@ -504,30 +495,14 @@ def test_images_refuse_a_pickle_that_would_run_code(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")),
                     reason="the real CIFAR-10 sample lives in ../shared/data, absent from this checkout")
-def test_real_cifar10_sample_trains_through_images():
-    d = data.load(f"images:{os.path.join(SHARED_DATA, 'cifar10_test_0_19.npz')}")
+def test_real_cifar10_sample_decodes_in_raster_order_and_trains_through_images():
+    path = os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")
+    planar = np.load(path)["data"]
+    assert_raster_order(planar, data.planar_to_raster(planar))
+    d = data.load(f"images:{path}")
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
     x, y = data.BatchSampler(d, "train", 3072, 2, seed=0).next_batch()
     assert x.shape == (2, 3072) and (x[:, 0] == 256).all()
-
-
-def test_offline_cifar10_says_where_the_archive_goes_and_offers_images(tmp_path):
-    root = tmp_path / "c"
-    with pytest.raises(FileNotFoundError) as e:
-        data.load_cifar10(url=(tmp_path / "absent.tar.gz").as_uri(), root=str(root))
-    assert str(root / "cifar-10-python.tar.gz") in str(e.value) and "--data images:PATH" in str(e.value)
-
-
-def test_kept_cifar10_archive_is_md5_checked_at_every_load(tmp_path):
-    archive = tmp_path / "cifar.tar.gz"
-    batches = make_cifar_archive(archive)
-    load = functools.partial(data.load_cifar10, url=archive.as_uri(), md5=md5(archive.read_bytes()),
-                             root=str(tmp_path / "c"))
-    assert_raster_order(batches["test_batch"], load().splits["test"].numpy())
-    kept = tmp_path / "c" / "cifar-10-python.tar.gz"
-    kept.write_bytes(flip_middle_byte(kept.read_bytes()))  # damaged after the download, same size
-    with pytest.raises(ValueError, match=r"cifar-10-python\.tar\.gz .*fails its md5 check.*delete it"):
-        load()
 
 
 REAL_RECORDING = os.path.join(SHARED_DATA, "brahms_hungarian_dance_5.wav")  # 45.8 s, 16-bit mono, 22,050 Hz
@@ -632,7 +607,8 @@ def npz_bytes(**arrays):
     return buf.getvalue()
 
 
-# name -> (build(tmp_path) -> (path the message must name, load), exception, what the message tells the user)
+# Damaged, wrong or missing files, and an unknown name: name -> (build(tmp_path) -> (path or name
+# the message must name, load), exception, what the message tells the user)
 DAMAGED_FILES = {
     "truncated .bz2": (loaded_as("text", "t.bz2", bz2.compress(TEXT)[:-40]), ValueError, "download it again"),
     "garbage .bz2": (loaded_as("text", "t.bz2", TEXT), ValueError, "decompress it and pass"),
@@ -671,6 +647,13 @@ DAMAGED_FILES = {
                    "need at least one each"),
     "images: a folder": (folder("images"), ValueError, "takes one file"),
     "truncated hand-placed CIFAR-10 archive": (truncated_cifar_archive, ValueError, "delete it and retry"),
+    "images of 28x28": (loaded_as("images", "i.npy", npy_bytes(np.zeros((4, 28, 28), np.uint8))),
+                        ValueError, "expected uint8 [N >= 3, 32, 32, 3]"),
+    "missing text file": (lambda p: (p / "no.txt", lambda: data.load(f"text:{p / 'no.txt'}")),
+                          FileNotFoundError, "does not exist"),
+    "wav: a folder without .wav files": (folder("wav"), FileNotFoundError, "no .wav files"),
+    "unknown --data": (lambda p: ("imagenet", lambda: data.load("imagenet")), ValueError,
+                       "unknown --data"),
 }
 
 
@@ -694,36 +677,6 @@ def test_loss_falls_within_a_few_dozen_steps(text_file, tmp_path):
     losses = [h["loss"] for h in hist if "loss" in h]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0  # nats: from ~5.5 (uniform) well down
     assert hist[-1]["val_loss"] < math.log(256) - 1.0
-
-
-def test_a_run_shorter_than_eval_interval_still_ends_with_its_checkpoint(text_file, tmp_path):
-    """The quickstart's 200 steps under the default eval_interval of 250: the run evaluates and writes its
-    checkpoint at its last step, so sample.py has something to read when it ends."""
-    train.main(["--data", f"text:{text_file}", "--max_iters", "3", "--out_dir", str(tmp_path)] + TINY)
-    assert train.parse_args([]).eval_interval > 3
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
-    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [3]
-
-
-def test_the_flags_line_names_the_data_trained_on_not_the_one_asked_for(tmp_path, monkeypatch, capsys):
-    """Offline, --data enwik8 trains on the pydoc_data stand-in: the printed flags say so."""
-    monkeypatch.setattr(data, "load_enwik8", offline_enwik8)
-    train.main(["--data", "enwik8", "--max_iters", "1", "--out_dir", str(tmp_path)] + TINY)
-    flags = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("flags: "))
-    assert " data=pydoc_data (for --data enwik8) " in flags and "data=enwik8" not in flags
-
-
-def test_train_help_explains_every_common_flag_and_how_model_values_are_written(capsys, monkeypatch):
-    """`--help` gives every flag a line of its own (n_layer, lr, seed ... too, not only the model's), and says how a
-    model flag's value is written: True/False, a tuple as in Python."""
-    monkeypatch.setenv("COLUMNS", "1000")
-    with pytest.raises(SystemExit):
-        train.parse_args(["--model", "reformer", "--help"])
-    shown = capsys.readouterr().out
-    entries = re.findall(r"^  (-.*(?:\n {6,}.*)*)", shown, re.M)  # a flag, its metavar, its help on 1+ lines
-    unexplained = [e for e in entries if not re.sub(r"^(-h, --help|--\w+)( [A-Z_]+| \{[^}]*\})?", "", e).strip()]
-    assert len(entries) > 30 and not unexplained, unexplained
-    assert "True or False" in shown and '--axial_shape "(64, 64)"' in shown
 
 
 @pytest.mark.parametrize("name", list(train.MODELS))
@@ -790,15 +743,6 @@ def test_every_run_keeps_its_evaluations_in_a_metrics_file_across_resume(text_fi
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_killed_run_resumes_with_the_same_losses(text_file, tmp_path):
-    common = ["--data", f"text:{text_file}", "--lr_decay_iters", "16", "--eval_interval", "8",
-              "--dropout", "0.1"] + TINY
-    whole = train.main(common + ["--max_iters", "16", "--out_dir", str(tmp_path / "a")])
-    train.main(common + ["--max_iters", "8", "--out_dir", str(tmp_path / "b")])  # stops after step 8
-    rest = train.main(common + ["--max_iters", "16", "--out_dir", str(tmp_path / "b"), "--resume"])
-    assert [h for h in whole if h["step"] >= 8] == rest  # bit-exact on CPU, evaluations included
-
-
 # A checkpoint is data, never code; --resume continues the run it names, on the data it was trained on
 
 class RunsCode:
@@ -824,6 +768,14 @@ def test_a_checkpoint_that_carries_code_is_refused_by_every_command_and_nothing_
             command()
         assert str(out / "ckpt.pt") in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
+
+
+def test_a_checkpoint_that_calls_the_tile_attn_block_loads_it_as_tile(tmp_path):
+    """The Sparse Transformer's tile was its attn_block before 2026-12-04: such a checkpoint still loads."""
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({**{k: {} for k in ("model", "optimizer", "step", "args", "rng", "samplers")},
+                "model_config": {"pattern": "fixed", "attn_block": 8}}, path)
+    assert train.load_checkpoint(path)["model_config"] == {"pattern": "fixed", "tile": 8}
 
 
 def interrupt_at(monkeypatch, steps):
@@ -857,27 +809,21 @@ def test_resume_alone_continues_the_run_with_every_setting_it_was_trained_with(t
     assert all(f" {k}={v} " in flags for k, v in settings.items()), flags
 
 
-def test_a_training_flag_typed_when_resuming_overrides_the_checkpoint_and_is_printed(text_file, tmp_path, capsys):
-    base = ["--data", f"text:{text_file}", "--out_dir", str(tmp_path), "--eval_interval", "2"] + TINY
-    train.main(base + ["--max_iters", "2"])
-    capsys.readouterr()
-    history = train.main(["--resume", "--out_dir", str(tmp_path), "--max_iters", "3", "--eval_iters", "1"])
-    printed = capsys.readouterr().out
-    assert ("from the command line, overriding the checkpoint: max_iters=3 (checkpoint: 2), eval_iters=1 "
-            "(checkpoint: 2)\n") in printed
-    assert " max_iters=3 " in printed and " eval_iters=1 " in printed and " batch_size=4 " in printed
-    assert [h["step"] for h in history if "loss" in h] == [2]
-
-
 def test_an_extended_run_keeps_its_schedule_so_the_rate_never_rises(text_file, tmp_path, capsys):
     """--resume with a larger --max_iters continues the same run: the cosine keeps the horizon it
-    was trained with and the steps past it run at min_lr (as in nanoGPT), which the output says; a
-    typed --lr_decay_iters moves the horizon, and the line of overrides says that."""
-    run = ["--data", f"text:{text_file}", "--eval_interval", "1"] + TINY + ["--warmup", "0"]
+    was trained with and the steps past it run at min_lr (as in nanoGPT), which the output says, and
+    the losses are those of one run on that schedule (dropout's too). A training flag typed when
+    resuming overrides the checkpoint's, a typed --lr_decay_iters moves the horizon: the line of
+    overrides and the flags line say so."""
+    run = ["--data", f"text:{text_file}", "--eval_interval", "1", "--dropout", "0.1"] + TINY
+    run += ["--warmup", "0"]
+    whole = train.main(run + ["--max_iters", "9", "--lr_decay_iters", "6", "--out_dir",
+                              str(tmp_path / "a")])
     train.main(run + ["--max_iters", "6", "--out_dir", str(tmp_path)])
     capsys.readouterr()
     resume = ["--resume", "--out_dir", str(tmp_path)]
-    train.main(resume + ["--max_iters", "9"])
+    rest = train.main(resume + ["--max_iters", "9"])
+    assert [h for h in whole if h["step"] >= 6] == rest  # bit-exact on CPU
     assert "the cosine ends at step 6 and the steps after it run at min_lr" in capsys.readouterr().out
     metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rates = [json.loads(line)["lr"] for line in metrics]  # the rate of each step, 0 to 8
@@ -885,9 +831,13 @@ def test_an_extended_run_keeps_its_schedule_so_the_rate_never_rises(text_file, t
     assert rates[6:] == [1e-4] * 3  # steps 6, 7, 8: min_lr, lr / 10
     args = train.parse_args(["--max_iters", "9", "--lr_decay_iters", "6", "--warmup", "0"])
     assert [train.lr_at(step, args) for step in range(9)] == rates
-    train.main(resume + ["--max_iters", "12", "--lr_decay_iters", "12"])
-    assert ("overriding the checkpoint: max_iters=12 (checkpoint: 9), lr_decay_iters=12 "
-            "(checkpoint: 6)\n") in capsys.readouterr().out
+    history = train.main(resume + ["--max_iters", "12", "--lr_decay_iters", "12",
+                                   "--eval_iters", "1"])
+    printed = capsys.readouterr().out
+    assert ("from the command line, overriding the checkpoint: max_iters=12 (checkpoint: 9), "
+            "lr_decay_iters=12 (checkpoint: 6), eval_iters=1 (checkpoint: 2)\n") in printed
+    assert all(f" {flag} " in printed for flag in ("max_iters=12", "eval_iters=1", "batch_size=4"))
+    assert [h["step"] for h in history if "loss" in h] == [9, 10, 11]
 
 
 def offline_enwik8():
@@ -900,12 +850,15 @@ def downloaded_enwik8():
 
 
 def test_a_run_on_the_offline_fallback_stays_on_it_once_enwik8_can_be_had(tmp_path, monkeypatch, capsys):
-    """Offline, --data enwik8 trains on pydoc_data and the checkpoint records that: once enwik8 is there, --resume
-    continues on pydoc_data (the uninterrupted offline run's losses) and sample.py --evaluate scores pydoc_data
-    (the same bits), unless --data asks for other data, which the output then says."""
+    """Offline, --data enwik8 trains on pydoc_data, which the printed flags say, and the checkpoint
+    records: once enwik8 is there, --resume continues on pydoc_data (the uninterrupted offline run's
+    losses) and sample.py --evaluate scores pydoc_data (the same bits), unless --data asks for other
+    data, which the output then says."""
     monkeypatch.setattr(data, "load_enwik8", offline_enwik8)
     run = ["--data", "enwik8", "--lr_decay_iters", "4", "--eval_interval", "2"] + TINY
     whole = train.main(run + ["--max_iters", "4", "--out_dir", str(tmp_path / "a")])
+    flags = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("flags: "))
+    assert " data=pydoc_data (for --data enwik8) " in flags and "data=enwik8" not in flags
     train.main(run + ["--max_iters", "2", "--out_dir", str(tmp_path / "b")])
     offline_bits = sample.main(["--evaluate", "val", "--out_dir", str(tmp_path / "a")])
     monkeypatch.setattr(data, "load_enwik8", downloaded_enwik8)
@@ -1084,24 +1037,6 @@ def test_ctrl_c_stops_training_with_one_line_saying_where_and_status_130(text_fi
     assert reached >= saved >= 2 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == saved
 
 
-def test_bench_out_dir_that_is_a_file_is_one_sentence(tmp_path, capsys):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    with pytest.raises(SystemExit) as e:
-        bench.parse_args(["--out_dir", str(afile)])
-    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        f"--out_dir {afile} is a file, not a folder; choose another --out_dir")
-
-
-def test_bench_gives_a_setting_a_model_refuses_its_reason_and_keeps_tracebacks_for_the_unexpected(tmp_path, capsys):
-    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--models",
-                       "sparse_strided", "--lengths", "7"])["models"]
-    assert rows[0]["status"].startswith("refused: no stride tiles block_size 7") and "\n" not in rows[0]["status"]
-    assert "Traceback" not in capsys.readouterr().err
-    assert bench.attempt(lambda: 1 / 0)["status"] == "error: ZeroDivisionError: division by zero"
-    assert "Traceback" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("name", ["transformer", "perceiver_ar"])
 def test_whole_split_evaluation_scores_every_token_once(name):
     """Consecutive windows: the transformer scores all 32 positions of each window, Perceiver AR its 8 latents,
@@ -1140,20 +1075,16 @@ def test_position_buckets_grow_fourfold_and_cover_only_the_scored_positions():
     assert sample.position_buckets(bits[:40], 40) == [(1, 16, 8.5), (17, 40, 28.5)]
 
 
-def test_evaluation_without_matplotlib_says_in_one_line_that_no_png_is_drawn(text_file, tmp_path, monkeypatch,
-                                                                            capsys):
-    train.main(["--data", f"text:{text_file}", "--out_dir", str(tmp_path), "--max_iters", "1"] + TINY)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises ImportError
-    sample.main(["--evaluate", "val", "--out_dir", str(tmp_path), "--device", "cpu"])
-    stem = tmp_path / "bits_by_position_val"
-    said = [line for line in capsys.readouterr().out.splitlines() if str(stem) in line]
-    assert said == [f"wrote {stem}.csv; no {stem}.png: matplotlib is not installed (pip install matplotlib draws it)"]
-    assert not os.path.exists(f"{stem}.png")
-
-
-def test_evaluation_prints_and_saves_bits_by_position_beside_the_checkpoint(text_file, tmp_path, capsys):
-    train.main(["--data", f"text:{text_file}", "--out_dir", str(tmp_path), "--max_iters", "2", "--eval_interval", "2"]
-               + TINY)
+def test_a_short_run_ends_with_the_checkpoint_whose_bits_by_position_evaluation_prints_and_saves(
+        text_file, tmp_path, monkeypatch, capsys):
+    """The quickstart's 200 steps under the default eval_interval of 250: the run evaluates and
+    writes its checkpoint at its last step, so sample.py has something to read when it ends.
+    --evaluate prints bits by position and saves them beside the checkpoint; without matplotlib one
+    line says no png is drawn."""
+    train.main(["--data", f"text:{text_file}", "--max_iters", "3", "--out_dir", str(tmp_path)] + TINY)
+    assert train.parse_args([]).eval_interval > 3
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [3]
     bits = sample.main(["--evaluate", "val", "--out_dir", str(tmp_path), "--device", "cpu"])
     assert "by position in the window (bits/byte): 1-16 " in capsys.readouterr().out
     lines = (tmp_path / "bits_by_position_val.csv").read_text().splitlines()
@@ -1164,6 +1095,14 @@ def test_evaluation_prints_and_saves_bits_by_position_beside_the_checkpoint(text
     record = json.loads((tmp_path / "evaluate_val.json").read_text())  # the figures with code, machine, command
     assert record["results"]["bits"] == bits and record["seeds"] == [1337] and record["args"]["evaluate"] == "val"
     assert {"commit", "dirty", "date", "cpu", "threads", "python", "torch", "triton", "command"} <= set(record)
+    stem = tmp_path / "bits_by_position_val"
+    if os.path.exists(f"{stem}.png"):
+        os.remove(f"{stem}.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises ImportError
+    sample.main(["--evaluate", "val", "--out_dir", str(tmp_path), "--device", "cpu"])
+    said = [line for line in capsys.readouterr().out.splitlines() if str(stem) in line]
+    assert said == [f"wrote {stem}.csv; no {stem}.png: matplotlib is not installed (pip install matplotlib draws it)"]
+    assert not os.path.exists(f"{stem}.png")
 
 
 @pytest.mark.parametrize("name,settings,agree", [
@@ -1221,7 +1160,7 @@ BAD_FLAGS = [
     (["--model", "reformer", "--axial_shape", "(3,)"], "axial_shape"),
     (["--model", "reformer", "--axial_shape", "(3,"], "--axial_shape: invalid tuple of ints"),
     (["--model", "reformer", "--reversible", "maybe"], "--reversible: invalid true/false value"),
-    (["--model", "sparse_fixed", "--attn_block", "-1"], "attn_block"),
+    (["--model", "sparse_fixed", "--tile", "-1"], "tile"),
     (["--model", "sparse_strided", "--stride", "7"], "stride"), (["--model", "aft_local", "--window", "0"], "window"),
     (["--model", "aft_full", "--w_rank", "-2"], "--w_rank -2"), (["--model", "perceiver_ar", "--n_latents", "-1"],
                                                                   "--n_latents -1"),
@@ -1253,11 +1192,11 @@ BAD_MODEL_INPUT = {
     "transformer: pattern dilated": (
         lambda: tiny("transformer", True, pattern="dilated"), "choose one of"),
     "sparse_strided: block_size 48": (
-        lambda: tiny("sparse_strided", True, block_size=48), r"of stride \* attn_block = 32"),
+        lambda: tiny("sparse_strided", True, block_size=48), r"of stride \* tile = 32"),
     "sparse_strided: a transpose of 40": (
-        lambda: st.strided_transpose(torch.randn(1, 1, 40, 2), 8, 4), r"stride \* attn_block = 32"),
+        lambda: st.strided_transpose(torch.randn(1, 1, 40, 2), 8, 4), r"stride \* tile = 32"),
     "sparse_fixed: summary 6": (
-        lambda: tiny("sparse_fixed", True, summary=6), "multiples of attn_block"),
+        lambda: tiny("sparse_fixed", True, summary=6), "multiples of tile"),
     "sparse_fixed: n_offsets 3": (lambda: tiny("sparse_fixed", True, n_offsets=3), "n_offsets"),
     "sparse_fixed: multihead, 3 heads": (
         lambda: tiny("sparse_fixed", True, combine="multihead", n_head=3, n_embd=12),
@@ -1271,6 +1210,8 @@ BAD_MODEL_INPUT = {
     "aft_local: window 0": (lambda: tiny("aft_local", window=0), "window must be at least 1"),
     "aft_full: w_rank -1": (lambda: tiny("aft_full", w_rank=-1), "w_rank must be 0"),
     "aft_conv: width 9 over 2 heads": (lambda: tiny("aft_conv", n_embd=9), "divisible by n_head"),
+    **{f"aft_{v}: a cache": (lambda v=v: tiny_model(v)(tokens(3), cache=[{}, {}]), "recurrent")
+       for v in ("full", "conv")},  # they generate by recomputing: CACHED_GENERATION
     "perceiver_ar: 17 tokens, block_size 16": (lambda: make_model()(tokens(17)), "does not fit"),
     "perceiver_ar: 5 tokens, 6 latents": (lambda: make_model()(tokens(5)), "does not fit"),
     "perceiver_ar: 9 latents, block_size 8": (
@@ -1287,15 +1228,22 @@ def test_a_model_refuses_what_it_cannot_take_with_value_error_and_a_sentence(cas
 
 
 @pytest.mark.parametrize("name", list(train.MODELS))
-def test_every_integer_setting_is_refused_at_parse_time_or_works(name, text_file, tmp_path):
-    """The class, not the examples: 0 and -1 for every integer field of every model's Config either stop at
-    parse time with a sentence naming the flag, or are taken (0 = automatic) and the model trains a step."""
+def test_every_model_trains_and_every_integer_setting_is_refused_at_parse_time_or_works(
+        name, text_file, tmp_path):
+    """Every registered model trains two steps through train.py and writes its checkpoint. The
+    class, not the examples: 0 and -1 for every integer field of every model's Config either stop at
+    parse time with a sentence naming the flag, or are taken (0 = automatic) and the model trains a
+    step."""
     module, _, variant = train.MODELS[name]
     fields = [f.name for f in dataclasses.fields(importlib.import_module(module).Config)
               if f.type is int and f.name not in train.SHARED_FIELDS and f.name not in variant]
-    base = ["--model", name, "--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1"] + TINY
+    base = ["--model", name, "--data", f"text:{text_file}"] + TINY + ["--block_size", "64"]
+    hist = train.main(base + ["--max_iters", "2", "--eval_interval", "2", "--out_dir",
+                              str(tmp_path / "all")])
+    assert math.isfinite(hist[-1]["val_loss"]) and (tmp_path / "all" / "ckpt.pt").exists()
     for field, value in itertools.product(fields, ("0", "-1")):
-        argv = base + ["--block_size", "64", f"--{field}", value, "--out_dir", str(tmp_path / f"{field}{value}")]
+        argv = base + ["--max_iters", "1", "--eval_interval", "1", f"--{field}", value, "--out_dir",
+                       str(tmp_path / f"{field}{value}")]
         try:
             train.parse_args(argv)
         except SystemExit as e:
@@ -1405,17 +1353,26 @@ def test_every_published_figure_links_a_record_that_holds_its_code_machine_and_c
         assert all("timings" in r for r in cells if any(k.endswith("_ms") for k in r)), (where, name)
 
 
-def test_resume_refuses_what_contradicts_the_checkpoint_and_keeps_the_rest(text_file, tmp_path):
+def test_resume_refuses_what_contradicts_the_checkpoint_or_a_damaged_one_and_keeps_the_rest(
+        text_file, tmp_path):
     base = ["--out_dir", str(tmp_path)] + TINY
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(base + ["--resume"])
     train.main(base + ["--data", f"text:{text_file}", "--max_iters", "2", "--eval_interval", "2"])
     for flags, fragment in ((["--data", "copy"], f"--data copy differs from the checkpoint's text:{text_file}"),
                             (["--n_embd", "64"], "--n_embd 64 differs from the checkpoint's 32"),
+                            (["--block_size", "64"],
+                             "--block_size 64 differs from the checkpoint's 32"),
                             (["--model", "aft_local"], "--model aft_local differs from the checkpoint's transformer"),
                             (["--max_iters", "2"], "already at step 2, so --max_iters 2 leaves nothing to do")):
         with pytest.raises(ValueError, match=re.escape(fragment)):
             train.main(base + ["--resume", "--max_iters", "4"] + flags)
     history = train.main(base + ["--resume", "--max_iters", "3", "--eval_interval", "3"])  # model, data: the checkpoint's
     assert history[0]["step"] == 2 and torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a torn write from another tool
+    with pytest.raises(ValueError, match="damaged"):
+        train.main(base + ["--resume", "--max_iters", "4"])
 
 
 def test_a_diverging_run_stops_and_never_overwrites_the_good_checkpoint(text_file, tmp_path):
@@ -1431,11 +1388,15 @@ def test_a_diverging_run_stops_and_never_overwrites_the_good_checkpoint(text_fil
     assert r.returncode == 1 and last.startswith("error: training diverged") and "Traceback" not in r.stderr
 
 
-def test_unusable_out_dir_and_missing_checkpoint_are_one_sentence(text_file, tmp_path):
+def test_unusable_out_dir_and_missing_checkpoint_are_one_sentence(text_file, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         train.main(["--data", f"text:{text_file}", "--out_dir", str(afile)] + TINY)
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--out_dir", str(afile)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--out_dir {afile} is a file, not a folder; choose another --out_dir")
     with pytest.raises(ValueError, match="cannot be written"):
         train.main(["--data", f"text:{text_file}", "--out_dir", str(afile / "run")] + TINY)
     for call in (lambda: sample.main(["--evaluate", "test", "--out_dir", str(tmp_path)]),
@@ -1445,46 +1406,28 @@ def test_unusable_out_dir_and_missing_checkpoint_are_one_sentence(text_file, tmp
         assert "--resume" not in str(e.value)
 
 
-def test_sampling_ends_when_progress_bars_are_disabled(text_file, tmp_path):
+def test_text_sampling_continues_the_prompt_and_ends_without_progress_bars(text_file, tmp_path):
     """Progress bars only display: with TQDM_DISABLE=1 generation still counts its tokens and ends."""
     train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1",
                 "--out_dir", str(tmp_path)] + TINY)
     r = subprocess.run([sys.executable, "sample.py", "--out_dir", str(tmp_path), "--max_new_tokens", "25",
-                        "--num_samples", "1", "--prompt", "abc", "--device", "cpu"], capture_output=True, text=True,
-                       cwd=HERE, timeout=120, env={**os.environ, "TQDM_DISABLE": "1"})
-    assert r.returncode == 0 and len(r.stdout.split("--- sample 1 ---\n")[1].encode()) >= 3 + 25 - 25 // 4, r.stderr
-
-
-def test_resume_with_a_larger_block_size_or_damaged_checkpoint_is_rejected(text_file, tmp_path):
-    base = ["--data", f"text:{text_file}", "--out_dir", str(tmp_path)] + TINY
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.main(base + ["--resume"])
-    train.main(base + ["--max_iters", "2", "--eval_interval", "2"])
-    with pytest.raises(ValueError, match="--block_size 64 differs from the checkpoint's 32"):
-        train.main(base + ["--resume", "--max_iters", "4", "--block_size", "64"])
-    ckpt = tmp_path / "ckpt.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a torn write from another tool
-    with pytest.raises(ValueError, match="damaged"):
-        train.main(base + ["--resume", "--max_iters", "4"])
-
-
-def test_missing_data_and_unknown_data_names_are_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.load(f"text:{tmp_path / 'nope.txt'}")
-    with pytest.raises(FileNotFoundError, match="no .wav files"):
-        data.load(f"wav:{tmp_path}")
-    with pytest.raises(ValueError, match="unknown --data"):
-        data.load("imagenet")
-    bad = tmp_path / "bad.npy"
-    np.save(bad, np.zeros((4, 28, 28), np.uint8))
-    with pytest.raises(ValueError, match=r"expected uint8 \[N >= 3, 32, 32, 3\]"):
-        data.load(f"images:{bad}")
+                        "--num_samples", "2", "--prompt", "Hello, long context", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=HERE, timeout=120,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0 and r.stdout.count("Hello, long context") == 2, r.stderr
+    first, _ = r.stdout.split("--- sample 1 ---\n")[1].split("--- sample 2 ---")
+    assert len(first.encode()) >= len("Hello, long context") + 25 - 25 // 4
 
 
 # ----------------------------------------------------------------------------------------------------------
 # sparse_transformer.py: patterns, transpose, recompute, position embeddings, cached generation
 
-SPARSE = [("local", "interleaved")] + [(p, c) for p in ("strided", "fixed") for c in st.COMBINES]
+# (pattern, combine, backend): every pattern on the dense path; on the Triton kernel, the ones that
+# make every call the kernel gets
+SPARSE = [("local", "interleaved", "dense")] + [
+    (p, c, "dense") for p in ("strided", "fixed") for c in st.COMBINES] + [
+    (p, c, "triton") for p, c in (("strided", "interleaved"), ("strided", "multihead"),
+                                  ("fixed", "merged"), ("fixed", "multihead"))]
 
 
 def as_sets(mask):
@@ -1512,12 +1455,12 @@ def test_fixed_mask_matches_paper_definition_with_per_head_summary_offsets():
     T, l, c = 30, 8, 2
     A1 = [{j for j in range(i + 1) if j // l == i // l} for i in range(T)]
     pos = torch.arange(T)
-    cfg = sparse_config(pattern="fixed", stride=l, summary=c, n_offsets=1, attn_block=2,
+    cfg = sparse_config(pattern="fixed", stride=l, summary=c, n_offsets=1, tile=2,
                         combine="interleaved")
     A2 = [{j for j in range(i + 1) if l - c <= j % l < l} for i in range(T)]  # the paper's set, every head
     assert all(as_sets(element_mask(cfg, 0, pos, pos)[h]) == A1 for h in range(4))
     assert all(as_sets(element_mask(cfg, 1, pos, pos)[h]) == A2 for h in range(4))
-    cfg = sparse_config(pattern="fixed", stride=l, summary=c, n_offsets=3, attn_block=2,
+    cfg = sparse_config(pattern="fixed", stride=l, summary=c, n_offsets=3, tile=2,
                         combine="merged")
     for h in range(4):
         o = (h % 3) * c  # head h reads positions [l - c - o, l - o) of each block
@@ -1546,54 +1489,35 @@ def test_block_layouts_with_element_parts_reproduce_element_masks_and_are_sparse
         assert torch.equal(layout, tile_has_entry)  # ... and every computed tile holds an allowed entry
 
 
-def test_strided_transpose_gives_the_masked_attention_output():
-    torch.manual_seed(0)
-    cfg = sparse_config(pattern="strided", combine="interleaved")
-    attn = st.CausalSelfAttention(cfg, layer=1).double()
-    q, k, v = (torch.randn(2, 4, 64, 8, dtype=torch.float64) for _ in range(3))
-    i, j = torch.arange(64)[:, None], torch.arange(64)[None, :]
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & ((i - j) % 8 == 0))
-    torch.testing.assert_close(attn.transposed(q, k, v), expected, rtol=1e-12, atol=1e-12)
-    x = torch.randn(1, 1, 64, 1)
-    torch.testing.assert_close(st.strided_untranspose(st.strided_transpose(x, 8, 4), 8), x, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("pattern,combine", SPARSE)
-def test_every_layer_equals_attention_under_its_element_mask(pattern, combine):
+@pytest.mark.parametrize("pattern,combine,backend", SPARSE)
+def test_every_layer_equals_attention_under_its_element_mask(pattern, combine, backend,
+                                                             monkeypatch):
+    """Output and gradients. Dense: float64, at 64 positions and 37 (padded up to a tileable,
+    transposable length). Triton: float32, in the kernel's smallest tiles, 16 (the fixed pattern's
+    stride 32). The strided pattern's second part (A2, every layer 1 of interleaved) runs as causal
+    attention in the transposed order."""
     torch.manual_seed(1)
-    cfg = sparse_config(pattern=pattern, combine=combine)
-    for layer, T in itertools.product((0, 1), (64, 37)):  # 37: padded up to a tileable / transposable length
-        attn = st.CausalSelfAttention(cfg, layer).double()
-        q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    if backend == "triton":
+        monkeypatch.setattr(st, "attention", functools.partial(kernels.attention, backend="triton"))
+        stride = 32 if pattern == "fixed" else 4
+        cfg = sparse_config(pattern=pattern, combine=combine, stride=stride, summary=16,
+                            tile=16, n_head=2, n_embd=32)
+        dtype, lengths = torch.float32, (64,)
+        tol, grad_tol = dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
+    else:
+        cfg = sparse_config(pattern=pattern, combine=combine)
+        dtype, lengths = torch.float64, (64, 37)
+        tol = grad_tol = dict(rtol=1e-10, atol=1e-10)
+    for layer, T in itertools.product((0, 1), lengths):
+        q, k, v = (torch.randn(2, cfg.n_head, T, 16, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
         pos = torch.arange(T)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=element_mask(cfg, layer, pos, pos))
-        out = attn.attend(q, k, v)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (q, k, v), g)
-        ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
-@pytest.mark.parametrize("pattern,combine", [("strided", "interleaved"), ("strided", "multihead"),
-                                             ("fixed", "merged"), ("fixed", "multihead")])  # every kernel call
-def test_patterns_on_the_triton_kernel_equal_attention_under_their_element_masks(pattern, combine, monkeypatch):
-    monkeypatch.setattr(st, "attention", functools.partial(kernels.attention, backend="triton"))
-    torch.manual_seed(8)
-    l = 32 if pattern == "fixed" else 4  # kernel tiles of 16: the smallest the Triton kernel takes
-    cfg = sparse_config(pattern=pattern, combine=combine, stride=l, summary=16, attn_block=16,
-                        n_head=2, n_embd=32)
-    for layer in (0, 1):
-        q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
-        pos = torch.arange(64)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=element_mask(cfg, layer, pos, pos))
-        out = st.CausalSelfAttention(cfg, layer).attend(q, k, v)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        out = st.CausalSelfAttention(cfg, layer).to(dtype).attend(q, k, v)
+        torch.testing.assert_close(out, ref, **tol)
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a, b, **grad_tol)
 
 
 def randomized(model):
@@ -1603,35 +1527,31 @@ def randomized(model):
 
 @pytest.mark.parametrize("pattern", ["all", "strided", "fixed"])
 def test_recompute_gives_the_same_loss_and_gradients_with_dropout(pattern):
-    results = []
+    steps = []
     for recompute in (False, True):
         torch.manual_seed(3)
         model = tiny("transformer", True, pattern=pattern, dropout=0.2, recompute=recompute)
         model = randomized(model).double()
         idx = torch.randint(0, 11, (2, 64))
-        torch.manual_seed(4)  # the same dropout masks in both runs
-        _, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters()]))
-    (loss0, g0), (loss1, g1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g0, g1):
+        steps.append(training_step(model, idx[:, :-1], idx[:, 1:], seed=4))  # the same dropout
+    torch.testing.assert_close(steps[1][1], steps[0][1], rtol=1e-12, atol=1e-12)  # the loss
+    for a, b in zip(*steps):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-def saved_activation_elements(model, idx):
-    """How many tensor elements the forward pass keeps for the backward."""
-    total = 0
+def saved_bytes(model, idx):
+    """Bytes of the storages a training forward on idx keeps for the backward (parameters not)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
 
-    def pack(t):
-        nonlocal total
-        if not isinstance(t, torch.nn.Parameter):
-            total += t.numel()
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         model(idx[:, :-1], idx[:, 1:])
-    return total
+    return sum(storages.values())
 
 
 def test_recompute_keeps_no_attention_maps_for_the_backward():
@@ -1639,19 +1559,19 @@ def test_recompute_keeps_no_attention_maps_for_the_backward():
     saved = {}
     for recompute, T in itertools.product((False, True), (64, 256)):
         model = SparseTransformer(sparse_config(block_size=256, n_layer=4, recompute=recompute))
-        saved[recompute, T] = saved_activation_elements(model, torch.randint(0, 11, (1, T + 1)))
+        saved[recompute, T] = saved_bytes(model, torch.randint(0, 11, (1, T + 1)))
     assert saved[False, 256] > 5 * saved[False, 64]  # n x n tensors are kept without recompute (4x n: > 4x)
     assert saved[True, 256] <= 4 * saved[True, 64] + 1  # linear in n with it
     assert saved[True, 256] < saved[False, 256] / 10
 
 
 def test_automatic_tile_is_64_where_long_sequences_tile_into_it_and_32_elsewhere():
-    auto = lambda **kw: st.auto_attn_block(Config(**kw))
+    auto = lambda **kw: st.auto_tile(Config(**kw))
     assert auto(block_size=4096, pattern="strided") == 64 and auto(block_size=1024, pattern="strided") == 32
     assert auto(block_size=4096, pattern="fixed") == 32  # the default summary of 32 is no multiple of 64
     assert auto(block_size=4096, pattern="fixed", summary=64) == 64
     model = SparseTransformer(Config(block_size=4096, n_layer=1, n_head=2, n_embd=16, pattern="strided"))
-    assert (model.config.attn_block, model.config.stride) == (64, 64)  # l = sqrt(n) still tiles
+    assert (model.config.tile, model.config.stride) == (64, 64)  # l = sqrt(n) still tiles
 
 
 def test_factorized_and_image_position_embeddings_sum_their_coordinates():
@@ -1749,35 +1669,16 @@ def test_lsh_kernel_and_cpu_path_give_the_twins_output_and_gradients(case, monke
 
 def test_reformer_with_the_lsh_kernel_trains_like_the_dense_twin(monkeypatch):
     # The whole model, reversible recompute included, with the Triton kernel (interpreter) in every layer.
-    cfg = reformer_config(n_hashes=3, ff_chunks=2)
-    results = {}
+    steps = []
     for backend in ("dense", "triton"):
         monkeypatch.setattr(reformer, "lsh_attention", functools.partial(kernels.lsh_attention, backend=backend))
         torch.manual_seed(0)
-        model = Reformer(cfg).train()
+        model = Reformer(reformer_config(n_hashes=3, ff_chunks=2)).train()
         idx = torch.randint(11, (2, 32))
-        torch.manual_seed(1)
-        _, loss = model(idx, idx)
-        loss.backward()
+        steps.append(training_step(model, idx, idx, seed=1))
         assert kernels.last_lsh_backend == backend
-        results[backend] = [loss.detach()] + [p.grad for p in model.parameters()]
-    for ref, got in zip(results["dense"], results["triton"]):
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-
-
-def test_lsh_backend_is_chosen_automatically_and_refuses_what_the_kernel_cannot_take():
-    q, v, buckets = random_lsh_inputs()
-    lsh_attention(q, q, v, buckets, 8)
-    assert kernels.last_lsh_backend == "cpu"  # CPU tensors: cpu_lsh_attention
-    lsh_attention(q, q, v, buckets, 8, backend="dense")
-    assert kernels.last_lsh_backend == "dense"
-    with pytest.raises(ValueError, match="chunks of at most 64"):
-        lsh_attention(q, q, v, buckets, 128, backend="triton")
-    wide = torch.randn(1, 1, 16, 128)
-    with pytest.raises(ValueError, match="in fp32 up to 64"):
-        lsh_attention(wide, wide, wide, buckets[:, :1, :, :16], 8, backend="triton")
-    with pytest.raises(ValueError, match="unknown LSH attention backend"):
-        lsh_attention(q, q, v, buckets, 8, backend="cuda")
+    for want, got in zip(*steps):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["dense", "triton"])
@@ -1831,29 +1732,30 @@ def lsh_reference(q, k, v, buckets, chunk, same_bucket_mask=False, dup_correctio
     return out
 
 
-@pytest.mark.parametrize("same_bucket_mask,dup_correction", [(False, False), (True, False), (True, True)])
-def test_lsh_rounds_combine_by_logsumexp(same_bucket_mask, dup_correction):
-    # Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a key counted
-    # once per round that sees it; with the duplicate correction, once in all (the union of the windows).
-    q, v, buckets = random_lsh_inputs(B=1, H=1, T=32, R=3, n_buckets=4, dtype=torch.float64)
-    k = F.normalize(q, dim=-1)
-    out = lsh_attention(q, k, v, buckets, chunk=4, same_bucket_mask=same_bucket_mask, dup_correction=dup_correction, backend="dense")
-    expected = lsh_reference(q, k, v, buckets, 4, same_bucket_mask, dup_correction)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+# case: (backend, T, chunk, lsh_attention's options), 3 rounds of 4 buckets: chunks of 4 in 32
+# positions, and of 8 in 37 = 4 * 8 + 5, where the last chunk holds 5 positions and the padding
+# inside must not show in the output
+LSH_REFERENCE_CASES = {
+    **{f"rounds-{name}": ("dense", 32, 4, options) for name, options in (
+        ("paper", {}), ("same-bucket", dict(same_bucket_mask=True)),
+        ("same-bucket-dup-correction", dict(same_bucket_mask=True, dup_correction=True)))},
+    **{f"short-last-chunk-{mode}-{backend}": (backend, 37, 8, LSH_MODES[mode])
+       for backend in ("dense", "triton") for mode in LSH_MODES},
+}
 
 
-@pytest.mark.parametrize("backend", ["dense", "triton"])
-@pytest.mark.parametrize("mode", LSH_MODES)
-def test_lsh_on_a_length_chunk_does_not_divide_equals_the_reference_with_a_short_last_chunk(backend, mode):
-    # T = 4 * 8 + 5: the last chunk holds 5 positions; the padding inside must not show in the output
-    q, v, buckets = random_lsh_inputs(B=1, H=2, T=37, R=3, n_buckets=4, dtype=torch.float64 if backend == "dense"
-                                      else torch.float32, seed=6)
+@pytest.mark.parametrize("case", LSH_REFERENCE_CASES)
+def test_lsh_rounds_combine_by_logsumexp(case):
+    """Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a
+    key counted once per round that sees it; with the duplicate correction, once in all (the union
+    of the windows): lsh_reference, in float64 on the twin, float32 on the kernel."""
+    backend, T, chunk, options = LSH_REFERENCE_CASES[case]
+    dtype, tol = (torch.float64, 1e-10) if backend == "dense" else (torch.float32, 2e-5)
+    q, v, buckets = random_lsh_inputs(B=1, H=2, T=T, R=3, n_buckets=4, dtype=dtype, seed=6)
     k = F.normalize(q, dim=-1)
-    out = lsh_attention(q, k, v, buckets, chunk=8, backend=backend, **LSH_MODES[mode])
-    assert out.shape == q.shape
-    tol = 1e-10 if backend == "dense" else 2e-5
-    torch.testing.assert_close(out.double(), lsh_reference(q, k, v, buckets, 8, **LSH_MODES[mode]), atol=tol,
-                               rtol=tol)
+    out = lsh_attention(q, k, v, buckets, chunk, backend=backend, **options)
+    expected = lsh_reference(q, k, v, buckets, chunk, **options)
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
 def later_inputs_effect(backend, R, scale, causal, dup_correction=False, T=44, t=21, chunk=8):
@@ -1969,20 +1871,16 @@ def test_reversible_gradients_match_ordinary_backprop(n_head, attn_chunks, monke
                           attn_chunks=attn_chunks)
     model = Reformer(cfg).double().train()
     idx = torch.randint(11, (2, 32))
-    grads, losses = [], []
+    steps = []
     for reversible in (True, False):
         model.config.reversible = reversible
-        model.zero_grad()
-        torch.manual_seed(1)
-        _, loss = model(idx, idx)
-        loss.backward()
+        steps.append(training_step(model, idx, idx, seed=1))
         assert len(calls) == attn_chunks  # lsh_every=2: one LSH layer of the two
         calls.clear()
-        losses.append(loss.detach())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-12, rtol=1e-12)
-    for name in grads[1]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-8, msg=name)
+    torch.testing.assert_close(steps[0][1], steps[1][1], atol=1e-12, rtol=1e-12)  # the loss
+    names = ["logits", "loss"] + [name for name, _ in model.named_parameters()]
+    for name, a, b in zip(names, *steps, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
 @pytest.mark.parametrize("attn_chunks", [1, 2])
@@ -2029,29 +1927,22 @@ def test_grouped_attention_backward_under_autocast_frees_each_layers_activations
         assert len(inputs) == 1 and inputs[0]() is None  # freed while the context is still open
 
 
-def test_attention_by_groups_of_heads_matches_all_heads_at_once():
-    torch.manual_seed(0)
-    whole = Reformer(reformer_config(n_head=4)).double().eval()
-    grouped = Reformer(reformer_config(n_head=4, attn_chunks=3)).double().eval()  # 2 groups of 2
-    grouped.load_state_dict(whole.state_dict())
-    idx = torch.randint(11, (2, 32))
-    outputs = []
-    for model in (whole, grouped):
-        logits, loss = model(idx, idx)
-        loss.backward()  # the reversible backward puts the parameters' gradients in .grad
-        outputs.append([logits, *(p.grad for p in model.parameters())])
-    for a, b in zip(*outputs):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
-    with pytest.raises(ValueError, match="attn_chunks"):
-        Reformer(reformer_config(n_head=4, attn_chunks=5))
-
-
-def test_chunked_feed_forward_matches_unchunked():
+def test_attention_by_groups_of_heads_and_feed_forward_by_chunks_match_all_at_once():
     block = ReversibleBlock(reformer_config(), layer_idx=0).eval()
     x = torch.randn(2, 32, 16)
     whole = block.g(x)
     block.ff_chunks = 3  # uneven slices: 11, 11, 10
     torch.testing.assert_close(block.g(x), whole, atol=1e-6, rtol=1e-6)
+    torch.manual_seed(0)
+    whole = Reformer(reformer_config(n_head=4)).double().eval()
+    grouped = Reformer(reformer_config(n_head=4, attn_chunks=3)).double().eval()  # 2 groups of 2
+    grouped.load_state_dict(whole.state_dict())
+    idx = torch.randint(11, (2, 32))
+    steps = [training_step(model, idx, idx, seed=0) for model in (whole, grouped)]
+    for a, b in zip(*steps, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="attn_chunks"):
+        Reformer(reformer_config(n_head=4, attn_chunks=5))
 
 
 def test_axial_position_embedding_concatenates_row_and_column_vectors():
@@ -2064,16 +1955,13 @@ def test_axial_position_embedding_concatenates_row_and_column_vectors():
         torch.testing.assert_close(e[i], torch.cat([pos.rows[i // 8], pos.cols[i % 8]]))
 
 
-def test_reformer_runs_a_length_that_is_no_multiple_of_chunk():
-    # (the lengths and shapes it refuses: BAD_MODEL_INPUT)
-    model = Reformer(reformer_config()).eval()
-    assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)
-
 def test_generate_predicts_each_token_from_exactly_its_prefix(monkeypatch):
-    """No padding in the forward: every step runs the model on the prefix as it stands, so generation computes
-    what the prefix-only evaluation scores."""
+    """No padding in the forward: every step runs the model on the prefix as it stands (lengths 5 to
+    8, of chunks of 8), so generation computes what the prefix-only evaluation scores. (The lengths
+    it refuses: BAD_MODEL_INPUT.)"""
     torch.manual_seed(0)
     model = Reformer(reformer_config()).eval()
+    assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)  # no padded position
     lengths = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda idx, targets=None: lengths.append(idx.size(1)) or forward(idx))
@@ -2086,24 +1974,14 @@ def test_generate_predicts_each_token_from_exactly_its_prefix(monkeypatch):
 def test_reversible_layers_keep_activation_memory_constant_in_depth():
     """Bytes autograd saves for the backward (parameters excluded): the same for 1 to 8 reversible layers,
     growing linearly with depth for the same network run with ordinary autograd."""
-    def saved_bytes(n_layer, reversible):
+    def saved(n_layer, reversible):
         torch.manual_seed(0)
         model = Reformer(reformer.Config(block_size=128, n_layer=n_layer, n_head=2, n_embd=16, chunk=16,
                                          reversible=reversible))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
+        return saved_bytes(model, torch.randint(0, 256, (2, 129)))
 
-        def keep(t):
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model(torch.randint(0, 256, (2, 128)), torch.randint(0, 256, (2, 128)))
-        return sum(storages.values())
-
-    reversible = [saved_bytes(L, True) for L in (1, 2, 8)]
-    plain = [saved_bytes(L, False) for L in (1, 2, 8)]
+    reversible = [saved(L, True) for L in (1, 2, 8)]
+    plain = [saved(L, False) for L in (1, 2, 8)]
     assert reversible[0] == reversible[1] == reversible[2]
     assert plain[2] - plain[1] == pytest.approx(6 * (plain[1] - plain[0]), rel=0.01) and plain[1] > reversible[1]
 
@@ -2162,13 +2040,20 @@ def random_mixer(variant, w_rank=0, block_size=8, n_embd=6, n_head=2, window=3):
     return mixer
 
 
-@pytest.mark.parametrize("variant,w_rank", [("full", 0), ("full", 3), ("simple", 0), ("local", 0),
-                                            ("local", 3), ("conv", 0)])
-@pytest.mark.parametrize("key_scale,T", [(1, 7), (1, 12), (10, 12), (50, 12), (100, 12)])
-def test_mixer_matches_paper_formula_forward_and_gradients(variant, w_rank, key_scale, T):
-    """Forward and every gradient, to float64 rounding; T = 7 < block_size slices w. Keys x100
-    spread over ~1000 within a sequence, beyond even float64's exp: rows stabilised, the formula."""
+AFT_MIXERS = [("full", 0), ("full", 3), ("simple", 0), ("local", 0), ("local", 3), ("conv", 0)]
+
+
+@pytest.mark.parametrize("variant,w_rank,key_scale,T,backend", [
+    (variant, w_rank, key_scale, T, "dense") for variant, w_rank in AFT_MIXERS
+    for key_scale, T in ((1, 7), (1, 12), (10, 12), (50, 12), (100, 12))] + [
+    (variant, w_rank, 1, 12, "triton") for variant, w_rank in AFT_MIXERS if variant != "full"])
+def test_mixer_matches_paper_formula_forward_and_gradients(variant, w_rank, key_scale, T, backend):
+    """Forward and every gradient, to float64 rounding, on PyTorch ops and on the kernels; T = 7 <
+    block_size slices w. Keys x100 spread over ~1000 within a sequence, beyond even float64's exp:
+    rows stabilised, the formula."""
     mixer = random_mixer(variant, w_rank, block_size=12, n_embd=8, n_head=2)
+    if backend == "triton":
+        mixer.backend = "triton"
     with torch.no_grad():
         mixer.qkv.weight[8:16] *= key_scale
     x = torch.randn(2, T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -2221,7 +2106,7 @@ def test_parallel_forward_equals_step_by_step_at_large_keys(variant, w_rank, key
     torch.testing.assert_close(mixer(x), stepped, rtol=1e-12, atol=1e-12)
 
 
-def test_local_with_window_covering_sequence_equals_full():
+def test_local_equals_full_with_a_window_covering_the_sequence_and_simple_with_zero_bias():
     q, k, v = qkv()
     T, s = 9, 11
     w = torch.randn(T, T, dtype=torch.float64, requires_grad=True)
@@ -2231,10 +2116,6 @@ def test_local_with_window_covering_sequence_equals_full():
     g = torch.randn_like(y_full)
     for a, b in zip(torch.autograd.grad(y_local, [q, k, v, w], g), torch.autograd.grad(y_full, [q, k, v, w], g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_local_with_zero_bias_equals_simple():
-    q, k, v = qkv()
     y_local = aft_local(q, k, v, torch.zeros(9, 3, dtype=torch.float64))
     torch.testing.assert_close(y_local, aft_simple(q, k, v), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y_local, naive_aft(q, k, v, torch.zeros(9, 9, dtype=torch.float64)))
@@ -2362,31 +2243,6 @@ def test_aft_kernel_is_exactly_causal_across_chunks(case):
         assert not torch.equal(moved[:, j], out[:, j])
 
 
-@pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 3), ("conv", 0)])
-def test_mixer_on_the_kernels_equals_mixer_on_pytorch_ops(variant, w_rank):
-    mixer = random_mixer(variant, w_rank, block_size=12, n_embd=8, n_head=2)
-    x = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
-    outputs, grads = [], []
-    for backend in ("triton", "dense"):
-        mixer.backend = backend
-        outputs.append(mixer(x))
-        grads.append(torch.autograd.grad(outputs[-1].square().sum(), [x, *mixer.parameters()]))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-def test_aft_backend_is_pytorch_on_cpu_and_a_bad_one_is_refused():
-    q, k, v, band = aft_kernel_inputs("local", 9)
-    assert not aft.kernel_runs(k, None, band)  # a CPU tensor: the PyTorch path, even with the interpreter on
-    with pytest.raises(ValueError, match="unknown AFT backend"):
-        aft.aft_simple(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match="feature groups must divide"):
-        aft.aft_banded(q, k, v, torch.zeros(3, 9, 2, dtype=torch.float64), backend="triton")
-    huge = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(2**14, 2**9, 2**8)  # 2^31 elements, one stored
-    assert "index in 32 bits" in kernels.aft_unfit(None, huge)
-
-
 @pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2)])
 def test_recurrent_form_matches_parallel_forward(variant, w_rank):
     model = tiny_model(variant, w_rank)
@@ -2394,14 +2250,6 @@ def test_recurrent_form_matches_parallel_forward(variant, w_rank):
     cache = [{} for _ in model.blocks]
     chunks = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), model(idx)[0], rtol=1e-10, atol=1e-12)
-
-
-def test_full_and_conv_refuse_a_cache_and_generate_by_recomputing():
-    for variant in ("full", "conv"):
-        model = tiny_model(variant, block_size=8)
-        with pytest.raises(ValueError, match="recurrent"):
-            model(torch.zeros(1, 3, dtype=torch.long), cache=[{} for _ in model.blocks])
-        assert model.generate(torch.zeros(1, 7, dtype=torch.long), 3).shape == (1, 10)  # crops to block_size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2471,19 +2319,11 @@ def assert_grads_match(model, out, ref):
             torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-9 * (1 + r.abs().max().item()), msg=name)
 
 
-def test_all_latents_equals_dense_causal_transformer():
-    model = make_model(n_latents=16)
-    idx = torch.randint(0, 11, (3, 16))
-    logits, _ = model(idx)
-    ref = reference_logits(model, idx, N=16)
-    assert logits.shape == (3, 16, 11)
-    torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-12)
-    assert_grads_match(model, logits, ref)
-
-
-@pytest.mark.parametrize("T,N", [(16, 6), (11, 6), (16, 1), (9, 9)])
+@pytest.mark.parametrize("T,N", [(16, 6), (11, 6), (16, 1), (9, 9), (16, 16)])
 def test_cross_attention_matches_bottom_right_causal_reference(T, N):
-    """Latent k (position T-N+k) sees inputs 0..T-N+k, for short inputs and any n_latents set at eval."""
+    """Latent k (position T-N+k) sees inputs 0..T-N+k, for short inputs and any n_latents set at
+    eval. With every position a latent (N = T = block_size), the model is a plain dense causal
+    Transformer."""
     model = make_model()
     model.n_latents = N
     idx = torch.randint(0, 11, (2, T))
@@ -2507,13 +2347,17 @@ def test_loss_is_cross_entropy_on_latent_positions_plus_training_z_loss():
     torch.testing.assert_close(train_loss, (expected + 1e-2 * z).float())
 
 
-def test_context_dropout_is_off_in_eval():
-    model = make_model(context_dropout=0.5)
-    plain = make_model(context_dropout=0.0)
+def test_context_dropout_is_off_in_eval_and_at_1_hides_all_context_in_training():
+    model, plain = make_model(context_dropout=1.0), make_model(context_dropout=0.0)
     idx = torch.randint(0, 11, (2, 16))
+    changed = idx.clone()
+    changed[:, :10] = torch.randint(0, 11, (2, 10))
     out = model(idx)[0]
     torch.testing.assert_close(model(idx)[0], out, rtol=0, atol=0)
     torch.testing.assert_close(plain(idx)[0], out, rtol=0, atol=0)
+    assert (model(changed)[0] - out).abs().amax() > 1e-6
+    model.train()
+    torch.testing.assert_close(model(changed)[0], model(idx)[0], rtol=0, atol=0)
 
 
 def test_context_dropout_removes_a_fraction_of_context_and_keeps_causality():
@@ -2536,41 +2380,18 @@ def test_context_dropout_removes_a_fraction_of_context_and_keeps_causality():
     torch.testing.assert_close(model(changed)[0][:, :2], logits[:, :2], rtol=0, atol=0)
 
 
-def test_full_context_dropout_hides_all_context_in_training_only():
-    model = make_model(context_dropout=1.0)
-    idx = torch.randint(0, 11, (2, 16))
-    changed = idx.clone()
-    changed[:, :10] = torch.randint(0, 11, (2, 10))
-    assert (model(changed)[0] - model(idx)[0]).abs().amax() > 1e-6
-    model.train()
-    torch.testing.assert_close(model(changed)[0], model(idx)[0], rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("prompt_len", [3, 20])
-def test_cached_generation_matches_uncached(prompt_len, monkeypatch):
+def test_generation_reads_at_most_block_size_inputs_and_the_cache_encodes_only_at_resets(
+        prompt_len, monkeypatch):
+    """(CACHED_GENERATION holds the cached tokens and logits to the uncached ones.)"""
     model = make_model()
     prompt = torch.randint(0, 11, (2, prompt_len))
-    recorded = []
-
-    def recording_sample_next(logits, *args, **kwargs):
-        recorded.append(logits.clone())
-        return sample_next(logits, *args, **kwargs)
-
-    sample_next = perceiver_ar.sample_next
-    monkeypatch.setattr(perceiver_ar, "sample_next", recording_sample_next)
-    widths = []
+    widths, encodes, encode = [], [], model.encode
     model.register_forward_pre_hook(lambda mod, args: widths.append(args[0].size(1)))
-    out = model.generate(prompt, 30, top_k=7, generator=torch.Generator().manual_seed(3), use_cache=False)
-    uncached_logits, recorded[:] = list(recorded), []
-    encodes = []
-    encode = model.encode
+    out = model.generate(prompt, 30, use_cache=False)
     monkeypatch.setattr(model, "encode", lambda *a: encodes.append(1) or encode(*a))
-    cached = model.generate(prompt, 30, top_k=7, generator=torch.Generator().manual_seed(3), use_cache=True)
-    assert torch.equal(cached, out)
+    model.generate(prompt, 30, use_cache=True)
     assert out.shape == (2, prompt_len + 30) and torch.equal(out[:, :prompt_len], prompt)
-    assert len(recorded) == len(uncached_logits) == 30  # the logits of every sampled token
-    for a, b in zip(recorded, uncached_logits):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert max(widths) <= 16  # never more than block_size inputs
     assert len(encodes) <= 10  # the full model ran only at resets (every N/2 = 3 tokens or so), not 30 times
 
@@ -2644,20 +2465,17 @@ def test_strided_and_fixed_pictures_are_their_pattern_definitions(name):
         assert torch.equal(maps[layer] > 0, keys | own_query), layer
 
 
-def test_show_attention_writes_one_png_per_model(tmp_path):
-    sample.main(["--show_attention", "--model", "sparse_fixed", "--out_dir", str(tmp_path), "--device", "cpu"])
-    w, h, pixels = read_png(tmp_path / "attention_sparse_fixed.png")
-    assert (w, h) == (3 * 64 * 4 + 2 * 8, 64 * 4)  # two layers and the whole network, 4x, 8-pixel gaps
-    assert (pixels[0, -1] == [255, 225, 225]).all()  # top right of the last panel: the future, empty
-
-
 def test_show_attention_takes_the_models_settings_as_flags_like_train_py(tmp_path, capsys, monkeypatch):
-    """`--show_attention --model sparse_strided --stride 4` draws stride 4: layer 1's panel is the strided pattern's
-    first part at l = 4. A model's setting without --show_attention, or with --model all, stops with one sentence;
-    `--model NAME --help` lists the settings with the picture's values."""
+    """`--show_attention --model sparse_strided --stride 4` draws one png, stride 4: layer 1's panel
+    is the strided pattern's first part at l = 4. A model's setting without --show_attention, or
+    with --model all, stops with one sentence; `--model NAME --help` lists the settings with the
+    picture's values."""
     sample.main(["--show_attention", "--model", "sparse_strided", "--stride", "4", "--out_dir", str(tmp_path),
                  "--device", "cpu"])
-    layer_1 = pixel_kinds(read_png(tmp_path / "attention_sparse_strided.png")[2][::4, :64 * 4:4])  # a pixel a cell
+    w, h, pixels = read_png(tmp_path / "attention_sparse_strided.png")
+    assert (w, h) == (3 * 64 * 4 + 2 * 8, 64 * 4)  # two layers and the whole network, 4x, 8-pixel gaps
+    assert (pixels[0, -1] == [255, 225, 225]).all()  # top right of the last panel: the future, empty
+    layer_1 = pixel_kinds(pixels[::4, :64 * 4:4])  # a pixel a cell
     config = sample.picture_model("sparse_strided", stride=4).config
     pos = torch.arange(64)
     keys = element_mask(config, 0, pos, pos).any(0)  # (T, T) over the heads
@@ -2697,10 +2515,10 @@ def test_a_model_written_from_the_readme_trains_samples_scores_and_is_drawn(text
 
 CAUSAL_CASES = {  # name: (model, Config settings beyond the shared tiny ones, exactly causal?)
     "transformer": ("transformer", {}, True),
-    "sparse_local": ("transformer", dict(pattern="local", stride=8, attn_block=16), True),
-    **{f"sparse_strided_{c}": ("sparse_strided", dict(stride=4, attn_block=16, combine=c), True)
+    "sparse_local": ("transformer", dict(pattern="local", stride=8, tile=16), True),
+    **{f"sparse_strided_{c}": ("sparse_strided", dict(stride=4, tile=16, combine=c), True)
        for c in st.COMBINES},
-    **{f"sparse_fixed_{c}": ("sparse_fixed", dict(stride=32, summary=16, n_offsets=2, attn_block=16, combine=c),
+    **{f"sparse_fixed_{c}": ("sparse_fixed", dict(stride=32, summary=16, n_offsets=2, tile=16, combine=c),
                              True) for c in st.COMBINES},
     # causal LSH in 4 buckets of about 16 positions: a query's window of chunk = 8 keys ends inside its bucket
     "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, n_buckets=4, causal_lsh=True), True),
@@ -2787,14 +2605,11 @@ def test_later_positions_never_reach_earlier_outputs(case, backend, scale, monke
 # sampling modes (sample.py), and bench.py
 
 
-def test_png_writer_output_parses_back_to_the_same_pixels(tmp_path):
+def test_png_writer_output_parses_back_and_wav_writer_output_opens_with_the_wave_module(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     sample.write_png(str(tmp_path / "x.png"), img)
     w, h, pixels = read_png(tmp_path / "x.png")
     assert (w, h) == (5, 7) and np.array_equal(pixels, img)
-
-
-def test_wav_writer_output_opens_with_the_wave_module(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 256, 1234).astype(np.uint8)
     sample.write_wav(str(tmp_path / "x.wav"), tokens, 12_000)
     with wave.open(str(tmp_path / "x.wav")) as w:
@@ -2820,13 +2635,6 @@ def test_image_sampling_writes_a_grid_of_prompt_completions_and_truth(tmp_path):
     assert np.array_equal(prompt_tile[:16], test[0][:16]) and (prompt_tile[16:] == 128).all()
 
 
-@pytest.mark.parametrize("name", list(train.MODELS))
-def test_every_registered_model_trains_through_train_py(name, text_file, tmp_path):
-    hist = train.main(["--model", name, "--data", f"text:{text_file}", "--max_iters", "2", "--eval_interval", "2",
-                       "--out_dir", str(tmp_path)] + TINY + ["--block_size", "64"])
-    assert math.isfinite(hist[-1]["val_loss"]) and (tmp_path / "ckpt.pt").exists()
-
-
 def sampling_sparse(pattern, combine):
     """A Sparse Transformer of 32 tokens whose output layer is randomized (it starts at zero)."""
     return randomized(tiny("transformer", True, pattern=pattern, combine=combine, block_size=32))
@@ -2834,7 +2642,9 @@ def sampling_sparse(pattern, combine):
 
 # case: (the model, prompt (rows, length), tokens generated, top_k): greedy for every registered
 # model (32 tokens); sampled from the top 8 for each Sparse Transformer pattern's cache, from the
-# top 6 for AFT's recurrent variants (weights of order one, 24 tokens). Each goes past block_size.
+# top 6 for AFT's recurrent variants (weights of order one, 24 tokens), from the top 7 for Perceiver
+# AR's (16 tokens, 6 latents) after a short prompt and one longer than block_size. Each goes past
+# block_size.
 CACHED_GENERATION = {
     **{name: (functools.partial(tiny, name, block_size=32), (2, 5), 40, 1)
        for name in train.MODELS},
@@ -2843,34 +2653,48 @@ CACHED_GENERATION = {
                     ("strided", "merged"), ("fixed", "merged"))},
     **{f"aft_{v}_rank{r}_top6": (functools.partial(tiny_model, v, r, block_size=24), (4, 3), 30, 6)
        for v, r in (("simple", 0), ("local", 0), ("local", 2))},
+    **{f"perceiver_ar_prompt{n}_top7": (make_model, (2, n), 30, 7) for n in (3, 20)},
 }
 
 
 @pytest.mark.parametrize("case", CACHED_GENERATION)
-def test_generation_gives_the_same_tokens_with_and_without_the_cache(case):
-    """Decoding past block_size (where caches restart or slide) must not depend on use_cache. In
-    float64: the two paths round differently, and no sampled token may rest on a float32 tie."""
+def test_generation_gives_the_same_tokens_with_and_without_the_cache(case, monkeypatch):
+    """Decoding past block_size (where caches restart or slide) must not depend on use_cache: the
+    same tokens, drawn from the same logits. In float64: the two paths round differently, and no
+    sampled token may rest on a float32 tie."""
     build, (rows, length), new_tokens, top_k = CACHED_GENERATION[case]
     torch.manual_seed(0)
     model = build().double().eval()
     prompt = torch.randint(11, (rows, length))
+    drawn_from, sample_next = [], st.sample_next
+
+    def recording(logits, *args):
+        drawn_from.append(logits.clone())
+        return sample_next(logits, *args)
+    for module in (st, reformer, aft, perceiver_ar):  # each model's generate calls its module's
+        monkeypatch.setattr(module, "sample_next", recording)
     cached, uncached = (model.generate(prompt, new_tokens, top_k=top_k, use_cache=use_cache,
                                        generator=torch.Generator().manual_seed(7))
                         for use_cache in (True, False))
     assert cached.shape == (rows, length + new_tokens) and torch.equal(cached, uncached)
+    assert len(drawn_from) == 2 * new_tokens  # every sampled token's logits, cached then uncached
+    for a, b in zip(drawn_from[:new_tokens], drawn_from[new_tokens:]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_model_settings_become_flags_and_reach_the_model(text_file, tmp_path):
+def test_model_settings_become_flags_and_reach_the_model():
+    # (a setting of another model is refused: BAD_FLAGS)
     args = train.parse_args(["--model", "aft_local", "--window", "8", "--w_rank", "4"])
     assert args.model_overrides == {"window": 8, "w_rank": 4}
-    with pytest.raises(SystemExit):  # a setting of another model is refused
-        train.parse_args(["--model", "aft_local", "--n_latents", "8"])
 
 
 @pytest.mark.parametrize("name", list(train.MODELS))
-def test_every_model_flag_is_explained_by_its_config_fields_comment(name, capsys, monkeypatch):
-    """`--model NAME --help` gives each of the model's own flags the comment written beside its Config field
-    (read here straight from the file) and its default, not a generic "setting"."""
+def test_every_flag_is_explained_and_a_models_own_by_its_config_fields_comment(name, capsys,
+                                                                               monkeypatch):
+    """`--model NAME --help` gives every flag a line of its own (n_layer, lr, seed ... too, not only
+    the model's), says how a model flag's value is written (True/False, a tuple as in Python), and
+    gives each of the model's own flags the comment written beside its Config field (read here
+    straight from the file) and its default, not a generic "setting"."""
     module, _, variant = train.MODELS[name]
     mod = importlib.import_module(module)
     own = [f for f in dataclasses.fields(mod.Config) if f.name not in train.SHARED_FIELDS and f.name not in variant]
@@ -2879,7 +2703,12 @@ def test_every_model_flag_is_explained_by_its_config_fields_comment(name, capsys
     monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help to the terminal's width
     with pytest.raises(SystemExit):
         train.parse_args(["--model", name, "--help"])
-    shown = " ".join(capsys.readouterr().out.split())
+    shown = capsys.readouterr().out
+    entries = re.findall(r"^  (-.*(?:\n {6,}.*)*)", shown, re.M)  # a flag, its metavar, its help on 1+ lines
+    unexplained = [e for e in entries if not re.sub(r"^(-h, --help|--\w+)( [A-Z_]+| \{[^}]*\})?", "", e).strip()]
+    assert len(entries) > 25 + len(own) and not unexplained, unexplained  # shared ones, the model's
+    assert "True or False" in shown and '--axial_shape "(64, 64)"' in shown
+    shown = " ".join(shown.split())
     assert own and "setting (default" not in shown
     for f in own:
         comment = re.search(rf"^    {f.name}: \w+ = .*?  # (.+)$", source, re.M)
@@ -2887,36 +2716,19 @@ def test_every_model_flag_is_explained_by_its_config_fields_comment(name, capsys
         assert f"--{f.name} {f.name.upper()} {comment[1]} (default {f.default!r})" in shown, f.name
 
 
-def test_text_sampling_continues_the_prompt(text_file, tmp_path, capsys):
-    out = str(tmp_path)
-    train.main(["--data", f"text:{text_file}", "--max_iters", "1", "--eval_interval", "1", "--out_dir", out] + TINY)
-    capsys.readouterr()
-    sample.main(["--out_dir", out, "--prompt", "Hello, long context", "--num_samples", "2",
-                 "--max_new_tokens", "30", "--device", "cpu"])
-    printed = capsys.readouterr().out
-    assert printed.count("Hello, long context") == 2 and "--- sample 2 ---" in printed
-
-
-def test_audio_sampling_writes_wav_files_of_the_requested_length(tmp_path):
-    rate = 8000
-    t = np.arange(rate * 4) / rate
-    write_wav(tmp_path / "clip.wav", 0.4 * np.sin(2 * np.pi * 330 * t), rate)
-    out = str(tmp_path / "run")
-    common = ["--audio_rate", "1000", "--audio_seq_len", "64"]
-    train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--eval_interval", "1", "--out_dir", out]
-               + common + TINY)
-    sample.main(["--out_dir", out, "--seconds", "0.1", "--num_samples", "1", "--device", "cpu"])
-    with wave.open(os.path.join(out, "sample_1.wav")) as w:  # prompt: a 64-sample validation row (< 1 s)
-        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (1000, 1, 64 + 100)
-
-
-def test_more_samples_than_the_split_has_prompts_for_are_said_not_dropped_silently(tmp_path, capsys):
-    """Audio continues validation clips: asked for more than the split holds, sample.py says how many it samples.
-    Unconditional samples need no prompt, so all are drawn."""
+def test_audio_sampling_writes_wav_files_of_the_requested_length_and_says_when_prompts_run_out(
+        tmp_path, capsys):
+    """Audio continues validation clips by --seconds: asked for more samples than the split holds,
+    sample.py says how many it samples, rather than dropping some silently. Unconditional samples
+    need no prompt: all are drawn."""
     write_wav(tmp_path / "clip.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 8000 * 4), 8000)  # 4 s of noise
     out = tmp_path / "run"
-    common = ["--audio_rate", "1000", "--audio_seq_len", "64"]
-    train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--out_dir", str(out)] + common + TINY)
+    train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--out_dir", str(out),
+                "--audio_rate", "1000", "--audio_seq_len", "64"] + TINY)
+    sample.main(["--out_dir", str(out), "--seconds", "0.1", "--num_samples", "1",
+                 "--device", "cpu"])
+    with wave.open(str(out / "sample_1.wav")) as w:  # prompt: a 64-sample validation row (< 1 s)
+        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (1000, 1, 64 + 100)
     clips = len(data.load(f"wav:{tmp_path}", 1000, 64).splits["val"])
     capsys.readouterr()
     for extra, written in (([], clips), (["--unconditional"], clips + 2)):
@@ -3111,7 +2923,9 @@ def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finish
 
 
 def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forward_leaks():
-    """An oracle that copies the token d back scores 1; one that would need a later token scores chance."""
+    """An oracle that copies the token d back scores 1; one that would need a later token scores
+    chance. Perceiver AR predicts only its latents (the last k positions): an oracle that copies
+    there scores 1, and rows taken in several calls score as in one."""
     class Oracle(torch.nn.Module):
         exactly_causal = False
 
@@ -3127,10 +2941,6 @@ def test_copy_accuracy_counts_exact_copies_from_the_prefix_alone_when_the_forwar
     assert bench.copy_accuracy(good, 16, "cpu") == 1.0
     assert bench.copy_accuracy(cheat, 16, "cpu") < 0.1 and len(cheat.calls) == 32  # one prefix per position
 
-
-def test_copy_accuracy_scores_a_model_that_predicts_only_its_last_positions_on_those():
-    """Perceiver AR predicts only its latents (the last k positions): an oracle that copies there scores 1, and
-    rows taken in several calls score as in one."""
     class LastK(torch.nn.Module):
         def forward(self, idx):  # the token d = 16 back, for the last 8 positions only
             return F.one_hot(idx[:, -8 - 15 : -15], 257).float(), None
@@ -3138,20 +2948,18 @@ def test_copy_accuracy_scores_a_model_that_predicts_only_its_last_positions_on_t
     assert bench.copy_accuracy(LastK(), 16, "cpu", n_rows=5, rows_per_call=2) == 1.0
 
 
-def test_perceiver_ar_rotary_base_0_spreads_the_wavelengths_over_the_context():
-    """rotary_base = 0 (as the official code: wavelengths up to the context length) turns pair i by block_size^(-i/n)
-    per position; the default keeps base 10,000, so checkpoints trained before the option mean what they meant."""
+def test_rotary_margin_is_what_perceiver_ar_rotary_scores_and_base_0_spans_the_context():
+    """rotary_margin's scores are those of perceiver_ar's rotary: a query and keys of ones in every
+    rotated pair, turned by apply_rotary with the model's frequencies, score sum_i cos(delta f_i) at
+    offset delta. rotary_base = 0 (as the official code: wavelengths up to the context length) turns
+    pair i by block_size^(-i/n) per position; the default keeps base 10,000, so checkpoints trained
+    before the option mean what they meant."""
     make = lambda **kw: perceiver_ar.RotaryAttention(perceiver_ar.Config(n_embd=32, n_head=2, block_size=4096, **kw))
     n = make().inv_freq.numel()
     assert torch.equal(make(rotary_base=0).inv_freq, 4096.0 ** (-torch.arange(n) / n))
     assert torch.equal(make().inv_freq, 10000.0 ** (-torch.arange(n) / n))
     with pytest.raises(ValueError, match="rotary_base=1"):
         make(rotary_base=1)
-
-
-def test_rotary_margin_is_what_perceiver_ar_rotary_scores_between_offsets():
-    """rotary_margin's scores are those of perceiver_ar's rotary: a query and keys of ones in every rotated
-    pair, turned by apply_rotary with the model's frequencies, score sum_i cos(delta f_i) at offset delta."""
     n_pairs, span = 4, 512
     attn = perceiver_ar.RotaryAttention(perceiver_ar.Config(n_embd=2 * n_pairs, n_head=1, rotary_frac=1.0))
     x = torch.cat([torch.ones(n_pairs), torch.zeros(n_pairs)]).double().expand(1, 1, span, -1)  # (1, 1, S, D)
@@ -3208,20 +3016,33 @@ def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_res
     assert "d16" not in shown and len(shown["d32_curve"]) == 1  # but a distance run before is shown
 
 
-def test_flex_block_mask_in_flex_blocks_computes_the_model_layouts():
+def test_flex_block_masks_compute_the_model_layouts_and_list_the_same_blocks_arithmetic_or_not():
     # bench hands FlexAttention the layouts in its own blocks of 128 positions (8 x 8 tiles of 16 here): full
     # where every tile is visible and uncut (inside the fixed pattern's blocks of 256), partial (masked element
-    # by element) where some are.
+    # by element) where some are. What makes the kernels table's two Flex columns comparable:
+    # create_block_mask of each arithmetic mask_mod lists the same full and partial blocks as
+    # flex_block_mask of the layout; only the work per element of a partial block differs
+    # (arithmetic, or a lookup in a captured table).
     from torch.nn.attention.flex_attention import flex_attention
     n, block = 1024, 16
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
-    kinds = []
-    for name, layout, window, _ in bench.model_layouts(n, block, 256, 2):
-        mask = bench.flex_block_mask(layout, block, n, window, "cpu")
-        kinds.append((int(mask.kv_num_blocks.sum()), int(mask.full_kv_num_blocks.sum())))
+
+    def listed(counts, indices):  # (1, H', m), (1, H', m, m) -> (H', m, m): which blocks a row lists
+        first = torch.arange(indices.size(-1)) < counts[..., None]
+        return torch.zeros(indices.shape).scatter_add(-1, indices.long(), first.float())[0] > 0
+    kinds = []  # (partial, full) blocks listed, per layout
+    for name, layout, window, mask_mod in bench.model_layouts(n, block, 256, 2):
+        table = bench.flex_block_mask(layout, block, n, window, "cpu")
+        kinds.append((int(table.kv_num_blocks.sum()), int(table.full_kv_num_blocks.sum())))
         expected = dense_attention(q, k, v, layout=layout, tile=block, window=window)
-        torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), expected, atol=1e-5, rtol=1e-5, msg=name)
+        got = flex_attention(q, k, v, block_mask=table)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)
+        arithmetic = bench.flex_mask(mask_mod, layout.size(0), n, torch.device("cpu"))
+        assert arithmetic.BLOCK_SIZE == table.BLOCK_SIZE == (128, 128), name
+        for kind in ("kv", "full_kv"):
+            a, t = (listed(getattr(m, f"{kind}_num_blocks"), getattr(m, f"{kind}_indices")) for m in (arithmetic, table))
+            assert torch.equal(a, t), (name, kind)
     assert all(partial > 0 for partial, _ in kinds) and any(full > 0 for _, full in kinds), kinds
 
 
@@ -3245,27 +3066,6 @@ def test_flex_arithmetic_masks_equal_the_kernel_masks_of_the_model_layouts(n):
             expected = torch.cat([expected, later], dim=-1).expand(H, block, n)
             got = mask_mod(0, h, torch.arange(m * block, (m + 1) * block)[None, :, None], kv_idx)
             assert torch.equal(got.expand(H, block, n), expected), (name, m)
-
-
-def test_flex_arithmetic_block_masks_list_the_same_blocks_as_the_layout_table():
-    # What makes the kernels table's two Flex columns comparable: create_block_mask of each arithmetic mask_mod
-    # lists the same full and partial 128-blocks as flex_block_mask of the layout; only the work per element of
-    # a partial block differs (arithmetic, or a lookup in a captured table).
-    n, block = 1024, 16
-
-    def listed(counts, indices):  # (1, H', m), (1, H', m, m) -> (H', m, m): which blocks a row lists
-        first = torch.arange(indices.size(-1)) < counts[..., None]
-        return torch.zeros(indices.shape).scatter_add(-1, indices.long(), first.float())[0] > 0
-    blocks = {"kv": 0, "full_kv": 0}  # partial and full blocks listed, over the layouts
-    for name, layout, window, mask_mod in bench.model_layouts(n, block, 256, 2):
-        arithmetic = bench.flex_mask(mask_mod, layout.size(0), n, torch.device("cpu"))
-        table = bench.flex_block_mask(layout, block, n, window, "cpu")
-        assert arithmetic.BLOCK_SIZE == table.BLOCK_SIZE == (128, 128), name
-        for kind in blocks:
-            a, t = (listed(getattr(m, f"{kind}_num_blocks"), getattr(m, f"{kind}_indices")) for m in (arithmetic, table))
-            assert torch.equal(a, t), (name, kind)
-            blocks[kind] += int(a.sum())
-    assert all(blocks.values()), blocks
 
 
 def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_path, monkeypatch):
@@ -3422,25 +3222,29 @@ def test_bench_keeps_the_cells_of_a_run_killed_mid_stage(tmp_path, monkeypatch):
     assert bench.SAVE_CELLS is None
 
 
-def test_bench_table_says_why_a_row_has_no_figures_once():
+def test_bench_skips_what_the_budget_cannot_fit_and_its_table_says_why_once(tmp_path):
     table = bench.markdown([{"T": 64, "ms": 1.5}, {"T": 128, "status": "skipped: budget"}],
                            [("T", "T", "d"), ("ms", "ms", ".1f"), ("GiB", "gib", ".1f")])
     assert table.splitlines()[2:] == ["| 64 | 1.5 | - |", "| 128 | skipped: budget | - |"]
-
-
-def test_bench_skips_what_the_budget_cannot_fit(tmp_path):
     results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "reformer,aft",
                           "--budget", "0.001"])
     assert list(results) == ["reformer", "aft"] and all(results.values())
     assert all(r["status"].startswith("skipped: budget") for rows in results.values() for r in rows)
 
 
-def test_bench_models_stage_times_every_model(tmp_path):
-    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--lengths", "64",
-                          "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])
-    rows = results["models"]
+def test_bench_models_stage_times_every_model_and_says_why_one_refuses_a_setting(tmp_path, capsys):
+    """A refusal is the model's one sentence, without a traceback; the unexpected keeps its
+    traceback."""
+    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--lengths"]
+    rows = bench.main(argv + ["64", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])["models"]
     assert [r["model"] for r in rows] == list(train.MODELS)
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["params_m"] > 0 for r in rows)
+    capsys.readouterr()
+    rows = bench.main(argv + ["7", "--models", "sparse_strided"])["models"]
+    assert rows[0]["status"].startswith("refused: no stride tiles block_size 7") and "\n" not in rows[0]["status"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert bench.attempt(lambda: 1 / 0)["status"] == "error: ZeroDivisionError: division by zero"
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_memory_table_formula_reproduces_the_sparse_transformer_post():
@@ -3466,6 +3270,8 @@ def random_layout(heads, T, S, block, seed=0):
 
 
 def assert_close_to_reference(fn, q, k, v, dout, atol, **mask):
+    """Output and gradients finite and as the float64 reference gives them; rows without visible
+    keys exactly 0."""
     ours = outputs_and_grads(fn, q, k, v, dout)
     assert ours[0].dtype == q.dtype
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -3473,16 +3279,20 @@ def assert_close_to_reference(fn, q, k, v, dout, atol, **mask):
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a.double(), b, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+    empty = ~reference(q, k, v, **mask).ne(0).any(-1)  # (B, H, T): rows that see no key
+    assert (ours[0][empty] == 0).all() and (ours[1][empty] == 0).all()
 
 
 # case: (B, H, layout heads (0: no layout), T, S, D, tile, causal, window, options): attention on
 # the Triton kernel (interpreted) against the float64 reference, output and gradients, in float32
-# within 1e-4. options: backend dense: the PyTorch fallback, within 1e-6. sub_tile: programs and
-# sub-tiles narrower than the layout's tile (a tile's rows split between programs, a list entry
-# walked in pieces). fp16, with a scale and the diagonal tiles in the layout, within 2e-2 (bf16
-# takes the same code path, but the 3.9 interpreter's tl.dot multiplies raw bf16 bits, so bf16 is
-# checked on a GPU only: by test_gpu_block_sparse_kernel_matches_float64_reference below, and by
-# `python bench.py`, whose kernels stage compares it with FlexAttention).
+# within 1e-4; a random layout leaves a row of queries without keys (their output and dq exactly
+# 0, but in fp16 with the diagonal tiles added). options: backend dense: the PyTorch fallback,
+# within 1e-6. sub_tile: programs and sub-tiles narrower than the layout's tile (a tile's rows
+# split between programs, a list entry walked in pieces). fp16, with a scale and the diagonal
+# tiles in the layout, within 2e-2 (bf16 takes the same code path, but the 3.9 interpreter's
+# tl.dot multiplies raw bf16 bits, so bf16 is checked on a GPU only: by
+# test_gpu_block_sparse_kernel_matches_float64_reference below, and by `python bench.py`, whose
+# kernels stage compares it with FlexAttention).
 CASES = {
     "per_head_layouts_uneven_heads": (1, 3, 3, 64, 64, 16, 16, True, None, {}),
     "broadcast_layout_batch_2": (2, 1, 1, 64, 64, 32, 32, True, None, {}),
@@ -3709,28 +3519,39 @@ def test_dispatch_refuses_what_does_not_fit_a_gpu_with_a_reason(monkeypatch):
         lsh_attention(q, k, v, torch.zeros(1, 1, 1, 32, dtype=torch.long, device=device), 8, backend="triton")
 
 
-def test_rows_without_visible_keys_give_zero_output_and_finite_grads():
-    q, k, v, dout = random_inputs(1, 2, 32, 32, 16)
-    layout = torch.ones(1, 2, 2, dtype=torch.bool)
-    layout[:, 1] = False  # queries 16..31 see no key
-    for backend in ("triton", "dense"):
-        out, dq, dk, dv = outputs_and_grads(
-            lambda q, k, v: attention(q, k, v, layout=layout, tile=16, backend=backend), q, k, v, dout)
-        assert (out[:, :, 16:] == 0).all() and (dq[:, :, 16:] == 0).all(), backend
-        assert torch.isfinite(torch.cat([out, dq, dk, dv])).all(), backend
-        assert out[:, :, :16].abs().sum() > 0, backend
-
-
-def test_automatic_backend_is_dense_on_cpu():
+def test_backends_are_the_pytorch_ones_on_cpu_and_what_a_kernel_cannot_take_is_refused():
+    """CPU tensors take the PyTorch paths, even with the interpreter on: the dense fallback,
+    cpu_lsh_attention, AFT's PyTorch sums; a backend asked for by name runs; an unknown one, or a
+    shape a kernel cannot take, is refused."""
     q, k, v, _ = random_inputs(1, 1, 32, 32, 16)
     attention(q, k, v, layout=torch.ones(1, 2, 2, dtype=torch.bool), tile=16)
     assert kernels.last_backend == "dense"
     attention(q, k, v, tile=16, backend="triton")
     assert kernels.last_backend == "triton"
     assert kernels.backend_info("cpu") == "attention backend: dense PyTorch fallback (no CUDA device)"
+    q, v, buckets = random_lsh_inputs()
+    lsh_attention(q, q, v, buckets, 8)
+    assert kernels.last_lsh_backend == "cpu"
+    lsh_attention(q, q, v, buckets, 8, backend="dense")
+    assert kernels.last_lsh_backend == "dense"
+    with pytest.raises(ValueError, match="chunks of at most 64"):
+        lsh_attention(q, q, v, buckets, 128, backend="triton")
+    wide = torch.randn(1, 1, 16, 128)
+    with pytest.raises(ValueError, match="in fp32 up to 64"):
+        lsh_attention(wide, wide, wide, buckets[:, :1, :, :16], 8, backend="triton")
+    with pytest.raises(ValueError, match="unknown LSH attention backend"):
+        lsh_attention(q, q, v, buckets, 8, backend="cuda")
+    q, k, v, band = aft_kernel_inputs("local", 9)
+    assert not aft.kernel_runs(k, None, band)
+    with pytest.raises(ValueError, match="unknown AFT backend"):
+        aft.aft_simple(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="feature groups must divide"):
+        aft.aft_banded(q, k, v, torch.zeros(3, 9, 2, dtype=torch.float64), backend="triton")
+    huge = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(2**14, 2**9, 2**8)  # 2^31 elements, one stored
+    assert "index in 32 bits" in kernels.aft_unfit(None, huge)
 
 
-def test_layout_index_lists_are_cached_by_content():
+def test_layout_index_lists_are_cached_by_content_and_put_the_tiles_the_band_cuts_first():
     # A model's own layout tensor is looked up by identity (its content is not serialised again), a rebuilt one
     # by content; a layout changed in place gets new lists.
     layout = random_layout(2, 64, 64, 16)
@@ -3741,9 +3562,6 @@ def test_layout_index_lists_are_cached_by_content():
     layout[0] = ~layout[0]
     changed = kernels.tile_lists(layout, 16, 64, 64, 0, 65, "cpu")
     assert changed is not first and not torch.equal(changed[1], first[1])
-
-
-def test_layout_lists_put_the_tiles_the_band_cuts_first():
     # Causal, window 40 (query p sees keys p - 39 .. p), tile 16, T = S = 64: query tile 3 (rows 48..63) sees
     # key tiles 0 and 1 cut by the window (row 63 sees keys from 24 on), 2 whole and 3 cut by the diagonal.
     layout = torch.ones(1, 4, 4, dtype=torch.bool)
@@ -3906,7 +3724,7 @@ def test_gpu_every_model_takes_a_training_step(gpu_arch, name):
     config = dict(block_size=256, vocab_size=256, n_layer=2, n_head=4, n_embd=256, dropout=0.0,
                   **train.MODELS[name][2])
     if train.MODELS[name][0] == "sparse_transformer":
-        config.update(attn_block=64, summary=64, n_offsets=2)  # blocks that take wgmma on sm_90
+        config.update(tile=64, summary=64, n_offsets=2)  # blocks that take wgmma on sm_90
     model = train.build_model(name, config).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.randint(256, (2, 257), device="cuda")
