@@ -6,8 +6,8 @@ tests hold the kernels to; (b) the Triton kernels; (c) the launcher and its laun
 public entry point.
 
   Preamble           what the families share: arch detection, alignment, triton_dispatch (whether
-                     Triton runs and, if not, why), the launch settings and launch_overrides,
-                     _launch (their one autograd Function)
+                     Triton runs and, if not, why), the launch settings' one cache, _launch
+                     (their one autograd Function)
   1. Block-sparse    (a) attention_mask, dense_attention  (b) _fwd_kernel with its tile loop
      attention       _fwd_tiles, _bwd_dq_kernel, _bwd_dkdv_kernel  (c) tile_lists, launch_config
                      (d) attention
@@ -31,11 +31,10 @@ Conventions used throughout the repository:
 Each public function runs its Triton kernels on CUDA and its PyTorch twin elsewhere (`backend=` forces either;
 `last_backend` / `last_lsh_backend` say which one ran). docs/kernels.md documents the kernels, their launch
 settings and their measurements; `python bench.py` measures them against FlexAttention, dense SDPA and the LSH
-twin, and `python bench.py --stages kernel_sweep` sweeps launch settings through `launch_overrides`.
+twin, and `python bench.py --stages kernel_sweep` sweeps launch settings (bench.launch_overrides).
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings without triton
 
-import contextlib
 import math
 import os
 
@@ -121,41 +120,15 @@ def backend_info(device):
     return f"attention backend: triton {triton.__version__} (CUDA)"
 
 
-# Launch settings depend on shapes, dtype and architecture only: each configuration's are computed once (the
-# dispatch runs on every call of a model's layer) and can be overridden per kernel for a sweep.
-_launch_cache = {}  # (a family's config function, its arguments) -> {kernel: settings}
-_overrides = {}  # kernel -> settings replacing the chosen ones; see launch_overrides
-_SETTINGS = ("TILE_M", "TILE_N", "num_warps", "num_stages")
-OVERRIDABLE = dict(fwd=_SETTINGS, dkdv=_SETTINGS, dq=_SETTINGS, lsh=_SETTINGS[1:])
-
-
-@contextlib.contextmanager
-def launch_overrides(**settings):
-    """Inside the with statement, the given settings replace the chosen ones, per kernel: "fwd", "dkdv" and "dq" (the
-    block-sparse kernels; launch_config says what each setting is) and "lsh" (all three LSH kernels; see
-    lsh_launch_config), e.g. launch_overrides(dkdv=dict(num_warps=4), dq=dict(TILE_N=32, num_stages=2)). For
-    sweeps (bench.py's kernel_sweep) and tests; a setting the GPU cannot compile fails at the launch."""
-    global _overrides
-    for kernel, chosen in settings.items():
-        unknown = set(chosen) - set(OVERRIDABLE.get(kernel, ()))
-        if kernel not in OVERRIDABLE or unknown:
-            raise ValueError(f"launch_overrides takes {OVERRIDABLE} (kernel: settings), got {kernel}={chosen}")
-    before = _overrides
-    _overrides = {**before, **settings}
-    _launch_cache.clear()
-    try:
-        yield
-    finally:
-        _overrides = before
-        _launch_cache.clear()
+_launch_cache = {}  # (a family's config function, its arguments) -> its launch settings
 
 
 def _launch_settings(config, *args):
-    """config(*args), a family's {kernel: settings}, overridden; once per configuration."""
+    """config(*args), a family's launch settings, once per configuration (they depend on shapes, dtype and
+    architecture only, and the dispatch runs on every call of a model's layer)."""
     key = (config, *args)
     if key not in _launch_cache:
-        _launch_cache[key] = {kernel: {**settings, **_overrides.get(kernel, {})}
-                              for kernel, settings in config(*args).items()}
+        _launch_cache[key] = config(*args)
     return _launch_cache[key]
 
 
@@ -492,10 +465,6 @@ def _sparse_attention(q, k, v, layout, tile, future, window, scale, arch):
     """attention()'s Triton path after its checks, for sm_`arch`."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     cfg = _launch_settings(launch_config, tile, q.size(3), q.dtype, arch)
-    widths = [c[side] for c in cfg.values() for side in ("TILE_M", "TILE_N")]
-    if _overrides and any(tile % w or w < 16 for w in widths):
-        raise ValueError(f"block-sparse programs' rows and sub-tiles must divide tile={tile} and "
-                         f"be at least 16 wide; got {cfg}")
     lists = tile_lists(layout, tile, q.size(2), k.size(2), future, window, q.device)
     settings = (lists, 1 if layout is None else layout.size(0), tile, future, window, scale, cfg)
     return _launch(_sparse_forward, _sparse_backward, (q, k, v), settings)
@@ -1049,8 +1018,7 @@ def lsh_launch_config(chunk, D, dtype, arch, dup_correction):
     tile_n = min(tile_m, tile_n)
     tile_bytes = tile_m * tile_d * dtype.itemsize
     warps = 8 if tile_bytes > 8192 or dup_correction and tile_m >= 64 else 4
-    return dict(lsh=dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps,
-                         num_stages=1))
+    return dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps, num_stages=1)
 
 
 def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_correction, causal, arch):
@@ -1058,7 +1026,7 @@ def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
-    cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dup_correction)["lsh"]
+    cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dup_correction)
     settings = (span, chunk, scale, dup_correction, cfg)
     return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), settings)
 
@@ -1336,7 +1304,7 @@ def _aft_triton(k, v, band):
     """aft_sums after its check. All arithmetic, band's too, in float32 (float64 for float64 k)."""
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     band = k.new_zeros(1, 1, 0, dtype=acc) if band is None else band.to(acc)  # s = 0: AFT-simple
-    cfg = aft_launch_config(k.size(2), k.size(2) // band.size(0))
+    cfg = _launch_settings(aft_launch_config, k.size(2), k.size(2) // band.size(0))
     inputs = (_aligned(k), _aligned(v.to(k.dtype)), band)
     return _launch(_aft_forward, _aft_backward, inputs, (cfg,))
 
