@@ -371,9 +371,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, rows, lo, hi, qk_scale, offs_n
     return dk, dv
 
 
-# (c) The launcher. A layout becomes two lists in CSR form: for each (layout head, query tile) the
-# key tiles to visit, and for each (layout head, key tile) the query tiles, without the tiles wholly
-# outside the band and with the tiles its edge cuts first.
+# (c) The launcher: the layout's tile lists (tile_lists), the launch settings (launch_config), the launches.
 
 _index_cache = {}  # (layout content, shapes, band) -> CSR lists on the device; see tile_lists
 _layout_keys = {}  # id(layout) -> (layout, its version, its content key); see _layout_key
@@ -396,12 +394,11 @@ def _layout_key(layout):
 
 
 def tile_lists(layout, tile, T, S, future, window, device):
-    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid),
-    int32 on `device`. Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles
-    cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge;
-    key tile n (list column i = h*S/tile + n) is visited by query tiles
-    rows[col_ptr[i] : col_ptr[i + 1]], likewise split at col_mid[i]. Cached on the layout's
-    content, shapes and band (future, window)."""
+    """The tiles to compute as CSR index lists, int32 on `device`: (row_ptr, cols, col_ptr, rows, row_mid,
+    col_mid). Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles cols[row_ptr[i] :
+    row_ptr[i + 1]], those before row_mid[i] cut by the band's edge; key tile n (list column i = h*S/tile + n)
+    is visited by query tiles rows[col_ptr[i] : col_ptr[i + 1]], split at col_mid[i] likewise. Tiles wholly
+    outside the band are left out. Cached on the layout's content, shapes and band (future, window)."""
     key = (_layout_key(layout), tile, T, S, future, window, str(device))
     if key not in _index_cache:
         if layout is None:
@@ -968,12 +965,12 @@ def lsh_launch_config(chunk, D, dtype, arch, dup_correction):
     check in test_all.py checks each for spills."""
     tile_m, tile_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
     tile_n = 32
-    if (arch or 90) == 90:
+    if (arch or 90) == 90:  # 16 leaves room for dup_correction's count tile beside (64, 128) rows
         tile_n = 64 if tile_d <= 64 else 16 if dup_correction and tile_m * tile_d >= 8192 else 32
     tile_n = min(tile_m, tile_n)
     tile_bytes = tile_m * tile_d * dtype.itemsize
-    warps = 8 if tile_bytes > 8192 or dup_correction and tile_m >= 64 else 4
-    return dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps, num_stages=1)
+    warps = 8 if tile_bytes > 8192 or dup_correction and tile_m >= 64 else 4  # where 4 spill
+    return dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps, num_stages=1)  # walks 2 chunks
 
 
 def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_correction, causal, arch):
