@@ -43,7 +43,7 @@ import sys
 import time
 import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -461,7 +461,7 @@ def stage_kernels(sizes, device, best=None):
                 with torch.no_grad():
                     row["host_us"] = host_us(lambda: call(q, k, v))
                 if best:
-                    with kernels.launch_overrides(**best[1]):
+                    with launch_overrides(**best[1]):
                         out, fwd_ms, fb_ms, _ = measure(call, q, k, v, do)
                     row.update(best_fwd_ms=fwd_ms, best_fb_ms=fb_ms, best_fwd_tflops=flops / fwd_ms / 1e9,
                                best_fb_vs_fwd=fb_ms / fwd_ms, best_vs_default=(out.float() - ours[0].float()).abs()
@@ -535,7 +535,40 @@ def stage_kernels(sizes, device, best=None):
 # ----------------------------------------------------------------------------------------------------------
 # Stage kernel_sweep: the block-sparse kernels' launch settings, one change at a time
 
-# (name, kernels.launch_overrides settings), most promising first (a run short of time measures the head of the
+@contextmanager
+def launch_overrides(**settings):
+    """Inside the with statement, the given settings replace the launch settings kernels.py
+    chooses, per kernel: "fwd", "dkdv" and "dq" (the block-sparse kernels; kernels.launch_config
+    says what each setting is) and "lsh" (the three LSH kernels; kernels.lsh_launch_config), e.g.
+    launch_overrides(dkdv=dict(num_warps=4), dq=dict(TILE_N=32)). It swaps kernels' config
+    functions for ones that override them. For the sweep and the tests; a setting the GPU cannot
+    compile fails at the launch."""
+    names = ("TILE_M", "TILE_N", "num_warps", "num_stages")
+    overridable = dict(fwd=names, dkdv=names, dq=names, lsh=names[1:])
+    for kernel, chosen in settings.items():
+        if kernel not in overridable or set(chosen) - set(overridable[kernel]):
+            raise ValueError(f"launch_overrides takes {overridable} (kernel: settings), "
+                             f"got {kernel}={chosen}")
+    sparse_config, lsh_config = kernels.launch_config, kernels.lsh_launch_config
+
+    def sparse_overridden(tile, *args):
+        cfg = {kernel: {**chosen, **settings.get(kernel, {})}
+               for kernel, chosen in sparse_config(tile, *args).items()}
+        widths = [c[side] for c in cfg.values() for side in ("TILE_M", "TILE_N")]
+        if any(tile % width or width < 16 for width in widths):
+            raise ValueError(f"block-sparse programs' rows and sub-tiles must divide tile={tile} "
+                             f"and be at least 16 wide; got {cfg}")
+        return cfg
+
+    kernels.launch_config = sparse_overridden
+    kernels.lsh_launch_config = lambda *args: {**lsh_config(*args), **settings.get("lsh", {})}
+    try:
+        yield
+    finally:
+        kernels.launch_config, kernels.lsh_launch_config = sparse_config, lsh_config
+
+
+# (name, launch_overrides settings), most promising first (a run short of time measures the head of the
 # list). The defaults (launch_config; on sm_90 for bf16, D 64, tiles of 64: fwd 64 rows x 64-wide sub-tiles,
 # 4 warps; dK/dV and dQ 64 rows x 64, 8 warps; 3 stages each), then the suspects of the backward's slow pace
 # (issue 26): 8 warps splitting 64-row tiles between two warp groups, pipelines deeper than the 2-5 tiles a
@@ -584,7 +617,7 @@ def stage_kernel_sweep(sizes, device):
 
             def fwd():
                 return kernels.attention(q, k, v, layout=layout, tile=tile, window=window, backend="triton")
-            with kernels.launch_overrides(**dict(SWEEP)[setting]):
+            with launch_overrides(**dict(SWEEP)[setting]):
                 results = [fwd().detach(), *torch.autograd.grad(fwd(), (q, k, v), do)]  # compiles the setting
                 with torch.no_grad():
                     fwd_ms = timed(fwd, device, warm_up=False)
@@ -598,7 +631,7 @@ def stage_kernel_sweep(sizes, device):
     rows = run_cells([({"setting": setting, "n": n, "layout": name}, cell(setting, n, name, layout, window))
                       for setting, _ in SWEEP for n, name, layout, window in cases],
                      first_guess=20 if device.type == "cuda" else 1, growth=2)
-    show(f"Kernel launch settings, B={B} H={H} D={D} {str(dtype)[6:]}, tiles of {tile} (kernels.launch_overrides; "
+    show(f"Kernel launch settings, B={B} H={H} D={D} {str(dtype)[6:]}, tiles of {tile} (launch_overrides; "
          f"bench.SWEEP says what each changes); ms per call, TFLOP/s over the computed tiles; max diff: output and "
          f"gradients against the default setting's", rows,
          [("setting", "setting", ""), ("n", "n", ""), ("layout", "layout", ""), ("fwd ms", "fwd_ms", ".3f"),

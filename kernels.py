@@ -1,41 +1,35 @@
 """
-Attention kernels shared by the models: three families, each a chapter of this file.
+Attention kernels shared by the models: three families, a chapter each, after what they share (the preamble).
 
-Every chapter reads in the same order: (a) the definition and its dense PyTorch twin, which the
-tests hold the kernels to; (b) the Triton kernels; (c) the launcher and its launch settings; (d) the
-public entry point.
+Every chapter reads in the same order: (a) the definition and its dense PyTorch twin, which the tests hold the
+kernels to; (b) the Triton kernels, each under what one program computes and its recurrence; (c) the launcher and
+its launch settings; (d) the public function.
 
-  Preamble           what the families share: arch detection, alignment, triton_dispatch (whether
-                     Triton runs and, if not, why), the launch settings and launch_overrides,
-                     _launch (their one autograd Function)
-  1. Block-sparse    (a) attention_mask, dense_attention  (b) _fwd_kernel with its tile loop
-     attention       _fwd_tiles, _bwd_dq_kernel, _bwd_dkdv_kernel  (c) tile_lists, launch_config
-                     (d) attention
-  2. LSH attention   (a) sort_by_bucket, torch_lsh_attention, cpu_lsh_attention  (b) _lsh_fwd_kernel,
-                     _lsh_bwd_dkdv_kernel, _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config
-                     (d) lsh_attention
-  3. AFT sums        (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel,
-                     _aft_fwd_kernel, _aft_bwd_carry_kernel, _aft_bwd_kernel  (c) aft_launch_config
-                     (d) aft_sums
+  Preamble          triton_dispatch (whether Triton runs and, if not, why), _launch_settings (one cache of every
+                    family's launch settings), _launch (one autograd Function for every family's launches)
+  1. Block-sparse   (a) attention_mask, dense_attention  (b) _fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel
+     attention      (c) tile_lists, launch_config  (d) attention
+  2. LSH attention  (a) sort_by_bucket, torch_lsh_attention, cpu_lsh_attention  (b) _lsh_fwd_kernel,
+                    _lsh_bwd_dkdv_kernel, _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config  (d) lsh_attention
+  3. AFT sums       (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel, _aft_fwd_kernel,
+                    _aft_bwd_carry_kernel, _aft_bwd_kernel  (c) aft_launch_config  (d) aft_sums
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
-- causal masks are aligned bottom-right: query i sits at absolute position S - T + i and sees keys
-  0 .. S - T + i. With T == S this is the usual causal mask; with T < S it is Perceiver AR's cross-attention.
+- causal masks are aligned bottom-right: query i sits at position S - T + i and sees keys 0 .. S - T + i (with
+  T == S the usual causal mask, with T < S Perceiver AR's cross-attention).
 - window w: query position p sees key j only when j > p - w (the last w positions, itself included).
-- a tile is a square of the attention matrix: layout[h, m, n] allows query rows m*tile .. (m+1)*tile-1 (row
-  index, not position) to see key columns n*tile .. (n+1)*tile-1. A layout needs S - T to be a multiple of tile,
-  so its diagonal is the causal one.
+- a tile is a square of the attention matrix: layout[h, m, n] lets query rows m*tile .. (m+1)*tile-1 (row index,
+  not position) see key columns n*tile .. (n+1)*tile-1. S - T must be a multiple of tile, so that the layout's
+  diagonal is the causal one.
 - a query that sees no key at all gets a zero output (and passes no gradient), never NaN.
 
-Each public function runs its Triton kernels on CUDA and its PyTorch twin elsewhere (`backend=` forces either;
-`last_backend` / `last_lsh_backend` say which one ran). docs/kernels.md documents the kernels, their launch
-settings and their measurements; `python bench.py` measures them against FlexAttention, dense SDPA and the LSH
-twin, and `python bench.py --stages kernel_sweep` sweeps launch settings through `launch_overrides`.
+docs/kernels.md documents the kernels, their launch settings and their measurements; bench.py measures them
+against FlexAttention, dense SDPA and the LSH twin, and sweeps their launch settings.
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings without triton
 
-import contextlib
+import functools
 import math
 import os
 
@@ -61,17 +55,15 @@ else:  # the kernels are then never launched; defining them as plain functions k
 # Triton decides at a kernel's definition (this import) whether it runs in the interpreter; so does the dispatch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # head dims the block-sparse kernels take (and the LSH ones on a GPU)
-_archs = {}  # torch.device -> its architecture: asking the driver costs microseconds on every call
 
 
+@functools.cache  # asking the driver costs microseconds, and the dispatch asks on every call
 def _arch(device):
     """A CUDA device's compute capability as one number (90 for sm_90); None elsewhere (the interpreter)."""
     if device.type != "cuda":
         return None
-    if device not in _archs:
-        major, minor = torch.cuda.get_device_capability(device)
-        _archs[device] = 10 * major + minor
-    return _archs[device]
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _aligned(x):
@@ -121,41 +113,15 @@ def backend_info(device):
     return f"attention backend: triton {triton.__version__} (CUDA)"
 
 
-# Launch settings depend on shapes, dtype and architecture only: each configuration's are computed once (the
-# dispatch runs on every call of a model's layer) and can be overridden per kernel for a sweep.
-_launch_cache = {}  # (a family's config function, its arguments) -> {kernel: settings}
-_overrides = {}  # kernel -> settings replacing the chosen ones; see launch_overrides
-_SETTINGS = ("TILE_M", "TILE_N", "num_warps", "num_stages")
-OVERRIDABLE = dict(fwd=_SETTINGS, dkdv=_SETTINGS, dq=_SETTINGS, lsh=_SETTINGS[1:])
-
-
-@contextlib.contextmanager
-def launch_overrides(**settings):
-    """Inside the with statement, the given settings replace the chosen ones, per kernel: "fwd", "dkdv" and "dq" (the
-    block-sparse kernels; launch_config says what each setting is) and "lsh" (all three LSH kernels; see
-    lsh_launch_config), e.g. launch_overrides(dkdv=dict(num_warps=4), dq=dict(TILE_N=32, num_stages=2)). For
-    sweeps (bench.py's kernel_sweep) and tests; a setting the GPU cannot compile fails at the launch."""
-    global _overrides
-    for kernel, chosen in settings.items():
-        unknown = set(chosen) - set(OVERRIDABLE.get(kernel, ()))
-        if kernel not in OVERRIDABLE or unknown:
-            raise ValueError(f"launch_overrides takes {OVERRIDABLE} (kernel: settings), got {kernel}={chosen}")
-    before = _overrides
-    _overrides = {**before, **settings}
-    _launch_cache.clear()
-    try:
-        yield
-    finally:
-        _overrides = before
-        _launch_cache.clear()
+_launch_cache = {}  # (a family's config function, its arguments) -> its launch settings
 
 
 def _launch_settings(config, *args):
-    """config(*args), a family's {kernel: settings}, overridden; once per configuration."""
+    """config(*args), a family's launch settings, once per configuration (they depend on shapes, dtype and
+    architecture only, and the dispatch runs on every call of a model's layer)."""
     key = (config, *args)
     if key not in _launch_cache:
-        _launch_cache[key] = {kernel: {**settings, **_overrides.get(kernel, {})}
-                              for kernel, settings in config(*args).items()}
+        _launch_cache[key] = config(*args)
     return _launch_cache[key]
 
 
@@ -187,13 +153,9 @@ class _Launches(torch.autograd.Function):
 # ================================================================================================================
 # 1. Block-sparse attention: softmax attention under a causal mask, a sliding window and a tile layout at once
 #
-# (a) The definition: softmax(q k^T * scale) v over the keys the three masks let through, 0 for a query that sees
-# none; dense_attention computes it. The kernels visit only the tiles the layout lists (FlashAttention, section 3.3).
-
-def layout_to_mask(layout, tile, T, S):
-    """Expand a tile layout [H or 1, T/tile, S/tile] to an element mask [H or 1, T, S]."""
-    return layout.repeat_interleave(tile, dim=1).repeat_interleave(tile, dim=2)[:, :T, :S]
-
+# (a) The definition: softmax(q k^T * scale) v over the keys the three masks let through, 0 for a query that
+# sees none; dense_attention computes it. The kernels visit only the tiles the layout lists (FlashAttention,
+# section 3.3).
 
 def causal_mask(T, S, device):
     """Bottom-right aligned causal mask [T, S]: query i (absolute position S - T + i) sees keys <= it."""
@@ -208,9 +170,9 @@ def attention_mask(T, S, causal=True, layout=None, tile=64, window=None, device=
     mask = causal_mask(T, S, device) if causal else None
     if window is not None:
         mask = (k_pos > q_pos - window) if mask is None else mask & (k_pos > q_pos - window)
-    if layout is not None:
-        tile_mask = layout_to_mask(layout.to(device=device, dtype=torch.bool), tile, T, S)
-        mask = tile_mask if mask is None else tile_mask & mask
+    if layout is not None:  # each tile's entry repeated over its tile x tile elements
+        tiles = layout.to(device=device, dtype=torch.bool).repeat_interleave(tile, 1).repeat_interleave(tile, 2)
+        mask = tiles[:, :T, :S] if mask is None else tiles[:, :T, :S] & mask
     return mask if mask is None or mask.dim() == 3 else mask[None]
 
 
@@ -225,31 +187,31 @@ def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, sca
     return out.masked_fill(empty[None], 0.0)
 
 
-# (b) The kernels. A program walks a list of tiles (tile_lists, part (c)). The causal mask and the window are one
-# band of visible keys, the same three named values past, future, window in every kernel and tile loop:
+# (b) The kernels. A program walks a list of tiles (tile_lists, part (c)). The causal mask and the
+# window are one band of visible keys, the same named values past, future, window everywhere:
 #     past + i - window < j <= past + i + future    (query row i sits at position past + i, past = S - T)
-# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. Each list puts the
-# tiles the band's edge cuts first: the kernels walk those with a per-element mask, then the rest without one.
-# Scores live in log2 units (scale * log2(e) is folded into qk_scale) so the kernels use exp2; the forward saves
-# the log-sum-exp per row (log2 units) for the backward. Masked scores are -inf and the running max starts
-# finite, so a row that sees no key gets probabilities 2^(-inf) = 0, never NaN, forward and backward.
+# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. A list
+# holds the tiles the band's edge cuts first: the kernels walk those with a per-element mask, then
+# the rest without one. Scores s are in log2 units (qk_scale = scale * log2(e)), so the kernels use
+# exp2, and the forward saves lse2 = log2 sum_j 2^s_j per row (the log-sum-exp in log2 units) for the
+# backward. Masked scores are -inf and the running max starts finite: a row that sees no key gets
+# 2^(-inf) = 0, never NaN.
 SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
 
-# Forward. One program computes TILE_M output rows (of one query tile, TILE rows) of one (batch,
-# head): grid (T / TILE_M, B * H). q, the running max m, the running sum l and the output
-# accumulator stay in SRAM while the program walks its tile's list of key tiles in sub-tiles of
-# TILE_N keys. Per sub-tile, with s the scores:
+# Forward. One program computes TILE_M output rows (of one query tile) of one (batch, head): grid
+# (T / TILE_M, B * H). q, the running max m, the running sum l and the output accumulator stay in
+# SRAM while the program walks its tile's list of key tiles in sub-tiles of TILE_N keys. Per
+# sub-tile, with s the scores:
 #     m' = max(m, rowmax(s))
 #     l' = l * 2^(m - m') + rowsum(2^(s - m'))
-#     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse = m + log2(l)
+#     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse2 = m + log2(l)
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future,
-                window, TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
-                D: tl.constexpr):
+def _fwd_kernel(Q, K, V, O, LSE2, row_ptr, row_mid, cols, qk_scale, H, T, S, layout_heads, future, window,
+                TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     q_row, k_row = bh.to(tl.int64) * T, bh.to(tl.int64) * S  # first query and key row of bh
-    Q, O, LSE, K, V = Q + q_row * D, O + q_row * D, LSE + q_row, K + k_row * D, V + k_row * D
+    Q, O, LSE2, K, V = Q + q_row * D, O + q_row * D, LSE2 + q_row, K + k_row * D, V + k_row * D
     offs_m = pid * TILE_M + tl.arange(0, TILE_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
@@ -265,7 +227,7 @@ def _fwd_kernel(Q, K, V, O, LSE, row_ptr, row_mid, cols, qk_scale, H, T, S, layo
                                future, window, TILE, TILE_N, D, False)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key has acc = 0: output 0, not 0/0
     tl.store(O + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
-    tl.store(LSE + offs_m, m_i + tl.log2(l_i))
+    tl.store(LSE2 + offs_m, m_i + tl.log2(l_i))
 
 
 @jit
@@ -298,22 +260,22 @@ def _band(q_pos, k_pos, future, window):
     return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
 
 
-# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of
-# one (batch, head): grid (T / TILE_M, B * H). It computes its rows' delta = rowsum(out * dout) in
-# fp32 and stores it for the dK/dV kernel (a launch fewer than a kernel of its own). q, dout, lse,
-# delta and the dq accumulator stay in SRAM while the program walks the same key list as the
-# forward, in sub-tiles of TILE_N keys:
-#     P = 2^(s - lse)
+# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile)
+# of one (batch, head): grid (T / TILE_M, B * H). It computes its rows' delta = rowsum(out * dout)
+# in fp32 and stores it for the dK/dV kernel (a launch fewer than a kernel of its own). q, dout,
+# lse2, delta and the dq accumulator stay in SRAM while the program walks the forward's key list,
+# in sub-tiles of TILE_N keys:
+#     P = 2^(s - lse2)
 #     dP = dout v^T
 #     dq += scale * (P * (dP - delta)) k
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S,
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE2, DELTA, DQ, row_ptr, row_mid, cols, qk_scale, scale, H, T, S,
                    layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
                    D: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     q_row, k_row = bh.to(tl.int64) * T, bh.to(tl.int64) * S
     Q, O, DO, DQ = Q + q_row * D, O + q_row * D, DO + q_row * D, DQ + q_row * D
-    K, V, LSE, DELTA = K + k_row * D, V + k_row * D, LSE + q_row, DELTA + q_row
+    K, V, LSE2, DELTA = K + k_row * D, V + k_row * D, LSE2 + q_row, DELTA + q_row
     offs_m = pid * TILE_M + tl.arange(0, TILE_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
@@ -321,20 +283,20 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, row_ptr, row_mid, cols, qk_sc
     o = tl.load(O + offs_m[:, None] * D + offs_d[None, :])
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + offs_m, delta)
-    lse = tl.load(LSE + offs_m)
+    lse2 = tl.load(LSE2 + offs_m)
     dq = tl.zeros([TILE_M, D], tl.float32)
     row = (bh % H) % layout_heads * (T // TILE) + pid * TILE_M // TILE
     lo, mid, hi = tl.load(row_ptr + row), tl.load(row_mid + row), tl.load(row_ptr + row + 1)
     past = S - T
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, mid, qk_scale, offs_m, past, future,
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, cols, lo, mid, qk_scale, offs_m, past, future,
                    window, TILE, TILE_N, D, True)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, cols, mid, hi, qk_scale, offs_m, past, future,
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, cols, mid, hi, qk_scale, offs_m, past, future,
                    window, TILE, TILE_N, D, False)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty))
 
 
 @jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window,
+def _dq_tiles(dq, q, do, lse2, delta, K, V, cols, lo, hi, qk_scale, offs_m, past, future, window,
               TILE: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
     """The sum over the key list's entries lo .. hi-1, for the query rows offs_m."""
     SPLIT = TILE // TILE_N
@@ -348,7 +310,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past,
         if MASKED:
             keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
             s = tl.where(keep, s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - lse2[:, None])
         ds = p * (tl.dot(do, vT) - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
     return dq
@@ -356,38 +318,37 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, cols, lo, hi, qk_scale, offs_m, past,
 
 # Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile) of one
 # (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the
-# program walks the query tiles that visit its tile, in sub-tiles of TILE_M queries. With P
-# recomputed from the saved lse, and delta as the dQ kernel (launched first) stored it:
-#     P = 2^(s - lse)                      (the forward's softmax, exactly)
+# program walks the query tiles that visit its tile, in sub-tiles of TILE_M queries, with delta as
+# the dQ kernel stored it:
+#     P = 2^(s - lse2)                     (the forward's softmax, exactly)
 #     dv += P^T dout,   dP = dout v^T
 #     dk += scale * (P * (dP - delta))^T q
 @jit(do_not_specialize=SPARSE_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, col_ptr, col_mid, rows, qk_scale, scale, H, T,
                      S, layout_heads, future, window, TILE: tl.constexpr, TILE_M: tl.constexpr,
                      TILE_N: tl.constexpr, D: tl.constexpr):
     pid, bh = tl.program_id(0), tl.program_id(1)
     q_row, k_row = bh.to(tl.int64) * T, bh.to(tl.int64) * S
-    Q, DO, LSE, DELTA = Q + q_row * D, DO + q_row * D, LSE + q_row, DELTA + q_row
+    Q, DO, LSE2, DELTA = Q + q_row * D, DO + q_row * D, LSE2 + q_row, DELTA + q_row
     K, V, DK, DV = K + k_row * D, V + k_row * D, DK + k_row * D, DV + k_row * D
     offs_n = pid * TILE_N + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, D)
     k = tl.load(K + offs_n[:, None] * D + offs_d[None, :])
     v = tl.load(V + offs_n[:, None] * D + offs_d[None, :])
-    dk = tl.zeros([TILE_N, D], tl.float32)
-    dv = tl.zeros([TILE_N, D], tl.float32)
+    dk, dv = tl.zeros([TILE_N, D], tl.float32), tl.zeros([TILE_N, D], tl.float32)
     col = (bh % H) % layout_heads * (S // TILE) + pid * TILE_N // TILE
     lo, mid, hi = tl.load(col_ptr + col), tl.load(col_mid + col), tl.load(col_ptr + col + 1)
     past = S - T
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, mid, qk_scale, offs_n, past,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, rows, lo, mid, qk_scale, offs_n, past,
                          future, window, TILE, TILE_M, D, True)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, mid, hi, qk_scale, offs_n, past,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, rows, mid, hi, qk_scale, offs_n, past,
                          future, window, TILE, TILE_M, D, False)
     tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
 
 
 @jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, offs_n, past, future,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, rows, lo, hi, qk_scale, offs_n, past, future,
                 window, TILE: tl.constexpr, TILE_M: tl.constexpr, D: tl.constexpr,
                 MASKED: tl.constexpr):
     """The sums over the query list's entries lo .. hi-1, for the key rows offs_n (a key's row is its position)."""
@@ -401,7 +362,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, offs_n,
         if MASKED:
             keep = _band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window)
             sT = tl.where(keep, sT, float("-inf"))
-        pT = tl.exp2(sT - tl.load(LSE + m_lo + offs_m)[None, :])
+        pT = tl.exp2(sT - tl.load(LSE2 + m_lo + offs_m)[None, :])
         do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (TILE_M, D)
         dv += tl.dot(pT.to(do.dtype), do)
         dpT = tl.dot(v, tl.trans(do))
@@ -410,9 +371,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, rows, lo, hi, qk_scale, offs_n,
     return dk, dv
 
 
-# (c) The launcher. A layout becomes two lists in CSR form: for each (layout head, query tile) the key tiles to
-# visit, and for each (layout head, key tile) the query tiles, with tiles that lie wholly outside the band
-# dropped and the tiles its edge cuts first.
+# (c) The launcher: the layout's tile lists (tile_lists), the launch settings (launch_config), the launches.
 
 _index_cache = {}  # (layout content, shapes, band) -> CSR lists on the device; see tile_lists
 _layout_keys = {}  # id(layout) -> (layout, its version, its content key); see _layout_key
@@ -435,12 +394,11 @@ def _layout_key(layout):
 
 
 def tile_lists(layout, tile, T, S, future, window, device):
-    """CSR index lists of the tiles to compute: (row_ptr, cols, col_ptr, rows, row_mid, col_mid),
-    int32 on `device`. Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles
-    cols[row_ptr[i] : row_ptr[i + 1]], the first ones, up to row_mid[i], cut by the band's edge;
-    key tile n (list column i = h*S/tile + n) is visited by query tiles
-    rows[col_ptr[i] : col_ptr[i + 1]], likewise split at col_mid[i]. Cached on the layout's
-    content, shapes and band (future, window)."""
+    """The tiles to compute as CSR index lists, int32 on `device`: (row_ptr, cols, col_ptr, rows, row_mid,
+    col_mid). Query tile m of layout head h (list row i = h*T/tile + m) visits key tiles cols[row_ptr[i] :
+    row_ptr[i + 1]], those before row_mid[i] cut by the band's edge; key tile n (list column i = h*S/tile + n)
+    is visited by query tiles rows[col_ptr[i] : col_ptr[i + 1]], split at col_mid[i] likewise. Tiles wholly
+    outside the band are left out. Cached on the layout's content, shapes and band (future, window)."""
     key = (_layout_key(layout), tile, T, S, future, window, str(device))
     if key not in _index_cache:
         if layout is None:
@@ -468,11 +426,8 @@ def tile_lists(layout, tile, T, S, future, window, device):
 def launch_config(tile, D, dtype, arch):
     """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles
     it walks, warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps
-    and stages). A forward program owns up to 128 rows; a backward program fewer the wider its rows;
-    sub-tiles 64 wide, 32 for fp32 rows of 128 and in the backward outside sm_90; 8 warps for the
-    larger tiles; 3 stages on sm_80 and sm_90, 2 elsewhere, but 1 for the fp32 dK/dV kernel at head
-    dims of 64 and more there (with 2 it spills). docs/kernels.md says how these were chosen; the
-    compile check in test_all.py checks them."""
+    and stages). docs/kernels.md says how they were chosen; the compile check in test_all.py checks
+    them."""
     arch = arch or 90
     row_bytes = D * dtype.itemsize
     width = min(tile, 64 if row_bytes <= 256 else 32)
@@ -482,7 +437,7 @@ def launch_config(tile, D, dtype, arch):
     fwd = dict(num_warps=8 if fwd_rows == 128 and D >= 64 or fwd_rows * row_bytes >= 32768 else 4,
                num_stages=stages)
     bwd = dict(num_warps=8 if bwd_rows >= 64 and bwd_rows * D >= 4096 else 4)
-    dkdv_stages = 1 if stages == 2 and dtype == torch.float32 and D >= 64 else stages
+    dkdv_stages = 1 if stages == 2 and dtype == torch.float32 and D >= 64 else stages  # 2 spill on sm_86/89
     return dict(fwd=dict(TILE_M=fwd_rows, TILE_N=width, **fwd),
                 dkdv=dict(TILE_N=bwd_rows, TILE_M=inner, num_stages=dkdv_stages, **bwd),
                 dq=dict(TILE_M=bwd_rows, TILE_N=inner, num_stages=stages, **bwd))
@@ -492,39 +447,33 @@ def _sparse_attention(q, k, v, layout, tile, future, window, scale, arch):
     """attention()'s Triton path after its checks, for sm_`arch`."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     cfg = _launch_settings(launch_config, tile, q.size(3), q.dtype, arch)
-    widths = [c[side] for c in cfg.values() for side in ("TILE_M", "TILE_N")]
-    if _overrides and any(tile % w or w < 16 for w in widths):
-        raise ValueError(f"block-sparse programs' rows and sub-tiles must divide tile={tile} and "
-                         f"be at least 16 wide; got {cfg}")
     lists = tile_lists(layout, tile, q.size(2), k.size(2), future, window, q.device)
     settings = (lists, 1 if layout is None else layout.size(0), tile, future, window, scale, cfg)
     return _launch(_sparse_forward, _sparse_backward, (q, k, v), settings)
 
 
 def _sparse_forward(q, k, v, lists, layout_heads, tile, future, window, scale, cfg):
-    """The forward's launch: out (B, H, T, D) and lse (B, H, T, log2 units)."""
-    B, H, T, D = q.shape
-    S = k.size(2)
+    """The forward's launch: out (B, H, T, D) and lse2 (B, H, T)."""
+    (B, H, T, D), S = q.shape, k.size(2)
     row_ptr, cols, _, _, row_mid, _ = lists
     o = torch.empty_like(q)
-    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     _fwd_kernel[(T // cfg["fwd"]["TILE_M"], B * H)](
-        q, k, v, o, lse, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future,
+        q, k, v, o, lse2, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future,
         window, TILE=tile, D=D, **cfg["fwd"])
-    return o, lse
+    return o, lse2
 
 
-def _sparse_backward(q, k, v, o, lse, do, lists, layout_heads, tile, future, window, scale, cfg):
+def _sparse_backward(q, k, v, o, lse2, do, lists, layout_heads, tile, future, window, scale, cfg):
     """The backward's launches: the dQ kernel, which writes delta, then the dK/dV kernel."""
     row_ptr, cols, col_ptr, rows, row_mid, col_mid = lists
-    B, H, T, D = q.shape
-    S = k.size(2)
-    dq, dk, dv, delta = (torch.empty_like(x) for x in (q, k, v, lse))
+    (B, H, T, D), S = q.shape, k.size(2)
+    dq, dk, dv, delta = (torch.empty_like(x) for x in (q, k, v, lse2))
     _bwd_dq_kernel[(T // cfg["dq"]["TILE_M"], B * H)](
-        q, k, v, o, do, lse, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
+        q, k, v, o, do, lse2, delta, dq, row_ptr, row_mid, cols, scale * LOG2E, scale, H, T, S,
         layout_heads, future, window, TILE=tile, D=D, **cfg["dq"])
     _bwd_dkdv_kernel[(S // cfg["dkdv"]["TILE_N"], B * H)](
-        q, k, v, do, lse, delta, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
+        q, k, v, do, lse2, delta, dk, dv, col_ptr, col_mid, rows, scale * LOG2E, scale, H, T, S,
         layout_heads, future, window, TILE=tile, D=D, **cfg["dkdv"])
     return dq, dk, dv
 
@@ -537,8 +486,7 @@ TRITON_TILES = (16, 32, 64, 128)  # layout tiles the Triton kernels take (64/128
 
 def _sparse_config_unfit(arch, dtype, D, tile):
     """Why the block-sparse kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a
-    sentence; None when they do (triton_dispatch checks the architecture itself). The compile check in
-    test_all.py compiles every configuration let through."""
+    sentence, or None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
     if tile not in TRITON_TILES:
         return f"the block-sparse Triton kernels take tiles {TRITON_TILES}, got {tile}"
     if D not in TRITON_HEAD_DIMS:
@@ -605,47 +553,37 @@ def decoding_sdpa():
 # ================================================================================================================
 # 2. LSH attention (Reformer, Kitaev, Kaiser, Levskaya 2020, arXiv 2001.04451, section 3)
 #
-# (a) The definition.
-# Per hash round r every position carries a bucket id. Positions are sorted by (bucket, position) and the sorted
-# sequence is cut into chunks of `chunk` rows. A query's keys in a round, two ways:
-# - the paper's (default): the keys of its own chunk and of the previous chunk (the first chunk has no previous
-#   one: unlike trax, rounds are not concatenated and there is no wrap-around) at an earlier or equal *original*
-#   position. Where a chunk boundary falls depends on how many later positions sort before it, so a later token
-#   can move an earlier output: not causal, in the paper and in trax alike.
-# - causal=True: the `chunk` most recent keys of its own bucket up to itself, i.e. the keys of its bucket at sorted
-#   indices s - chunk + 1 .. s for a query at sorted index s: a sliding window in sorted order. A position's
-#   bucket depends on that position alone, so the window depends only on positions <= the query: exactly causal.
-#   Exactly also in floating point: each bucket starts a fresh chunk of the sorted order (empty slots, st = -1,
-#   fill the end of its last chunk), so a query's chunk, and where each key of its window sits in the tiles, depend
-#   only on how many earlier positions share its bucket; the same sums run in the same order whatever comes later.
-#   The window lies in the own and previous chunk, so the kernels below take it unchanged.
+# (a) The definition. Per hash round every position carries a bucket id; positions are sorted by (bucket,
+# position) and the sorted order is cut into chunks of `chunk` rows. A query's keys in a round, two ways:
+# - the paper's (default): the keys of its own and of the previous chunk (the first chunk has none: unlike trax,
+#   rounds are not concatenated and nothing wraps around) at an earlier or equal original position. Where a chunk
+#   boundary falls depends on how many later positions sort before it: not causal, in the paper and in trax alike.
+# - causal=True: the `chunk` most recent keys of its own bucket up to itself, a sliding window in sorted order.
+#   A bucket depends on its position alone, so the window depends only on positions <= the query: exactly causal,
+#   in floating point too, as each bucket starts a fresh chunk (empty slots, st = -1, fill the end of its last
+#   one), so the sums a query's tiles run depend only on earlier positions. The window lies in the own and the
+#   previous chunk, so the kernels take it unchanged.
 # Both are one test on a per-round integer `loc` of every position (sort_by_bucket): key j is in query i's window
 # exactly when loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (its logit is
-# SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of the logits of each query; the
-# rounds combine as out = sum_r softmax_r(lse_r) * o_r. The dense twin below computes exactly that; the Triton
-# kernels merge the rounds as they go and never store the per-round outputs.
-# Two optional masks of the paper, both off in trax's final code and here by default:
-# - same_bucket_mask: a key in another bucket is masked even when it shares the chunk window (causal implies it);
-# - dup_correction: a key seen in c of the rounds' windows gets its logit lowered by log(c), so that the combined
-#   output is the softmax over the union of the windows, each key counted once.
-# Keys are passed separately from queries (the Reformer's k is the unit-normalised q); autograd adds the two
-# gradients when the caller computes k from q.
+# SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of each query's logits; the rounds
+# combine as out = sum_r softmax_r(lse_r) o_r, which the dense twin computes; the kernels merge the rounds as they
+# go and never store the per-round outputs. The paper's two optional masks, off in trax's final code and here by
+# default: same_bucket_mask masks a key of another bucket even inside the chunk window (causal implies it);
+# dup_correction lowers the logit of a key seen in c of the rounds' windows by log(c), making the combined output
+# the softmax over the union of the windows. k comes apart from q (the Reformer's k is the unit-normalised q);
+# autograd adds the two gradients.
 
 SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
 last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recent lsh_attention call used
 
 
 def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
-    """buckets (B, H, R, T) -> sorted positions st (B, H, R, P), sorted index of each position rank, window ids
-    loc, both (B, H, R, T), and span: key j lies in query i's window of a round exactly when
-    in_window(loc_i, loc_j, span).
-
-    st[..., s] is the original position at sorted index s (-1 for an empty slot); rank[..., t] the sorted index
-    of position t. loc[..., t] is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket_mask
-    (rank grows with the bucket, so other buckets land 2 or more away, or below). With causal, every bucket
-    starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk * bucket (span chunk:
-    the chunk latest sorted indices of the same bucket; another bucket lands chunk or more away).
-    """
+    """buckets (B, H, R, T) -> st (B, H, R, P), rank, loc (B, H, R, T), span: st[..., s] is the original position
+    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t, and key j lies in query
+    i's window exactly when in_window(loc_i, loc_j, span). loc is t's chunk (span 2: own or previous chunk), plus
+    2 * bucket with same_bucket_mask (rank grows with the bucket, so other buckets land 2 or more away, or below).
+    With causal every bucket starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk *
+    bucket (span chunk: the chunk latest sorted indices of its bucket; another bucket lands chunk or more away)."""
     T = buckets.shape[-1]
     pos = torch.arange(T, device=buckets.device)
     st = torch.argsort(buckets.long() * T + pos, dim=-1)  # keys are unique, so this is the stable order
@@ -711,7 +649,8 @@ def window_masks(st, loc, span, chunk, dup_correction, dtype):
     return is_self, log_count, allowed
 
 
-def torch_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False, causal=False):
+def torch_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False,
+                        causal=False):
     """The plain PyTorch twin: per-round outputs (B, H, R, T, D) and log-sum-exps (B, H, R, T) by sort + gather.
     T must be a multiple of chunk (lsh_attention pads any other length)."""
     B, H, T, D = q.shape
@@ -743,13 +682,12 @@ def combine_rounds(o, lse):
 
 
 # (a') On a CPU: the same windows, each chunk's softmax by PyTorch's fused CPU attention (flash attention with an
-# additive mask, which also returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward. One
-# difference below rounding: the self logit is added (s + SELF_LOGIT) rather than set, and a query's own key weighs
-# exp(SELF_LOGIT) ~ 0 unless nothing else is in its window. The backward takes each round's log-sum-exp, dout * w_r
-# (w_r the round's weight in the combination) and the combined output in place of the round's: the softmax
-# backward's delta_i = w_r out_i . dout_i then also carries the round's share of the gradient through w_r.
-# Both go CPU_GROUP chunks at a time: a group's buffers are small enough for the allocator to reuse, where buffers
-# of the whole sequence are fresh memory each time, a page fault per 4 KiB (docs/results.md: the speed-ups).
+# additive mask; it returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward. The self
+# logit is added rather than set, a difference below rounding. The backward takes each round's log-sum-exp,
+# dout * w_r (w_r the round's weight in the combination) and the combined output in place of the round's: the
+# softmax backward's delta_i = w_r out_i . dout_i then carries the round's share of the gradient through w_r.
+# Both go CPU_GROUP chunks at a time, so the allocator reuses a group's buffers where buffers of the whole
+# sequence would be fresh pages, a page fault per 4 KiB (docs/results.md).
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 CPU_GROUP = 256  # chunks: a group's additive mask is 8 MiB at m = 64 in float32
@@ -821,13 +759,10 @@ def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False
     return _LSHOnCPU.apply(q, k, v, st, rank, allowed.view(window), self_bias.reshape(window), scale)
 
 
-# (b) The kernels.
-#
-# Shared by the three kernels: the logits s = scale * q.k of a tile of queries against a tile of keys, masked.
-# Order of operations, same as the reference: the self logit; minus log(count of rounds whose window holds the
-# key) with dup_correction; -inf for keys later in the original order or outside round r's window. qpos, kpos
-# and k_ok come shaped to broadcast against s (queries x keys, or keys x queries in the dK/dV kernel). LOC holds loc
-# (B, H, R, T) of sort_by_bucket; bh * R + r is the row of round r.
+# (b) The kernels. Shared by the three: the logits s = scale * q.k of a tile of queries against a tile of keys,
+# masked in the twin's order: the self logit; minus log(count of rounds whose window holds the key) with
+# dup_correction; -inf for keys later in the original order or outside round r's window. qpos, kpos and k_ok
+# broadcast against s (queries x keys, or keys x queries in the dK/dV kernel); LOC is sort_by_bucket's loc.
 @jit
 def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DUP_CORRECTION: tl.constexpr):
     s = tl.where(kpos == qpos, self_logit, s)
@@ -875,36 +810,30 @@ def _store_rows(X, base, pos, ok, x, D: tl.constexpr, TILE_D: tl.constexpr, ACCU
 
 
 # Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only count or give
-# lengths whose alignment the constexpr D already shows, so one compiled kernel serves every value.
+# lengths whose alignment the constexpr D shows, so one compiled kernel serves every value.
 LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
-# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM: the
-# chunk's TILE_M query rows (TILE_M: chunk rounded up to a power of two, at least
-# 16), then in turn tiles of TILE_N key and value rows from the previous and the own chunk (sorted indices
-# (c-1)*chunk .. (c+1)*chunk - 1), each row gathered from the unsorted q/k/v through the sorted positions ST,
-# and their (TILE_M, TILE_N) logits. Over the key tiles, the round's softmax by the flash-attention recurrence
-# (start m = -1e30, l = 0, o = 0):
+# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM:
+# the chunk's TILE_M query rows (the chunk rounded up to a power of two, at least 16), then in turn tiles of
+# TILE_N key and value rows from the previous and the own chunk, each row gathered from the unsorted q/k/v
+# through the sorted positions ST, and their logits. The round's softmax over the key tiles (from m = -1e30,
+# l = 0, o = 0):
 #   m' = max(m, rowmax(s));  l' = l exp(m - m') + rowsum(exp(s - m'));  o' = o exp(m - m') + exp(s - m') v
-# which leaves m = max_j s_ij exactly (a query's own key is always in its window), l = sum_j exp(s_ij - m).
-# Rounds then merge the same way, into a running max M, sum L (relative to M) and output kept at the query's
-# original position (the store undoes the sort); every position sits in exactly one chunk per round, so no two
-# programs of a launch touch the same row:
+# then merges into a running max M, sum L (relative to M) and output kept at the query's original position
+# (a position sits in one chunk per round, so no two programs of a launch touch the same row):
 #   M' = max(M, m);  a = exp(M - M'), b = exp(m - M');  L' = L a + l b;  out' = (out L a + (o / l) l b) / L'
-# M and L stay separate rather than one log-sum-exp M + log L: M is an exact logit, so a row whose only key is
-# itself (logit SELF_LOGIT = -5e4, where one fp32 ulp is 0.004) keeps exact weights. The running output is
-# fp32 (ACC) until the last round writes O in the input dtype. Only (B, H, T, D) is ever stored, never the
-# (B, H, R, T, D) per-round outputs.
+# M and L stay apart, not one log-sum-exp M + log L: M is an exact logit, so a row whose only key is itself
+# (logit SELF_LOGIT = -5e4, where an fp32 ulp is 0.004) keeps exact weights. The running output is fp32 (ACC)
+# until the last round writes O in the input dtype; the (B, H, R, T, D) per-round outputs are never stored.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T, P,
                     TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
                     DUP_CORRECTION: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     bhr = bh * R + r  # row of this round in ST (B, H, R, P) and LOC (B, H, R, T)
-    offs_m = tl.arange(0, TILE_M)
-    offs_n = tl.arange(0, TILE_N)
+    offs_m, offs_n = tl.arange(0, TILE_M), tl.arange(0, TILE_N)
     # rows past chunk repeat real ones; like empty slots, they are never stored
     qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m % chunk, offs_m >= 0)
     q_ok &= offs_m < chunk
@@ -944,32 +873,29 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
     tl.store(L + bh * T + qpos, l, mask=q_ok)
 
 
-# The backward needs no per-round quantity: the combined output is one softmax over all rounds' windows, a key
-# counted once per round that sees it, out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i.
-# So, as in flash attention, with delta_i = sum_d out_id * dout_id (_delta_kernel, below):
+# The backward needs no per-round quantity: the combined output is one softmax over all rounds' windows,
+# out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i. So, with delta_i = out_i . dout_i
+# (_delta_kernel, below), as in flash attention:
 #   dv_j = sum_ri P_rij dout_i;  dS_rij = P_rij (dout_i . v_j - delta_i);
 #   dk_j = scale * sum_ri dS_rij q_i;  dq_i = scale * sum_rj dS_rij k_j
-# One launch per round adds that round's terms into fp32 (B, H, T, D) accumulators; as in the forward, the
-# programs of one launch own disjoint rows, so the read-add-write needs no atomics and is deterministic.
+# One launch per round adds its terms into fp32 (B, H, T, D) accumulators; the programs of a launch own
+# disjoint rows, so the read-add-write needs no atomics and is deterministic.
 #
-# dK and dV. One program = the keys of chunk c of (bh, round r); grid (B*H, T/chunk). The queries that see
-# these keys are those of chunk c and chunk c+1, so each key row gets the round's whole gradient from one
-# program. SRAM: TILE_M key/value rows, then in turn tiles of TILE_N query/dout rows from those two chunks
-# with their M, L and delta; the logits transposed, (keys, queries), as in _bwd_dkdv_kernel.
+# dK and dV. One program = the keys of chunk c of (bh, round r); grid (B*H, P/chunk). The queries that see them
+# are those of chunks c and c+1, so one program gives a key row the round's whole gradient. SRAM: TILE_M key and
+# value rows, then in turn tiles of TILE_N query and dout rows of those chunks with their M, L and delta; the
+# logits transposed, (keys, queries), as in _bwd_dkdv_kernel.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, chunk, scale, self_logit, T, P,
                          TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
                          DUP_CORRECTION: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     bhr = bh * R + r
-    offs_m = tl.arange(0, TILE_M)
-    offs_n = tl.arange(0, TILE_N)
+    offs_m, offs_n = tl.arange(0, TILE_M), tl.arange(0, TILE_N)
     kpos, k_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m, offs_m < chunk)
     k = _load_rows(K, bh * T * D, kpos, k_ok, D, TILE_D)
     v = _load_rows(V, bh * T * D, kpos, k_ok, D, TILE_D)
-    dk = tl.zeros([TILE_M, TILE_D], tl.float32)
-    dv = tl.zeros([TILE_M, TILE_D], tl.float32)
+    dk, dv = tl.zeros([TILE_M, TILE_D], tl.float32), tl.zeros([TILE_M, TILE_D], tl.float32)
     for start in range(c * chunk, (c + 2) * chunk, TILE_N):  # queries: this chunk, then the next one
         q_idx = start + offs_n  # sorted indices
         qpos, q_ok = _sorted_positions(ST + bhr * P, q_idx, (q_idx < P) & (q_idx < (c + 2) * chunk))
@@ -988,17 +914,15 @@ def _lsh_bwd_dkdv_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DK, DV, r, R, span, 
     _store_rows(DV, bh * T * D, kpos, k_ok, dv, D, TILE_D, r > 0)
 
 
-# dQ. One program = the queries of chunk c of (bh, round r); grid (B*H, T/chunk); the forward's tiles plus the
+# dQ. One program = the queries of chunk c of (bh, round r); grid (B*H, P/chunk); the forward's tiles plus the
 # queries' dout, M, L and delta.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk, scale, self_logit, T, P,
                        TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
                        DUP_CORRECTION: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     bhr = bh * R + r
-    offs_m = tl.arange(0, TILE_M)
-    offs_n = tl.arange(0, TILE_N)
+    offs_m, offs_n = tl.arange(0, TILE_M), tl.arange(0, TILE_N)
     qpos, q_ok = _sorted_positions(ST + bhr * P, c * chunk + offs_m, offs_m < chunk)
     q = _load_rows(Q, bh * T * D, qpos, q_ok, D, TILE_D)
     do = _load_rows(DO, bh * T * D, qpos, q_ok, D, TILE_D)
@@ -1019,8 +943,8 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk,
     _store_rows(DQ, bh * T * D, qpos, q_ok, dq * scale, D, TILE_D, r > 0)
 
 
-# Backward, delta_i = sum_d out_id * dout_id in fp32 for every query row, read by the two gradient kernels above.
-# One program per TILE_M rows of the row-major (n_rows, D) out and dout; grid (n_rows / TILE_M).
+# Backward, delta_i = out_i . dout_i in fp32 for every query row, read by the two gradient kernels above. One
+# program per TILE_M rows of the row-major (n_rows, D) out and dout; grid (n_rows / TILE_M).
 @jit(do_not_specialize=["n_rows"])
 def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, TILE_M: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * TILE_M + tl.arange(0, TILE_M)
@@ -1031,26 +955,22 @@ def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, T
     tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < n_rows)
 
 
-# (c) The launcher: a launch per round, forward and backward; the rows' running max and sum carry the
-# rounds' merge from one launch to the next.
+# (c) The launcher: a launch per round, forward and backward; the rows' running max and sum carry the rounds'
+# merge from one launch to the next.
 
 def lsh_launch_config(chunk, D, dtype, arch, dup_correction):
-    """Tile sizes and launch parameters of the three LSH kernels on sm_`arch` (None: the interpreter): a program's
-    rows TILE_M (the chunk), the width TILE_N of the tiles it walks, the padded head dim TILE_D, warps and stages.
-    tl.dot needs tiles of at least 16: smaller or non-power-of-two chunks and widths are padded and masked. The
-    walked tiles are 64 wide on sm_90 (for head dims up to 64) and 32 otherwise (16 for dup_correction's count tile
-    next to (64, 128) ones on sm_90); 8 warps for tiles of rows over 8 KB, 4 otherwise; one pipeline stage, as a program
-    walks only two chunks. docs/kernels.md says how these were chosen; the compile check in test_all.py checks
-    each for spills."""
+    """The three LSH kernels' launch settings on sm_`arch` (None: the interpreter): a program's rows TILE_M (the
+    chunk), the width TILE_N of the tiles it walks, the padded head dim TILE_D (tl.dot needs 16 or more: smaller or
+    odd sizes are padded and masked), warps and stages. docs/kernels.md says how they were chosen; the compile
+    check in test_all.py checks each for spills."""
     tile_m, tile_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
     tile_n = 32
-    if (arch or 90) == 90:
+    if (arch or 90) == 90:  # 16 leaves room for dup_correction's count tile beside (64, 128) rows
         tile_n = 64 if tile_d <= 64 else 16 if dup_correction and tile_m * tile_d >= 8192 else 32
     tile_n = min(tile_m, tile_n)
     tile_bytes = tile_m * tile_d * dtype.itemsize
-    warps = 8 if tile_bytes > 8192 or dup_correction and tile_m >= 64 else 4
-    return dict(lsh=dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps,
-                         num_stages=1))
+    warps = 8 if tile_bytes > 8192 or dup_correction and tile_m >= 64 else 4  # where 4 spill
+    return dict(TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d, num_warps=warps, num_stages=1)  # walks 2 chunks
 
 
 def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_correction, causal, arch):
@@ -1058,15 +978,14 @@ def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
-    cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dup_correction)["lsh"]
+    cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dup_correction)
     settings = (span, chunk, scale, dup_correction, cfg)
     return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), settings)
 
 
 def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dup_correction, cfg):
-    """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running
-    max and sum m, l (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket
-    (int32)."""
+    """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running max and sum
+    m, l (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket (int32)."""
     B, H, T, D = q.shape
     R, P = st.shape[2:]
     out = torch.empty_like(q)
@@ -1086,17 +1005,15 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_corre
     _delta_kernel[(triton.cdiv(B * H * T, 64),)](out, do, delta, B * H * T, D=D,
                                                  TILE_D=triton.next_power_of_2(D), TILE_M=64)
     grads = [torch.empty_like(q) for _ in range(3)]  # dq, dk, dv
-    # The rounds add up in fp32. For 16-bit inputs that is done for a quarter of the heads at a
-    # time: three fp32 (B, H, T, D) buffers at once would be the largest item of a long sequence's
-    # peak memory.
+    # The rounds add up in fp32; for 16-bit inputs a quarter of the heads at a time: three fp32 (B, H, T, D)
+    # buffers at once would be the largest item of a long sequence's peak memory.
     BH = B * H
     group = BH if q.dtype == torch.float32 else -(-BH // 4)
     inputs = [x.view(BH, *x.shape[2:]) for x in (q, k, v, st, loc, do, m, l, delta)]  # (BH, ...)
     for g in range(0, BH, group):
         part = [x[g:g + group] for x in inputs]
         out = [x.view(BH, T, D)[g:g + group] for x in grads]
-        acc = out if q.dtype == torch.float32 else [torch.empty_like(x, dtype=torch.float32)
-                                                    for x in out]
+        acc = out if q.dtype == torch.float32 else [torch.empty_like(x, dtype=torch.float32) for x in out]
         grid = (part[0].size(0), P // chunk)
         for r in range(R):
             scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
@@ -1112,9 +1029,8 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_corre
 # (d) The public function and its family's checks
 
 def _lsh_config_unfit(arch, dtype, D, chunk, dup_correction):
-    """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence; None
-    when they do (triton_dispatch checks the architecture itself). The compile check in test_all.py compiles every
-    configuration let through."""
+    """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence, or
+    None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the LSH Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
     if chunk > 64:
@@ -1146,10 +1062,9 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
 
     Any T: a sequence that chunk does not divide is padded inside (pad_to_chunks), its output the function of
     the unpadded sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
-    keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, cpu_lsh_attention on a
-    CPU, the PyTorch twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the
-    twin) forces one and last_lsh_backend says which ran.
-    """
+    keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, cpu_lsh_attention on a CPU,
+    the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the twin) forces one
+    and last_lsh_backend says which ran."""
     global last_lsh_backend
     runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_config_unfit, q.dtype, q.size(-1), chunk,
                               dup_correction)
@@ -1175,16 +1090,12 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
 # and -conv, and AFT-simple with s = 0. The PyTorch twin is aft.py's (aft_simple, aft_banded): running sums and
 # scans, the path everywhere but CUDA; the tests hold the kernels to it.
 #
-# (b) The kernels. The keys beyond the window (t' <= t - s) are running sums, the s inside it a loop. Sums are
-# parts as in aft.py: a stabiliser ref and two sums referred to it; two parts merge by referring both to the
-# larger ref (online softmax). The forward's rows are chunks of CHUNK positions, a program per chunk and TILE_C
-# features: a carry kernel walks the chunks in order and leaves each chunk the part of the keys before its own
-# far keys; the main kernel scans its chunk's far keys (tl.associative_scan), merges the carry and adds the
-# window, two passes (the row's largest term, then the sums under it), and writes o and lse = log sum exp(z).
+# (b) The kernels. Row t's far keys (t' <= t - s, bias 0) enter as running sums, the s keys of its window one by
+# one. A sum is a part as in aft.py: a stabiliser ref and two sums x, y referred to it; two parts merge by
+# referring both to the larger ref (the online softmax):
+#     ref = max(ref_a, ref_b);   x = x_a exp(ref_a - ref) + x_b exp(ref_b - ref);   y likewise
 # Row t reads keys <= t alone, and a key it does not read never enters its sums: exactly causal in every bit.
-# The backward runs the same way from the last chunk: for key t', the rows t >= t' + s through a suffix carry
-# and scan of (-lse_t, dO_t, dO_t o_t), the rows t' + j (j < s) in the loop; dw is summed over the batch and the
-# features of a group from per-program partial sums. All arithmetic is float32 (float64 for float64 inputs).
+# All arithmetic is float32 (float64 for float64 inputs, in the interpreter).
 
 @jit
 def _merge_parts(ref_a, x_a, y_a, ref_b, x_b, y_b):
@@ -1202,6 +1113,9 @@ def _aft_tile(X, b, rows, cols, T, C, other, ok, DT: tl.constexpr):
     return tl.load(X + b * T * C + rows[:, None] * C + cols[None, :], mask=mask, other=other).to(DT)
 
 
+# Forward carry. One program walks the chunks of CHUNK rows in order for TILE_C features of one batch row:
+# grid (C / TILE_C, B). Per chunk it stores the part (ref, x = sum e^K V, y = sum e^K) of the far keys of the
+# rows before it, then merges in the chunk's own far keys t - s.
 @jit
 def _aft_fwd_carry_kernel(K, V, CARRY, T, C, s, n_chunks, CHUNK: tl.constexpr, TILE_C: tl.constexpr,
                           F64: tl.constexpr):
@@ -1223,6 +1137,10 @@ def _aft_fwd_carry_kernel(K, V, CARRY, T, C, s, n_chunks, CHUNK: tl.constexpr, T
         ref, x, y = _merge_parts(ref, x, y, top, tl.sum(e * v, axis=0), tl.sum(e, axis=0))
 
 
+# Forward. One program = CHUNK rows and TILE_C features of one batch row: grid (C / TILE_C, chunks, B). It
+# scans its rows' far keys (tl.associative_scan of the merge) after the carry, adds the window's s terms
+# e^(K_t' + w) in two passes (the row's largest term, then the sums under it) and stores o = x / y and
+# lse = log of the sum of e^z.
 @jit
 def _aft_fwd_kernel(K, V, W, CARRY, O, LSE, T, C, s, n_chunks, w_group, w_row, group_size,
                     CHUNK: tl.constexpr, TILE_C: tl.constexpr, F64: tl.constexpr):
@@ -1259,6 +1177,9 @@ def _aft_fwd_kernel(K, V, W, CARRY, O, LSE, T, C, s, n_chunks, w_group, w_row, g
     tl.store(LSE + offsets, top + tl.log(den), mask=ok)
 
 
+# Backward carry: the forward carry's mirror, from the last chunk. Row t weighs key t' by e^(K_t' - lse_t), so
+# per chunk of keys t' it stores the part of the far rows after its own (t >= t' + s) of e^-lse dO and
+# e^-lse dO o, then merges in the chunk's own far rows t' + s.
 @jit
 def _aft_bwd_carry_kernel(LSE, O, DO, CARRY, T, C, s, n_chunks, CHUNK: tl.constexpr, TILE_C: tl.constexpr,
                           F64: tl.constexpr):
@@ -1282,6 +1203,10 @@ def _aft_bwd_carry_kernel(LSE, O, DO, CARRY, T, C, s, n_chunks, CHUNK: tl.conste
                                  tl.sum(e * _aft_tile(O, b, rows, cols, T, C, 0.0, True, DT), axis=0))
 
 
+# Backward. One program = CHUNK keys and TILE_C features of one batch row, last key first: grid as the
+# forward's. The suffix scan of its keys' far rows after the carry gives, with f = e^(K_t' + ref),
+# dv = f x and dk = f (v x - y); the rows t' + j inside the window (j < s) add p dO and p dO (v - o), p =
+# e^(z - lse_t), and dw's sums over the program's features (summed over the batch by the launcher).
 @jit
 def _aft_bwd_kernel(K, V, W, O, LSE, DO, CARRY, DK, DV, DW, T, C, s, n_chunks, w_group, w_row, group_size,
                     CHUNK: tl.constexpr, TILE_C: tl.constexpr, F64: tl.constexpr):
@@ -1323,12 +1248,11 @@ def _aft_bwd_kernel(K, V, W, O, LSE, DO, CARRY, DK, DV, DW, T, C, s, n_chunks, w
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-# (c) The launcher: a carry launch, then a launch over every (feature tile, chunk, batch), forward and
-# backward.
+# (c) The launcher: a carry launch, then the main launch, forward and backward.
 
 def aft_launch_config(C, group_size):
-    """Rows and features of a program: CHUNK = 64 positions; TILE_C up to 64 features (128 bytes of float32 per
-    row), a power of two that divides the feature group's size, so that a program reads one group's band."""
+    """Rows and features of a program: CHUNK = 64 positions, TILE_C up to 64 features (128 bytes of float32 per
+    row), a power of two dividing the feature group's size so that a program reads one group's band."""
     return dict(CHUNK=64, TILE_C=min(64, group_size & -group_size, triton.next_power_of_2(C)), num_warps=8)
 
 
@@ -1336,15 +1260,14 @@ def _aft_triton(k, v, band):
     """aft_sums after its check. All arithmetic, band's too, in float32 (float64 for float64 k)."""
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     band = k.new_zeros(1, 1, 0, dtype=acc) if band is None else band.to(acc)  # s = 0: AFT-simple
-    cfg = aft_launch_config(k.size(2), k.size(2) // band.size(0))
+    cfg = _launch_settings(aft_launch_config, k.size(2), k.size(2) // band.size(0))
     inputs = (_aligned(k), _aligned(v.to(k.dtype)), band)
     return _launch(_aft_forward, _aft_backward, inputs, (cfg,))
 
 
 def _aft_forward(k, v, band, cfg):
     """The carry launch and the main launch: o and lse (B, T, C) in band's dtype."""
-    B, T, C = k.shape
-    G, s = band.size(0), band.size(2)
+    (B, T, C), (G, _, s) = k.shape, band.shape
     F64 = k.dtype == torch.float64
     n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
     carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=band.dtype)
@@ -1357,8 +1280,7 @@ def _aft_forward(k, v, band, cfg):
 
 def _aft_backward(k, v, band, o, lse, do, cfg):
     """The backward's carry launch and main launch: dk, dv, and dband from per-program sums."""
-    B, T, C = k.shape
-    G, s = band.size(0), band.size(2)
+    (B, T, C), (G, _, s) = k.shape, band.shape
     F64 = k.dtype == torch.float64
     n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
     carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=lse.dtype)
@@ -1374,8 +1296,7 @@ def _aft_backward(k, v, band, o, lse, do, cfg):
 # (d) The public function and its family's checks
 
 def _aft_config_unfit(arch, dtype):
-    """Why the AFT kernels do not launch for inputs of dtype on sm_`arch` (None: the interpreter), or None
-    (triton_dispatch checks the architecture itself)."""
+    """Why the AFT kernels do not launch for inputs of dtype on sm_`arch` (None: the interpreter), or None."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"the AFT Triton kernels take fp16/bf16/fp32/fp64 inputs, got {dtype}"
     if arch is not None and dtype == torch.float64:

@@ -1657,7 +1657,7 @@ def test_lsh_kernel_and_cpu_path_give_the_twins_output_and_gradients(case, monke
         x, y = (q, v) if backend == path or dtype != torch.float16 else (
             t.detach().double().requires_grad_() for t in (q, v))  # the twin, fp16 inputs: float64
         k = F.normalize(x.float() if x.dtype == torch.float16 else x, dim=-1).to(x.dtype)
-        with kernels.launch_overrides(lsh=dict(TILE_N=16) if "key-tiles" in case else {}):
+        with bench.launch_overrides(lsh=dict(TILE_N=16) if "key-tiles" in case else {}):
             out = lsh_attention(x, k, y, buckets, chunk, **mode,
                                 backend=None if backend == "cpu" else backend)
         assert kernels.last_lsh_backend == backend and out.dtype == x.dtype
@@ -3077,7 +3077,7 @@ def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_
         stub_launches(stubbed)
         q = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16)
         for _, settings in bench.SWEEP:
-            with kernels.launch_overrides(**settings):
+            with bench.launch_overrides(**settings):
                 attention(q, q, q, tile=64, backend="triton")
     sixteen = dict(TILE_M=16, TILE_N=16)
     settings = dict(fwd=sixteen, dkdv=sixteen, dq=sixteen)
@@ -3097,7 +3097,7 @@ def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_
     for r in results["kernels"]:
         assert r["best_fwd_ms"] > 0 and r["best_fb_ms"] > 0 and r["best_vs_default"] < 1e-5, r
     assert "kernel sweep's best setting in this run (16 wide)" in (tmp_path / "bench.md").read_text()
-    assert kernels._overrides == {}  # the sweep leaves the defaults behind
+    assert kernels.launch_config.__module__ == "kernels"  # the sweep leaves the defaults behind
 
 
 def test_sweep_best_merges_the_fastest_forward_and_backward_settings_beyond_noise(monkeypatch):
@@ -3141,16 +3141,16 @@ def test_launch_overrides_reach_the_launches_and_end_with_the_block(monkeypatch)
         torch.autograd.grad(attention(q, k, v, tile=32, backend="triton"), (q, k, v), dout)
         return {name: (grid, kw) for name, grid, kw in launches}
     default = settings()
-    with kernels.launch_overrides(dkdv=dict(num_warps=2, TILE_N=16), fwd=dict(num_stages=1)):
+    with bench.launch_overrides(dkdv=dict(num_warps=2, TILE_N=16), fwd=dict(num_stages=1)):
         changed = settings()
     assert changed["_bwd_dkdv_kernel"][1]["num_warps"] == 2 and changed["_bwd_dkdv_kernel"][0] == (64 // 16, 2)
     assert changed["_fwd_kernel"][1]["num_stages"] == 1 and changed["_bwd_dq_kernel"] == default["_bwd_dq_kernel"]
     assert settings() == default
     for bad in (dict(bwd=dict(num_warps=4)), dict(fwd=dict(warps=4))):
         with pytest.raises(ValueError, match="launch_overrides takes"):
-            with kernels.launch_overrides(**bad):
+            with bench.launch_overrides(**bad):
                 pass
-    with kernels.launch_overrides(fwd=dict(TILE_N=48)), pytest.raises(ValueError, match="must divide tile=32"):
+    with bench.launch_overrides(fwd=dict(TILE_N=48)), pytest.raises(ValueError, match="must divide tile=32"):
         attention(q, k, v, tile=32, backend="triton")
 
 
@@ -3323,7 +3323,7 @@ def test_block_sparse_attention_matches_the_float64_reference(case):
     sub = options.get("sub_tile")
     sub_tiles = dict(TILE_M=sub, TILE_N=sub) if sub else {}
     atol = {torch.float16: 2e-2, torch.float32: 1e-4 if backend == "triton" else 1e-6}[dtype]
-    with kernels.launch_overrides(fwd=sub_tiles, dkdv=sub_tiles, dq=sub_tiles):
+    with bench.launch_overrides(fwd=sub_tiles, dkdv=sub_tiles, dq=sub_tiles):
         assert_close_to_reference(lambda q, k, v: attention(q, k, v, backend=backend, **mask),
                                   q, k, v, dout, atol=atol, **mask)
     assert kernels.last_backend == backend
@@ -3391,7 +3391,7 @@ def compile_check(configs):
         kernels.triton.runtime.driver.set_active(CompileOnlyDriver(arch))
         kernels._arch = lambda device: arch
         compiled.clear()
-        with kernels.launch_overrides(**dict(bench.SWEEP)[setting[0]] if setting else {}):
+        with bench.launch_overrides(**dict(bench.SWEEP)[setting[0]] if setting else {}):
             launch_forward_and_backward(arch, kind, dtype, D, size)
         usage = {k.metadata.name: resource_usage(k) for k in compiled}
         print(json.dumps([arch, kind, dtype, D, size, *setting, usage]), flush=True)
