@@ -6,9 +6,10 @@ Train any nanolong model on any data set, on a CPU, one GPU, or many under torch
     python train.py --resume                             # continue out/ckpt.pt where it stopped
     torchrun --standalone --nproc_per_node 8 train.py --model reformer --block_size 65536
 
-Every field of the chosen model's Config is a flag too (`python train.py --model NAME --help` lists them): a
-number, True or False, a word (--pattern strided) or a tuple in quotes (--axial_shape "(64, 64)"). The file
-reads top to bottom: models and flags, optimizer and schedule, evaluation, checkpoints, then the loop (main).
+Every field of the chosen model's Config is a flag too (`python train.py --model NAME --help`
+lists them): a number, True or False, a word (--pattern strided) or a tuple in quotes
+(--axial_shape "(64, 64)"). The file reads top to bottom: models and flags, optimizer and
+schedule, evaluation, checkpoints, then the loop (main).
 """
 import argparse
 import ast
@@ -55,39 +56,49 @@ RUN_FLAGS = ("out_dir", "resume", "device", "compile")  # where and how this pro
 # Flags: parsed and checked in one place, so a value the code cannot take stops here in one sentence
 
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, and each flag's default after its help."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)
+        shown = shown and "default" not in action.help  # a Config field's help names its default itself
+        return action.help + (" (default %(default)s)" if shown else "")
+
+
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=False, allow_abbrev=False,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, add_help=False,
+                                allow_abbrev=False,
                                 usage="python train.py [--model NAME] [flags]   (--help lists them)")
-    add = p.add_argument  # each flag's help names its default
-    add("--model", default="transformer", help=f"one of: {', '.join(MODELS)} (default %(default)s)")
-    add("--data", default="enwik8", help="enwik8 (offline: Python's help text), cifar10, audio, copy, text:PATH, "
-                                         "wav:DIR or images:PATH (default %(default)s)")
-    add("--block_size", type=int, default=256, help="context length in tokens (default %(default)s)")
-    add("--n_layer", type=int, default=4, help="layers (default %(default)s)")
-    add("--n_head", type=int, default=4, help="heads per layer; n_embd / n_head each (default %(default)s)")
-    add("--n_embd", type=int, default=256, help="width of every layer (default %(default)s)")
-    add("--dropout", type=float, default=0.0, help="dropout rate in training (default %(default)s)")
-    add("--batch_size", type=int, default=16, help="sequences per micro-step per process (default %(default)s)")
-    add("--grad_accum", type=int, default=1, help="micro-steps per optimizer step (default %(default)s)")
-    add("--lr", type=float, default=1e-3, help="AdamW's peak learning rate (default %(default)s)")
+    add = p.add_argument
+    add("--model", default="transformer", help=f"one of: {', '.join(MODELS)}")
+    add("--data", default="enwik8", help="enwik8 (offline: Python's help text), cifar10, audio, "
+                                         "copy, text:PATH, wav:DIR or images:PATH")
+    add("--block_size", type=int, default=256, help="context length in tokens")
+    add("--n_layer", type=int, default=4, help="layers")
+    add("--n_head", type=int, default=4, help="heads per layer; n_embd / n_head each")
+    add("--n_embd", type=int, default=256, help="width of every layer")
+    add("--dropout", type=float, default=0.0, help="dropout rate in training")
+    add("--batch_size", type=int, default=16, help="sequences per micro-step per process")
+    add("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    add("--lr", type=float, default=1e-3, help="AdamW's peak learning rate")
     add("--min_lr", type=float, default=None, help="end of the cosine (default lr / 10)")
-    add("--warmup", type=int, default=100, help="linear warmup steps (default %(default)s)")
-    add("--max_iters", type=int, default=2000, help="optimizer steps, in total when resuming (default %(default)s)")
-    add("--lr_decay_iters", type=int, default=None, help="where the cosine ends (default max_iters; --resume keeps it)")
-    add("--weight_decay", type=float, default=0.1, help="AdamW's, on matrices only (default %(default)s)")
-    add("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; default %(default)s)")
-    add("--eval_interval", type=int, default=250, help="evaluate and checkpoint every N steps (default %(default)s)")
-    add("--eval_iters", type=int, default=20, help="batches per evaluation (default %(default)s)")
-    add("--audio_rate", type=int, default=data.AUDIO_RATE, help="audio: samples per second (default %(default)s)")
-    add("--audio_seq_len", type=int, default=data.AUDIO_SEQ_LEN, help="audio: samples per row (default %(default)s)")
-    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype; auto: "
-                                                                                           "bfloat16 where GPUs have it")
+    add("--warmup", type=int, default=100, help="linear warmup steps")
+    add("--max_iters", type=int, default=2000, help="optimizer steps, in total when resuming")
+    add("--lr_decay_iters", type=int, default=None,
+        help="where the cosine ends (default max_iters; --resume keeps it)")
+    add("--weight_decay", type=float, default=0.1, help="AdamW's, on matrices only")
+    add("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this; 0: off")
+    add("--eval_interval", type=int, default=250, help="evaluate and checkpoint every N steps")
+    add("--eval_iters", type=int, default=20, help="batches per evaluation")
+    add("--audio_rate", type=int, default=data.AUDIO_RATE, help="audio: samples per second")
+    add("--audio_seq_len", type=int, default=data.AUDIO_SEQ_LEN, help="audio: samples per row")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="autocast dtype; auto: bfloat16 where GPUs have it, else float32")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--seed", type=int, default=1337, help="seeds weights, batches and dropout (default %(default)s)")
-    add("--out_dir", default="out", help="where ckpt.pt and metrics.jsonl go (default %(default)s)")
+    add("--seed", type=int, default=1337, help="seeds weights, batches and dropout")
+    add("--out_dir", default="out", help="where ckpt.pt and metrics.jsonl go")
     add("--resume", action="store_true", help="continue from out_dir/ckpt.pt (its model and data)")
     args, _ = p.parse_known_args(argv)
     if args.model not in MODELS:
@@ -97,8 +108,8 @@ def parse_args(argv=None):
     module, _, variant = MODELS[args.model]
     Config = importlib.import_module(module).Config
     own = [f for f in dataclasses.fields(Config) if f.name not in SHARED_FIELDS + tuple(variant)]
-    add_config_flags(p.add_argument_group(f"{args.model}'s own flags (its Config fields)"), Config, own,
-                     lambda f: f"default {f.default!r}")
+    group = p.add_argument_group(f"{args.model}'s own flags (its Config fields)")
+    add_config_flags(group, Config, own, lambda f: f"default {f.default!r}")
     add("-h", "--help", action="help", help="these flags; with --model NAME also the model's own")
     args, unknown = p.parse_known_args(argv)
     args.given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # typed ones
@@ -106,9 +117,8 @@ def parse_args(argv=None):
         hint = (" (a model's own flags are known with --model: add the checkpoint's --model NAME "
                 "to resume with them)" if args.resume and "model" not in args.given else "")
         p.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    args.model_overrides = {f.name: getattr(args, f.name) for f in own if getattr(args, f.name) is not None}
-    for f in own:
-        delattr(args, f.name)
+    typed_own = {f.name: vars(args).pop(f.name) for f in own}  # out of args, which checkpoints record
+    args.model_overrides = {name: value for name, value in typed_own.items() if value is not None}
     problem = check_args(args)
     if problem:
         p.error(problem)
@@ -117,12 +127,14 @@ def parse_args(argv=None):
 
 
 def add_config_flags(group, Config, fields, shown):
-    """Config's `fields` as flags of an argparse group, typed by their annotations, defaulting to None; each
-    flag's help is the comment written beside its field, then `shown(field)` (the value it stands for)."""
+    """Config's `fields` as flags of an argparse group, typed by their annotations, defaulting to
+    None; each flag's help is the comment written beside its field, then `shown(field)` (the value
+    it stands for)."""
     lines = inspect.getsource(Config).splitlines()
     nodes = [n for n in ast.parse("\n".join(lines)).body[0].body if isinstance(n, ast.AnnAssign)]
     # the rest of a field's last line after its default value is blank or its comment
-    helps = {n.target.id: lines[n.end_lineno - 1][n.end_col_offset:].strip().lstrip("#").strip() for n in nodes}
+    helps = {n.target.id: lines[n.end_lineno - 1][n.end_col_offset:].strip().lstrip("#").strip()
+             for n in nodes}
     for f in fields:  # argparse %-formats help texts, so a literal % is written %%
         group.add_argument(f"--{f.name}", type=flag_type(f.type), default=None,
                            help=f"{helps[f.name]} ({shown(f)})".replace("%", "%%"))
@@ -144,25 +156,28 @@ def flag_type(annotation):
             raise ValueError(text)
         return tuple(value)
 
-    boolean.__name__, int_tuple.__name__ = "true/false", "tuple of ints, e.g. '(64, 64)',"  # argparse's words
+    boolean.__name__ = "true/false"  # the names argparse's messages give them
+    int_tuple.__name__ = "tuple of ints, e.g. '(64, 64)',"
     return {bool: boolean, tuple: int_tuple}.get(annotation, annotation)
 
 
 def check_args(args):
     """One sentence naming the first flag whose value the code cannot take, or None."""
-    at_least = {"block_size": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "batch_size": 1, "grad_accum": 1,
-                "max_iters": 1, "eval_interval": 1, "eval_iters": 1, "audio_rate": 1, "audio_seq_len": 2,
-                "warmup": 0, "lr_decay_iters": 1, "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "lr": 1e-12}
+    at_least = {"block_size": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "batch_size": 1,
+                "grad_accum": 1, "max_iters": 1, "eval_interval": 1, "eval_iters": 1, "audio_rate": 1,
+                "audio_seq_len": 2, "warmup": 0, "lr_decay_iters": 1, "min_lr": 0, "weight_decay": 0,
+                "grad_clip": 0, "lr": 1e-12}
     for flag, low in at_least.items():  # the float flags must be finite too, and lr positive
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value >= low):
-            return f"--{flag} {value}: must be " + ("a finite number, " if type(value) is float else "") + \
-                ("positive" if flag == "lr" else f"at least {low}")
+            finite = "a finite number, " if type(value) is float else ""
+            return f"--{flag} {value}: must be {finite}" + ("positive" if flag == "lr" else f"at least {low}")
     if not 0 <= args.dropout < 1:
         return f"--dropout {args.dropout}: must be a fraction in [0, 1)"
     for name, value in args.model_overrides.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
-            return f"--{name} {value}: must not be negative (0 means automatic or off where --help says so)"
+            return (f"--{name} {value}: must not be negative (0 means automatic or off where --help "
+                    f"says so)")
     problem = check_device(args.device)
     if problem or args.resume:
         return problem  # a checkpoint brings its own model settings, checked when it was trained
@@ -272,7 +287,8 @@ def load_checkpoint(path, purpose="--resume"):
         raise FileNotFoundError(f"{purpose} needs a checkpoint, but {path} does not exist; {hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"model", "optimizer", "step", "args", "model_config", "rng", "samplers"} - set(ckpt)
+        missing = {"model", "optimizer", "step", "args", "model_config", "rng", "samplers"}
+        missing -= set(ckpt)
     except Exception as e:  # truncated zip, bad pickle, wrong format: torch raises many types
         other = re.search(r"GLOBAL (\S+)", str(e))  # how torch names the object it refused
         if other:
@@ -283,54 +299,61 @@ def load_checkpoint(path, purpose="--resume"):
         raise ValueError(f"checkpoint {path} is damaged and cannot be read ({type(e).__name__}: "
                          f"{reason}); restore a copy or start afresh in another --out_dir") from e
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by this train.py")
-    if "attn_block" in ckpt["model_config"]:  # the Sparse Transformer's tile, by its name before 2026-12-04
+        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}; it was not written by this "
+                         f"train.py")
+    if "attn_block" in ckpt["model_config"]:  # the Sparse Transformer's tile, named so until 2026-12-04
         ckpt["model_config"]["tile"] = ckpt["model_config"].pop("attn_block")
     return ckpt
 
 
 def same_run_settings(args, ckpt, path):
-    """--resume continues the checkpoint's run: every setting not typed is the checkpoint's (but RUN_FLAGS).
-    A typed model or data flag that differs is refused; a typed training flag (--lr after a divergence, say)
-    overrides the checkpoint's. -> lines to print."""
+    """--resume continues the checkpoint's run: every setting not typed is the checkpoint's (but
+    RUN_FLAGS). A typed model or data flag that differs is refused; a typed training flag (--lr
+    after a divergence, say) overrides the checkpoint's. -> lines to print."""
     trained = {**ckpt["args"], **ckpt["model_config"]}
     for flag in sorted(args.given & (set(ckpt["model_config"]) | {"model", *DATA_FLAGS})):
         value = args.model_overrides.get(flag, getattr(args, flag, None))
         if value != trained[flag]:
-            raise ValueError(f"--{flag} {value} differs from the checkpoint's {trained[flag]} ({path}); resuming "
-                             f"keeps the checkpoint's, so drop the flag, or train afresh in another --out_dir")
-    saved = {**ckpt["args"], "lr_decay_iters": ckpt["args"].get("lr_decay_iters") or ckpt["args"]["max_iters"]}
+            raise ValueError(f"--{flag} {value} differs from the checkpoint's {trained[flag]} ({path}); "
+                             f"resuming keeps the checkpoint's, so drop the flag, or train afresh in "
+                             f"another --out_dir")
+    saved = dict(ckpt["args"])
+    saved["lr_decay_iters"] = saved.get("lr_decay_iters") or saved["max_iters"]  # None: older ones
     for flag in set(saved) - args.given - set(RUN_FLAGS):
         if hasattr(args, flag):  # not: a flag train.py has dropped since
             setattr(args, flag, saved[flag])
-    typed = [f"{k}={getattr(args, k)} (checkpoint: {saved[k]})" for k in saved if k in args.given - set(RUN_FLAGS)
-             and getattr(args, k) != saved[k]]
+    typed = [f"{k}={getattr(args, k)} (checkpoint: {saved[k]})" for k in saved
+             if k in args.given - set(RUN_FLAGS) and getattr(args, k) != saved[k]]
     if args.max_iters <= ckpt["step"]:
-        raise ValueError(f"{path} is already at step {ckpt['step']}, so --max_iters {args.max_iters} leaves "
-                         f"nothing to do; pass a larger --max_iters")
+        raise ValueError(f"{path} is already at step {ckpt['step']}, so --max_iters {args.max_iters} "
+                         f"leaves nothing to do; pass a larger --max_iters")
     lines = [f"resumed from {path} at step {ckpt['step']}"]
     if typed:
         lines.append("from the command line, overriding the checkpoint: " + ", ".join(typed))
-    if args.max_iters > max(saved["max_iters"], args.lr_decay_iters) and "lr_decay_iters" not in args.given:
+    extended = args.max_iters > max(saved["max_iters"], args.lr_decay_iters)
+    if extended and "lr_decay_iters" not in args.given:
         lines.append(f"the run keeps its schedule: the cosine ends at step {args.lr_decay_iters} "
                      f"and the steps after it run at min_lr (--lr_decay_iters N moves the end)")
     return lines
 
 
 def checkpoint_state(parts, step, args, config, dataset, val_loss, device_type, ddp):
-    """Everything to resume exactly, as tensors and plain values (what load_checkpoint reads): the state of
-    parts (model, optimizer, loss scaler, sampler) and, under DDP, every rank's sampler and RNG."""
+    """Everything to resume exactly, as tensors and plain values (what load_checkpoint reads): the
+    state of parts (model, optimizer, loss scaler, sampler) and, under DDP, every rank's sampler and
+    RNG."""
     model, optimizer, scaler, sampler = parts
     samplers = [sampler.state_dict()]
-    rng = {"torch": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
+    rng = {"torch": [torch.get_rng_state()],
+           "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
     if ddp:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (samplers[0], rng["torch"][0], rng["cuda"]))
         samplers = [g[0] for g in gathered]
         rng = {"torch": [g[1] for g in gathered], "cuda": [c for g in gathered for c in g[2]]}
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "model_config": config, "rng": rng, "samplers": samplers, "data": dataset.record,
-            "args": {k: v for k, v in vars(args).items() if k != "given"}, "val_loss": val_loss}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "model_config": config, "rng": rng,
+            "args": {k: v for k, v in vars(args).items() if k != "given"}, "samplers": samplers,
+            "data": dataset.record, "val_loss": val_loss}
 
 
 def save_unless_diverged(path, state, write):
@@ -338,21 +361,24 @@ def save_unless_diverged(path, state, write):
     run never overwrites a good checkpoint. A temporary file, then a rename: a run killed mid-write
     leaves the previous checkpoint whole. (Under DDP every rank checks; rank 0 writes.)"""
     if not state["val_loss"] < math.log(state["model_config"]["vocab_size"]) + 1:  # NaN fails too
-        raise Diverged(f"training diverged by step {state['step']}: validation loss {state['val_loss']:.3g} "
-                       f"nats is worse than guessing uniformly, so {path} was not overwritten; lower --lr")
+        raise Diverged(f"training diverged by step {state['step']}: validation loss "
+                       f"{state['val_loss']:.3g} nats is worse than guessing uniformly, so {path} "
+                       f"was not overwritten; lower --lr")
     if write:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
 
 
 def report_evaluation(args, dataset, step, losses, tokens_per_step, tokens_per_s, start, first):
-    """Print an evaluation and append it to out_dir/metrics.jsonl, once its checkpoint is written so that the
-    two agree. A run's first report keeps the lines up to the step it started from: the file is one curve."""
+    """Print an evaluation and append it to out_dir/metrics.jsonl, once its checkpoint is written so
+    that the two agree. A run's first report keeps the lines up to the step it started from: the
+    file is one curve."""
     bits = {k: v / math.log(2) for k, v in losses.items()}
     tqdm.write(f"step {step}: train {bits['train']:.4f} {dataset.unit}, val {bits['val']:.4f} "
                f"{dataset.unit}, {tokens_per_s:,.0f} tokens/s")  # tqdm.write: below the bar
-    record = dict(step=step, tokens=step * tokens_per_step, train_bits=bits["train"], val_bits=bits["val"],
-                  lr=lr_at(step - 1, args), tokens_per_s=tokens_per_s, time=time.time())
+    record = dict(step=step, tokens=step * tokens_per_step, train_bits=bits["train"],
+                  val_bits=bits["val"], lr=lr_at(step - 1, args), tokens_per_s=tokens_per_s,
+                  time=time.time())
     path, kept = os.path.join(args.out_dir, "metrics.jsonl"), []
     if first and os.path.exists(path):
         with open(path) as f:
@@ -369,7 +395,8 @@ def check_out_dir(path):
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise ValueError(f"--out_dir {path} cannot be written ({e.strerror}); choose another --out_dir") from e
+        raise ValueError(f"--out_dir {path} cannot be written ({e.strerror}); choose another "
+                         f"--out_dir") from e
 
 
 class Diverged(RuntimeError):
@@ -377,9 +404,9 @@ class Diverged(RuntimeError):
 
 
 class CtrlC:
-    """Ctrl-C during training sets a flag that the loop reads between steps, where the checkpoint on disk and
-    the step recorded as saved agree (a KeyboardInterrupt can land in a finaliser and be swallowed there); a
-    second Ctrl-C interrupts at once."""
+    """Ctrl-C during training sets a flag that the loop reads between steps, where the checkpoint on
+    disk and the step recorded as saved agree (a KeyboardInterrupt can land in a finaliser and be
+    swallowed there); a second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.requested, self.previous = False, None
@@ -411,12 +438,12 @@ def setup_distributed(args):
 
 
 def start_run(args, ckpt, path, ddp, rank, device, device_type, dtype):
-    """(data, model config, the model to train, (model, optimizer, loss scaler, batch sampler), first step):
-    new, or the checkpoint's restored exactly, each rank on its own sampler and RNG stream. The model to train
-    is the model, compiled with --compile and wrapped by DDP."""
+    """(data, model config, the model to train, (model, optimizer, loss scaler, batch sampler),
+    first step): new, or the checkpoint's restored exactly, each rank on its own sampler and RNG
+    stream. The model to train is the model, compiled with --compile and wrapped by DDP."""
     torch.manual_seed(args.seed + rank)
-    refused = ("resuming on other data is refused: restore the data it was trained on, or train afresh in "
-               "another --out_dir")
+    refused = ("resuming on other data is refused: restore the data it was trained on, or train "
+               "afresh in another --out_dir")
     dataset = (data.load_recorded(ckpt, path, refused) if ckpt else
                data.load(args.data, args.audio_rate, args.audio_seq_len))
     config = ckpt["model_config"] if ckpt else model_config(args.model, args, dataset.vocab_size,
@@ -424,29 +451,34 @@ def start_run(args, ckpt, path, ddp, rank, device, device_type, dtype):
     model = build_model(args.model, config).to(device)
     optimizer = configure_optimizers(model, args.weight_decay, args.lr, (0.9, 0.95), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    sampler = data.BatchSampler(dataset, "train", args.block_size, args.batch_size, args.seed + rank, device)
+    sampler = data.BatchSampler(dataset, "train", args.block_size, args.batch_size,
+                                args.seed + rank, device)
     parts = model, optimizer, scaler, sampler
     if ckpt:
-        for part, state in zip(parts, (ckpt["model"], ckpt["optimizer"], ckpt["scaler"], ckpt["samplers"][rank])):
+        states = ckpt["model"], ckpt["optimizer"], ckpt["scaler"], ckpt["samplers"][rank]
+        for part, state in zip(parts, states):
             part.load_state_dict(state)
         torch.set_rng_state(ckpt["rng"]["torch"][rank])
         if device_type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank])
     trained = torch.compile(model) if args.compile else model
     if ddp:
-        trained = DDP(trained, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+        local = [int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None
+        trained = DDP(trained, device_ids=local)
     return dataset, config, trained, parts, ckpt["step"] if ckpt else 0
 
 
 def describe_run(args, dataset, config, model, notes, device, world):
-    """What a run prints at its start: data, model, resume notes, backend, and every flag as used."""
+    """What a run prints at its start: data, model, resume notes, backend, and every flag as
+    used."""
     used = {k: v for k, v in vars(args).items() if k != "given"}
     if dataset.name != args.data:  # the data trained on: an offline stand-in's own name, say
         used["data"] = f"{dataset.name} (for --data {args.data})"
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    return "\n".join([dataset.describe(), f"model: {args.model}, {n_params:.2f}M parameters, config {config}", *notes,
-                      f"{kernels.backend_info(device)}; device {device}, dtype {args.dtype}, {world} process(es)",
-                      "flags: " + " ".join(f"{k}={v}" for k, v in used.items())])
+    return "\n".join([dataset.describe(),
+                      f"model: {args.model}, {n_params:.2f}M parameters, config {config}", *notes,
+                      f"{kernels.backend_info(device)}; device {device}, dtype {args.dtype}, "
+                      f"{world} process(es)", "flags: " + " ".join(f"{k}={v}" for k, v in used.items())])
 
 
 def train_step(model, optimizer, scaler, sampler, args, ctx, ddp, step):
@@ -482,15 +514,16 @@ def main(argv=None):
     notes = same_run_settings(args, ckpt, ckpt_path) if ckpt else []
     ddp, rank, world, device = setup_distributed(args)
     device_type, dtype, ctx = autocast_for(args, device)
-    dataset, config, model, parts, start = start_run(args, ckpt, ckpt_path, ddp, rank, device, device_type, dtype)
+    dataset, config, model, parts, start = start_run(args, ckpt, ckpt_path, ddp, rank, device,
+                                                     device_type, dtype)
     _, optimizer, scaler, sampler = parts
     if rank == 0:
         print(describe_run(args, dataset, config, parts[0], notes, device, world))
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
 
     history = []  # per step {step, loss}, per evaluation {step, train_loss, val_loss}: for tests
-    bar = tqdm(initial=start, total=args.max_iters, disable=rank != 0, desc="train")  # it only shows
-    last_eval, t_eval, saved = start, time.time(), start if ckpt else None  # saved: the step on disk
+    bar = tqdm(initial=start, total=args.max_iters, disable=rank != 0, desc="train")  # only shows
+    last_eval, t_eval, saved = start, time.time(), start if ckpt else None  # saved: step on disk
     ctrl_c = CtrlC()
     try:
         for step in range(start, args.max_iters):
@@ -505,8 +538,9 @@ def main(argv=None):
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
                 losses = evaluate(model, dataset, args, device, ctx)
                 history.append({"step": step, **{f"{k}_loss": v for k, v in losses.items()}})
-                save_unless_diverged(ckpt_path, checkpoint_state(
-                    parts, step + 1, args, config, dataset, losses["val"], device_type, ddp), rank == 0)
+                state = checkpoint_state(parts, step + 1, args, config, dataset, losses["val"],
+                                         device_type, ddp)
+                save_unless_diverged(ckpt_path, state, rank == 0)
                 saved = step + 1  # on disk (rank 0 wrote it): what a Ctrl-C from here on reports
                 if rank == 0:
                     report_evaluation(args, dataset, step + 1, losses, tokens_per_step, tokens_per_s,
@@ -514,12 +548,13 @@ def main(argv=None):
                 last_eval, t_eval = step + 1, time.time()
             if ctrl_c.requested:
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:  # one line: the step reached and that of the last checkpoint (bench.py stops too)
-        kept = (f"the last checkpoint, {ckpt_path}, is at step {saved} (--resume continues from there)"
-                if saved is not None else "no checkpoint was written (the first comes at step "
-                f"{min(args.eval_interval, args.max_iters)})")
+    except KeyboardInterrupt:  # one line: the step reached and the last checkpoint's (bench.py stops too)
+        kept = (f"the last checkpoint, {ckpt_path}, is at step {saved} (--resume continues from "
+                f"there)" if saved is not None else "no checkpoint was written (the first comes at "
+                f"step {min(args.eval_interval, args.max_iters)})")
         reached = history[-1]["step"] + 1 if history else start
-        raise KeyboardInterrupt(f"stopped by Ctrl-C after step {reached} of {args.max_iters}; {kept}") from None
+        raise KeyboardInterrupt(f"stopped by Ctrl-C after step {reached} of {args.max_iters}; "
+                                f"{kept}") from None
     finally:
         ctrl_c.restore()
         bar.close()
