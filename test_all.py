@@ -2748,6 +2748,11 @@ def smaller_bench_sizes(monkeypatch):
     monkeypatch.setitem(bench.SIZES["cpu"], "lsh", dict(B=1, H=1, D=16, T=64, n_hashes=2, chunk=16))
 
 
+def run_bench(out_dir, stages, *flags):
+    """bench.py's stages (comma-separated) on the CPU, recorded in out_dir: {stage: rows}."""
+    return bench.main(["--out_dir", str(out_dir), "--device", "cpu", "--stages", stages, *flags])
+
+
 def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(tmp_path, monkeypatch):
     """What the GPU call runs, at CPU sizes: every stage must run, so the GPU call cannot break unseen."""
     smaller_bench_sizes(monkeypatch)
@@ -2775,8 +2780,8 @@ def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_pr
                                                                                       monkeypatch):
     monkeypatch.setattr(bench, "SAME_BUDGET", ["--block_size", "64", "--n_layer", "1", "--n_head", "2", "--n_embd",
                                                "32", "--batch_size", "2", "--eval_iters", "2", "--warmup", "1"])
-    rows = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "same_budget", "--models",
-                       "transformer,reformer", "--steps", "2", "--seeds", "1", "--data", f"text:{text_file}"])
+    run = ["--seeds", "1", "--data", f"text:{text_file}", "--models"]
+    rows = run_bench(tmp_path, "same_budget", *run, "transformer,reformer", "--steps", "2")
     rows = {r["model"]: r for r in rows["same_budget"]}
     assert list(rows) == ["transformer", "reformer", "reformer, causal_lsh"]
     assert all(math.isfinite(r["bits"]) and r["params_m"] > 0 for r in rows.values())
@@ -2785,29 +2790,27 @@ def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_pr
     # run again: a finished run is reused as it is, a longer budget continues the run from its checkpoint
     metrics = tmp_path / "same_budget" / "transformer_1" / "metrics.jsonl"
     before = metrics.read_text()
-    again = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "same_budget", "--models", "transformer",
-             "--seeds", "1", "--data", f"text:{text_file}"]
-    assert bench.main(again + ["--steps", "2"])["same_budget"][0]["bits"] == rows["transformer"]["bits"]
+    again = lambda steps: run_bench(tmp_path, "same_budget", *run, "transformer", "--steps", steps)
+    assert again("2")["same_budget"][0]["bits"] == rows["transformer"]["bits"]
     assert metrics.read_text() == before
-    longer = bench.main(again + ["--steps", "4"])["same_budget"][0]
+    longer = again("4")["same_budget"][0]
     assert [step for step, _ in longer["curve"]] == [1, 2, 3, 4] and metrics.read_text().startswith(before)
 
 
 def test_bench_recall_stage_trains_every_model_at_every_distance_in_rounds_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RECALL", ["--data", "copy", "--n_head", "2", "--n_embd", "32",
                                           "--batch_size", "2", "--warmup", "1", "--eval_iters", "1"])
-    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "recall", "--models", "reformer,perceiver_ar",
-            "--distances", "8,16", "--recall_check", "1", "--seeds", "1"]
-    rows = bench.main(argv + ["--recall_cap", "2"])["recall"]
+    recall = lambda models, distances, *flags: run_bench(tmp_path, "recall", "--models", models,
+                                                         "--distances", distances, *flags)["recall"]
+    rows = recall("reformer,perceiver_ar", "8,16", "--recall_check", "1", "--seeds", "1", "--recall_cap", "2")
     assert [r["model"] for r in rows] == ["reformer", "reformer, causal_lsh", "perceiver_ar"]
     assert all(0 <= r[f"d{d}"] <= 1 and r[f"d{d}_steps"] == 2 for r in rows for d in (8, 16))
     assert [step for step, _, _ in rows[0]["d8_curves"][0]] == [1, 2]  # the curve: one point per round
     curve = tmp_path / "recall" / "perceiver_ar_16_1" / "recall_curve.json"
     before = json.loads(curve.read_text())
-    longer = bench.main(argv[:7] + ["perceiver_ar", "--distances", "16", "--recall_check", "1", "--seeds", "1",
-                                    "--recall_cap", "3"])["recall"][0]
+    longer = recall("perceiver_ar", "16", "--recall_check", "1", "--seeds", "1", "--recall_cap", "3")[0]
     assert longer["d16_curves"][0][:2] == before and longer["d16_steps"] == 3  # kept rounds, one more trained
-    bench.main(argv[:7] + ["perceiver_ar", "--distances", "8", "--recall_cap", "1", "--recall_layers", "3"])
+    recall("perceiver_ar", "8", "--recall_cap", "1", "--recall_layers", "3")
     deeper = torch.load(tmp_path / "recall" / "perceiver_ar_8_1_3layers" / "ckpt.pt", weights_only=True)
     assert deeper["model_config"]["n_layer"] == 2  # a run of its own, the cross-attention block the third layer
 
@@ -2907,10 +2910,9 @@ def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finish
                                                                                         monkeypatch):
     monkeypatch.setattr(bench, "LONG", ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
                                         "--eval_iters", "1", "--warmup", "1"])
-    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "long_context", "--models",
-            "transformer,reformer,perceiver_ar", "--context", "64", "--steps", "2", "--seeds", "1", "--data",
-            f"text:{text_file}"]
-    rows = {r["model"]: r for r in bench.main(argv)["long_context"]}
+    argv = ["--models", "transformer,reformer,perceiver_ar", "--context", "64", "--steps", "2", "--seeds", "1",
+            "--data", f"text:{text_file}"]
+    rows = {r["model"]: r for r in run_bench(tmp_path, "long_context", *argv)["long_context"]}
     assert list(rows) == ["transformer", "reformer", "reformer, causal_lsh", "perceiver_ar"]
     assert [(a, b) for a, b, _ in rows["transformer"]["by_position"]] == [(1, 16), (17, 64)]
     assert [(a, b) for a, b, _ in rows["perceiver_ar"]["by_position"]] == [(33, 64)]  # its 32 latents score
@@ -2918,7 +2920,7 @@ def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finish
     assert rows["reformer"]["prefix_bits"] is not None and rows["transformer"]["prefix_bits"] is None
     record = tmp_path / "long_context" / "transformer_1" / "long_context.json"
     before = record.read_text()
-    again = {r["model"]: r for r in bench.main(argv)["long_context"]}  # finished rows are reused, not retrained
+    again = {r["model"]: r for r in run_bench(tmp_path, "long_context", *argv)["long_context"]}  # reused
     assert record.read_text() == before and again["transformer"]["bits"] == rows["transformer"]["bits"]
 
 
@@ -2981,8 +2983,7 @@ def test_bench_reformer_cpu_stage_times_both_attention_paths_beside_perceiver_ar
     spy = lambda *a, **kw: (calls.append(kw.get("backend")), real(*a, **kw))[1]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench.reformer, "lsh_attention", spy)
-        rows = bench.main(["--stages", "reformer_cpu", "--lengths", "512", "--device", "cpu", "--budget", "120",
-                           "--out_dir", str(tmp_path)])["reformer_cpu"]
+        rows = run_bench(tmp_path, "reformer_cpu", "--lengths", "512", "--budget", "120")["reformer_cpu"]
         assert bench.reformer.lsh_attention is spy  # put back after every cell
     assert [(r["model"], r.get("lsh"), r.get("factorize_hash")) for r in rows] == [("perceiver_ar", None, None)] + [
         ("reformer", lsh, f) for lsh, f in (("cpu", True), ("cpu", False), ("dense", True), ("dense", False))]
@@ -2994,25 +2995,26 @@ def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_res
     monkeypatch.setattr(bench, "LADDER", ["--data", "copy", "--n_head", "2", "--n_embd", "32", "--warmup", "1",
                                           "--eval_iters", "1"])
     monkeypatch.setattr(bench, "LADDER_RUNS", {"perceiver_ar": ["--n_latents", "8", "--n_layer", "1"]})
-    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "ladder", "--models", "perceiver_ar",
-            "--distances", "8,16", "--ladder_check", "1"]
-    row = bench.main(argv + ["--ladder_cap", "2"])["ladder"][0]
+    ladder = lambda distances, cap, out_dir=tmp_path: run_bench(
+        out_dir, "ladder", "--models", "perceiver_ar", "--distances", distances, "--ladder_check", "1",
+        "--ladder_cap", cap)["ladder"][0]
+    row = ladder("8,16", "2")
     assert "d16" not in row  # d = 8 not learned in 2 steps: the ladder stops there
     assert [r["step"] for r in row["d8_curve"]] == [1, 2] and row["d8_curve"][0]["batch"] == 8
     assert all(r["s_per_step"] > 0 and r["maxrss_gb"] > 0 and 0 <= r["accuracy"] <= 1 for r in row["d8_curve"])
-    longer = bench.main(argv + ["--ladder_cap", "3"])["ladder"][0]
+    longer = ladder("8,16", "3")
     kept = [(r["step"], r["accuracy"], r["seconds"]) for r in longer["d8_curve"]]
     assert kept[:2] == [(r["step"], r["accuracy"], r["seconds"]) for r in row["d8_curve"]] and kept[-1][0] == 3
     monkeypatch.setattr(bench, "copy_accuracy", lambda *a, **k: 1.0)
-    climbed = bench.main(argv[:9] + ["8,16,32", "--ladder_check", "1", "--ladder_cap", "5", "--out_dir",
-                                     str(tmp_path / "b")])
-    assert [len(climbed["ladder"][0][f"d{d}_curve"]) for d in (8, 16, 32)] == [1, 1, 1]  # learned: next rung
-    assert climbed["ladder"][0]["d32_curve"][0]["rotary_margin"] == list(bench.rotary_margin(10000.0 ** (-torch.arange(4) / 4), 64))
+    climbed = ladder("8,16,32", "5", tmp_path / "b")
+    assert [len(climbed[f"d{d}_curve"]) for d in (8, 16, 32)] == [1, 1, 1]  # learned: next rung
+    freqs = 10000.0 ** (-torch.arange(4) / 4)
+    assert climbed["d32_curve"][0]["rotary_margin"] == list(bench.rotary_margin(freqs, 64))
     monkeypatch.undo()
-    shown = bench.main(argv[:9] + ["8,16,32", "--ladder_check", "1", "--ladder_cap", "3"])["ladder"][0]
+    shown = ladder("8,16,32", "3")
     assert "d16" not in shown  # not trained past a miss (d = 8 here)
     shutil.copytree(tmp_path / "b" / "ladder" / "perceiver_ar_32", tmp_path / "ladder" / "perceiver_ar_32")
-    shown = bench.main(argv[:9] + ["8,16,32", "--ladder_check", "1", "--ladder_cap", "3"])["ladder"][0]
+    shown = ladder("8,16,32", "3")
     assert "d16" not in shown and len(shown["d32_curve"]) == 1  # but a distance run before is shown
 
 
@@ -3087,7 +3089,7 @@ def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(tmp_
     # CPU timings are noise) beside the default
     picked = []
     monkeypatch.setattr(bench, "sweep_best", lambda rows: picked.append(rows) or ("16 wide", settings))
-    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "kernel_sweep,kernels"])
+    results = run_bench(tmp_path, "kernel_sweep,kernels")
     rows = results["kernel_sweep"]
     assert [(r["setting"], r["layout"].split()[0]) for r in rows] == [
         (s, layout) for s in ("default", "16 wide") for layout in ("local", "strided", "fixed")]
@@ -3192,7 +3194,7 @@ def test_bench_records_failures_and_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "flex_block_mask", fail)
     monkeypatch.setattr(bench, "stage_lsh", fail)
     smaller_bench_sizes(monkeypatch)
-    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "kernels,lsh,perceiver"])
+    results = run_bench(tmp_path, "kernels,lsh,perceiver")
     assert [r["layout"].split()[0] for r in results["kernels"]] == ["local", "strided", "fixed"]
     for r in results["kernels"]:
         assert r["status"] == "ok" and r["ours_fwd_ms"] > 0, r
@@ -3215,7 +3217,7 @@ def test_bench_keeps_the_cells_of_a_run_killed_mid_stage(tmp_path, monkeypatch):
     real_attempt = bench.attempt
     monkeypatch.setattr(bench, "attempt", attempt)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "aft"])  # 3 cells
+        run_bench(tmp_path, "aft")  # 3 cells
     saved = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [(r["model"], r["status"]) for r in saved["aft"]] == [("transformer", "ok")]
     assert saved["aft"][0]["step_ms"] > 0
@@ -3226,8 +3228,7 @@ def test_bench_skips_what_the_budget_cannot_fit_and_its_table_says_why_once(tmp_
     table = bench.markdown([{"T": 64, "ms": 1.5}, {"T": 128, "status": "skipped: budget"}],
                            [("T", "T", "d"), ("ms", "ms", ".1f"), ("GiB", "gib", ".1f")])
     assert table.splitlines()[2:] == ["| 64 | 1.5 | - |", "| 128 | skipped: budget | - |"]
-    results = bench.main(["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "reformer,aft",
-                          "--budget", "0.001"])
+    results = run_bench(tmp_path, "reformer,aft", "--budget", "0.001")
     assert list(results) == ["reformer", "aft"] and all(results.values())
     assert all(r["status"].startswith("skipped: budget") for rows in results.values() for r in rows)
 
@@ -3235,12 +3236,12 @@ def test_bench_skips_what_the_budget_cannot_fit_and_its_table_says_why_once(tmp_
 def test_bench_models_stage_times_every_model_and_says_why_one_refuses_a_setting(tmp_path, capsys):
     """A refusal is the model's one sentence, without a traceback; the unexpected keeps its
     traceback."""
-    argv = ["--out_dir", str(tmp_path), "--device", "cpu", "--stages", "models", "--lengths"]
-    rows = bench.main(argv + ["64", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])["models"]
+    rows = run_bench(tmp_path, "models", "--lengths", "64", "--n_layer", "1", "--n_embd", "32",
+                     "--n_head", "2")["models"]
     assert [r["model"] for r in rows] == list(train.MODELS)
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["params_m"] > 0 for r in rows)
     capsys.readouterr()
-    rows = bench.main(argv + ["7", "--models", "sparse_strided"])["models"]
+    rows = run_bench(tmp_path, "models", "--lengths", "7", "--models", "sparse_strided")["models"]
     assert rows[0]["status"].startswith("refused: no stride tiles block_size 7") and "\n" not in rows[0]["status"]
     assert "Traceback" not in capsys.readouterr().err
     assert bench.attempt(lambda: 1 / 0)["status"] == "error: ZeroDivisionError: division by zero"
