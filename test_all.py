@@ -2748,6 +2748,10 @@ def smaller_bench_sizes(monkeypatch):
     monkeypatch.setitem(bench.SIZES["cpu"], "lsh", dict(B=1, H=1, D=16, T=64, n_hashes=2, chunk=16))
 
 
+# bench's training stages at CPU sizes (each test adds what its stage needs)
+BENCH_TRAINING = ["--n_head", "2", "--n_embd", "32", "--warmup", "1", "--eval_iters", "1"]
+
+
 def run_bench(out_dir, stages, *flags):
     """bench.py's stages (comma-separated) on the CPU, recorded in out_dir: {stage: rows}."""
     return bench.main(["--out_dir", str(out_dir), "--device", "cpu", "--stages", stages, *flags])
@@ -2778,8 +2782,8 @@ def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(t
 
 def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_prefixes(text_file, tmp_path,
                                                                                       monkeypatch):
-    monkeypatch.setattr(bench, "SAME_BUDGET", ["--block_size", "64", "--n_layer", "1", "--n_head", "2", "--n_embd",
-                                               "32", "--batch_size", "2", "--eval_iters", "2", "--warmup", "1"])
+    monkeypatch.setattr(bench, "SAME_BUDGET",
+                        BENCH_TRAINING + ["--block_size", "64", "--n_layer", "1", "--batch_size", "2"])
     run = ["--seeds", "1", "--data", f"text:{text_file}", "--models"]
     rows = run_bench(tmp_path, "same_budget", *run, "transformer,reformer", "--steps", "2")
     rows = {r["model"]: r for r in rows["same_budget"]}
@@ -2798,8 +2802,7 @@ def test_bench_same_budget_stage_trains_every_row_and_scores_the_leaky_one_on_pr
 
 
 def test_bench_recall_stage_trains_every_model_at_every_distance_in_rounds_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "RECALL", ["--data", "copy", "--n_head", "2", "--n_embd", "32",
-                                          "--batch_size", "2", "--warmup", "1", "--eval_iters", "1"])
+    monkeypatch.setattr(bench, "RECALL", BENCH_TRAINING + ["--data", "copy", "--batch_size", "2"])
     recall = lambda models, distances, *flags: run_bench(tmp_path, "recall", "--models", models,
                                                          "--distances", distances, *flags)["recall"]
     rows = recall("reformer,perceiver_ar", "8,16", "--recall_check", "1", "--seeds", "1", "--recall_cap", "2")
@@ -2908,8 +2911,7 @@ def test_sparse_patterns_can_express_the_copy_across_128_positions_in_two_layers
 
 def test_bench_long_context_stage_scores_every_row_by_position_and_reuses_finished_rows(text_file, tmp_path,
                                                                                         monkeypatch):
-    monkeypatch.setattr(bench, "LONG", ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
-                                        "--eval_iters", "1", "--warmup", "1"])
+    monkeypatch.setattr(bench, "LONG", BENCH_TRAINING + ["--n_layer", "1", "--batch_size", "2"])
     argv = ["--models", "transformer,reformer,perceiver_ar", "--context", "64", "--steps", "2", "--seeds", "1",
             "--data", f"text:{text_file}"]
     rows = {r["model"]: r for r in run_bench(tmp_path, "long_context", *argv)["long_context"]}
@@ -2992,8 +2994,7 @@ def test_bench_reformer_cpu_stage_times_both_attention_paths_beside_perceiver_ar
 
 
 def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "LADDER", ["--data", "copy", "--n_head", "2", "--n_embd", "32", "--warmup", "1",
-                                          "--eval_iters", "1"])
+    monkeypatch.setattr(bench, "LADDER", BENCH_TRAINING + ["--data", "copy"])
     monkeypatch.setattr(bench, "LADDER_RUNS", {"perceiver_ar": ["--n_latents", "8", "--n_layer", "1"]})
     ladder = lambda distances, cap, out_dir=tmp_path: run_bench(
         out_dir, "ladder", "--models", "perceiver_ar", "--distances", distances, "--ladder_check", "1",
