@@ -178,6 +178,15 @@ def outputs_and_grads(fn, q, k, v, dout):
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
 
+def assert_same_output_and_grads(got, want, inputs, tol, grad_tol=None):
+    """got and want, both computed from inputs, agree within tol (a dict of assert_close's rtol and
+    atol), and so do their gradients for one random output gradient, within grad_tol or tol."""
+    torch.testing.assert_close(got, want, **tol)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b, **(grad_tol or tol))
+
+
 def training_step(model, idx, targets, seed):
     """[logits, loss, every parameter's gradient] of one forward and backward, dropout and hashes
     drawn from seed: what two ways of computing the same model must agree on."""
@@ -1514,10 +1523,7 @@ def test_every_layer_equals_attention_under_its_element_mask(pattern, combine, b
         pos = torch.arange(T)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=element_mask(cfg, layer, pos, pos))
         out = st.CausalSelfAttention(cfg, layer).to(dtype).attend(q, k, v)
-        torch.testing.assert_close(out, ref, **tol)
-        g = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-            torch.testing.assert_close(a, b, **grad_tol)
+        assert_same_output_and_grads(out, ref, (q, k, v), tol, grad_tol)
 
 
 def randomized(model):
@@ -1687,14 +1693,8 @@ def test_one_chunk_covering_the_sequence_equals_dense_shared_qk_attention(backen
     q, v, buckets = random_lsh_inputs(T=16, R=3, n_buckets=4, dtype=torch.float64 if backend == "dense"
                                       else torch.float32)
     tol = dict(atol=1e-10, rtol=1e-10) if q.dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
-    grad_out = torch.randn_like(v)
     out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk=16, backend=backend)
-    dq, dv = torch.autograd.grad((out * grad_out).sum(), (q, v))
-    expected = dense_shared_qk_attention(q, v)
-    dq_ref, dv_ref = torch.autograd.grad((expected * grad_out).sum(), (q, v))
-    torch.testing.assert_close(out, expected, **tol)
-    torch.testing.assert_close(dq, dq_ref, **tol)
-    torch.testing.assert_close(dv, dv_ref, **tol)
+    assert_same_output_and_grads(out, dense_shared_qk_attention(q, v), (q, v), tol)
 
 
 def windows_from_definition(buckets, chunk, same_bucket_mask=False, causal=False):
@@ -2111,11 +2111,8 @@ def test_local_equals_full_with_a_window_covering_the_sequence_and_simple_with_z
     T, s = 9, 11
     w = torch.randn(T, T, dtype=torch.float64, requires_grad=True)
     band = torch.stack([w[t, (t - torch.arange(s)).clamp_min(0)] for t in range(T)])  # (T, s) [t, j] = w[t, t-j]
-    y_local, y_full = aft_local(q, k, v, band), aft_full(q, k, v, w)
-    torch.testing.assert_close(y_local, y_full, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(y_full)
-    for a, b in zip(torch.autograd.grad(y_local, [q, k, v, w], g), torch.autograd.grad(y_full, [q, k, v, w], g)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_same_output_and_grads(aft_local(q, k, v, band), aft_full(q, k, v, w), [q, k, v, w],
+                                 dict(rtol=1e-10, atol=1e-12))
     y_local = aft_local(q, k, v, torch.zeros(9, 3, dtype=torch.float64))
     torch.testing.assert_close(y_local, aft_simple(q, k, v), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y_local, naive_aft(q, k, v, torch.zeros(9, 9, dtype=torch.float64)))
@@ -2219,12 +2216,9 @@ def test_aft_kernel_matches_paper_formula_forward_and_gradients(case, key_scale)
     # beyond float64's exp: the running maxima must carry across chunks and windows.
     q, k, v, band = aft_kernel_inputs(case, 150, key_scale=key_scale)
     inputs = [x.requires_grad_() for x in (q, k, v, band) if x is not None]
-    ours = aft_mixing(q, k, v, band, "triton")
     expected = naive_aft(q, k, v, band_pairs(band, 150, 8))
-    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(ours)
-    for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(expected, inputs, g)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert_same_output_and_grads(aft_mixing(q, k, v, band, "triton"), expected, inputs,
+                                 dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-9, atol=1e-11))
 
 
 @pytest.mark.parametrize("case", ["simple", "local", "conv-2-groups"])
