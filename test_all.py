@@ -2093,10 +2093,12 @@ def test_float32_matches_float64_with_biases_spread_over_20(variant):
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 3)])
+@pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2), ("local", 3)])
 @pytest.mark.parametrize("key_scale", [1, 10, 50, 100])
-def test_parallel_forward_equals_step_by_step_at_large_keys(variant, w_rank, key_scale):
-    """The parallel path and the recurrent step() that generation uses agree to float64 rounding."""
+def test_recurrent_form_equals_parallel_forward_at_large_keys(variant, w_rank, key_scale):
+    """The parallel path and the recurrent form that generation uses agree to float64 rounding: a
+    mixer's step() token by token, and the whole model fed 5 tokens, then one a call, through its
+    cache."""
     mixer = random_mixer(variant, w_rank, block_size=16, n_embd=8, n_head=2, window=3)
     with torch.no_grad():
         mixer.qkv.weight[8:16] *= key_scale
@@ -2104,6 +2106,12 @@ def test_parallel_forward_equals_step_by_step_at_large_keys(variant, w_rank, key
     cache = {}
     stepped = torch.stack([mixer.step(x[:, t], cache) for t in range(16)], dim=1)
     torch.testing.assert_close(mixer(x), stepped, rtol=1e-12, atol=1e-12)
+    model = tiny_model(variant, w_rank)
+    idx = torch.randint(0, 11, (2, 12))
+    cache = [{} for _ in model.blocks]
+    chunks = [model(idx[:, :5], cache=cache)[0]]
+    chunks += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model(idx)[0], rtol=1e-10, atol=1e-12)
 
 
 def test_local_equals_full_with_a_window_covering_the_sequence_and_simple_with_zero_bias():
@@ -2235,15 +2243,6 @@ def test_aft_kernel_is_exactly_causal_across_chunks(case):
         moved = kernels.aft_sums(k2, v2, band)
         assert torch.equal(moved[:, :j], out[:, :j]), f"position {j} moved earlier outputs"
         assert not torch.equal(moved[:, j], out[:, j])
-
-
-@pytest.mark.parametrize("variant,w_rank", [("simple", 0), ("local", 0), ("local", 2)])
-def test_recurrent_form_matches_parallel_forward(variant, w_rank):
-    model = tiny_model(variant, w_rank)
-    idx = torch.randint(0, 11, (2, 12))
-    cache = [{} for _ in model.blocks]
-    chunks = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 12)]
-    torch.testing.assert_close(torch.cat(chunks, dim=1), model(idx)[0], rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------
