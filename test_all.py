@@ -1191,9 +1191,16 @@ def tokens(n):
     return torch.randint(0, 11, (1, n))
 
 
-# A setting a model's Config cannot take, or an input its forward cannot: (what raises ValueError, a
-# fragment of the one sentence it raises). A model's rows start with its name (pytest -k reformer).
-BAD_MODEL_INPUT = {
+def attend(T=64, S=64, tile=16, **options):
+    """kernels.attention over 3 heads of width 16, T queries and S keys, in tiles of `tile`."""
+    q, k, v, _ = random_inputs(1, 3, T, S, 16)
+    return attention(q, k, v, tile=tile, **options)
+
+
+# A setting a model's Config cannot take, or an input its forward (or the attention kernels' public
+# function) cannot: (what raises ValueError, a fragment of the one sentence it raises). A model's
+# rows start with its name (pytest -k reformer).
+BAD_INPUT = {
     "transformer: 65 tokens, block_size 64": (
         lambda: tiny("transformer", True)(tokens(65)), "exceeds the model's block_size 64"),
     "transformer: image positions in 64 tokens": (
@@ -1226,12 +1233,24 @@ BAD_MODEL_INPUT = {
     "perceiver_ar: 9 latents, block_size 8": (
         lambda: tiny("perceiver_ar", block_size=8, n_latents=9),
         "n_latents=9 must lie in 1 .. block_size=8"),
+    "kernels: a layout of 3 query tiles for 4": (
+        lambda: attend(layout=torch.ones(1, 3, 4).bool()), r"must have shape \(1 or H=3, 4, 4\)"),
+    "kernels: 2 layout heads for 3": (
+        lambda: attend(layout=torch.ones(2, 4, 4).bool()), r"\(1 or H=3, 4, 4\).* got \(2, 4, 4\)"),
+    "kernels: 40 queries in tiles of 16": (
+        lambda: attend(T=40, backend="triton"), "T and S to be multiples of tile=16"),
+    "kernels: a layout, S - T = 8 in tiles of 16": (
+        lambda: attend(T=56, layout=torch.ones(1, 4, 4).bool()), "S - T must be a multiple"),
+    "kernels: tiles of 24": (
+        lambda: attend(72, 72, tile=24, backend="triton"), r"take tiles \(16, 32"),
+    "kernels: window 0": (lambda: attend(window=0), "window must be a positive number"),
+    "kernels: backend cuda": (lambda: attend(backend="cuda"), "unknown attention backend 'cuda'"),
 }
 
 
-@pytest.mark.parametrize("case", BAD_MODEL_INPUT)
-def test_a_model_refuses_what_it_cannot_take_with_value_error_and_a_sentence(case):
-    build_or_run, fragment = BAD_MODEL_INPUT[case]
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_models_and_kernels_refuse_what_they_cannot_take_with_value_error_and_a_sentence(case):
+    build_or_run, fragment = BAD_INPUT[case]
     with pytest.raises(ValueError, match=fragment):
         build_or_run()
 
@@ -1958,7 +1977,7 @@ def test_axial_position_embedding_concatenates_row_and_column_vectors():
 def test_generate_predicts_each_token_from_exactly_its_prefix(monkeypatch):
     """No padding in the forward: every step runs the model on the prefix as it stands (lengths 5 to
     8, of chunks of 8), so generation computes what the prefix-only evaluation scores. (The lengths
-    it refuses: BAD_MODEL_INPUT.)"""
+    it refuses: BAD_INPUT.)"""
     torch.manual_seed(0)
     model = Reformer(reformer_config()).eval()
     assert model(torch.zeros(1, 12, dtype=torch.long))[0].shape == (1, 12, 11)  # no padded position
@@ -3563,22 +3582,6 @@ def test_layout_index_lists_are_cached_by_content_and_put_the_tiles_the_band_cut
     row_ptr, cols, col_ptr, rows, row_mid, col_mid = kernels.tile_lists(layout, 16, 64, 64, 0, 40, "cpu")
     assert cols[row_ptr[3]:row_mid[3]].tolist() == [0, 1, 3] and cols[row_mid[3]:row_ptr[4]].tolist() == [2]
     assert rows[col_ptr[0]:col_mid[0]].tolist() == [0, 2, 3] and rows[col_mid[0]:col_ptr[1]].tolist() == [1]
-
-
-@pytest.mark.parametrize("bad", [
-    dict(layout=torch.ones(1, 3, 4, dtype=torch.bool)),  # wrong number of query blocks
-    dict(layout=torch.ones(2, 4, 4, dtype=torch.bool)),  # 2 layout heads for H=3
-    dict(T=40, backend="triton"),  # T not a multiple of block
-    dict(T=56, layout=torch.ones(1, 4, 4, dtype=torch.bool)),  # S - T = 8 not a multiple of block
-    dict(tile=24, backend="triton"),  # a tile the kernels do not take
-    dict(window=0),
-    dict(backend="cuda"),
-])
-def test_bad_input_raises_value_error(bad):
-    bad = dict(bad)
-    q, k, v, _ = random_inputs(1, 3, bad.pop("T", 64), 64, 16)
-    with pytest.raises(ValueError):
-        attention(q, k, v, tile=bad.pop("tile", 16), **bad)
 
 
 # ----------------------------------------------------------------------------------------------------------
