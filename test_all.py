@@ -1629,15 +1629,6 @@ def random_lsh_inputs(B=1, H=2, T=32, D=16, R=2, n_buckets=4, dtype=torch.float3
     return q, v, buckets
 
 
-def dense_shared_qk_attention(q, v):
-    """Causal softmax(q k^T) v with k = q / |q|, a position's own logit at SELF_LOGIT (written from the paper)."""
-    T = q.shape[-2]
-    s = q @ F.normalize(q, dim=-1).transpose(-1, -2)
-    s = s.masked_fill(torch.eye(T, dtype=torch.bool), SELF_LOGIT)
-    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
-
-
 LSH_MODES = {"paper": dict(), "same-bucket-dup-correction": dict(same_bucket_mask=True, dup_correction=True),
              "causal": dict(causal=True), "causal-dup-correction": dict(causal=True, dup_correction=True)}
 
@@ -1706,16 +1697,6 @@ def test_reformer_with_the_lsh_kernel_trains_like_the_dense_twin(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["dense", "triton"])
-def test_one_chunk_covering_the_sequence_equals_dense_shared_qk_attention(backend):
-    # With one chunk every key is in the window whatever the buckets, so every round is dense attention.
-    q, v, buckets = random_lsh_inputs(T=16, R=3, n_buckets=4, dtype=torch.float64 if backend == "dense"
-                                      else torch.float32)
-    tol = dict(atol=1e-10, rtol=1e-10) if q.dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
-    out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk=16, backend=backend)
-    assert_same_output_and_grads(out, dense_shared_qk_attention(q, v), (q, v), tol)
-
-
 def windows_from_definition(buckets, chunk, same_bucket_mask=False, causal=False):
     """Boolean (R, T, T): key j is in query i's window in round r. Paper: j <= i in the own or previous chunk of
     the sorted order (and bucket with same_bucket_mask). Causal: j <= i in the same bucket, fewer than chunk sorted
@@ -1753,8 +1734,10 @@ def lsh_reference(q, k, v, buckets, chunk, same_bucket_mask=False, dup_correctio
 
 # case: (backend, T, chunk, lsh_attention's options), 3 rounds of 4 buckets: chunks of 4 in 32
 # positions, and of 8 in 37 = 4 * 8 + 5, where the last chunk holds 5 positions and the padding
-# inside must not show in the output
+# inside must not show in the output; one chunk of 16 covering the sequence, where every key
+# before a query is in its window whatever the buckets: every round is dense causal attention
 LSH_REFERENCE_CASES = {
+    **{f"one-chunk-covering-the-sequence-{backend}": (backend, 16, 16, {}) for backend in ("dense", "triton")},
     **{f"rounds-{name}": ("dense", 32, 4, options) for name, options in (
         ("paper", {}), ("same-bucket", dict(same_bucket_mask=True)),
         ("same-bucket-dup-correction", dict(same_bucket_mask=True, dup_correction=True)))},
@@ -1767,14 +1750,14 @@ LSH_REFERENCE_CASES = {
 def test_lsh_rounds_combine_by_logsumexp(case):
     """Rounds weighted by exp(lse_r - logsumexp lse) make one softmax over all rounds' windows, a
     key counted once per round that sees it; with the duplicate correction, once in all (the union
-    of the windows): lsh_reference, in float64 on the twin, float32 on the kernel."""
+    of the windows): lsh_reference, output and the gradients of q (k = q / |q| included) and v, in
+    float64 on the twin, float32 on the kernel."""
     backend, T, chunk, options = LSH_REFERENCE_CASES[case]
     dtype, tol = (torch.float64, 1e-10) if backend == "dense" else (torch.float32, 2e-5)
     q, v, buckets = random_lsh_inputs(B=1, H=2, T=T, R=3, n_buckets=4, dtype=dtype, seed=6)
-    k = F.normalize(q, dim=-1)
-    out = lsh_attention(q, k, v, buckets, chunk, backend=backend, **options)
-    expected = lsh_reference(q, k, v, buckets, chunk, **options)
-    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    out = lsh_attention(q, F.normalize(q, dim=-1), v, buckets, chunk, backend=backend, **options)
+    expected = lsh_reference(q, F.normalize(q, dim=-1), v, buckets, chunk, **options)
+    assert_same_output_and_grads(out.double(), expected, (q, v), dict(atol=tol, rtol=tol))
 
 
 def later_inputs_effect(backend, R, scale, causal, dup_correction=False, T=44, t=21, chunk=8):
