@@ -484,27 +484,22 @@ last_backend = None  # "triton" or "dense": which path the most recent attention
 TRITON_TILES = (16, 32, 64, 128)  # layout tiles the Triton kernels take (64/128 are fast)
 
 
-def _sparse_config_unfit(arch, dtype, D, tile):
-    """Why the block-sparse kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a
-    sentence, or None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
-    if tile not in TRITON_TILES:
-        return f"the block-sparse Triton kernels take tiles {TRITON_TILES}, got {tile}"
-    if D not in TRITON_HEAD_DIMS:
-        return f"the block-sparse Triton kernels take head dims {TRITON_HEAD_DIMS}, got {D}"
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the block-sparse Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
-    return None
-
-
 def _sparse_unfit(arch, q, k, v, tile):
-    """Why the block-sparse kernels cannot take q, k, v on sm_`arch` (a sentence), or None when they can."""
-    T, S = q.size(2), k.size(2)
+    """Why the block-sparse kernels cannot take q, k, v on sm_`arch` (None: the interpreter), a sentence, or None
+    when they can (triton_dispatch checks the architecture itself; the compile check compiles the rest)."""
+    T, S, D = q.size(2), k.size(2), q.size(3)
     if not q.dtype == k.dtype == v.dtype:
         return f"the block-sparse Triton kernels need q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
     if T % tile or S % tile:
         return (f"the block-sparse Triton kernels need T and S to be multiples of tile={tile}, got T={T}, S={S}; "
                 f"pad the sequence")
-    return _sparse_config_unfit(arch, q.dtype, q.size(3), tile)
+    if tile not in TRITON_TILES:
+        return f"the block-sparse Triton kernels take tiles {TRITON_TILES}, got {tile}"
+    if D not in TRITON_HEAD_DIMS:
+        return f"the block-sparse Triton kernels take head dims {TRITON_HEAD_DIMS}, got {D}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the block-sparse Triton kernels take fp16/bf16/fp32 inputs, got {q.dtype}"
+    return None
 
 
 def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=None, backend=None):
@@ -1028,7 +1023,7 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_corre
 
 # (d) The public function and its family's checks
 
-def _lsh_config_unfit(arch, dtype, D, chunk, dup_correction):
+def _lsh_unfit(arch, dtype, D, chunk, dup_correction):
     """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence, or
     None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -1066,7 +1061,7 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
     the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the twin) forces one
     and last_lsh_backend says which ran."""
     global last_lsh_backend
-    runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_config_unfit, q.dtype, q.size(-1), chunk,
+    runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_unfit, q.dtype, q.size(-1), chunk,
                               dup_correction)
     on_cpu = not runs and q.device.type == "cpu" and backend != "dense"
     last_lsh_backend = "triton" if runs else "cpu" if on_cpu else "dense"
@@ -1295,18 +1290,10 @@ def _aft_backward(k, v, band, o, lse, do, cfg):
 
 # (d) The public function and its family's checks
 
-def _aft_config_unfit(arch, dtype):
-    """Why the AFT kernels do not launch for inputs of dtype on sm_`arch` (None: the interpreter), or None."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"the AFT Triton kernels take fp16/bf16/fp32/fp64 inputs, got {dtype}"
-    if arch is not None and dtype == torch.float64:
-        return "the AFT Triton kernels take fp64 in the interpreter only (the tests'); on a GPU fp16/bf16/fp32"
-    return None
-
-
 def aft_unfit(arch, k, band=None):
-    """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (a sentence), or None
-    when they can: the family's check that triton_dispatch calls, here and in aft.py."""
+    """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (None: the
+    interpreter), a sentence, or None when they can: the family's check that triton_dispatch calls, here and
+    in aft.py."""
     B, T, C = k.shape
     G, s = (1, 0) if band is None else (band.size(0), band.size(2))
     if C % G:
@@ -1315,7 +1302,11 @@ def aft_unfit(arch, k, band=None):
     if max(k.numel(), partials) >= 2**31:
         return (f"the AFT Triton kernels index in 32 bits: B * T * C ({k.numel()}) and B * T * window * C / 64 "
                 f"({partials}) must stay below 2^31")
-    return _aft_config_unfit(arch, k.dtype)
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"the AFT Triton kernels take fp16/bf16/fp32/fp64 inputs, got {k.dtype}"
+    if arch is not None and k.dtype == torch.float64:
+        return "the AFT Triton kernels take fp64 in the interpreter only (the tests'); on a GPU fp16/bf16/fp32"
+    return None
 
 
 def aft_sums(k, v, band=None):
