@@ -194,8 +194,7 @@ def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, sca
 # holds the tiles the band's edge cuts first: the kernels walk those with a per-element mask, then
 # the rest without one. Scores s are in log2 units (qk_scale = scale * log2(e)), so the kernels use
 # exp2, and the forward saves lse2 = log2 sum_j 2^s_j per row (the log-sum-exp in log2 units) for the
-# backward. Masked scores are -inf and the running max starts finite: a row that sees no key gets
-# 2^(-inf) = 0, never NaN.
+# backward. Masked scores are -inf.
 SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
 
@@ -561,12 +560,11 @@ def decoding_sdpa():
 # Both are one test on a per-round integer `loc` of every position (sort_by_bucket): key j is in query i's window
 # exactly when loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (its logit is
 # SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of each query's logits; the rounds
-# combine as out = sum_r softmax_r(lse_r) o_r, which the dense twin computes; the kernels merge the rounds as they
-# go and never store the per-round outputs. The paper's two optional masks, off in trax's final code and here by
-# default: same_bucket_mask masks a key of another bucket even inside the chunk window (causal implies it);
-# dup_correction lowers the logit of a key seen in c of the rounds' windows by log(c), making the combined output
-# the softmax over the union of the windows. k comes apart from q (the Reformer's k is the unit-normalised q);
-# autograd adds the two gradients.
+# combine as out = sum_r softmax_r(lse_r) o_r (combine_rounds). The paper's two optional masks, off in trax's
+# final code and here by default: same_bucket_mask masks a key of another bucket even inside the chunk window
+# (causal implies it); dup_correction lowers the logit of a key seen in c of the rounds' windows by log(c), making
+# the combined output the softmax over the union of the windows. k comes apart from q (the Reformer's k is the
+# unit-normalised q); autograd adds the two gradients.
 
 SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
 last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recent lsh_attention call used
@@ -574,9 +572,9 @@ last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recen
 
 def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
     """buckets (B, H, R, T) -> st (B, H, R, P), rank, loc (B, H, R, T), span: st[..., s] is the original position
-    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t, and key j lies in query
-    i's window exactly when in_window(loc_i, loc_j, span). loc is t's chunk (span 2: own or previous chunk), plus
-    2 * bucket with same_bucket_mask (rank grows with the bucket, so other buckets land 2 or more away, or below).
+    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t; loc and span are
+    in_window's. loc is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket_mask (rank
+    grows with the bucket, so other buckets land 2 or more away, or below).
     With causal every bucket starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk *
     bucket (span chunk: the chunk latest sorted indices of its bucket; another bucket lands chunk or more away)."""
     T = buckets.shape[-1]
@@ -601,7 +599,7 @@ def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
 
 
 def in_window(loc_q, loc_k, span):
-    """Whether a key with window id loc_k is in the window of a query with id loc_q (see sort_by_bucket); the
+    """Whether a key with window id loc_k is in the window of a query with id loc_q (the section's test); the
     dense twin calls it on tensors, the kernels compiled (_in_window)."""
     return (loc_k <= loc_q) & (loc_k > loc_q - span)
 
@@ -1081,9 +1079,9 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
 #
 # (a) The definition. Per row t and feature c:
 #     o_t = sum_{t' <= t} exp(z) V_t' / sum_{t' <= t} exp(z),   z = K_t' + w_{t,t'}
-# where w is band[g, t, t - t'] for lags below s (g the feature's group: AFT-conv's head) and 0 beyond: AFT-local
-# and -conv, and AFT-simple with s = 0. The PyTorch twin is aft.py's (aft_simple, aft_banded): running sums and
-# scans, the path everywhere but CUDA; the tests hold the kernels to it.
+# where w is band[g, t, t - t'] for lags below s (g = c // (C / G) the feature's group: AFT-conv's head) and 0
+# beyond: AFT-local and -conv, and AFT-simple with s = 0. The PyTorch twin is aft.py's (aft_simple, aft_banded):
+# running sums and scans, the path everywhere but CUDA; the tests hold the kernels to it.
 #
 # (b) The kernels. Row t's far keys (t' <= t - s, bias 0) enter as running sums, the s keys of its window one by
 # one. A sum is a part as in aft.py: a stabiliser ref and two sums x, y referred to it; two parts merge by
@@ -1252,7 +1250,7 @@ def aft_launch_config(C, group_size):
 
 
 def _aft_triton(k, v, band):
-    """aft_sums after its check. All arithmetic, band's too, in float32 (float64 for float64 k)."""
+    """aft_sums after its check."""
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     band = k.new_zeros(1, 1, 0, dtype=acc) if band is None else band.to(acc)  # s = 0: AFT-simple
     cfg = _launch_settings(aft_launch_config, k.size(2), k.size(2) // band.size(0))
@@ -1308,10 +1306,8 @@ def aft_unfit(arch, k, band=None):
 
 
 def aft_sums(k, v, band=None):
-    """Causal AFT sums: o_t = sum_{t'<=t} exp(K_t' + w_{t,t'}) V_t' / sum_{t'<=t} exp(K_t' + w_{t,t'}) per feature;
-    k, v (B, T, C); band None (w = 0, AFT-simple) or (G, T, s): w_{t,t'} = band[g, t, t - t'] for t - t' < s
-    and 0 beyond, g = c // (C / G) the feature's group. Returns o (B, T, C) in float32 (float64 for float64
-    inputs), the precision of all its arithmetic. The Triton kernels only (aft.py holds the PyTorch path
-    and calls triton_dispatch to choose)."""
+    """The causal AFT sums o_t of the section's definition, by the Triton kernels only (aft.py holds the PyTorch
+    path and calls triton_dispatch to choose): k, v (B, T, C), band None (w = 0, AFT-simple) or (G, T, s) ->
+    o (B, T, C) in float32 (float64 for float64 inputs), the precision of all its arithmetic."""
     triton_dispatch("AFT", k, "triton", aft_unfit, k, band)  # a ValueError says why the kernels cannot run
     return _aft_triton(k, v, band)
