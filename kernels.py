@@ -1288,8 +1288,7 @@ def _aft_backward(k, v, band, o, lse, do, cfg):
 
 def aft_unfit(arch, k, band=None):
     """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (None: the
-    interpreter), a sentence, or None when they can: the family's check that triton_dispatch calls, here and
-    in aft.py."""
+    interpreter), a sentence, or None when they can; aft.py's dispatch asks it too."""
     B, T, C = k.shape
     G, s = (1, 0) if band is None else (band.size(0), band.size(2))
     if C % G:
