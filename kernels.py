@@ -5,8 +5,8 @@ Every chapter reads in the same order: (a) the definition and its dense PyTorch 
 kernels to; (b) the Triton kernels, each under what one program computes and its recurrence; (c) the launcher and
 its launch settings; (d) the public function.
 
-  Preamble          triton_dispatch (whether Triton runs and, if not, why), _launch_settings (one cache of every
-                    family's launch settings), _launch (one autograd Function for every family's launches)
+  Preamble          triton_dispatch (whether Triton runs; forced where it cannot, why), _launch_settings (one
+                    cache of every family's launch settings), _launch (one autograd Function for every family)
   1. Block-sparse   (a) attention_mask, dense_attention  (b) _fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel
      attention      (c) tile_lists, launch_config  (d) attention
   2. LSH attention  (a) sort_by_bucket, torch_lsh_attention, cpu_lsh_attention  (b) _lsh_fwd_kernel,
@@ -82,14 +82,14 @@ def _gpu_unfit(arch):
 
 
 def triton_dispatch(family, x, backend, family_unfit, *args):
-    """The dispatch of every family: (True, None) when its Triton kernels run on inputs like x, else (False, a
-    sentence saying why not). backend None picks them for CUDA tensors they take, "triton" forces them (a
-    ValueError says why they cannot), "dense" never runs them. family_unfit(arch, *args) is the family's own
-    check (dtype, head dim, tile): a sentence, or None when it takes the inputs on sm_`arch`."""
+    """The dispatch of every family: whether its Triton kernels run on inputs like x. backend None picks them for
+    CUDA tensors they take, "triton" forces them (a ValueError says why they cannot), "dense" never runs them.
+    family_unfit(arch, *args) is the family's own check (dtype, head dim, tile): a sentence, or None when it
+    takes the inputs on sm_`arch`."""
     if backend not in (None, "triton", "dense"):
         raise ValueError(f"unknown {family} backend {backend!r}; choose 'triton', 'dense' or leave it unset")
     if backend == "dense":
-        return False, "backend='dense' asks for the PyTorch path"
+        return False
     if triton is None:
         why = f"the {family} Triton kernels need triton, which is not installed"
     elif not x.is_cuda and not INTERPRETED:
@@ -99,9 +99,7 @@ def triton_dispatch(family, x, backend, family_unfit, *args):
         why = _gpu_unfit(arch) or family_unfit(arch, *args)
     if why and backend == "triton":
         raise ValueError(f"{why}; use backend='dense'")
-    if why is None and backend is None and not x.is_cuda:
-        why = "the inputs are CPU tensors: the interpreter runs the kernels only when backend='triton' asks"
-    return why is None, why
+    return why is None and (x.is_cuda or backend == "triton")  # the interpreter runs only when asked
 
 
 def backend_info(device):
@@ -527,7 +525,7 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
         if (S - T) % tile:
             raise ValueError(f"with a layout, S - T must be a multiple of tile={tile} so the layout's diagonal "
                              f"is the causal one; got T={T}, S={S}")
-    runs, _ = triton_dispatch("attention", q, backend, _sparse_unfit, q, k, v, tile)
+    runs = triton_dispatch("attention", q, backend, _sparse_unfit, q, k, v, tile)
     if not runs:
         last_backend = "dense"
         return dense_attention(q, k, v, causal=causal, layout=layout, tile=tile, window=window, scale=scale)
@@ -1059,8 +1057,7 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
     the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the twin) forces one
     and last_lsh_backend says which ran."""
     global last_lsh_backend
-    runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_unfit, q.dtype, q.size(-1), chunk,
-                              dup_correction)
+    runs = triton_dispatch("LSH attention", q, backend, _lsh_unfit, q.dtype, q.size(-1), chunk, dup_correction)
     on_cpu = not runs and q.device.type == "cpu" and backend != "dense"
     last_lsh_backend = "triton" if runs else "cpu" if on_cpu else "dense"
     T = q.size(2)
