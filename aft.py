@@ -183,7 +183,7 @@ def gated_ratio(q, part):
 def kernel_runs(k, backend, band=None):
     """Whether kernels.aft_sums computes the sums: by default for CUDA tensors it takes; backend "triton" or
     "dense" forces the Triton kernels or the PyTorch path here (kernels.triton_dispatch decides, as for attention)."""
-    return kernels.triton_dispatch("AFT", k, backend, kernels.aft_unfit, k, band)[0]
+    return kernels.triton_dispatch("AFT", k, backend, kernels.aft_unfit, k, band)
 
 
 def aft_simple(q, k, v, backend=None):

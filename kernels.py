@@ -5,8 +5,8 @@ Every chapter reads in the same order: (a) the definition and its dense PyTorch 
 kernels to; (b) the Triton kernels, each under what one program computes and its recurrence; (c) the launcher and
 its launch settings; (d) the public function.
 
-  Preamble          triton_dispatch (whether Triton runs and, if not, why), _launch_settings (one cache of every
-                    family's launch settings), _launch (one autograd Function for every family's launches)
+  Preamble          triton_dispatch (whether Triton runs; forced where it cannot, why), _launch_settings (one
+                    cache of every family's launch settings), _launch (one autograd Function for every family)
   1. Block-sparse   (a) attention_mask, dense_attention  (b) _fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel
      attention      (c) tile_lists, launch_config  (d) attention
   2. LSH attention  (a) sort_by_bucket, torch_lsh_attention, cpu_lsh_attention  (b) _lsh_fwd_kernel,
@@ -82,14 +82,14 @@ def _gpu_unfit(arch):
 
 
 def triton_dispatch(family, x, backend, family_unfit, *args):
-    """The dispatch of every family: (True, None) when its Triton kernels run on inputs like x, else (False, a
-    sentence saying why not). backend None picks them for CUDA tensors they take, "triton" forces them (a
-    ValueError says why they cannot), "dense" never runs them. family_unfit(arch, *args) is the family's own
-    check (dtype, head dim, tile): a sentence, or None when it takes the inputs on sm_`arch`."""
+    """The dispatch of every family: whether its Triton kernels run on inputs like x. backend None picks them for
+    CUDA tensors they take, "triton" forces them (a ValueError says why they cannot), "dense" never runs them.
+    family_unfit(arch, *args) is the family's own check (dtype, head dim, tile): a sentence, or None when it
+    takes the inputs on sm_`arch`."""
     if backend not in (None, "triton", "dense"):
         raise ValueError(f"unknown {family} backend {backend!r}; choose 'triton', 'dense' or leave it unset")
     if backend == "dense":
-        return False, "backend='dense' asks for the PyTorch path"
+        return False
     if triton is None:
         why = f"the {family} Triton kernels need triton, which is not installed"
     elif not x.is_cuda and not INTERPRETED:
@@ -99,9 +99,7 @@ def triton_dispatch(family, x, backend, family_unfit, *args):
         why = _gpu_unfit(arch) or family_unfit(arch, *args)
     if why and backend == "triton":
         raise ValueError(f"{why}; use backend='dense'")
-    if why is None and backend is None and not x.is_cuda:
-        why = "the inputs are CPU tensors: the interpreter runs the kernels only when backend='triton' asks"
-    return why is None, why
+    return why is None and (x.is_cuda or backend == "triton")  # the interpreter runs only when asked
 
 
 def backend_info(device):
@@ -125,7 +123,7 @@ def _launch_settings(config, *args):
     return _launch_cache[key]
 
 
-# Every family's launches go through one autograd Function. A family gives two plain functions,
+# Every family's launches (and the CPU LSH path) go through one autograd Function. A family gives two functions,
 #     forward(*inputs, *settings) -> (out, *saved)
 #     backward(*inputs, out, *saved, dout, *settings) -> the gradients of its input tensors
 # where settings are all else (lists, scalars, launch settings), passed to apply() as one argument.
@@ -194,8 +192,7 @@ def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, sca
 # holds the tiles the band's edge cuts first: the kernels walk those with a per-element mask, then
 # the rest without one. Scores s are in log2 units (qk_scale = scale * log2(e)), so the kernels use
 # exp2, and the forward saves lse2 = log2 sum_j 2^s_j per row (the log-sum-exp in log2 units) for the
-# backward. Masked scores are -inf and the running max starts finite: a row that sees no key gets
-# 2^(-inf) = 0, never NaN.
+# backward. Masked scores are -inf.
 SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
 
@@ -484,27 +481,22 @@ last_backend = None  # "triton" or "dense": which path the most recent attention
 TRITON_TILES = (16, 32, 64, 128)  # layout tiles the Triton kernels take (64/128 are fast)
 
 
-def _sparse_config_unfit(arch, dtype, D, tile):
-    """Why the block-sparse kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a
-    sentence, or None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
-    if tile not in TRITON_TILES:
-        return f"the block-sparse Triton kernels take tiles {TRITON_TILES}, got {tile}"
-    if D not in TRITON_HEAD_DIMS:
-        return f"the block-sparse Triton kernels take head dims {TRITON_HEAD_DIMS}, got {D}"
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the block-sparse Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
-    return None
-
-
 def _sparse_unfit(arch, q, k, v, tile):
-    """Why the block-sparse kernels cannot take q, k, v on sm_`arch` (a sentence), or None when they can."""
-    T, S = q.size(2), k.size(2)
+    """Why the block-sparse kernels cannot take q, k, v on sm_`arch` (None: the interpreter), a sentence, or None
+    when they can (triton_dispatch checks the architecture itself; the compile check compiles the rest)."""
+    T, S, D = q.size(2), k.size(2), q.size(3)
     if not q.dtype == k.dtype == v.dtype:
         return f"the block-sparse Triton kernels need q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
     if T % tile or S % tile:
         return (f"the block-sparse Triton kernels need T and S to be multiples of tile={tile}, got T={T}, S={S}; "
                 f"pad the sequence")
-    return _sparse_config_unfit(arch, q.dtype, q.size(3), tile)
+    if tile not in TRITON_TILES:
+        return f"the block-sparse Triton kernels take tiles {TRITON_TILES}, got {tile}"
+    if D not in TRITON_HEAD_DIMS:
+        return f"the block-sparse Triton kernels take head dims {TRITON_HEAD_DIMS}, got {D}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the block-sparse Triton kernels take fp16/bf16/fp32 inputs, got {q.dtype}"
+    return None
 
 
 def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=None, backend=None):
@@ -533,7 +525,7 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
         if (S - T) % tile:
             raise ValueError(f"with a layout, S - T must be a multiple of tile={tile} so the layout's diagonal "
                              f"is the causal one; got T={T}, S={S}")
-    runs, _ = triton_dispatch("attention", q, backend, _sparse_unfit, q, k, v, tile)
+    runs = triton_dispatch("attention", q, backend, _sparse_unfit, q, k, v, tile)
     if not runs:
         last_backend = "dense"
         return dense_attention(q, k, v, causal=causal, layout=layout, tile=tile, window=window, scale=scale)
@@ -566,12 +558,11 @@ def decoding_sdpa():
 # Both are one test on a per-round integer `loc` of every position (sort_by_bucket): key j is in query i's window
 # exactly when loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (its logit is
 # SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of each query's logits; the rounds
-# combine as out = sum_r softmax_r(lse_r) o_r, which the dense twin computes; the kernels merge the rounds as they
-# go and never store the per-round outputs. The paper's two optional masks, off in trax's final code and here by
-# default: same_bucket_mask masks a key of another bucket even inside the chunk window (causal implies it);
-# dup_correction lowers the logit of a key seen in c of the rounds' windows by log(c), making the combined output
-# the softmax over the union of the windows. k comes apart from q (the Reformer's k is the unit-normalised q);
-# autograd adds the two gradients.
+# combine as out = sum_r softmax_r(lse_r) o_r (combine_rounds). The paper's two optional masks, off in trax's
+# final code and here by default: same_bucket_mask masks a key of another bucket even inside the chunk window
+# (causal implies it); dup_correction lowers the logit of a key seen in c of the rounds' windows by log(c), making
+# the combined output the softmax over the union of the windows. k comes apart from q (the Reformer's k is the
+# unit-normalised q); autograd adds the two gradients.
 
 SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
 last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recent lsh_attention call used
@@ -579,9 +570,9 @@ last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recen
 
 def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
     """buckets (B, H, R, T) -> st (B, H, R, P), rank, loc (B, H, R, T), span: st[..., s] is the original position
-    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t, and key j lies in query
-    i's window exactly when in_window(loc_i, loc_j, span). loc is t's chunk (span 2: own or previous chunk), plus
-    2 * bucket with same_bucket_mask (rank grows with the bucket, so other buckets land 2 or more away, or below).
+    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t; loc and span are
+    in_window's. loc is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket_mask (rank
+    grows with the bucket, so other buckets land 2 or more away, or below).
     With causal every bucket starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk *
     bucket (span chunk: the chunk latest sorted indices of its bucket; another bucket lands chunk or more away)."""
     T = buckets.shape[-1]
@@ -606,7 +597,7 @@ def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
 
 
 def in_window(loc_q, loc_k, span):
-    """Whether a key with window id loc_k is in the window of a query with id loc_q (see sort_by_bucket); the
+    """Whether a key with window id loc_k is in the window of a query with id loc_q (the section's test); the
     dense twin calls it on tensors, the kernels compiled (_in_window)."""
     return (loc_k <= loc_q) & (loc_k > loc_q - span)
 
@@ -693,38 +684,37 @@ _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 CPU_GROUP = 256  # chunks: a group's additive mask is 8 MiB at m = 64 in float32
 
 
-class _LSHOnCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, st, rank, allowed, self_bias, scale):
-        B, H, T, D = q.shape
-        R, P = st.shape[2:]
-        rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
-        q_, k_, v_ = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
-        o, lse = (torch.cat(parts) for parts in zip(*(
-            _cpu_flash(rows_at(q_, rows[g]), windows_at(k_, rows, g), windows_at(v_, rows, g), 0.0, False,
-                       attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
-        w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
-        w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
-        out = torch.zeros(B * H * T, D, dtype=q.dtype)
-        out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
-        ctx.save_for_backward(q_, k_, v_, rows, allowed, self_bias, out, lse, w)
-        ctx.scale = scale
-        return out.view(q.shape)
+def _cpu_lsh_forward(q, k, v, st, rank, allowed, self_bias, scale):
+    """The combined output (B, H, T, D), and for the backward: the sorted rows' indices into (B*H*T, D), each
+    chunk's log-sum-exps and each sorted row's round weight w_r."""
+    B, H, T, D = q.shape
+    R, P = st.shape[2:]
+    rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
+    q, k, v = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
+    o, lse = (torch.cat(parts) for parts in zip(*(
+        _cpu_flash(rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g), 0.0, False,
+                   attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
+    w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
+    w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
+    out = torch.zeros(B * H * T, D, dtype=q.dtype)
+    out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
+    return out.view(B, H, T, D), rows, lse, w
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, rows, allowed, self_bias, out, lse, w = ctx.saved_tensors  # q, k, v, out: (B*H*T, D)
-        shape, D, key_rows = dout.shape, q.size(1), with_previous(rows, 0, 1)
-        dout, dq, dk, dv = dout.reshape(-1, D), torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
-        for g in groups(rows):  # each row's gradient, summed over the rounds and chunks that hold it
-            gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
-                                             rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
-                                             rows_at(out, rows[g]), lse[g], 0.0, False,
-                                             attn_mask=mask_at(allowed, self_bias, g), scale=ctx.scale)
-            dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, D))
-            dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, D))
-            dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, D))
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+
+def _cpu_lsh_backward(q, k, v, st, rank, allowed, self_bias, out, rows, lse, w, dout, scale):
+    """dq, dk, dv: each row's gradient, summed over the rounds and chunks that hold it."""
+    shape, D, key_rows = q.shape, q.size(3), with_previous(rows, 0, 1)
+    q, k, v, out, dout = (x.reshape(-1, D) for x in (q, k, v, out, dout))  # (B*H*T, D)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
+    for g in groups(rows):
+        gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
+                                         rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
+                                         rows_at(out, rows[g]), lse[g], 0.0, False,
+                                         attn_mask=mask_at(allowed, self_bias, g), scale=scale)
+        dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, D))
+        dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, D))
+        dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, D))
+    return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None
 
 
 def groups(rows):  # CPU_GROUP chunks at a time
@@ -751,12 +741,13 @@ def windows_at(x, rows, g):
 
 def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False,
                       causal=False):
-    """The twin's combined output (combine_rounds of torch_lsh_attention), computed by _LSHOnCPU."""
+    """The twin's combined output (combine_rounds of torch_lsh_attention), computed as the section (a') says."""
     st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     is_self, log_count, allowed = window_masks(st, loc, span, chunk, dup_correction, q.dtype)
     self_bias = (is_self * SELF_LOGIT - log_count).to(q.dtype).expand(allowed.shape)  # a view unless log_count
     window = (-1, 1, chunk, 2 * chunk)
-    return _LSHOnCPU.apply(q, k, v, st, rank, allowed.view(window), self_bias.reshape(window), scale)
+    inputs = (q, k, v, st, rank, allowed.view(window), self_bias.reshape(window))
+    return _launch(_cpu_lsh_forward, _cpu_lsh_backward, inputs, (scale,))
 
 
 # (b) The kernels. Shared by the three: the logits s = scale * q.k of a tile of queries against a tile of keys,
@@ -1028,7 +1019,7 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_corre
 
 # (d) The public function and its family's checks
 
-def _lsh_config_unfit(arch, dtype, D, chunk, dup_correction):
+def _lsh_unfit(arch, dtype, D, chunk, dup_correction):
     """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence, or
     None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -1066,8 +1057,7 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
     the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the twin) forces one
     and last_lsh_backend says which ran."""
     global last_lsh_backend
-    runs, _ = triton_dispatch("LSH attention", q, backend, _lsh_config_unfit, q.dtype, q.size(-1), chunk,
-                              dup_correction)
+    runs = triton_dispatch("LSH attention", q, backend, _lsh_unfit, q.dtype, q.size(-1), chunk, dup_correction)
     on_cpu = not runs and q.device.type == "cpu" and backend != "dense"
     last_lsh_backend = "triton" if runs else "cpu" if on_cpu else "dense"
     T = q.size(2)
@@ -1086,9 +1076,9 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
 #
 # (a) The definition. Per row t and feature c:
 #     o_t = sum_{t' <= t} exp(z) V_t' / sum_{t' <= t} exp(z),   z = K_t' + w_{t,t'}
-# where w is band[g, t, t - t'] for lags below s (g the feature's group: AFT-conv's head) and 0 beyond: AFT-local
-# and -conv, and AFT-simple with s = 0. The PyTorch twin is aft.py's (aft_simple, aft_banded): running sums and
-# scans, the path everywhere but CUDA; the tests hold the kernels to it.
+# where w is band[g, t, t - t'] for lags below s (g = c // (C / G) the feature's group: AFT-conv's head) and 0
+# beyond: AFT-local and -conv, and AFT-simple with s = 0. The PyTorch twin is aft.py's (aft_simple, aft_banded):
+# running sums and scans, the path everywhere but CUDA; the tests hold the kernels to it.
 #
 # (b) The kernels. Row t's far keys (t' <= t - s, bias 0) enter as running sums, the s keys of its window one by
 # one. A sum is a part as in aft.py: a stabiliser ref and two sums x, y referred to it; two parts merge by
@@ -1257,10 +1247,11 @@ def aft_launch_config(C, group_size):
 
 
 def _aft_triton(k, v, band):
-    """aft_sums after its check. All arithmetic, band's too, in float32 (float64 for float64 k)."""
+    """aft_sums after its check."""
     acc = torch.float64 if k.dtype == torch.float64 else torch.float32
     band = k.new_zeros(1, 1, 0, dtype=acc) if band is None else band.to(acc)  # s = 0: AFT-simple
     cfg = _launch_settings(aft_launch_config, k.size(2), k.size(2) // band.size(0))
+    cfg = dict(cfg, F64=acc == torch.float64)
     inputs = (_aligned(k), _aligned(v.to(k.dtype)), band)
     return _launch(_aft_forward, _aft_backward, inputs, (cfg,))
 
@@ -1268,45 +1259,33 @@ def _aft_triton(k, v, band):
 def _aft_forward(k, v, band, cfg):
     """The carry launch and the main launch: o and lse (B, T, C) in band's dtype."""
     (B, T, C), (G, _, s) = k.shape, band.shape
-    F64 = k.dtype == torch.float64
     n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
     carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=band.dtype)
     o, lse = (torch.empty(B, T, C, device=k.device, dtype=band.dtype) for _ in range(2))
-    _aft_fwd_carry_kernel[(n_tiles, B)](k, v, carry, T, C, s, n_chunks, F64=F64, **cfg)
+    _aft_fwd_carry_kernel[(n_tiles, B)](k, v, carry, T, C, s, n_chunks, **cfg)
     _aft_fwd_kernel[(n_tiles, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks,
-                                            band.stride(0), band.stride(1), C // G, F64=F64, **cfg)
+                                            band.stride(0), band.stride(1), C // G, **cfg)
     return o, lse
 
 
 def _aft_backward(k, v, band, o, lse, do, cfg):
     """The backward's carry launch and main launch: dk, dv, and dband from per-program sums."""
     (B, T, C), (G, _, s) = k.shape, band.shape
-    F64 = k.dtype == torch.float64
     n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
     carry = torch.empty(B, n_chunks, 3, C, device=k.device, dtype=lse.dtype)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dw = torch.zeros(B, n_tiles, T, s, device=k.device, dtype=lse.dtype)  # a sum per program
-    _aft_bwd_carry_kernel[(n_tiles, B)](lse, o, do, carry, T, C, s, n_chunks, F64=F64, **cfg)
+    _aft_bwd_carry_kernel[(n_tiles, B)](lse, o, do, carry, T, C, s, n_chunks, **cfg)
     _aft_bwd_kernel[(n_tiles, n_chunks, B)](k, v, band, o, lse, do, carry, dk, dv, dw, T, C, s,
-                                            n_chunks, band.stride(0), band.stride(1), C // G,
-                                            F64=F64, **cfg)
+                                            n_chunks, band.stride(0), band.stride(1), C // G, **cfg)
     return dk, dv, dw.view(B, G, n_tiles // G, T, s).sum((0, 2))
 
 
 # (d) The public function and its family's checks
 
-def _aft_config_unfit(arch, dtype):
-    """Why the AFT kernels do not launch for inputs of dtype on sm_`arch` (None: the interpreter), or None."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"the AFT Triton kernels take fp16/bf16/fp32/fp64 inputs, got {dtype}"
-    if arch is not None and dtype == torch.float64:
-        return "the AFT Triton kernels take fp64 in the interpreter only (the tests'); on a GPU fp16/bf16/fp32"
-    return None
-
-
 def aft_unfit(arch, k, band=None):
-    """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (a sentence), or None
-    when they can: the family's check that triton_dispatch calls, here and in aft.py."""
+    """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (None: the
+    interpreter), a sentence, or None when they can; aft.py's dispatch asks it too."""
     B, T, C = k.shape
     G, s = (1, 0) if band is None else (band.size(0), band.size(2))
     if C % G:
@@ -1315,14 +1294,16 @@ def aft_unfit(arch, k, band=None):
     if max(k.numel(), partials) >= 2**31:
         return (f"the AFT Triton kernels index in 32 bits: B * T * C ({k.numel()}) and B * T * window * C / 64 "
                 f"({partials}) must stay below 2^31")
-    return _aft_config_unfit(arch, k.dtype)
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"the AFT Triton kernels take fp16/bf16/fp32/fp64 inputs, got {k.dtype}"
+    if arch is not None and k.dtype == torch.float64:
+        return "the AFT Triton kernels take fp64 in the interpreter only (the tests'); on a GPU fp16/bf16/fp32"
+    return None
 
 
 def aft_sums(k, v, band=None):
-    """Causal AFT sums: o_t = sum_{t'<=t} exp(K_t' + w_{t,t'}) V_t' / sum_{t'<=t} exp(K_t' + w_{t,t'}) per feature;
-    k, v (B, T, C); band None (w = 0, AFT-simple) or (G, T, s): w_{t,t'} = band[g, t, t - t'] for t - t' < s
-    and 0 beyond, g = c // (C / G) the feature's group. Returns o (B, T, C) in float32 (float64 for float64
-    inputs), the precision of all its arithmetic. The Triton kernels only (aft.py holds the PyTorch path
-    and calls triton_dispatch to choose)."""
+    """The causal AFT sums o_t of the section's definition, by the Triton kernels only (aft.py holds the PyTorch
+    path and calls triton_dispatch to choose): k, v (B, T, C), band None (w = 0, AFT-simple) or (G, T, s) ->
+    o (B, T, C) in float32 (float64 for float64 inputs), the precision of all its arithmetic."""
     triton_dispatch("AFT", k, "triton", aft_unfit, k, band)  # a ValueError says why the kernels cannot run
     return _aft_triton(k, v, band)

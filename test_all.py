@@ -3411,11 +3411,12 @@ def dispatch_unfit(arch, kind, dtype, D, size):
     architecture check of kernels.triton_dispatch, then the family's own."""
     if kernels._gpu_unfit(arch):
         return kernels._gpu_unfit(arch)
+    x = torch.empty(1, 1, size, D, dtype=getattr(torch, dtype), device="meta")  # T = S = size: a whole tile
     if kind == "sparse":
-        return kernels._sparse_config_unfit(arch, getattr(torch, dtype), D, size)
+        return kernels._sparse_unfit(arch, x, x, x, size)
     if kind == "aft":
-        return kernels._aft_config_unfit(arch, getattr(torch, dtype))
-    return kernels._lsh_config_unfit(arch, getattr(torch, dtype), D, size, kind == "lsh-dup-correction")
+        return kernels.aft_unfit(arch, x[0])
+    return kernels._lsh_unfit(arch, x.dtype, D, size, kind == "lsh-dup-correction")
 
 
 def launchable(configs):
@@ -3637,7 +3638,8 @@ def test_gpu_block_sparse_kernel_matches_float64_reference(gpu_arch, dtype, D, t
     # Forward and gradients of the compiled kernel within 3x the error of PyTorch's own attention (SDPA) in
     # the same dtype, plus a floor, under every mask kind.
     dtype, floor = GPU_DTYPES[dtype]
-    reason = kernels._gpu_unfit(gpu_arch) or kernels._sparse_config_unfit(gpu_arch, dtype, D, tile)
+    x = torch.empty(1, 1, tile, D, dtype=dtype, device="meta")
+    reason = kernels._gpu_unfit(gpu_arch) or kernels._sparse_unfit(gpu_arch, x, x, x, tile)
     if reason:  # the dispatch takes the dense path here
         pytest.skip(reason)
     for name, T, S, mask in sparse_gpu_cases(tile, 2, 4 * max(tile, 64)):
@@ -3659,9 +3661,9 @@ def test_gpu_lsh_kernel_matches_float64_reference(gpu_arch, dtype, D, chunk):
     # error within 3x that of the dense twin in the same dtype, plus a floor.
     dtype, floor = GPU_DTYPES[dtype]
     modes = [mode for mode in LSH_MODES if not kernels._gpu_unfit(gpu_arch)
-             and not kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, LSH_MODES[mode].get("dup_correction", False))]
+             and not kernels._lsh_unfit(gpu_arch, dtype, D, chunk, LSH_MODES[mode].get("dup_correction", False))]
     if not modes:  # the dispatch takes the dense twin here
-        pytest.skip(kernels._gpu_unfit(gpu_arch) or kernels._lsh_config_unfit(gpu_arch, dtype, D, chunk, False))
+        pytest.skip(kernels._gpu_unfit(gpu_arch) or kernels._lsh_unfit(gpu_arch, dtype, D, chunk, False))
     T = 6 * chunk + 5
     for R, mode in itertools.product(range(1, 5), modes):
         g = torch.Generator().manual_seed(R)
