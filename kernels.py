@@ -123,7 +123,7 @@ def _launch_settings(config, *args):
     return _launch_cache[key]
 
 
-# Every family's launches (and the CPU LSH path) go through one autograd Function. A family gives two functions,
+# Every family's launches go through one autograd Function. A family gives two plain functions,
 #     forward(*inputs, *settings) -> (out, *saved)
 #     backward(*inputs, out, *saved, dout, *settings) -> the gradients of its input tensors
 # where settings are all else (lists, scalars, launch settings), passed to apply() as one argument.
@@ -684,37 +684,38 @@ _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 CPU_GROUP = 256  # chunks: a group's additive mask is 8 MiB at m = 64 in float32
 
 
-def _cpu_lsh_forward(q, k, v, st, rank, allowed, self_bias, scale):
-    """The combined output (B, H, T, D), and for the backward: the sorted rows' indices into (B*H*T, D), each
-    chunk's log-sum-exps and each sorted row's round weight w_r."""
-    B, H, T, D = q.shape
-    R, P = st.shape[2:]
-    rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
-    q, k, v = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
-    o, lse = (torch.cat(parts) for parts in zip(*(
-        _cpu_flash(rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g), 0.0, False,
-                   attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
-    w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
-    w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
-    out = torch.zeros(B * H * T, D, dtype=q.dtype)
-    out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
-    return out.view(B, H, T, D), rows, lse, w
+class _LSHOnCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, st, rank, allowed, self_bias, scale):
+        B, H, T, D = q.shape
+        R, P = st.shape[2:]
+        rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
+        q_, k_, v_ = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
+        o, lse = (torch.cat(parts) for parts in zip(*(
+            _cpu_flash(rows_at(q_, rows[g]), windows_at(k_, rows, g), windows_at(v_, rows, g), 0.0, False,
+                       attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
+        w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
+        w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
+        out = torch.zeros(B * H * T, D, dtype=q.dtype)
+        out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
+        ctx.save_for_backward(q_, k_, v_, rows, allowed, self_bias, out, lse, w)
+        ctx.scale = scale
+        return out.view(q.shape)
 
-
-def _cpu_lsh_backward(q, k, v, st, rank, allowed, self_bias, out, rows, lse, w, dout, scale):
-    """dq, dk, dv: each row's gradient, summed over the rounds and chunks that hold it."""
-    shape, D, key_rows = q.shape, q.size(3), with_previous(rows, 0, 1)
-    q, k, v, out, dout = (x.reshape(-1, D) for x in (q, k, v, out, dout))  # (B*H*T, D)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
-    for g in groups(rows):
-        gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
-                                         rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
-                                         rows_at(out, rows[g]), lse[g], 0.0, False,
-                                         attn_mask=mask_at(allowed, self_bias, g), scale=scale)
-        dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, D))
-        dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, D))
-        dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, D))
-    return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, rows, allowed, self_bias, out, lse, w = ctx.saved_tensors  # q, k, v, out: (B*H*T, D)
+        shape, D, key_rows = dout.shape, q.size(1), with_previous(rows, 0, 1)
+        dout, dq, dk, dv = dout.reshape(-1, D), torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
+        for g in groups(rows):  # each row's gradient, summed over the rounds and chunks that hold it
+            gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
+                                             rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
+                                             rows_at(out, rows[g]), lse[g], 0.0, False,
+                                             attn_mask=mask_at(allowed, self_bias, g), scale=ctx.scale)
+            dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, D))
+            dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, D))
+            dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, D))
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
 
 
 def groups(rows):  # CPU_GROUP chunks at a time
@@ -741,13 +742,12 @@ def windows_at(x, rows, g):
 
 def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False,
                       causal=False):
-    """The twin's combined output (combine_rounds of torch_lsh_attention), computed as the section (a') says."""
+    """The twin's combined output (combine_rounds of torch_lsh_attention), computed by _LSHOnCPU."""
     st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     is_self, log_count, allowed = window_masks(st, loc, span, chunk, dup_correction, q.dtype)
     self_bias = (is_self * SELF_LOGIT - log_count).to(q.dtype).expand(allowed.shape)  # a view unless log_count
     window = (-1, 1, chunk, 2 * chunk)
-    inputs = (q, k, v, st, rank, allowed.view(window), self_bias.reshape(window))
-    return _launch(_cpu_lsh_forward, _cpu_lsh_backward, inputs, (scale,))
+    return _LSHOnCPU.apply(q, k, v, st, rank, allowed.view(window), self_bias.reshape(window), scale)
 
 
 # (b) The kernels. Shared by the three: the logits s = scale * q.k of a tile of queries against a tile of keys,
