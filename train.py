@@ -319,11 +319,14 @@ def same_run_settings(args, ckpt, path):
                              f"another --out_dir")
     saved = dict(ckpt["args"])
     saved["lr_decay_iters"] = saved.get("lr_decay_iters") or saved["max_iters"]  # None: older ones
-    for flag in set(saved) - args.given - set(RUN_FLAGS):
-        if hasattr(args, flag):  # not: a flag train.py has dropped since
+    typed = []
+    for flag in saved:
+        if flag in RUN_FLAGS or not hasattr(args, flag):  # not hasattr: a flag train.py dropped
+            continue
+        if flag not in args.given:
             setattr(args, flag, saved[flag])
-    typed = [f"{k}={getattr(args, k)} (checkpoint: {saved[k]})" for k in saved
-             if k in args.given - set(RUN_FLAGS) and getattr(args, k) != saved[k]]
+        elif getattr(args, flag) != saved[flag]:
+            typed.append(f"{flag}={getattr(args, flag)} (checkpoint: {saved[flag]})")
     if args.max_iters <= ckpt["step"]:
         raise ValueError(f"{path} is already at step {ckpt['step']}, so --max_iters {args.max_iters} "
                          f"leaves nothing to do; pass a larger --max_iters")
