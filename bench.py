@@ -964,13 +964,21 @@ def read_json(path):
         return json.load(f)
 
 
-def plot_curves(rows, path, ylabel="validation bits per byte (mean over seeds)"):
-    """A figure against steps, one line per row, when matplotlib is installed (it is optional)."""
+def pyplot():
+    """matplotlib.pyplot drawing into files, or None when matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(rows, path, ylabel="validation bits per byte (mean over seeds)"):
+    """A figure against steps, one line per row, when matplotlib is installed."""
+    plt = pyplot()
+    if plt is None:
         print(f"(pip install matplotlib for the curves in {path}; the table above has the figures)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -984,12 +992,9 @@ def plot_curves(rows, path, ylabel="validation bits per byte (mean over seeds)")
 
 def plot_positions(curves, path, unit):
     """{label: [(first, last, bits)]} -> one line per label against the buckets' last positions (log scale);
-    False when matplotlib is not installed (it is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    False when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, rows in curves.items():
