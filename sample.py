@@ -1,7 +1,7 @@
 """
 Use a trained checkpoint: generate from it (text to the terminal, images to a PNG grid, audio to WAV files, and
 for the copy task the fraction of tokens recalled), or score it on a whole split (--evaluate). The model and the
-data it was trained on come from out_dir/ckpt.pt (other data is refused, or taken on purpose with --data).
+data it was trained on come from out_dir/ckpt.pt (other data is refused).
 
     python sample.py --out_dir out --prompt "The history of"      # text: 3 continuations
     python sample.py --out_dir out_cifar --num_samples 4            # images: out_cifar/samples.png
@@ -44,7 +44,6 @@ def parse_args(argv=None):
     p.add_argument("--unconditional", action="store_true", help="images/audio: start from the start token alone")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--no_cache", action="store_true", help="recompute the whole context for every new token")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -53,8 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="--evaluate: windows per forward")
     p.add_argument("--show_attention", action="store_true",
                    help="instead of generating, draw what each output depends on (out_dir/attention.png)")
-    p.add_argument("--data", default=None, help="use this data set (a --data value of train.py) instead of the one "
-                                                "the checkpoint was trained on; the output says so")
     p.add_argument("--model", default=None, choices=[*train.MODELS, "all"],
                    help="--show_attention: draw freshly built models (small settings, float64) instead of the "
                         "checkpoint; with one model its settings are flags too (--model NAME --help lists them)")
@@ -108,24 +105,13 @@ def load_model(path, device):
     return ckpt, model.to(device).eval()
 
 
-def load_trained(out_dir, device, data_spec=None, use="sampling from it"):
+def load_trained(out_dir, device, use="sampling from it"):
     """The checkpoint in out_dir, its model (in eval mode, on device) and the data it was trained on, held to the
-    checkpoint's record of it (data.load_recorded). data_spec, a --data value, loads other data on purpose
-    instead, and a printed note says so."""
+    checkpoint's record of it (data.load_recorded)."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt, model = load_model(path, device)
-    if data_spec is None:
-        return ckpt, model, data.load_recorded(ckpt, path, f"{use} on other data is refused: restore the data it "
-                                                           f"was trained on, or pass --data to use other data")
-    dataset = data.load(data_spec, ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
-    vocab = ckpt["model_config"]["vocab_size"]
-    if dataset.vocab_size > vocab:
-        raise ValueError(f"--data {data_spec}: {dataset.name} has {dataset.vocab_size} token values, more than the "
-                         f"model's {vocab}; choose data of the kind it was trained on")
-    if dataset.record != ckpt.get("data"):
-        trained = ckpt["data"]["name"] if ckpt.get("data") else f"unrecorded, --data {ckpt['args']['data']}"
-        print(f"note: {use} on {dataset.name} as --data asks, not on the data it was trained on ({trained})")
-    return ckpt, model, dataset
+    return ckpt, model, data.load_recorded(ckpt, path, f"{use} on other data is refused: restore the data it was "
+                                                       f"trained on")
 
 
 def split_windows(dataset, split, block_size):
@@ -201,7 +187,7 @@ def evaluate_checkpoint(args):
     checkpoint (bits_by_position_SPLIT.csv and .png; evaluate_SPLIT.json holds them with code, machine and command)."""
     import bench  # here: bench imports this file
     device = train.default_device(args)
-    ckpt, model, dataset = load_trained(args.out_dir, device, args.data, use="scoring it")
+    ckpt, model, dataset = load_trained(args.out_dir, device, use="scoring it")
     if not dataset.splits:
         raise ValueError(f"{dataset.name} is generated on the fly and has no fixed split; sample.py reports recall")
     _, _, ctx = train.autocast_for(args, device)
@@ -402,8 +388,7 @@ def generate(model, idx, n, args, gen, desc):
     with tqdm(total=n, desc=desc, unit="tok") as bar:
         for done in range(0, n, piece):
             k = min(piece, n - done)
-            idx = model.generate(idx, k, temperature=args.temperature, top_k=args.top_k, generator=gen,
-                                 use_cache=not args.no_cache)
+            idx = model.generate(idx, k, temperature=args.temperature, top_k=args.top_k, generator=gen)
             bar.update(k)
     return idx
 
@@ -424,18 +409,10 @@ def sample_text(model, dataset, args, gen, device, block_size):
         print(f"\n--- sample {i + 1} ---\n{bytes(out[i].tolist()).decode('utf-8', errors='replace')}")
 
 
-def fewer_samples(n, rows, what):
-    """n, or the number of rows where the split holds fewer prompts than that, which a printed note then says."""
-    if n > len(rows):
-        print(f"note: --num_samples {n}, but the split holds {len(rows)} {what if len(rows) > 1 else what[:-1]} to "
-              f"prompt with: sampling {len(rows)}")
-    return min(n, len(rows))
-
-
 def sample_images(model, dataset, args, gen, device):
     """One PNG: per test image a row of prompt (top half) | completions | ground truth, then a row of
-    unconditional samples (--unconditional: only that row)."""
-    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, dataset.splits["test"], "images")
+    unconditional samples (--unconditional: only that row). At most one row per test image."""
+    k = args.num_samples if args.unconditional else min(args.num_samples, len(dataset.splits["test"]))
     bos = torch.full((k, 1), dataset.bos, device=device)
     rows = []
     if not args.unconditional:
@@ -463,8 +440,9 @@ def sample_copy(model, dataset, args, gen, device, block_size):
 
 
 def sample_audio(model, dataset, args, gen, device, rate):
-    """Continue up to one second of each validation clip (or start from nothing) and write 16-bit WAVs."""
-    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, dataset.splits["val"], "clips")
+    """Continue up to one second of each validation clip (at most one sample per clip), or start from nothing, and
+    write 16-bit WAVs."""
+    k = args.num_samples if args.unconditional else min(args.num_samples, len(dataset.splits["val"]))
     bos = torch.full((k, 1), dataset.bos, device=device)
     prompt = bos if args.unconditional else torch.cat([bos, dataset.splits["val"][:k, :rate].long().to(device)], dim=1)
     out = generate(model, prompt, int(args.seconds * rate), args, gen, "audio")[:, 1:]
@@ -482,7 +460,7 @@ def main(argv=None):
     device = train.default_device(args)
     if args.show_attention:
         return show_attention(args, device)
-    ckpt, model, dataset = load_trained(args.out_dir, device, args.data)
+    ckpt, model, dataset = load_trained(args.out_dir, device)
     config = ckpt["model_config"]
     print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {dataset.describe()}")
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -861,8 +861,7 @@ def downloaded_enwik8():
 def test_a_run_on_the_offline_fallback_stays_on_it_once_enwik8_can_be_had(tmp_path, monkeypatch, capsys):
     """Offline, --data enwik8 trains on pydoc_data, which the printed flags say, and the checkpoint
     records: once enwik8 is there, --resume continues on pydoc_data (the uninterrupted offline run's
-    losses) and sample.py --evaluate scores pydoc_data (the same bits), unless --data asks for other
-    data, which the output then says."""
+    losses) and sample.py --evaluate scores pydoc_data (the same bits)."""
     monkeypatch.setattr(data, "load_enwik8", offline_enwik8)
     run = ["--data", "enwik8", "--lr_decay_iters", "4", "--eval_interval", "2"] + TINY
     whole = train.main(run + ["--max_iters", "4", "--out_dir", str(tmp_path / "a")])
@@ -876,9 +875,6 @@ def test_a_run_on_the_offline_fallback_stays_on_it_once_enwik8_can_be_had(tmp_pa
     assert [h for h in whole if h["step"] >= 2] == rest and "data: pydoc_data" in capsys.readouterr().out
     assert sample.main(["--evaluate", "val", "--out_dir", str(tmp_path / "a")]) == offline_bits
     assert "on pydoc_data val" in capsys.readouterr().out
-    assert sample.main(["--evaluate", "val", "--out_dir", str(tmp_path / "a"), "--data", "enwik8"]) != offline_bits
-    assert "scoring it on enwik8 as --data asks, not on the data it was trained on (pydoc_data)" in \
-        capsys.readouterr().out
 
 
 def test_a_run_on_enwik8_is_not_resumed_sampled_or_scored_on_the_offline_fallback(tmp_path, monkeypatch, capsys):
@@ -893,9 +889,6 @@ def test_a_run_on_enwik8_is_not_resumed_sampled_or_scored_on_the_offline_fallbac
                                              f"{use} on other data is refused") as e:
             command()
         assert out in str(e.value) and "\n" not in str(e.value)
-    capsys.readouterr()
-    assert math.isfinite(sample.main(["--evaluate", "val", "--out_dir", out, "--data", "enwik8"]))  # on purpose
-    assert "not on the data it was trained on (enwik8)" in capsys.readouterr().out
 
 
 def test_a_run_on_synthetic_audio_stays_on_it_once_wav_files_appear(tmp_path, monkeypatch, capsys):
@@ -911,9 +904,6 @@ def test_a_run_on_synthetic_audio_stays_on_it_once_wav_files_appear(tmp_path, mo
     assert "on audio (synthetic) val" in capsys.readouterr().out
     train.main(["--resume", "--max_iters", "3", "--out_dir", out])
     assert "data: audio (synthetic)" in capsys.readouterr().out
-    sample.main(["--evaluate", "val", "--out_dir", out, "--data", "audio"])  # the recordings, on purpose
-    assert f"on wav:{tmp_path / 'data' / 'audio'} as --data asks, not on the data it was trained on (audio " \
-           f"(synthetic))" in capsys.readouterr().out
 
 
 def test_changed_data_is_refused_and_a_checkpoint_from_before_data_records_gets_a_note(text_file, tmp_path,
@@ -2712,11 +2702,9 @@ def test_every_flag_is_explained_and_a_models_own_by_its_config_fields_comment(n
         assert f"--{f.name} {f.name.upper()} {comment[1]} (default {f.default!r})" in shown, f.name
 
 
-def test_audio_sampling_writes_wav_files_of_the_requested_length_and_says_when_prompts_run_out(
-        tmp_path, capsys):
+def test_audio_sampling_writes_wav_files_of_the_requested_length_and_one_per_prompt_at_most(tmp_path):
     """Audio continues validation clips by --seconds: asked for more samples than the split holds,
-    sample.py says how many it samples, rather than dropping some silently. Unconditional samples
-    need no prompt: all are drawn."""
+    sample.py continues each clip once. Unconditional samples need no prompt: all are drawn."""
     write_wav(tmp_path / "clip.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 8000 * 4), 8000)  # 4 s of noise
     out = tmp_path / "run"
     train.main(["--data", f"wav:{tmp_path}", "--max_iters", "1", "--out_dir", str(out),
@@ -2726,14 +2714,11 @@ def test_audio_sampling_writes_wav_files_of_the_requested_length_and_says_when_p
     with wave.open(str(out / "sample_1.wav")) as w:  # prompt: a 64-sample validation row (< 1 s)
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (1000, 1, 64 + 100)
     clips = len(data.load(f"wav:{tmp_path}", 1000, 64).splits["val"])
-    capsys.readouterr()
     for extra, written in (([], clips), (["--unconditional"], clips + 2)):
         for old in out.glob("sample_*.wav"):
             old.unlink()
         sample.main(["--out_dir", str(out), "--seconds", "0.02", "--num_samples", str(clips + 2), "--device", "cpu"]
                     + extra)
-        said = f"note: --num_samples {clips + 2}, but the split holds {clips} clips to prompt with: sampling {clips}"
-        assert (said in capsys.readouterr().out) == (not extra)
         assert len(list(out.glob("sample_*.wav"))) == written
 
 
