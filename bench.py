@@ -998,11 +998,9 @@ def plot_positions(curves, path, unit):
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, rows in curves.items():
-        ax.plot([last for _, last, _ in rows], [b for _, _, b in rows], marker="o", markersize=3,
-                label=label or None)
+        ax.plot([last for _, last, _ in rows], [b for _, _, b in rows], marker="o", markersize=3, label=label)
     ax.set(xscale="log", xlabel="position in the window (end of each bucket)", ylabel=unit)
-    if any(curves):
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True

@@ -184,7 +184,7 @@ def evaluate_prefixes(model, dataset, split, block_size, device, ctx, n_windows=
 
 def evaluate_checkpoint(args):
     """--evaluate: the whole split's bits, overall and by position in the window, printed and kept beside the
-    checkpoint (bits_by_position_SPLIT.csv and .png; evaluate_SPLIT.json holds them with code, machine and command)."""
+    checkpoint in evaluate_SPLIT.json, its record (the code, machine and command that made them)."""
     import bench  # here: bench imports this file
     device = train.default_device(args)
     ckpt, model, dataset = load_trained(args.out_dir, device, use="scoring it")
@@ -198,13 +198,6 @@ def evaluate_checkpoint(args):
           f"{dataset.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
     print(f"by position in the window ({dataset.unit}): "
           + ", ".join(f"{first}-{last} {b:.4f}" for first, last, b in by_position))
-    stem = os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}")
-    with open(stem + ".csv", "w") as f:
-        f.write("first_position,last_position,bits\n")
-        f.writelines(f"{first},{last},{b:.6f}\n" for first, last, b in by_position)
-    drawn = bench.plot_positions({"": by_position}, stem + ".png", dataset.unit)
-    print(f"wrote {stem}.csv" + (f" and {stem}.png" if drawn else f"; no {stem}.png: matplotlib is not installed "
-                                                                  f"(pip install matplotlib draws it)"))
     figures = dict(model=ckpt["args"]["model"], step=ckpt["step"], data=dataset.name, split=args.evaluate, bits=bits,
                    unit=dataset.unit, tokens=count, of_tokens=total, block_size=block_size, by_position=by_position)
     if not getattr(model, "exactly_causal", True):
