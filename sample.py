@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading a checkpoint and scoring it on a whole split
+# Loading a checkpoint, scoring it on a whole split, drawing what its outputs depend on
 
 def load_model(path, device):
     """The checkpoint at path and its model, in eval mode on device."""
@@ -180,8 +180,8 @@ def evaluate_checkpoint(args):
 
 
 def show_attention(args, device):
-    """--show_attention: out_dir/attention.png, what each output of the checkpoint's model depends on over its first
-    (up to 256) tokens, drawn as bench.py draws docs/attention."""
+    """--show_attention: out_dir/attention.png, what each output of the trained model depends on over its first (up
+    to 256) tokens, drawn as bench.py draws docs/attention."""
     import bench  # here: bench imports this file
     ckpt, model = load_model(os.path.join(args.out_dir, "ckpt.pt"), device)
     T = min(ckpt["model_config"]["block_size"], 256)
