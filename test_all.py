@@ -507,7 +507,7 @@ def test_images_refuse_a_pickle_that_would_run_code(tmp_path):
 def test_real_cifar10_sample_decodes_in_raster_order_and_trains_through_images():
     path = os.path.join(SHARED_DATA, "cifar10_test_0_19.npz")
     planar = np.load(path)["data"]
-    assert_raster_order(planar, data.planar_to_raster(planar))
+    assert_raster_order(planar, data.cifar_rows(planar, path))
     d = data.load(f"images:{path}")
     assert [len(d.splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
     x, y = data.BatchSampler(d, "train", 3072, 2, seed=0).next_batch()
