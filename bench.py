@@ -5,6 +5,7 @@ Every speed and memory claim of the README, measured side by side in one run.
     python bench.py                       # on a CPU: every default stage at tiny sizes (the test suite runs this)
     python bench.py --stages models --lengths 256,1024,4096 --n_layer 2 --n_embd 128 --n_head 4 --batch_size 2
     python bench.py --stages same_budget --seeds 3 --steps 1000 --data text:PATH    # the README's CPU table
+    python bench.py --stages attention --out_dir docs/attention     # the README's pictures, with their record
 
 Stages, in the order they run (the first five are the project's GPU targets):
   kernels    block-sparse kernel vs FlexAttention vs dense SDPA on the layouts sparse_transformer.py builds
@@ -21,6 +22,7 @@ Stages, in the order they run (the first five are the project's GPU targets):
   recall     (on request) copy accuracy across growing distances, each run trained until it stops improving
   ladder     (on request) the copy task at long distances (1,024 .. 65,536), one recipe, until a rung is missed
   kernel_sweep (on request) the block-sparse kernels' launch settings (bench.SWEEP), one change at a time
+  attention  (on request) docs/attention's pictures of what each output depends on, drawn from fresh models
 
 Within --budget seconds: each stage gets a share of the time left (STAGE_WEIGHT), and a cell (one size of one
 model) starts only when the stage's time left exceeds an estimate of its cost (4x that model's previous cell,
@@ -30,6 +32,7 @@ machine, versions, command, seeds) and every figure with its timing repeats, rew
 stopped from outside keeps what it finished.
 """
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -45,6 +48,7 @@ import traceback
 import warnings
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +63,7 @@ import train
 GPU_STAGES = ("kernels", "lsh", "reformer", "aft", "perceiver")
 DEFAULT_STAGES = GPU_STAGES + ("generate", "memory")
 ALL_STAGES = DEFAULT_STAGES + ("models", "reformer_cpu", "same_budget", "long_context", "recall", "ladder",
-                               "kernel_sweep")
+                               "kernel_sweep", "attention")
 
 # Sizes per stage: what the targets name on a GPU, and tiny ones that run everything quickly on a CPU.
 SIZES = {
@@ -998,11 +1002,9 @@ def plot_positions(curves, path, unit):
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, rows in curves.items():
-        ax.plot([last for _, last, _ in rows], [b for _, _, b in rows], marker="o", markersize=3,
-                label=label or None)
+        ax.plot([last for _, last, _ in rows], [b for _, _, b in rows], marker="o", markersize=3, label=label)
     ax.set(xscale="log", xlabel="position in the window (end of each bucket)", ylabel=unit)
-    if any(curves):
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
@@ -1285,6 +1287,135 @@ def ladder_run(name, label, flags, d, args, device, train=True):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Stage attention: docs/attention's pictures of what each output depends on, measured through the real models
+
+PICTURE_BASE = dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32)  # every picture: 64 tokens
+PICTURES = {  # picture: (model, its settings at which every pattern is visible in a 64-token picture)
+    "transformer": ("transformer", {}), "sparse_strided": ("sparse_strided", dict(stride=8, tile=4)),
+    "sparse_fixed": ("sparse_fixed", dict(stride=16, summary=4, n_offsets=2, tile=4)),
+    "reformer": ("reformer", dict(chunk=8, n_hashes=2)),
+    "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, causal_lsh=True)),
+    "aft_full": ("aft_full", {}), "aft_simple": ("aft_simple", {}), "aft_local": ("aft_local", dict(window=8)),
+    "aft_conv": ("aft_conv", dict(window=8)), "perceiver_ar": ("perceiver_ar", dict(n_latents=16))}
+
+
+def pictures():
+    """Every picture the stage draws: PICTURES, then each other registered model at its own defaults."""
+    return {**PICTURES, **{name: (name, {}) for name in train.MODELS if name not in PICTURES}}
+
+
+def stage_attention(args, device):
+    """docs/attention (python bench.py --stages attention --out_dir docs/attention): attention_NAME.png for every
+    picture of pictures(), over 64 tokens drawn from seed 1337, and a table of the cells each whole-network panel
+    has in the future (only the paper LSH's has any)."""
+    rows = []
+    for name, (_, settings) in pictures().items():
+        path = os.path.join(args.out_dir, f"attention_{name}.png")
+        whole = draw_attention(picture_model(name).to(device).eval(), 64, path, seed=1337)[-1]  # (T_out, T_in)
+        future = whole.triu(whole.size(1) - whole.size(0) + 1).count_nonzero().item()  # columns after the row's own
+        rows.append(dict(status="ok", picture=name, settings=settings, future_cells=future))
+    show("Pictures of what each output depends on (2 layers, width 32, 64 tokens, float64)", rows,
+         [("picture", "picture", ""), ("settings", "settings", ""), ("cells in the future", "future_cells", "")])
+    return rows
+
+
+def draw_attention(model, T, path, seed):
+    """Write path, the picture of what each output of model depends on over T random tokens drawn from seed; returns
+    its maps (dependence_maps)."""
+    idx = torch.randint(model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(seed))
+    maps = [m.cpu() for m in dependence_maps(model, idx.to(next(model.parameters()).device))]
+    sample.write_png(path, picture(maps))
+    print(f"wrote {path}: one panel per layer's token mixer, then the whole network")
+    return maps
+
+
+def picture_model(name, **settings):
+    """Picture `name` of pictures() as a fresh model, its settings overridden by `settings`, built and run in
+    float64: no cell of its picture then rests on float32 rounding (the paper LSH's leaks are bucket decisions),
+    and its weights are the same bits on every CPU (float32's normal_ has its own AVX2 kernel, float64's not)."""
+    model, own = pictures()[name]
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        return train.build_model(model, {**PICTURE_BASE, **own, **settings}).double()
+
+
+@contextmanager
+def default_dtype(dtype):
+    """torch's default dtype set to dtype (float32 or float64) inside the block: what a model builds or draws
+    without naming a dtype (its weights, the Reformer's rotations) comes in that dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@torch.enable_grad()  # also under sample.main's no_grad
+def dependence_maps(model, idx):
+    """What each output depends on, for one sequence idx (1, T). Per token mixer (the `attn` modules: attention or
+    AFT's mixer) in forward order, a (T_out, T_in) map of |d out_t / d in_j| (its key input where queries and keys
+    differ); then, for the whole network, the largest change of the logits at t when token j is replaced, which
+    also sees discrete paths (where positions sort) that have no gradient. The replaced sequences are compared row
+    for row with the unchanged one in a batch of the same shape, for a model's rounding may depend on the batch size
+    (nn.GRU's logits move by ~1e-7 between batch 1 and 64 on a CPU). Tensors the forward draws come in the model's
+    dtype (default_dtype)."""
+    with default_dtype(next(model.parameters()).dtype):
+        if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
+            model.config = dataclasses.replace(model.config, reversible=False)
+        mixers = [m for name, m in model.named_modules() if name.endswith("attn")]
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append((inputs, out))) for m in mixers]
+        model(idx)  # the hooks keep each mixer's inputs and output
+        for h in hooks:
+            h.remove()
+        maps = []
+        for inputs, out in seen:
+            y = out[0] if isinstance(out, tuple) else out  # (1, T_out, C)
+            x = max((t for t in inputs if torch.is_tensor(t) and t.is_floating_point()), key=lambda t: t.size(1))
+            probe = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(y)
+            rows = [torch.autograd.grad((y[0, t] * probe).sum(), x, retain_graph=True)[0][0].norm(dim=-1)
+                    for t in range(y.size(1))]
+            grads = torch.stack(rows).detach()  # (T_out, T_in)
+            maps.append(beyond_rounding(grads, grads.amax()))
+        with torch.no_grad():
+            same = idx.repeat(idx.size(1), 1)  # (T, T)
+            changed = same.clone()  # row j has token j replaced
+            changed.diagonal().add_(1).remainder_(model.config.vocab_size)
+            logits = model(same)[0]  # (T, T_out, V)
+            moved = (model(changed)[0] - logits).abs().amax(-1)  # (T, T_out): replaced j, output t
+        return maps + [beyond_rounding(moved, logits.abs().amax()).T]
+
+
+def beyond_rounding(m, largest):
+    """m with every value within 64 units of rounding of `largest` (a map's largest gradient or logit change) set to
+    0: no dependence. Where the paper LSH's sort only permutes an earlier chunk's keys, the sums there move in their
+    last bits on one CPU and not at all on another (3e-17 to 2e-16 in the float64 picture, real changes 1e-5 up)."""
+    return m.masked_fill(m <= 64 * torch.finfo(m.dtype).eps * largest, 0)
+
+
+def picture(maps, scale=4, gap=8):
+    """Panels side by side: gray where an output (row) depends on an input (column), darker for more; white where
+    it does not; the future (column after the row's own position) pale red, deep red where something is there."""
+    height = max(m.size(0) for m in maps) * scale
+    panels = []
+    for m in maps:
+        T_out, T_in = m.shape
+        own = T_in - T_out + torch.arange(T_out)[:, None]  # the input position of each output row
+        future = torch.arange(T_in)[None, :] > own
+        level = torch.log10(m.clamp_min(1e-30))
+        nonzero = m > 0
+        shade = 44 + 176 * ((level.max() - level) / 3).clamp(max=1)  # 44 (strongest) .. 220 (3 decades weaker)
+        img = torch.full((T_out, T_in, 3), 255.0)
+        img[future] = torch.tensor([255.0, 225, 225])
+        img[nonzero] = shade[nonzero][:, None].expand(-1, 3).to(img.dtype)
+        img[nonzero & future] = torch.tensor([200.0, 0, 0])
+        img = img.to(torch.uint8).numpy().repeat(scale, axis=0).repeat(scale, axis=1)
+        panels.append(np.pad(img, ((height - img.shape[0], 0), (0, gap), (0, 0)), constant_values=255))
+    return np.concatenate(panels, axis=1)[:, :-gap]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The targets the README states for one H100, checked against this run's figures
 
 def find(rows, **match):
@@ -1412,7 +1543,8 @@ def main(argv=None):
                   same_budget=lambda: stage_same_budget(args, device),
                   long_context=lambda: stage_long_context(args, device), recall=lambda: stage_recall(args, device),
                   ladder=lambda: stage_ladder(args, device),
-                  kernel_sweep=lambda: stage_kernel_sweep(sizes, device))
+                  kernel_sweep=lambda: stage_kernel_sweep(sizes, device),
+                  attention=lambda: stage_attention(args, device))
     try:
         for i, name in enumerate(args.stages):
             weights = [STAGE_WEIGHT.get(stage, 1) for stage in args.stages[i:]]

@@ -182,11 +182,6 @@ def load_offline_text():
 # ----------------------------------------------------------------------------------------------------------
 # images
 
-def planar_to_raster(rows):
-    """CIFAR's stored rows [N, 3072] (1024 red, 1024 green, 1024 blue) -> raster order, RGB per pixel."""
-    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).reshape(-1, 3072)  # (N, 32, 32, 3) flattened
-
-
 # The globals that rebuild a pickled numpy array (numpy 1 and 2 name the modules differently; protocol 5 pickles
 # arrays with _frombuffer, protocol 2 pickles bytes with _codecs.encode).
 PICKLED_ARRAY_GLOBALS = {
@@ -206,14 +201,14 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def cifar_rows(batch, where):
-    """A CIFAR-10 batch (a dict with b"data", or the array itself) checked to be uint8 [N, 3072] planar rows,
-    returned in raster order."""
+    """A CIFAR-10 batch (a dict with b"data", or the array itself) checked to be uint8 [N, 3072] planar rows (1024
+    red, 1024 green, 1024 blue), returned in raster order, RGB per pixel."""
     planar = batch.get(b"data") if isinstance(batch, dict) else batch
     if not (isinstance(planar, np.ndarray) and planar.dtype == np.uint8 and planar.shape[1:] == (3072,)
             and len(planar)):
         got = f"{planar.dtype} {planar.shape}" if isinstance(planar, np.ndarray) else type(planar).__name__
         raise ValueError(f"{where} holds {got} as its data; expected uint8 [N >= 1, 3072] (CIFAR-10's planar rows)")
-    return planar_to_raster(planar)
+    return planar.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).reshape(-1, 3072)  # (N, 32, 32, 3) flattened
 
 
 def load_cifar10(url=CIFAR10_URL, md5=CIFAR10_MD5, root=None):

@@ -1,18 +1,15 @@
 """
 Use a trained checkpoint: generate from it (text to the terminal, images to a PNG grid, audio to WAV files, and
 for the copy task the fraction of tokens recalled), or score it on a whole split (--evaluate). The model and the
-data it was trained on come from out_dir/ckpt.pt (other data is refused, or taken on purpose with --data).
+data it was trained on come from out_dir/ckpt.pt (other data is refused).
 
     python sample.py --out_dir out --prompt "The history of"      # text: 3 continuations
     python sample.py --out_dir out_cifar --num_samples 4            # images: out_cifar/samples.png
     python sample.py --out_dir out_audio --seconds 5                # audio: out_audio/sample_1.wav ...
     python sample.py --out_dir out --evaluate test                  # bits per byte over the whole test split
-    python sample.py --show_attention --model sparse_strided --stride 4   # a fresh model: what outputs read
+    python sample.py --out_dir out --show_attention                 # out/attention.png: what outputs read
 """
 import argparse
-import contextlib
-import dataclasses
-import importlib
 import json
 import math
 import os
@@ -31,10 +28,8 @@ import train
 
 
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=False, allow_abbrev=False,
-                                usage="python sample.py [--out_dir DIR] [flags]   (--help lists them)")
+                                allow_abbrev=False)
     p.add_argument("--out_dir", default="out", help="the run whose ckpt.pt to sample from")
     p.add_argument("--prompt", default=None, help="text prompt (default: a random 64-byte validation excerpt)")
     p.add_argument("--num_samples", type=int, default=3, help="text continuations / images / audio clips")
@@ -44,7 +39,6 @@ def parse_args(argv=None):
     p.add_argument("--unconditional", action="store_true", help="images/audio: start from the start token alone")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--no_cache", action="store_true", help="recompute the whole context for every new token")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -53,38 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="--evaluate: windows per forward")
     p.add_argument("--show_attention", action="store_true",
                    help="instead of generating, draw what each output depends on (out_dir/attention.png)")
-    p.add_argument("--data", default=None, help="use this data set (a --data value of train.py) instead of the one "
-                                                "the checkpoint was trained on; the output says so")
-    p.add_argument("--model", default=None, choices=[*train.MODELS, "all"],
-                   help="--show_attention: draw freshly built models (small settings, float64) instead of the "
-                        "checkpoint; with one model its settings are flags too (--model NAME --help lists them)")
-    p.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
-    args, _ = p.parse_known_args(argv)
-    fields = []
-    if args.model in train.MODELS:  # the picture's settings become flags, typed and explained as in train.py
-        module, _, variant = train.MODELS[args.model]
-        Config = importlib.import_module(module).Config
-        fields = [f for f in dataclasses.fields(Config) if f.name not in (*variant, "vocab_size", "dropout")]
-        picture = {**PICTURE_BASE, **pictures()[args.model][1]}
-        usage = f"python sample.py --show_attention --model {args.model} [its settings] [flags]"
-        p = argparse.ArgumentParser(parents=[p], add_help=False, allow_abbrev=False, description=p.description,
-                                    formatter_class=p.formatter_class, usage=usage)
-        group = p.add_argument_group(f"settings of the {args.model} picture (values as train.py takes them: 8, "
-                                     f"True, '(8, 8)')")
-        train.add_config_flags(group, Config, fields, lambda f: f"picture: {picture.get(f.name, f.default)!r}")
-    if args.help:
-        p.print_help()
-        sys.exit(0)
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        hint = "" if fields else " (a model's settings are flags with --show_attention --model NAME)"
-        p.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    args.model_overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
-    for f in fields:
-        delattr(args, f.name)
-    if args.model_overrides and not args.show_attention:
-        p.error(f"--{next(iter(args.model_overrides))} sets the model of a picture: add --show_attention")
-    del args.help
+    args = p.parse_args(argv)
     for flag in ("num_samples", "max_new_tokens", "completions", "top_k", "batch_size", "seconds", "temperature"):
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -98,7 +61,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading a checkpoint and scoring it on a whole split
+# Loading a checkpoint, scoring it on a whole split, drawing what its outputs depend on
 
 def load_model(path, device):
     """The checkpoint at path and its model, in eval mode on device."""
@@ -108,24 +71,13 @@ def load_model(path, device):
     return ckpt, model.to(device).eval()
 
 
-def load_trained(out_dir, device, data_spec=None, use="sampling from it"):
+def load_trained(out_dir, device, use="sampling from it"):
     """The checkpoint in out_dir, its model (in eval mode, on device) and the data it was trained on, held to the
-    checkpoint's record of it (data.load_recorded). data_spec, a --data value, loads other data on purpose
-    instead, and a printed note says so."""
+    checkpoint's record of it (data.load_recorded)."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt, model = load_model(path, device)
-    if data_spec is None:
-        return ckpt, model, data.load_recorded(ckpt, path, f"{use} on other data is refused: restore the data it "
-                                                           f"was trained on, or pass --data to use other data")
-    dataset = data.load(data_spec, ckpt["args"]["audio_rate"], ckpt["args"]["audio_seq_len"])
-    vocab = ckpt["model_config"]["vocab_size"]
-    if dataset.vocab_size > vocab:
-        raise ValueError(f"--data {data_spec}: {dataset.name} has {dataset.vocab_size} token values, more than the "
-                         f"model's {vocab}; choose data of the kind it was trained on")
-    if dataset.record != ckpt.get("data"):
-        trained = ckpt["data"]["name"] if ckpt.get("data") else f"unrecorded, --data {ckpt['args']['data']}"
-        print(f"note: {use} on {dataset.name} as --data asks, not on the data it was trained on ({trained})")
-    return ckpt, model, dataset
+    return ckpt, model, data.load_recorded(ckpt, path, f"{use} on other data is refused: restore the data it was "
+                                                       f"trained on")
 
 
 def split_windows(dataset, split, block_size):
@@ -198,10 +150,10 @@ def evaluate_prefixes(model, dataset, split, block_size, device, ctx, n_windows=
 
 def evaluate_checkpoint(args):
     """--evaluate: the whole split's bits, overall and by position in the window, printed and kept beside the
-    checkpoint (bits_by_position_SPLIT.csv and .png; evaluate_SPLIT.json holds them with code, machine and command)."""
+    checkpoint in evaluate_SPLIT.json, its record (the code, machine and command that made them)."""
     import bench  # here: bench imports this file
     device = train.default_device(args)
-    ckpt, model, dataset = load_trained(args.out_dir, device, args.data, use="scoring it")
+    ckpt, model, dataset = load_trained(args.out_dir, device, use="scoring it")
     if not dataset.splits:
         raise ValueError(f"{dataset.name} is generated on the fly and has no fixed split; sample.py reports recall")
     _, _, ctx = train.autocast_for(args, device)
@@ -212,13 +164,6 @@ def evaluate_checkpoint(args):
           f"{dataset.unit} over {count:,} of {total:,} tokens, windows of {block_size}")
     print(f"by position in the window ({dataset.unit}): "
           + ", ".join(f"{first}-{last} {b:.4f}" for first, last, b in by_position))
-    stem = os.path.join(args.out_dir, f"bits_by_position_{args.evaluate}")
-    with open(stem + ".csv", "w") as f:
-        f.write("first_position,last_position,bits\n")
-        f.writelines(f"{first},{last},{b:.6f}\n" for first, last, b in by_position)
-    drawn = bench.plot_positions({"": by_position}, stem + ".png", dataset.unit)
-    print(f"wrote {stem}.csv" + (f" and {stem}.png" if drawn else f"; no {stem}.png: matplotlib is not installed "
-                                                                  f"(pip install matplotlib draws it)"))
     figures = dict(model=ckpt["args"]["model"], step=ckpt["step"], data=dataset.name, split=args.evaluate, bits=bits,
                    unit=dataset.unit, tokens=count, of_tokens=total, block_size=block_size, by_position=by_position)
     if not getattr(model, "exactly_causal", True):
@@ -234,126 +179,13 @@ def evaluate_checkpoint(args):
     return bits
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pictures of what each output depends on, measured through the real model
-
-PICTURE_BASE = dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32)  # every picture: 64 tokens
-PICTURES = {  # picture: (model, its settings at which every pattern is visible in a 64-token picture)
-    "transformer": ("transformer", {}), "sparse_strided": ("sparse_strided", dict(stride=8, tile=4)),
-    "sparse_fixed": ("sparse_fixed", dict(stride=16, summary=4, n_offsets=2, tile=4)),
-    "reformer": ("reformer", dict(chunk=8, n_hashes=2)),
-    "reformer_causal_lsh": ("reformer", dict(chunk=8, n_hashes=2, causal_lsh=True)),
-    "aft_full": ("aft_full", {}), "aft_simple": ("aft_simple", {}), "aft_local": ("aft_local", dict(window=8)),
-    "aft_conv": ("aft_conv", dict(window=8)), "perceiver_ar": ("perceiver_ar", dict(n_latents=16))}
-
-
-def pictures():
-    """Every picture --model all draws: PICTURES, then each other registered model at its own defaults."""
-    return {**PICTURES, **{name: (name, {}) for name in train.MODELS if name not in PICTURES}}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    """torch's default dtype set to dtype (float32 or float64) inside the block: what a model builds or draws
-    without naming a dtype (its weights, the Reformer's rotations) comes in that dtype."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@torch.enable_grad()  # also under sample.main's no_grad
-def dependence_maps(model, idx):
-    """What each output depends on, for one sequence idx (1, T). Per token mixer (the `attn` modules: attention or
-    AFT's mixer) in forward order, a (T_out, T_in) map of |d out_t / d in_j| (its key input where queries and keys
-    differ); then, for the whole network, the largest change of the logits at t when token j is replaced, which
-    also sees discrete paths (where positions sort) that have no gradient. The replaced sequences are compared row
-    for row with the unchanged one in a batch of the same shape, for a model's rounding may depend on the batch size
-    (nn.GRU's logits move by ~1e-7 between batch 1 and 64 on a CPU). Tensors the forward draws come in the model's
-    dtype (default_dtype)."""
-    with default_dtype(next(model.parameters()).dtype):
-        if getattr(model.config, "reversible", False):  # the same function with ordinary autograd: hooks see a graph
-            model.config = dataclasses.replace(model.config, reversible=False)
-        mixers = [m for name, m in model.named_modules() if name.endswith("attn")]
-        seen = []
-        hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append((inputs, out))) for m in mixers]
-        model(idx)  # the hooks keep each mixer's inputs and output
-        for h in hooks:
-            h.remove()
-        maps = []
-        for inputs, out in seen:
-            y = out[0] if isinstance(out, tuple) else out  # (1, T_out, C)
-            x = max((t for t in inputs if torch.is_tensor(t) and t.is_floating_point()), key=lambda t: t.size(1))
-            probe = torch.randn(y.size(-1), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(y)
-            rows = [torch.autograd.grad((y[0, t] * probe).sum(), x, retain_graph=True)[0][0].norm(dim=-1)
-                    for t in range(y.size(1))]
-            grads = torch.stack(rows).detach()  # (T_out, T_in)
-            maps.append(beyond_rounding(grads, grads.amax()))
-        with torch.no_grad():
-            same = idx.repeat(idx.size(1), 1)  # (T, T)
-            changed = same.clone()  # row j has token j replaced
-            changed.diagonal().add_(1).remainder_(model.config.vocab_size)
-            logits = model(same)[0]  # (T, T_out, V)
-            moved = (model(changed)[0] - logits).abs().amax(-1)  # (T, T_out): replaced j, output t
-        return maps + [beyond_rounding(moved, logits.abs().amax()).T]
-
-
-def beyond_rounding(m, largest):
-    """m with every value within 64 units of rounding of `largest` (a map's largest gradient or logit change) set to
-    0: no dependence. Where the paper LSH's sort only permutes an earlier chunk's keys, the sums there move in their
-    last bits on one CPU and not at all on another (3e-17 to 2e-16 in the float64 picture, real changes 1e-5 up)."""
-    return m.masked_fill(m <= 64 * torch.finfo(m.dtype).eps * largest, 0)
-
-
-def picture(maps, scale=4, gap=8):
-    """Panels side by side: gray where an output (row) depends on an input (column), darker for more; white where
-    it does not; the future (column after the row's own position) pale red, deep red where something is there."""
-    height = max(m.size(0) for m in maps) * scale
-    panels = []
-    for m in maps:
-        T_out, T_in = m.shape
-        own = T_in - T_out + torch.arange(T_out)[:, None]  # the input position of each output row
-        future = torch.arange(T_in)[None, :] > own
-        level = torch.log10(m.clamp_min(1e-30))
-        nonzero = m > 0
-        shade = 44 + 176 * ((level.max() - level) / 3).clamp(max=1)  # 44 (strongest) .. 220 (3 decades weaker)
-        img = torch.full((T_out, T_in, 3), 255.0)
-        img[future] = torch.tensor([255.0, 225, 225])
-        img[nonzero] = shade[nonzero][:, None].expand(-1, 3).to(img.dtype)
-        img[nonzero & future] = torch.tensor([200.0, 0, 0])
-        img = img.to(torch.uint8).numpy().repeat(scale, axis=0).repeat(scale, axis=1)
-        panels.append(np.pad(img, ((height - img.shape[0], 0), (0, gap), (0, 0)), constant_values=255))
-    return np.concatenate(panels, axis=1)[:, :-gap]
-
-
 def show_attention(args, device):
-    """Write out_dir/attention.png for the checkpoint, or attention_NAME.png for freshly built models."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.model is None:
-        ckpt, model = load_model(os.path.join(args.out_dir, "ckpt.pt"), device)
-        jobs = [("attention", model, min(ckpt["model_config"]["block_size"], 256))]
-    else:
-        names = pictures() if args.model == "all" else [args.model]
-        jobs = [(f"attention_{name}", picture_model(name, **args.model_overrides), None) for name in names]
-    for file, model, T in jobs:
-        T = T or model.config.block_size
-        model.to(device).eval()
-        idx = torch.randint(model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(args.seed))
-        path = os.path.join(args.out_dir, f"{file}.png")
-        write_png(path, picture([m.cpu() for m in dependence_maps(model, idx.to(device))]))
-        print(f"wrote {path}: one panel per layer's token mixer, then the whole network")
-
-
-def picture_model(name, **settings):
-    """Picture `name` of pictures() as a fresh model, its settings overridden by `settings`, built and run in
-    float64: no cell of its picture then rests on float32 rounding (the paper LSH's leaks are bucket decisions),
-    and its weights are the same bits on every CPU (float32's normal_ has its own AVX2 kernel, float64's not)."""
-    model, own = pictures()[name]
-    torch.manual_seed(0)
-    with default_dtype(torch.float64):
-        return train.build_model(model, {**PICTURE_BASE, **own, **settings}).double()
+    """--show_attention: out_dir/attention.png, what each output of the trained model depends on over its first (up
+    to 256) tokens, drawn as bench.py draws docs/attention."""
+    import bench  # here: bench imports this file
+    ckpt, model = load_model(os.path.join(args.out_dir, "ckpt.pt"), device)
+    T = min(ckpt["model_config"]["block_size"], 256)
+    bench.draw_attention(model, T, os.path.join(args.out_dir, "attention.png"), args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,8 +234,7 @@ def generate(model, idx, n, args, gen, desc):
     with tqdm(total=n, desc=desc, unit="tok") as bar:
         for done in range(0, n, piece):
             k = min(piece, n - done)
-            idx = model.generate(idx, k, temperature=args.temperature, top_k=args.top_k, generator=gen,
-                                 use_cache=not args.no_cache)
+            idx = model.generate(idx, k, temperature=args.temperature, top_k=args.top_k, generator=gen)
             bar.update(k)
     return idx
 
@@ -424,18 +255,10 @@ def sample_text(model, dataset, args, gen, device, block_size):
         print(f"\n--- sample {i + 1} ---\n{bytes(out[i].tolist()).decode('utf-8', errors='replace')}")
 
 
-def fewer_samples(n, rows, what):
-    """n, or the number of rows where the split holds fewer prompts than that, which a printed note then says."""
-    if n > len(rows):
-        print(f"note: --num_samples {n}, but the split holds {len(rows)} {what if len(rows) > 1 else what[:-1]} to "
-              f"prompt with: sampling {len(rows)}")
-    return min(n, len(rows))
-
-
 def sample_images(model, dataset, args, gen, device):
     """One PNG: per test image a row of prompt (top half) | completions | ground truth, then a row of
-    unconditional samples (--unconditional: only that row)."""
-    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, dataset.splits["test"], "images")
+    unconditional samples (--unconditional: only that row). At most one row per test image."""
+    k = args.num_samples if args.unconditional else min(args.num_samples, len(dataset.splits["test"]))
     bos = torch.full((k, 1), dataset.bos, device=device)
     rows = []
     if not args.unconditional:
@@ -463,8 +286,9 @@ def sample_copy(model, dataset, args, gen, device, block_size):
 
 
 def sample_audio(model, dataset, args, gen, device, rate):
-    """Continue up to one second of each validation clip (or start from nothing) and write 16-bit WAVs."""
-    k = args.num_samples if args.unconditional else fewer_samples(args.num_samples, dataset.splits["val"], "clips")
+    """Continue up to one second of each validation clip (at most one sample per clip), or start from nothing, and
+    write 16-bit WAVs."""
+    k = args.num_samples if args.unconditional else min(args.num_samples, len(dataset.splits["val"]))
     bos = torch.full((k, 1), dataset.bos, device=device)
     prompt = bos if args.unconditional else torch.cat([bos, dataset.splits["val"][:k, :rate].long().to(device)], dim=1)
     out = generate(model, prompt, int(args.seconds * rate), args, gen, "audio")[:, 1:]
@@ -482,7 +306,7 @@ def main(argv=None):
     device = train.default_device(args)
     if args.show_attention:
         return show_attention(args, device)
-    ckpt, model, dataset = load_trained(args.out_dir, device, args.data)
+    ckpt, model, dataset = load_trained(args.out_dir, device)
     config = ckpt["model_config"]
     print(f"sampling from {ckpt['args']['model']} (step {ckpt['step']}, {config}); {dataset.describe()}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
