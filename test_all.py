@@ -1488,8 +1488,7 @@ def test_fixed_mask_matches_paper_definition_with_per_head_summary_offsets():
     A2 = [{j for j in range(i + 1) if l - c <= j % l < l} for i in range(T)]  # the paper's set, every head
     assert all(as_sets(element_mask(cfg, 0, pos, pos)[h]) == A1 for h in range(4))
     assert all(as_sets(element_mask(cfg, 1, pos, pos)[h]) == A2 for h in range(4))
-    cfg = sparse_config(pattern="fixed", stride=l, summary=c, n_offsets=3, tile=2,
-                        combine="merged")
+    cfg = sparse_config(pattern="fixed", stride=l, summary=c, n_offsets=3, tile=2, combine="merged")
     for h in range(4):
         o = (h % 3) * c  # head h reads positions [l - c - o, l - o) of each block
         A2h = [{j for j in range(i + 1) if l - c - o <= j % l < l - o} for i in range(T)]
@@ -2146,49 +2145,36 @@ def bias_param(mixer):
 @pytest.mark.parametrize("variant,backend", [("full", "dense"), ("simple", "dense"), ("local", "dense"),
                                              ("conv", "dense"), ("simple", "triton"), ("local", "triton"),
                                              ("conv", "triton")])
-@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("keys", ["+80", "-80", "spread"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_large_keys_and_biases_match_float64(variant, backend, sign, dtype):
-    """|K| ~ 80 and |w| ~ 60 under autocast: exp(K + w) overflows even float32 without the maxima. The Triton
-    kernels read the 16-bit k and v themselves, the PyTorch path their float32 copies."""
+def test_half_precision_large_keys_and_biases_stay_finite_and_match_float64(variant, backend, keys, dtype):
+    """Under autocast, keys and position biases that overflow exp(K + w) even in float32 without the maxima:
+    |K| ~ 80 and |w| ~ 60, where the mixing (in float32) also holds to the float64 formula on the same 16-bit
+    q, k, v; or keys spread over 160+ in one sequence and biases x60. The Triton kernels read the 16-bit k and v
+    themselves, the PyTorch path their float32 copies."""
     mixer = random_mixer(variant, n_embd=8, n_head=2, window=3).float()
     mixer.backend = backend if variant != "full" else None
     with torch.no_grad():
-        mixer.qkv.bias[8:16] = sign * 80.0  # the keys
+        if keys == "spread":
+            mixer.qkv.weight[8:16] *= 400.0  # keys far apart along time, x of order one
+        else:
+            mixer.qkv.bias[8:16] = float(keys)
         if variant != "simple":
-            bias_param(mixer).add_(sign * 60.0)
+            bias = bias_param(mixer)
+            bias.copy_(60.0 * bias if keys == "spread" else bias + 0.75 * float(keys))
     mixed = []
     mixer.proj.register_forward_pre_hook(lambda module, args: mixed.append(args[0]))
     x = torch.randn(2, 8, 8).requires_grad_()
     with torch.autocast("cpu", dtype=dtype):
         y = mixer(x)
         q, k, v = mixer.qkv(x).split(8, dim=2)
-    assert q.dtype == dtype and k.abs().min() > 70
+    assert q.dtype == dtype and (k.max() - k.min() > 160 if keys == "spread" else k.abs().min() > 70)
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in mixer.parameters())
-    # the mixing itself runs in float32: hold it to the float64 formula on the same low-precision q, k, v
-    w = paper_bias(mixer.double(), 8)
-    expected = naive_aft(q.double(), k.double(), v.double(), w)
-    torch.testing.assert_close(mixed[0].double(), expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("variant", ["full", "simple", "local", "conv"])
-def test_bf16_keys_spread_over_160_stay_finite(variant):
-    """Keys spread over 160+ in one sequence and biases x60 under bf16: outputs and gradients stay finite."""
-    mixer = random_mixer(variant, n_embd=8, n_head=2, window=3).float()
-    with torch.no_grad():
-        mixer.qkv.weight[8:16] *= 400.0  # keys far apart along time, x of order one
-        if variant != "simple":
-            bias_param(mixer).mul_(60.0)
-    xb = torch.randn(2, 8, 8).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = mixer(xb)
-        k = mixer.qkv(xb)[..., 8:16]
-    assert k.max() - k.min() > 160.0
-    y.float().square().sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(xb.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in mixer.parameters())
+    if keys != "spread":  # the mixing itself runs in float32: held to the float64 formula on the same q, k, v
+        expected = naive_aft(q.double(), k.double(), v.double(), paper_bias(mixer.double(), 8))
+        torch.testing.assert_close(mixed[0].double(), expected, rtol=1e-4, atol=1e-5)
 
 
 # The Triton kernels of AFT-simple, -local and -conv (kernels.aft_sums), run by Triton's interpreter here
