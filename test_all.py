@@ -2329,7 +2329,7 @@ def test_loss_is_cross_entropy_on_latent_positions_plus_training_z_loss():
     torch.testing.assert_close(train_loss, (expected + 1e-2 * z).float())
 
 
-def test_context_dropout_is_off_in_eval_and_at_1_hides_all_context_in_training():
+def test_context_dropout_is_off_in_eval_hides_all_context_at_1_and_a_fraction_causally_below():
     model, plain = make_model(context_dropout=1.0), make_model(context_dropout=0.0)
     idx = torch.randint(0, 11, (2, 16))
     changed = idx.clone()
@@ -2340,10 +2340,7 @@ def test_context_dropout_is_off_in_eval_and_at_1_hides_all_context_in_training()
     assert (model(changed)[0] - out).abs().amax() > 1e-6
     model.train()
     torch.testing.assert_close(model(changed)[0], model(idx)[0], rtol=0, atol=0)
-
-
-def test_context_dropout_removes_a_fraction_of_context_and_keeps_causality():
-    model = make_model(context_dropout=0.5).train()
+    model = make_model(context_dropout=0.5).train()  # removes a fraction of the context, and keeps causality
     T, N = 16, 6
     idx = torch.randint(0, 11, (3, T))
     seen = {}
@@ -2998,12 +2995,9 @@ def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_res
 
 
 def test_flex_block_masks_compute_the_model_layouts_and_list_the_same_blocks_arithmetic_or_not():
-    # bench hands FlexAttention the layouts in its own blocks of 128 positions (8 x 8 tiles of 16 here): full
-    # where every tile is visible and uncut (inside the fixed pattern's blocks of 256), partial (masked element
-    # by element) where some are. What makes the kernels table's two Flex columns comparable:
-    # create_block_mask of each arithmetic mask_mod lists the same full and partial blocks as
-    # flex_block_mask of the layout; only the work per element of a partial block differs
-    # (arithmetic, or a lookup in a captured table).
+    # bench's Flex blocks are 128 positions (8 x 8 tiles of 16 here): full where every tile is visible and uncut,
+    # partial where some are. The kernels table's two Flex columns compare because the arithmetic mask_mod and
+    # the layout's table list the same blocks; only the work per element of a partial block differs.
     from torch.nn.attention.flex_attention import flex_attention
     n, block = 1024, 16
     g = torch.Generator().manual_seed(0)
@@ -3063,8 +3057,7 @@ def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(benc
     sixteen = dict(TILE_M=16, TILE_N=16)
     settings = dict(fwd=sixteen, dkdv=sixteen, dq=sixteen)
     monkeypatch.setattr(bench, "SWEEP", [("default", {}), ("16 wide", settings)])
-    # the kernels stage after it measures the setting sweep_best picks from the sweep's rows (here always 16 wide:
-    # CPU timings are noise) beside the default
+    # the kernels stage after it measures sweep_best's pick (16 wide here: CPU timings are noise) beside the default
     picked = []
     monkeypatch.setattr(bench, "sweep_best", lambda rows: picked.append(rows) or ("16 wide", settings))
     results = bench_run("kernel_sweep,kernels")
