@@ -1661,7 +1661,6 @@ LSH_KERNEL_CASES = {
 
 @pytest.mark.parametrize("case", LSH_KERNEL_CASES)
 def test_lsh_kernel_and_cpu_path_give_the_twins_output_and_gradients(case, monkeypatch):
-    """Output and the gradients of q (k = q / |q| included) and v, as the dense twin gives them."""
     B, H, T, R, chunk, mode, dtype, seed, path = LSH_KERNEL_CASES[case]
     monkeypatch.setattr(kernels, "CPU_GROUP", 7)
     q, v, buckets = random_lsh_inputs(B=B, H=H, T=T, R=R, dtype=dtype, seed=seed)
@@ -3254,7 +3253,6 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_block_sparse_attention_matches_the_float64_reference(case):
-    """Every mask kind: output and gradients as the float64 reference gives them, in q's dtype."""
     B, H, heads, T, S, D, tile, causal, window, options = CASES[case]
     backend, dtype = options.get("backend", "triton"), options.get("dtype", torch.float32)
     q, k, v, dout = random_inputs(B, H, T, S, D, dtype, seed=len(case))
