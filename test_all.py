@@ -2132,10 +2132,10 @@ def bias_param(mixer):
 @pytest.mark.parametrize("keys", ["+80", "-80", "spread"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_large_keys_and_biases_stay_finite_and_match_float64(variant, backend, keys, dtype):
-    """Under autocast, keys and position biases that overflow exp(K + w) even in float32 without the maxima:
-    |K| ~ 80 and |w| ~ 60, where the mixing (in float32) also holds to the float64 formula on the same 16-bit
-    q, k, v; or keys spread over 160+ in one sequence and biases x60. The Triton kernels read the 16-bit k and v
-    themselves, the PyTorch path their float32 copies."""
+    """Under autocast, keys and position biases that overflow exp(K + w) even in float32 without the
+    maxima: |K| ~ 80 and |w| ~ 60, where the mixing (in float32) also holds to the float64 formula on
+    the same 16-bit q, k, v; or keys spread over 160+ in one sequence and biases x60. The Triton
+    kernels read the 16-bit k and v themselves, the PyTorch path their float32 copies."""
     mixer = random_mixer(variant, n_embd=8, n_head=2, window=3).float()
     mixer.backend = backend if variant != "full" else None
     with torch.no_grad():
@@ -2156,7 +2156,7 @@ def test_half_precision_large_keys_and_biases_stay_finite_and_match_float64(vari
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in mixer.parameters())
-    if keys != "spread":  # the mixing itself runs in float32: held to the float64 formula on the same q, k, v
+    if keys != "spread":  # the float32 mixing, held to the float64 formula on the same q, k, v
         expected = naive_aft(q.double(), k.double(), v.double(), paper_bias(mixer.double(), 8))
         torch.testing.assert_close(mixed[0].double(), expected, rtol=1e-4, atol=1e-5)
 
@@ -2324,7 +2324,7 @@ def test_context_dropout_is_off_in_eval_hides_all_context_at_1_and_a_fraction_ca
     assert (model(changed)[0] - out).abs().amax() > 1e-6
     model.train()
     torch.testing.assert_close(model(changed)[0], model(idx)[0], rtol=0, atol=0)
-    model = make_model(context_dropout=0.5).train()  # removes a fraction of the context, and keeps causality
+    model = make_model(context_dropout=0.5).train()  # half the context removed, causally
     T, N = 16, 6
     idx = torch.randint(0, 11, (3, T))
     seen = {}
@@ -2706,9 +2706,10 @@ def test_audio_sampling_writes_wav_files_of_the_requested_length_and_says_when_p
 
 @pytest.fixture
 def bench_run(tmp_path, monkeypatch):
-    """run(stages, *flags, out_dir=tmp_path) -> {stage: rows}: bench.py on the CPU, the kernels stage on one head
-    in tiles of 32 (128 positions, the fewest FlexAttention's blocks take), the LSH stage on one head of 64
-    positions, the training stages at tiny sizes (2 heads, width 32, one warmup step, one evaluation batch)."""
+    """run(stages, *flags, out_dir=tmp_path) -> {stage: rows}: bench.py on the CPU; the kernels stage
+    on one head in tiles of 32 (128 positions, the fewest FlexAttention's blocks take), the LSH stage
+    on one head of 64 positions, the training stages at tiny sizes (2 heads, width 32, one warmup
+    step, one evaluation batch)."""
     monkeypatch.setitem(bench.SIZES["cpu"], "attn", dict(B=1, H=1, D=16, tile=32, lengths=(128,), band=32))
     monkeypatch.setitem(bench.SIZES["cpu"], "lsh", dict(B=1, H=1, D=16, T=64, n_hashes=2, chunk=16))
     training = ["--n_head", "2", "--n_embd", "32", "--warmup", "1", "--eval_iters", "1"]
@@ -2727,7 +2728,7 @@ def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(b
     assert list(results) == list(bench.DEFAULT_STAGES)
     for stage, rows in results.items():
         assert rows and all(r["status"] == "ok" for r in rows), (stage, rows)
-    for r in results["kernels"] + [bench.find(results["lsh"], backend="triton")]:  # agree with Flex / the twin
+    for r in results["kernels"] + [bench.find(results["lsh"], backend="triton")]:  # = Flex, the twin
         assert r["max_diff"] < 1e-5, r
     assert {r["model"] for r in results["generate"]} == set(train.MODELS)
     record = json.loads((tmp_path / "bench.json").read_text())
@@ -2738,16 +2739,16 @@ def test_bench_runs_every_default_stage_at_tiny_sizes_and_records_every_figure(b
     assert len(timing["repeats"]) == 3 or timing["repeats"] == [timing["ms"]] and timing["ms"] >= 250
     assert timing["ms"] == record["results"]["aft"][0]["step_ms"]
     assert (tmp_path / "bench.md").read_text().count("|---") >= len(bench.DEFAULT_STAGES)
-    memory = results["memory"]  # the Sparse Transformer post's table, its first row measured here too
+    memory = results["memory"]  # the Sparse Transformer post's table, its first row measured too
     for row in memory:
         for ours, post in (("stored", "post_stored"), ("recomputed", "post_recomputed")):
             assert abs(row[ours] / row[post] - 1) < 0.08, row  # the post rounds, partly in GiB
-    assert len(memory) == 4 and memory[0]["measured_recomputed"] == 0  # recompute saves no attention matrix
+    assert len(memory) == 4 and memory[0]["measured_recomputed"] == 0  # recompute keeps no n x n
     assert memory[0]["measured_stored"] == pytest.approx(memory[0]["stored"], rel=0.01)
 
 
-# bench's training stages: (flags, the file a finished row keeps): every row trains, only the leaky LSH
-# (reformer) is scored on prefixes too, and a finished row is reused as it is
+# bench's training stages: (flags, the file a finished row keeps): every row trains, only the
+# leaky LSH (reformer) is scored on prefixes too, and a finished row is reused as it is
 BENCH_TRAINING_STAGES = {
     "same_budget": (["--models", "transformer,reformer"], "transformer_1/metrics.jsonl"),
     "long_context": (["--models", "transformer,reformer,perceiver_ar", "--context", "64"],
@@ -2773,7 +2774,7 @@ def test_bench_training_stages_train_every_row_score_the_leaky_one_on_prefixes_a
     assert run()["transformer"]["bits"] == rows["transformer"]["bits"] and kept.read_text() == before
     if stage == "long_context":
         assert [(a, b) for a, b, _ in rows["transformer"]["by_position"]] == [(1, 16), (17, 64)]
-        assert [(a, b) for a, b, _ in rows["perceiver_ar"]["by_position"]] == [(33, 64)]  # its 32 latents score
+        assert [(a, b) for a, b, _ in rows["perceiver_ar"]["by_position"]] == [(33, 64)]  # its 32 latents
     else:  # a longer budget continues the run from its checkpoint
         longer = run("--steps", "4")["transformer"]
         assert [step for step, _ in longer["curve"]] == [1, 2, 3, 4] and kept.read_text().startswith(before)
@@ -2979,9 +2980,10 @@ def test_bench_ladder_stage_climbs_while_learned_stops_at_the_first_miss_and_res
 
 
 def test_flex_block_masks_compute_the_model_layouts_and_list_the_same_blocks_arithmetic_or_not():
-    # bench's Flex blocks are 128 positions (8 x 8 tiles of 16 here): full where every tile is visible and uncut,
-    # partial where some are. The kernels table's two Flex columns compare because the arithmetic mask_mod and
-    # the layout's table list the same blocks; only the work per element of a partial block differs.
+    # bench's Flex blocks are 128 positions (8 x 8 tiles of 16 here): full where every tile is visible
+    # and uncut, partial where some are. The kernels table's two Flex columns compare because the
+    # arithmetic mask_mod and the layout's table list the same blocks; only the work per element of a
+    # partial block differs.
     from torch.nn.attention.flex_attention import flex_attention
     n, block = 1024, 16
     g = torch.Generator().manual_seed(0)
@@ -3041,7 +3043,7 @@ def test_bench_kernel_sweep_runs_every_setting_and_each_matches_the_default(benc
     sixteen = dict(TILE_M=16, TILE_N=16)
     settings = dict(fwd=sixteen, dkdv=sixteen, dq=sixteen)
     monkeypatch.setattr(bench, "SWEEP", [("default", {}), ("16 wide", settings)])
-    # the kernels stage after it measures sweep_best's pick (16 wide here: CPU timings are noise) beside the default
+    # the kernels stage after it measures sweep_best's pick (16 wide: CPU timings are noise) by the default
     picked = []
     monkeypatch.setattr(bench, "sweep_best", lambda rows: picked.append(rows) or ("16 wide", settings))
     results = bench_run("kernel_sweep,kernels")
