@@ -1,18 +1,10 @@
 """
-Attention kernels shared by the models: three families, a chapter each, after what they share (the preamble).
-
-Every chapter reads in the same order: (a) the definition and its dense PyTorch twin, which the tests hold the
-kernels to; (b) the Triton kernels, each under what one program computes and its recurrence; (c) the launcher and
-its launch settings; (d) the public function.
-
-  Preamble          triton_dispatch (whether Triton runs; forced where it cannot, why), _launch_settings (one
-                    cache of every family's launch settings), _launch (one autograd Function for every family)
-  1. Block-sparse   (a) attention_mask, dense_attention  (b) _fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel
-     attention      (c) tile_lists, launch_config  (d) attention
-  2. LSH attention  (a) sort_by_bucket, torch_lsh_attention, cpu_lsh_attention  (b) _lsh_fwd_kernel,
-                    _lsh_bwd_dkdv_kernel, _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config  (d) lsh_attention
-  3. AFT sums       (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel, _aft_fwd_kernel,
-                    _aft_bwd_carry_kernel, _aft_bwd_kernel  (c) aft_launch_config  (d) aft_sums
+Attention kernels shared by the models, after a preamble of what they share (triton_dispatch, _launch):
+  1. Block-sparse attention: attention (twin: dense_attention)
+  2. LSH attention: lsh_attention (twin: torch_lsh_attention; on a CPU cpu_lsh_attention)
+  3. AFT sums: aft_sums (twin: aft.py's PyTorch path)
+Each chapter: (a) the definition and its dense PyTorch twin, which the tests hold the kernels to;
+(b) the Triton kernels; (c) the launcher and its launch settings; (d) the public function.
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
@@ -24,8 +16,7 @@ Conventions used throughout the repository:
   diagonal is the causal one.
 - a query that sees no key at all gets a zero output (and passes no gradient), never NaN.
 
-docs/kernels.md documents the kernels, their launch settings and their measurements; bench.py measures them
-against FlexAttention, dense SDPA and the LSH twin, and sweeps their launch settings.
+docs/kernels.md documents the kernels, their launch settings and measurements (bench.py's).
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings without triton
 
@@ -111,25 +102,16 @@ def backend_info(device):
     return f"attention backend: triton {triton.__version__} (CUDA)"
 
 
-_launch_cache = {}  # (a family's config function, its arguments) -> its launch settings
-
-
+@functools.cache  # the dispatch runs on every call of a model's layer
 def _launch_settings(config, *args):
-    """config(*args), a family's launch settings, once per configuration (they depend on shapes, dtype and
-    architecture only, and the dispatch runs on every call of a model's layer)."""
-    key = (config, *args)
-    if key not in _launch_cache:
-        _launch_cache[key] = config(*args)
-    return _launch_cache[key]
+    """config(*args), a family's launch settings (they depend on shapes, dtype and arch only)."""
+    return config(*args)
 
-
-# Every family's launches go through one autograd Function. A family gives two plain functions,
-#     forward(*inputs, *settings) -> (out, *saved)
-#     backward(*inputs, out, *saved, dout, *settings) -> the gradients of its input tensors
-# where settings are all else (lists, scalars, launch settings), passed to apply() as one argument.
 
 def _launch(forward, backward, inputs, settings):
-    """forward's output; through _Launches only when a gradient is wanted (apply() costs time)."""
+    """Every family's launches: forward(*inputs, *settings) -> (out, *saved), saved the tensors the
+    backward needs, and backward(out, *saved, dout, *settings) -> the inputs' gradients; settings are all
+    else (lists, scalars, launch settings). The autograd Function only when a gradient is wanted."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return _Launches.apply((forward, backward, settings), *inputs)
     return forward(*inputs, *settings)[0]
@@ -140,7 +122,7 @@ class _Launches(torch.autograd.Function):
     def forward(ctx, family, *inputs):
         forward, ctx.backward, ctx.settings = family
         out, *saved = forward(*inputs, *ctx.settings)
-        ctx.save_for_backward(*inputs, out, *saved)
+        ctx.save_for_backward(out, *saved)
         return out
 
     @staticmethod
@@ -185,21 +167,19 @@ def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, sca
     return out.masked_fill(empty[None], 0.0)
 
 
-# (b) The kernels. A program walks a list of tiles (tile_lists, part (c)). The causal mask and the
-# window are one band of visible keys, the same named values past, future, window everywhere:
-#     past + i - window < j <= past + i + future    (query row i sits at position past + i, past = S - T)
-# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. A list
-# holds the tiles the band's edge cuts first: the kernels walk those with a per-element mask, then
-# the rest without one. Scores s are in log2 units (qk_scale = scale * log2(e)), so the kernels use
-# exp2, and the forward saves lse2 = log2 sum_j 2^s_j per row (the log-sum-exp in log2 units) for the
-# backward. Masked scores are -inf.
+# (b) The kernels. A program walks a list of tiles (tile_lists, part (c)): first those the band's
+# edge cuts, with a per-element mask, then the rest without one. The causal mask and the window are
+# one band of visible keys, the same named values past, future, window everywhere:
+#     past + i - window < j <= past + i + future    (query row i at position past + i, past = S - T)
+# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. Scores s
+# are in log2 units (qk_scale = scale * log2(e)), so the kernels use exp2 and the forward saves per
+# row lse2 = log2 sum_j 2^s_j. Masked scores are -inf.
 SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
 
 # Forward. One program computes TILE_M output rows (of one query tile) of one (batch, head): grid
 # (T / TILE_M, B * H). q, the running max m, the running sum l and the output accumulator stay in
-# SRAM while the program walks its tile's list of key tiles in sub-tiles of TILE_N keys. Per
-# sub-tile, with s the scores:
+# SRAM while the program walks its key list in sub-tiles of TILE_N keys, with s the scores:
 #     m' = max(m, rowmax(s))
 #     l' = l * 2^(m - m') + rowsum(2^(s - m'))
 #     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse2 = m + log2(l)
@@ -257,11 +237,10 @@ def _band(q_pos, k_pos, future, window):
     return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
 
 
-# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile)
-# of one (batch, head): grid (T / TILE_M, B * H). It computes its rows' delta = rowsum(out * dout)
-# in fp32 and stores it for the dK/dV kernel (a launch fewer than a kernel of its own). q, dout,
-# lse2, delta and the dq accumulator stay in SRAM while the program walks the forward's key list,
-# in sub-tiles of TILE_N keys:
+# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of
+# one (batch, head): grid (T / TILE_M, B * H), and stores their delta = rowsum(out * dout) in fp32
+# for the dK/dV kernel. q, dout, lse2, delta and the dq accumulator stay in SRAM while the program
+# walks the forward's key list, in sub-tiles of TILE_N keys:
 #     P = 2^(s - lse2)
 #     dP = dout v^T
 #     dq += scale * (P * (dP - delta)) k
@@ -315,8 +294,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, cols, lo, hi, qk_scale, offs_m, past
 
 # Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile) of one
 # (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the
-# program walks the query tiles that visit its tile, in sub-tiles of TILE_M queries, with delta as
-# the dQ kernel stored it:
+# program walks the query tiles that visit its tile, in sub-tiles of TILE_M queries (delta: dQ's):
 #     P = 2^(s - lse2)                     (the forward's softmax, exactly)
 #     dv += P^T dout,   dP = dout v^T
 #     dk += scale * (P * (dP - delta))^T q
@@ -458,10 +436,10 @@ def _sparse_forward(q, k, v, lists, layout_heads, tile, future, window, scale, c
     _fwd_kernel[(T // cfg["fwd"]["TILE_M"], B * H)](
         q, k, v, o, lse2, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future,
         window, TILE=tile, D=D, **cfg["fwd"])
-    return o, lse2
+    return o, q, k, v, lse2
 
 
-def _sparse_backward(q, k, v, o, lse2, do, lists, layout_heads, tile, future, window, scale, cfg):
+def _sparse_backward(o, q, k, v, lse2, do, lists, layout_heads, tile, future, window, scale, cfg):
     """The backward's launches: the dQ kernel, which writes delta, then the dK/dV kernel."""
     row_ptr, cols, col_ptr, rows, row_mid, col_mid = lists
     (B, H, T, D), S = q.shape, k.size(2)
@@ -684,38 +662,35 @@ _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 CPU_GROUP = 256  # chunks: a group's additive mask is 8 MiB at m = 64 in float32
 
 
-class _LSHOnCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, st, rank, allowed, self_bias, scale):
-        B, H, T, D = q.shape
-        R, P = st.shape[2:]
-        rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
-        q_, k_, v_ = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
-        o, lse = (torch.cat(parts) for parts in zip(*(
-            _cpu_flash(rows_at(q_, rows[g]), windows_at(k_, rows, g), windows_at(v_, rows, g), 0.0, False,
-                       attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
-        w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
-        w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
-        out = torch.zeros(B * H * T, D, dtype=q.dtype)
-        out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
-        ctx.save_for_backward(q_, k_, v_, rows, allowed, self_bias, out, lse, w)
-        ctx.scale = scale
-        return out.view(q.shape)
+def _cpu_lsh_forward(q, k, v, st, rank, allowed, self_bias, scale):
+    """The output; saved: q, k, v as rows (B*H*T, D), sorted rows, masks, lse, weights (st, rank are not)."""
+    B, H, T, D = q.shape
+    R, P = st.shape[2:]
+    rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
+    q, k, v = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
+    o, lse = (torch.cat(parts) for parts in zip(*(
+        _cpu_flash(rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g), 0.0, False,
+                   attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
+    w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
+    w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
+    out = torch.zeros(B * H * T, D, dtype=q.dtype)
+    out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
+    return out.view(B, H, T, D), q, k, v, rows, allowed, self_bias, lse, w
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, rows, allowed, self_bias, out, lse, w = ctx.saved_tensors  # q, k, v, out: (B*H*T, D)
-        shape, D, key_rows = dout.shape, q.size(1), with_previous(rows, 0, 1)
-        dout, dq, dk, dv = dout.reshape(-1, D), torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
-        for g in groups(rows):  # each row's gradient, summed over the rounds and chunks that hold it
-            gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
-                                             rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
-                                             rows_at(out, rows[g]), lse[g], 0.0, False,
-                                             attn_mask=mask_at(allowed, self_bias, g), scale=ctx.scale)
-            dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, D))
-            dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, D))
-            dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, D))
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+
+def _cpu_lsh_backward(out, q, k, v, rows, allowed, self_bias, lse, w, dout, scale):
+    """Each row's gradient, summed over the rounds and chunks that hold it."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)  # (B*H*T, D)
+    key_rows = with_previous(rows, 0, 1)
+    for g in groups(rows):
+        gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
+                                         rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
+                                         rows_at(out, rows[g]), lse[g], 0.0, False,
+                                         attn_mask=mask_at(allowed, self_bias, g), scale=scale)
+        dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, q.size(1)))
+        dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, q.size(1)))
+        dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, q.size(1)))
+    return dq.view(dout.shape), dk.view(dout.shape), dv.view(dout.shape), None, None, None, None
 
 
 def groups(rows):  # CPU_GROUP chunks at a time
@@ -728,8 +703,8 @@ def mask_at(allowed, self_bias, g):
 
 
 def rows_at(x, rows):
-    """Rows of x (B*H*T, D) at indices rows (chunks, m): (chunks, 1, m, D)."""
-    return x.index_select(0, rows.reshape(-1)).view(rows.size(0), 1, rows.size(1), -1)
+    """Rows of x (B*H*T, D) or (B, H, T, D) at indices rows (chunks, m): (chunks, 1, m, D)."""
+    return x.view(-1, x.size(-1)).index_select(0, rows.reshape(-1)).view(rows.size(0), 1, rows.size(1), -1)
 
 
 def windows_at(x, rows, g):
@@ -742,12 +717,13 @@ def windows_at(x, rows, g):
 
 def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False,
                       causal=False):
-    """The twin's combined output (combine_rounds of torch_lsh_attention), computed by _LSHOnCPU."""
+    """The twin's combined output (combine_rounds of torch_lsh_attention), by _cpu_lsh_forward."""
     st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     is_self, log_count, allowed = window_masks(st, loc, span, chunk, dup_correction, q.dtype)
     self_bias = (is_self * SELF_LOGIT - log_count).to(q.dtype).expand(allowed.shape)  # a view unless log_count
     window = (-1, 1, chunk, 2 * chunk)
-    return _LSHOnCPU.apply(q, k, v, st, rank, allowed.view(window), self_bias.reshape(window), scale)
+    inputs = (q, k, v, st, rank, allowed.view(window), self_bias.reshape(window))
+    return _launch(_cpu_lsh_forward, _cpu_lsh_backward, inputs, (scale,))
 
 
 # (b) The kernels. Shared by the three: the logits s = scale * q.k of a tile of queries against a tile of keys,
@@ -985,10 +961,10 @@ def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dup_correction, cfg):
     for r in range(R):
         _lsh_fwd_kernel[(B * H, P // chunk)](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT,
                                              T, P, D=D, DUP_CORRECTION=dup_correction, **cfg)
-    return out, m, l
+    return out, q, k, v, st, loc, m, l
 
 
-def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_correction, cfg):
+def _lsh_backward(out, q, k, v, st, loc, m, l, do, span, chunk, scale, dup_correction, cfg):
     """The backward launches: delta, then per round the dK/dV and the dQ kernel; dq, dk, dv."""
     B, H, T, D = q.shape
     R, P = st.shape[2:]
@@ -1252,8 +1228,7 @@ def _aft_triton(k, v, band):
     band = k.new_zeros(1, 1, 0, dtype=acc) if band is None else band.to(acc)  # s = 0: AFT-simple
     cfg = _launch_settings(aft_launch_config, k.size(2), k.size(2) // band.size(0))
     cfg = dict(cfg, F64=acc == torch.float64)
-    inputs = (_aligned(k), _aligned(v.to(k.dtype)), band)
-    return _launch(_aft_forward, _aft_backward, inputs, (cfg,))
+    return _launch(_aft_forward, _aft_backward, (_aligned(k), _aligned(v.to(k.dtype)), band), (cfg,))
 
 
 def _aft_forward(k, v, band, cfg):
@@ -1265,10 +1240,10 @@ def _aft_forward(k, v, band, cfg):
     _aft_fwd_carry_kernel[(n_tiles, B)](k, v, carry, T, C, s, n_chunks, **cfg)
     _aft_fwd_kernel[(n_tiles, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks,
                                             band.stride(0), band.stride(1), C // G, **cfg)
-    return o, lse
+    return o, k, v, band, lse
 
 
-def _aft_backward(k, v, band, o, lse, do, cfg):
+def _aft_backward(o, k, v, band, lse, do, cfg):
     """The backward's carry launch and main launch: dk, dv, and dband from per-program sums."""
     (B, T, C), (G, _, s) = k.shape, band.shape
     n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
