@@ -736,16 +736,12 @@ def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DUP_CORRE
     if DUP_CORRECTION:
         count = tl.zeros(s.shape, dtype=tl.int32)
         for r2 in range(R):
-            count += _lsh_window(LOC + (bh * R + r2) * T, qpos, kpos, span).to(tl.int32)
+            loc = LOC + (bh * R + r2) * T
+            count += _in_window(tl.load(loc + qpos), tl.load(loc + kpos), span).to(tl.int32)
         s = s - tl.log(tl.maximum(count, 1).to(tl.float32))
-    allowed = k_ok & (kpos <= qpos) & _lsh_window(LOC + (bh * R + r) * T, qpos, kpos, span)
+    loc = LOC + (bh * R + r) * T  # round r's row
+    allowed = k_ok & (kpos <= qpos) & _in_window(tl.load(loc + qpos), tl.load(loc + kpos), span)
     return tl.where(allowed, s, float("-inf"))
-
-
-@jit
-def _lsh_window(LOC_ROUND, qpos, kpos, span):
-    """Whether each key is in each query's window, for the round whose loc row is LOC_ROUND."""
-    return _in_window(tl.load(LOC_ROUND + qpos), tl.load(LOC_ROUND + kpos), span)
 
 
 @jit
@@ -974,21 +970,18 @@ def _lsh_backward(out, q, k, v, st, loc, m, l, do, span, chunk, scale, dup_corre
     grads = [torch.empty_like(q) for _ in range(3)]  # dq, dk, dv
     # The rounds add up in fp32; for 16-bit inputs a quarter of the heads at a time: three fp32 (B, H, T, D)
     # buffers at once would be the largest item of a long sequence's peak memory.
-    BH = B * H
-    group = BH if q.dtype == torch.float32 else -(-BH // 4)
-    inputs = [x.view(BH, *x.shape[2:]) for x in (q, k, v, st, loc, do, m, l, delta)]  # (BH, ...)
-    for g in range(0, BH, group):
-        part = [x[g:g + group] for x in inputs]
-        out = [x.view(BH, T, D)[g:g + group] for x in grads]
+    group = B * H if q.dtype == torch.float32 else -(-B * H // 4)
+    for g in range(0, B * H, group):  # (B * H, ...) views
+        part = [x.flatten(0, 1)[g:g + group] for x in (q, k, v, st, loc, do, m, l, delta)]
+        out = [x.flatten(0, 1)[g:g + group] for x in grads]
         acc = out if q.dtype == torch.float32 else [torch.empty_like(x, dtype=torch.float32) for x in out]
         grid = (part[0].size(0), P // chunk)
         for r in range(R):
             scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
             _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
             _lsh_bwd_dq_kernel[grid](*part, acc[0], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
-        if acc is not out:
-            for o, a in zip(out, acc):
-                o.copy_(a)
+        for o, a in zip(out, acc):
+            o.copy_(a)  # nothing to do where acc is out (fp32)
         del acc  # before the next group's buffers: one group's at a time
     return *grads, None, None
 
@@ -1011,24 +1004,12 @@ def _lsh_unfit(arch, dtype, D, chunk, dup_correction):
     return None
 
 
-def pad_to_chunks(q, k, v, buckets, chunk):
-    """Pad the sequence to a multiple of chunk with zero rows in a bucket after every real one (the largest + 1).
-    They sort after all real positions, so those keep the chunks of the unpadded sequence (its last chunk
-    shorter), and being later than every real position they are never a real query's key."""
-    pad = -q.size(2) % chunk
-    if pad == 0:
-        return q, k, v, buckets
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    sentinel = (buckets.amax() + 1).expand(*buckets.shape[:3], pad)  # (B, H, R, pad)
-    return q, k, v, torch.cat([buckets, sentinel], dim=-1)
-
-
 def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False, causal=False,
                   backend=None):
     """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
 
-    Any T: a sequence that chunk does not divide is padded inside (pad_to_chunks), its output the function of
-    the unpadded sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
+    Any T: a sequence that chunk does not divide is padded inside, its output the function of the unpadded
+    sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
     keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, cpu_lsh_attention on a CPU,
     the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the twin) forces one
     and last_lsh_backend says which ran."""
@@ -1036,8 +1017,11 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
     runs = triton_dispatch("LSH attention", q, backend, _lsh_unfit, q.dtype, q.size(-1), chunk, dup_correction)
     on_cpu = not runs and q.device.type == "cpu" and backend != "dense"
     last_lsh_backend = "triton" if runs else "cpu" if on_cpu else "dense"
-    T = q.size(2)
-    q, k, v, buckets = pad_to_chunks(q, k, v, buckets, chunk)
+    T, pad = q.size(2), -q.size(2) % chunk
+    if pad:  # zero rows in a bucket after every real one: they sort after all real positions, which keep the
+        # chunks of the unpadded sequence, and are later than all, so never a real query's key
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        buckets = torch.cat([buckets, (buckets.amax() + 1).expand(*buckets.shape[:3], pad)], dim=-1)
     mode = (same_bucket_mask, dup_correction, causal)
     if not runs and not on_cpu:
         return combine_rounds(*torch_lsh_attention(q, k, v, buckets, chunk, scale, *mode))[:, :, :T]
