@@ -219,8 +219,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, fut
         kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, TILE_N)
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
-            s = tl.where(keep, s, float("-inf"))
+            q_pos, k_pos = past + offs_m[:, None], (k_lo + offs_n)[None, :]
+            s = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -229,12 +229,6 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, fut
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
-
-
-@jit
-def _band(q_pos, k_pos, future, window):
-    """Element mask of the band q_pos - window < k_pos <= q_pos + future, broadcast (absolute positions)."""
-    return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
 
 
 # Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of
@@ -284,8 +278,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, cols, lo, hi, qk_scale, offs_m, past
         vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
-            s = tl.where(keep, s, float("-inf"))
+            q_pos, k_pos = past + offs_m[:, None], (k_lo + offs_n)[None, :]
+            s = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         ds = p * (tl.dot(do, vT) - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
@@ -335,8 +329,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, rows, lo, hi, qk_scale, offs_n
         qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, TILE_M)
         sT = tl.dot(k, qT) * qk_scale
         if MASKED:
-            keep = _band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window)
-            sT = tl.where(keep, sT, float("-inf"))
+            q_pos, k_pos = past + (m_lo + offs_m)[None, :], offs_n[:, None]
+            sT = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), sT, float("-inf"))
         pT = tl.exp2(sT - tl.load(LSE2 + m_lo + offs_m)[None, :])
         do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (TILE_M, D)
         dv += tl.dot(pT.to(do.dtype), do)
@@ -504,10 +498,9 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
             raise ValueError(f"with a layout, S - T must be a multiple of tile={tile} so the layout's diagonal "
                              f"is the causal one; got T={T}, S={S}")
     runs = triton_dispatch("attention", q, backend, _sparse_unfit, q, k, v, tile)
+    last_backend = "triton" if runs else "dense"
     if not runs:
-        last_backend = "dense"
         return dense_attention(q, k, v, causal=causal, layout=layout, tile=tile, window=window, scale=scale)
-    last_backend = "triton"
     future = 0 if causal else S  # the band of the kernels' section comment
     window = S + 1 if window is None else min(window, S + 1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -526,21 +519,19 @@ def decoding_sdpa():
 # (a) The definition. Per hash round every position carries a bucket id; positions are sorted by (bucket,
 # position) and the sorted order is cut into chunks of `chunk` rows. A query's keys in a round, two ways:
 # - the paper's (default): the keys of its own and of the previous chunk (the first chunk has none: unlike trax,
-#   rounds are not concatenated and nothing wraps around) at an earlier or equal original position. Where a chunk
-#   boundary falls depends on how many later positions sort before it: not causal, in the paper and in trax alike.
-# - causal=True: the `chunk` most recent keys of its own bucket up to itself, a sliding window in sorted order.
-#   A bucket depends on its position alone, so the window depends only on positions <= the query: exactly causal,
-#   in floating point too, as each bucket starts a fresh chunk (empty slots, st = -1, fill the end of its last
-#   one), so the sums a query's tiles run depend only on earlier positions. The window lies in the own and the
-#   previous chunk, so the kernels take it unchanged.
-# Both are one test on a per-round integer `loc` of every position (sort_by_bucket): key j is in query i's window
-# exactly when loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (its logit is
-# SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of each query's logits; the rounds
-# combine as out = sum_r softmax_r(lse_r) o_r (combine_rounds). The paper's two optional masks, off in trax's
-# final code and here by default: same_bucket_mask masks a key of another bucket even inside the chunk window
-# (causal implies it); dup_correction lowers the logit of a key seen in c of the rounds' windows by log(c), making
-# the combined output the softmax over the union of the windows. k comes apart from q (the Reformer's k is the
-# unit-normalised q); autograd adds the two gradients.
+#   rounds are not concatenated and nothing wraps around) at an earlier or equal original position. Not causal,
+#   in the paper and in trax alike: where a chunk boundary falls depends on how many later positions sort before.
+# - causal=True: the `chunk` most recent keys of its own bucket up to itself, a sliding window in sorted order
+#   that depends only on positions <= the query. Exactly causal in floating point too: each bucket starts a fresh
+#   chunk (empty slots, st = -1, fill the end of its last one), so a query's sums run over earlier positions
+#   alone; the window lies in the own and the previous chunk, so the kernels take it unchanged.
+# Both are one test on a per-round integer `loc` (sort_by_bucket): key j is in query i's window exactly when
+# loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (logit SELF_LOGIT, finite).
+# The rounds' outputs o_r combine by their log-sum-exps: out = sum_r softmax_r(lse_r) o_r (combine_rounds). The
+# paper's optional masks (off in trax's final code and here by default): same_bucket_mask masks a key of another
+# bucket even inside the chunk window (causal implies it); dup_correction lowers the logit of a key seen in c of
+# the rounds' windows by log(c), making the output the softmax over the union of the windows. k comes apart from
+# q (the Reformer's k is the unit-normalised q); autograd adds the two gradients.
 
 SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
 last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recent lsh_attention call used
@@ -548,11 +539,10 @@ last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recen
 
 def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
     """buckets (B, H, R, T) -> st (B, H, R, P), rank, loc (B, H, R, T), span: st[..., s] is the original position
-    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t; loc and span are
-    in_window's. loc is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket_mask (rank
-    grows with the bucket, so other buckets land 2 or more away, or below).
-    With causal every bucket starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk *
-    bucket (span chunk: the chunk latest sorted indices of its bucket; another bucket lands chunk or more away)."""
+    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t; loc, span in_window's:
+    loc is t's chunk, span 2 (own or previous chunk), plus 2 * bucket with same_bucket_mask (other buckets land 2
+    or more away, or below). With causal every bucket starts a chunk (P >= T, a multiple of chunk), loc is t's
+    sorted index plus chunk * bucket, span chunk (another bucket lands chunk or more away)."""
     T = buckets.shape[-1]
     pos = torch.arange(T, device=buckets.device)
     st = torch.argsort(buckets.long() * T + pos, dim=-1)  # keys are unique, so this is the stable order
@@ -575,8 +565,7 @@ def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
 
 
 def in_window(loc_q, loc_k, span):
-    """Whether a key with window id loc_k is in the window of a query with id loc_q (the section's test); the
-    dense twin calls it on tensors, the kernels compiled (_in_window)."""
+    """Whether a key with id loc_k is in the window of a query with id loc_q (compiled: _in_window)."""
     return (loc_k <= loc_q) & (loc_k > loc_q - span)
 
 
@@ -589,9 +578,8 @@ def with_previous(x, chunks=3, rows=4):  # each chunk's rows: the previous chunk
 
 def window_masks(st, loc, span, chunk, dup_correction, dtype):
     """Per round and chunk, over its m queries x 2m keys (previous chunk's, then own): which key is the query
-    itself (m, 2m: key m + i for query i), log(count of rounds whose window holds the key) (B, H, R, N, m, 2m) in
-    dtype with dup_correction (else 0), and which keys the query may see (B, H, R, N, m, 2m; an empty slot's row
-    sees at least itself: a finite result, never read back)."""
+    itself (m, 2m), log(count of rounds whose window holds the key) (B, H, R, N, m, 2m) in dtype with
+    dup_correction (else 0), and which keys the query may see (B, H, R, N, m, 2m; an empty slot sees itself)."""
     B, H, R, P = st.shape
     N = P // chunk
     qpos = st.view(B, H, R, N, chunk)  # -1 in empty slots
@@ -650,13 +638,11 @@ def combine_rounds(o, lse):
     return (o * w[..., None].to(o.dtype)).sum(2)
 
 
-# (a') On a CPU: the same windows, each chunk's softmax by PyTorch's fused CPU attention (flash attention with an
-# additive mask; it returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward. The self
-# logit is added rather than set, a difference below rounding. The backward takes each round's log-sum-exp,
-# dout * w_r (w_r the round's weight in the combination) and the combined output in place of the round's: the
-# softmax backward's delta_i = w_r out_i . dout_i then carries the round's share of the gradient through w_r.
-# Both go CPU_GROUP chunks at a time, so the allocator reuses a group's buffers where buffers of the whole
-# sequence would be fresh pages, a page fault per 4 KiB (docs/results.md).
+# (a') On a CPU: each chunk's softmax by PyTorch's fused CPU attention with an additive mask (the self logit
+# added, not set: a difference below rounding), which returns each row's log-sum-exp, so no logits are kept. The
+# backward takes each round's log-sum-exp, dout * w_r (w_r the round's weight) and the combined output in place
+# of the round's: the softmax backward's delta_i = w_r out_i . dout_i carries the round's share. Both go CPU_GROUP
+# chunks at a time: the allocator reuses a group's buffers instead of faulting in fresh pages (docs/kernels.md).
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 CPU_GROUP = 256  # chunks: a group's additive mask is 8 MiB at m = 64 in float32
@@ -746,8 +732,8 @@ def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DUP_CORRE
 
 @jit
 def _sorted_positions(ST_ROUND, idx, ok):
-    """The original positions at sorted indices idx of a round (its row of ST), and which are real: not masked
-    by ok, nor an empty slot of the causal layout (-1). Positions that are not real read as 0."""
+    """The original positions at sorted indices idx of a round (its row of ST), 0 where not real, and which are
+    real: ok, and not an empty slot of the causal layout (-1)."""
     pos = tl.load(ST_ROUND + idx, mask=ok, other=-1)
     return tl.maximum(pos, 0), pos >= 0
 
@@ -772,24 +758,22 @@ def _store_rows(X, base, pos, ok, x, D: tl.constexpr, TILE_D: tl.constexpr, ACCU
     tl.store(ptrs, x.to(X.dtype.element_ty), mask=mask)
 
 
-# Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only count or give
-# lengths whose alignment the constexpr D shows, so one compiled kernel serves every value.
+# Triton compiles a kernel of its own for ints equal to 1 or divisible by 16; these need none (D shows alignment)
 LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
-# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM:
-# the chunk's TILE_M query rows (the chunk rounded up to a power of two, at least 16), then in turn tiles of
-# TILE_N key and value rows from the previous and the own chunk, each row gathered from the unsorted q/k/v
-# through the sorted positions ST, and their logits. The round's softmax over the key tiles (from m = -1e30,
-# l = 0, o = 0):
+# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM: the
+# chunk's TILE_M query rows (the chunk rounded up to a power of two, at least 16), then in turn tiles of TILE_N
+# key and value rows of the previous and the own chunk, gathered from the unsorted q/k/v through ST, and their
+# logits. The round's softmax over the key tiles (from m = -1e30, l = 0, o = 0):
 #   m' = max(m, rowmax(s));  l' = l exp(m - m') + rowsum(exp(s - m'));  o' = o exp(m - m') + exp(s - m') v
-# then merges into a running max M, sum L (relative to M) and output kept at the query's original position
-# (a position sits in one chunk per round, so no two programs of a launch touch the same row):
+# then merges into a running max M, sum L (relative to M) and output at the query's original position (in one
+# chunk per round, so no two programs of a launch touch the same row):
 #   M' = max(M, m);  a = exp(M - M'), b = exp(m - M');  L' = L a + l b;  out' = (out L a + (o / l) l b) / L'
-# M and L stay apart, not one log-sum-exp M + log L: M is an exact logit, so a row whose only key is itself
-# (logit SELF_LOGIT = -5e4, where an fp32 ulp is 0.004) keeps exact weights. The running output is fp32 (ACC)
-# until the last round writes O in the input dtype; the (B, H, R, T, D) per-round outputs are never stored.
+# M and L stay apart, not one log-sum-exp: M is an exact logit, so a row whose only key is itself (SELF_LOGIT =
+# -5e4, where an fp32 ulp is 0.004) keeps exact weights. The output is fp32 (ACC) until the last round writes O;
+# the (B, H, R, T, D) per-round outputs are never stored.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T, P,
                     TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
@@ -837,8 +821,7 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
 
 
 # The backward needs no per-round quantity: the combined output is one softmax over all rounds' windows,
-# out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i. So, with delta_i = out_i . dout_i
-# (_delta_kernel, below), as in flash attention:
+# out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i. So, with delta_i = out_i . dout_i:
 #   dv_j = sum_ri P_rij dout_i;  dS_rij = P_rij (dout_i . v_j - delta_i);
 #   dk_j = scale * sum_ri dS_rij q_i;  dq_i = scale * sum_rj dS_rij k_j
 # One launch per round adds its terms into fp32 (B, H, T, D) accumulators; the programs of a launch own
@@ -906,8 +889,8 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk,
     _store_rows(DQ, bh * T * D, qpos, q_ok, dq * scale, D, TILE_D, r > 0)
 
 
-# Backward, delta_i = out_i . dout_i in fp32 for every query row, read by the two gradient kernels above. One
-# program per TILE_M rows of the row-major (n_rows, D) out and dout; grid (n_rows / TILE_M).
+# Backward, delta_i = out_i . dout_i in fp32, for the two kernels above. One program per TILE_M rows of the
+# row-major (n_rows, D) out and dout; grid (n_rows / TILE_M).
 @jit(do_not_specialize=["n_rows"])
 def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, TILE_M: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * TILE_M + tl.arange(0, TILE_M)
@@ -918,14 +901,12 @@ def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, T
     tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < n_rows)
 
 
-# (c) The launcher: a launch per round, forward and backward; the rows' running max and sum carry the rounds'
-# merge from one launch to the next.
+# (c) The launcher: a launch per round, forward and backward (the rows' M and L carry the merge between them).
 
 def lsh_launch_config(chunk, D, dtype, arch, dup_correction):
-    """The three LSH kernels' launch settings on sm_`arch` (None: the interpreter): a program's rows TILE_M (the
-    chunk), the width TILE_N of the tiles it walks, the padded head dim TILE_D (tl.dot needs 16 or more: smaller or
-    odd sizes are padded and masked), warps and stages. docs/kernels.md says how they were chosen; the compile
-    check in test_all.py checks each for spills."""
+    """The LSH kernels' launch settings on sm_`arch` (None: the interpreter): a program's rows TILE_M (the chunk),
+    the width TILE_N of the tiles it walks, the padded head dim TILE_D (tl.dot needs 16 or more: smaller or odd
+    sizes are padded and masked), warps and stages; docs/kernels.md says how they were chosen."""
     tile_m, tile_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
     tile_n = 32
     if (arch or 90) == 90:  # 16 leaves room for dup_correction's count tile beside (64, 128) rows
@@ -947,8 +928,8 @@ def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_
 
 
 def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dup_correction, cfg):
-    """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running max and sum
-    m, l (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket (int32)."""
+    """The forward launches, round by round: the output (B, H, T, D) and the rows' running max and sum m, l
+    (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket (int32)."""
     B, H, T, D = q.shape
     R, P = st.shape[2:]
     out = torch.empty_like(q)
