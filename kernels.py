@@ -75,8 +75,8 @@ def _gpu_unfit(arch):
 def triton_dispatch(family, x, backend, family_unfit, *args):
     """The dispatch of every family: whether its Triton kernels run on inputs like x. backend None picks them for
     CUDA tensors they take, "triton" forces them (a ValueError says why they cannot), "dense" never runs them.
-    family_unfit(arch, *args) is the family's own check (dtype, head dim, tile): a sentence, or None when it
-    takes the inputs on sm_`arch`."""
+    family_unfit(arch, *args) is the family's own check (dtype, head dim, tile; arch None: the interpreter): a
+    sentence, or None; the compile check in test_all.py compiles what it lets through."""
     if backend not in (None, "triton", "dense"):
         raise ValueError(f"unknown {family} backend {backend!r}; choose 'triton', 'dense' or leave it unset")
     if backend == "dense":
@@ -454,8 +454,7 @@ TRITON_TILES = (16, 32, 64, 128)  # layout tiles the Triton kernels take (64/128
 
 
 def _sparse_unfit(arch, q, k, v, tile):
-    """Why the block-sparse kernels cannot take q, k, v on sm_`arch` (None: the interpreter), a sentence, or None
-    when they can (triton_dispatch checks the architecture itself; the compile check compiles the rest)."""
+    """triton_dispatch's family check: why the block-sparse kernels cannot take q, k, v on sm_`arch`, or None."""
     T, S, D = q.size(2), k.size(2), q.size(3)
     if not q.dtype == k.dtype == v.dtype:
         return f"the block-sparse Triton kernels need q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -476,10 +475,8 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
 
     causal: bottom-right aligned causal mask. layout: optional boolean [H or 1, T/tile, S/tile] tiles to
     compute (rounded up when T or S is not a multiple of tile; the Triton kernels need exact multiples).
-    window: query position p sees keys j > p - window only. scale: defaults to 1/sqrt(D).
-    backend: None picks Triton for CUDA tensors whose shapes the kernels take (see TRITON_TILES,
-    TRITON_HEAD_DIMS) and the dense fallback otherwise; "triton" or "dense" forces one (ValueError if the
-    kernels cannot take the inputs). `last_backend` records the choice."""
+    window: query position p sees keys j > p - window only. scale: defaults to 1/sqrt(D). backend: see
+    triton_dispatch (the kernels take TRITON_TILES and TRITON_HEAD_DIMS); `last_backend` records the choice."""
     global last_backend
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.size(3) != q.size(3):
         raise ValueError(f"attention needs q (B, H, T, D) and k, v (B, H, S, D); got q {tuple(q.shape)}, "
@@ -508,8 +505,8 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
 
 
 def decoding_sdpa():
-    """A context for decoding loops: SDPA chooses among the flash, memory-efficient and math kernels only. Each
-    decoding step has a new key length, for which SDPA's default choice is far slower (docs/kernels.md)."""
+    """A context for decoding loops: SDPA chooses among its flash, memory-efficient and math kernels only (its
+    default choice is far slower for each new key length; docs/kernels.md)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -970,8 +967,7 @@ def _lsh_backward(out, q, k, v, st, loc, m, l, do, span, chunk, scale, dup_corre
 # (d) The public function and its family's checks
 
 def _lsh_unfit(arch, dtype, D, chunk, dup_correction):
-    """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence, or
-    None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
+    """triton_dispatch's family check: why the LSH kernels cannot take these inputs on sm_`arch`, or None."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the LSH Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
     if chunk > 64:
@@ -989,11 +985,10 @@ def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, du
                   backend=None):
     """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
 
-    Any T: a sequence that chunk does not divide is padded inside, its output the function of the unpadded
-    sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
-    keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, cpu_lsh_attention on a CPU,
-    the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the twin) forces one
-    and last_lsh_backend says which ran."""
+    Any T (padded inside; the output is the unpadded sequence's, its last chunk shorter). causal=True: each query
+    attends to the chunk most recent keys of its own bucket, exactly causal (the section comment). Triton on CUDA,
+    cpu_lsh_attention on a CPU, the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or
+    'dense' (the twin) forces one and last_lsh_backend says which ran."""
     global last_lsh_backend
     runs = triton_dispatch("LSH attention", q, backend, _lsh_unfit, q.dtype, q.size(-1), chunk, dup_correction)
     on_cpu = not runs and q.device.type == "cpu" and backend != "dense"
@@ -1224,8 +1219,8 @@ def _aft_backward(o, k, v, band, lse, do, cfg):
 # (d) The public function and its family's checks
 
 def aft_unfit(arch, k, band=None):
-    """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (None: the
-    interpreter), a sentence, or None when they can; aft.py's dispatch asks it too."""
+    """triton_dispatch's family check (aft.py's too): why the AFT kernels cannot take k (B, T, C) and band
+    (G, T, s) or None on sm_`arch`, or None."""
     B, T, C = k.shape
     G, s = (1, 0) if band is None else (band.size(0), band.size(2))
     if C % G:
