@@ -586,10 +586,8 @@ def window_masks(st, loc, span, chunk, dup_correction, dtype):
     log_count = 0.0
     if dup_correction:
         # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
-        qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, R * P).expand(B, H, R, R * P))
-        qloc = qloc.view(B, H, R, R, N, chunk)
-        kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, 2 * R * P).expand(B, H, R, 2 * R * P))
-        kloc = kloc.view(B, H, R, R, N, 2 * chunk)
+        qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, -1).expand(B, H, R, -1)).view(B, H, R, R, N, -1)
+        kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, -1).expand(B, H, R, -1)).view(B, H, R, R, N, -1)
         log_count = in_window(qloc[..., :, None], kloc[..., None, :], span).sum(2).clamp(min=1).to(dtype).log()
     # keys that no query may see (empty slots; the first chunk's previous chunk, which it does not have) and the
     # queries of empty slots move to position P, later than every real query: one comparison masks them all
@@ -920,8 +918,7 @@ def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_
     st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
     cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dup_correction)
-    settings = (span, chunk, scale, dup_correction, cfg)
-    return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), settings)
+    return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), (span, chunk, scale, dup_correction, cfg))
 
 
 def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dup_correction, cfg):
