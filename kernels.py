@@ -348,9 +348,8 @@ LOG2E = math.log2(math.e)  # 2^(x * LOG2E) = e^x
 
 
 def _layout_key(layout):
-    """The layout's content as a hashable key, serialised once per tensor: the same tensor again (models keep
-    their layouts) reuses its key unless it was modified in place since (torch bumps its _version); a rebuilt
-    tensor of the same content gets an equal key. Holding the tensor keeps its id from being reused."""
+    """The layout's content as a hashable key, serialised once per tensor (models keep theirs) and again after an
+    in-place change (torch bumps _version); the tensor is held, so that its id is not reused."""
     if layout is None:
         return None
     seen = _layout_keys.get(id(layout))
@@ -393,10 +392,9 @@ def tile_lists(layout, tile, T, S, future, window, device):
 
 
 def launch_config(tile, D, dtype, arch):
-    """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles
-    it walks, warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps
-    and stages). docs/kernels.md says how they were chosen; the compile check in test_all.py checks
-    them."""
+    """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles it walks,
+    warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages).
+    docs/kernels.md says how they were chosen; the compile check in test_all.py checks them."""
     arch = arch or 90
     row_bytes = D * dtype.itemsize
     width = min(tile, 64 if row_bytes <= 256 else 32)
