@@ -1,18 +1,10 @@
 """
-Attention kernels shared by the models: three families, a chapter each, after what they share (the preamble).
-
-Every chapter reads in the same order: (a) the definition and its dense PyTorch twin, which the tests hold the
-kernels to; (b) the Triton kernels, each under what one program computes and its recurrence; (c) the launcher and
-its launch settings; (d) the public function.
-
-  Preamble          triton_dispatch (whether Triton runs; forced where it cannot, why), _launch_settings (one
-                    cache of every family's launch settings), _launch (one autograd Function for every family)
-  1. Block-sparse   (a) attention_mask, dense_attention  (b) _fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel
-     attention      (c) tile_lists, launch_config  (d) attention
-  2. LSH attention  (a) sort_by_bucket, torch_lsh_attention, cpu_lsh_attention  (b) _lsh_fwd_kernel,
-                    _lsh_bwd_dkdv_kernel, _lsh_bwd_dq_kernel, _delta_kernel  (c) lsh_launch_config  (d) lsh_attention
-  3. AFT sums       (a) the definition (aft.py holds the PyTorch path)  (b) _aft_fwd_carry_kernel, _aft_fwd_kernel,
-                    _aft_bwd_carry_kernel, _aft_bwd_kernel  (c) aft_launch_config  (d) aft_sums
+Attention kernels shared by the models, after a preamble of what they share (triton_dispatch, _launch):
+  1. Block-sparse attention: attention (twin: dense_attention)
+  2. LSH attention: lsh_attention (twin: torch_lsh_attention; on a CPU cpu_lsh_attention)
+  3. AFT sums: aft_sums (twin: aft.py's PyTorch path)
+Each chapter: (a) the definition and its dense PyTorch twin, which the tests hold the kernels to;
+(b) the Triton kernels; (c) the launcher and its launch settings; (d) the public function.
 
 Conventions used throughout the repository:
 - q: (B, H, T, D), k and v: (B, H, S, D) with S >= T.
@@ -24,8 +16,7 @@ Conventions used throughout the repository:
   diagonal is the causal one.
 - a query that sees no key at all gets a zero output (and passes no gradient), never NaN.
 
-docs/kernels.md documents the kernels, their launch settings and their measurements; bench.py measures them
-against FlexAttention, dense SDPA and the LSH twin, and sweeps their launch settings.
+docs/kernels.md documents the kernels, their launch settings and measurements (bench.py's).
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings without triton
 
@@ -84,8 +75,8 @@ def _gpu_unfit(arch):
 def triton_dispatch(family, x, backend, family_unfit, *args):
     """The dispatch of every family: whether its Triton kernels run on inputs like x. backend None picks them for
     CUDA tensors they take, "triton" forces them (a ValueError says why they cannot), "dense" never runs them.
-    family_unfit(arch, *args) is the family's own check (dtype, head dim, tile): a sentence, or None when it
-    takes the inputs on sm_`arch`."""
+    family_unfit(arch, *args) is the family's own check (dtype, head dim, tile; arch None: the interpreter): a
+    sentence, or None; the compile check in test_all.py compiles what it lets through."""
     if backend not in (None, "triton", "dense"):
         raise ValueError(f"unknown {family} backend {backend!r}; choose 'triton', 'dense' or leave it unset")
     if backend == "dense":
@@ -111,25 +102,16 @@ def backend_info(device):
     return f"attention backend: triton {triton.__version__} (CUDA)"
 
 
-_launch_cache = {}  # (a family's config function, its arguments) -> its launch settings
-
-
+@functools.cache  # the dispatch runs on every call of a model's layer
 def _launch_settings(config, *args):
-    """config(*args), a family's launch settings, once per configuration (they depend on shapes, dtype and
-    architecture only, and the dispatch runs on every call of a model's layer)."""
-    key = (config, *args)
-    if key not in _launch_cache:
-        _launch_cache[key] = config(*args)
-    return _launch_cache[key]
+    """config(*args), a family's launch settings (they depend on shapes, dtype and arch only)."""
+    return config(*args)
 
-
-# Every family's launches go through one autograd Function. A family gives two plain functions,
-#     forward(*inputs, *settings) -> (out, *saved)
-#     backward(*inputs, out, *saved, dout, *settings) -> the gradients of its input tensors
-# where settings are all else (lists, scalars, launch settings), passed to apply() as one argument.
 
 def _launch(forward, backward, inputs, settings):
-    """forward's output; through _Launches only when a gradient is wanted (apply() costs time)."""
+    """Every family's launches: forward(*inputs, *settings) -> (out, *saved), saved the tensors the
+    backward needs, and backward(out, *saved, dout, *settings) -> the inputs' gradients; settings are all
+    else (lists, scalars, launch settings). The autograd Function only when a gradient is wanted."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return _Launches.apply((forward, backward, settings), *inputs)
     return forward(*inputs, *settings)[0]
@@ -140,7 +122,7 @@ class _Launches(torch.autograd.Function):
     def forward(ctx, family, *inputs):
         forward, ctx.backward, ctx.settings = family
         out, *saved = forward(*inputs, *ctx.settings)
-        ctx.save_for_backward(*inputs, out, *saved)
+        ctx.save_for_backward(out, *saved)
         return out
 
     @staticmethod
@@ -185,21 +167,19 @@ def dense_attention(q, k, v, causal=True, layout=None, tile=64, window=None, sca
     return out.masked_fill(empty[None], 0.0)
 
 
-# (b) The kernels. A program walks a list of tiles (tile_lists, part (c)). The causal mask and the
-# window are one band of visible keys, the same named values past, future, window everywhere:
-#     past + i - window < j <= past + i + future    (query row i sits at position past + i, past = S - T)
-# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. A list
-# holds the tiles the band's edge cuts first: the kernels walk those with a per-element mask, then
-# the rest without one. Scores s are in log2 units (qk_scale = scale * log2(e)), so the kernels use
-# exp2, and the forward saves lse2 = log2 sum_j 2^s_j per row (the log-sum-exp in log2 units) for the
-# backward. Masked scores are -inf.
+# (b) The kernels. A program walks a list of tiles (tile_lists, part (c)): first those the band's
+# edge cuts, with a per-element mask, then the rest without one. The causal mask and the window are
+# one band of visible keys, the same named values past, future, window everywhere:
+#     past + i - window < j <= past + i + future    (query row i at position past + i, past = S - T)
+# with future = 0 for causal attention (S otherwise) and window = S + 1 when there is none. Scores s
+# are in log2 units (qk_scale = scale * log2(e)), so the kernels use exp2 and the forward saves per
+# row lse2 = log2 sum_j 2^s_j. Masked scores are -inf.
 SPARSE_SCALARS = ["H", "layout_heads", "future", "window"]  # scalar arithmetic only: one compiled kernel for all
 
 
 # Forward. One program computes TILE_M output rows (of one query tile) of one (batch, head): grid
 # (T / TILE_M, B * H). q, the running max m, the running sum l and the output accumulator stay in
-# SRAM while the program walks its tile's list of key tiles in sub-tiles of TILE_N keys. Per
-# sub-tile, with s the scores:
+# SRAM while the program walks its key list in sub-tiles of TILE_N keys, with s the scores:
 #     m' = max(m, rowmax(s))
 #     l' = l * 2^(m - m') + rowsum(2^(s - m'))
 #     acc' = acc * 2^(m - m') + 2^(s - m') v            and at the end: out = acc / l, lse2 = m + log2(l)
@@ -239,8 +219,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, fut
         kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, TILE_N)
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
-            s = tl.where(keep, s, float("-inf"))
+            q_pos, k_pos = past + offs_m[:, None], (k_lo + offs_n)[None, :]
+            s = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -251,17 +231,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, fut
     return acc, l_i, m_i
 
 
-@jit
-def _band(q_pos, k_pos, future, window):
-    """Element mask of the band q_pos - window < k_pos <= q_pos + future, broadcast (absolute positions)."""
-    return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
-
-
-# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile)
-# of one (batch, head): grid (T / TILE_M, B * H). It computes its rows' delta = rowsum(out * dout)
-# in fp32 and stores it for the dK/dV kernel (a launch fewer than a kernel of its own). q, dout,
-# lse2, delta and the dq accumulator stay in SRAM while the program walks the forward's key list,
-# in sub-tiles of TILE_N keys:
+# Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of
+# one (batch, head): grid (T / TILE_M, B * H), and stores their delta = rowsum(out * dout) in fp32
+# for the dK/dV kernel. q, dout, lse2, delta and the dq accumulator stay in SRAM while the program
+# walks the forward's key list, in sub-tiles of TILE_N keys:
 #     P = 2^(s - lse2)
 #     dP = dout v^T
 #     dq += scale * (P * (dP - delta)) k
@@ -305,8 +278,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, cols, lo, hi, qk_scale, offs_m, past
         vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
-            s = tl.where(keep, s, float("-inf"))
+            q_pos, k_pos = past + offs_m[:, None], (k_lo + offs_n)[None, :]
+            s = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         ds = p * (tl.dot(do, vT) - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
@@ -315,8 +288,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, cols, lo, hi, qk_scale, offs_m, past
 
 # Backward, dK and dV. One program computes the gradients of TILE_N keys (of one key tile) of one
 # (batch, head): grid (S / TILE_N, B * H). k, v and the dk, dv accumulators stay in SRAM while the
-# program walks the query tiles that visit its tile, in sub-tiles of TILE_M queries, with delta as
-# the dQ kernel stored it:
+# program walks the query tiles that visit its tile, in sub-tiles of TILE_M queries (delta: dQ's):
 #     P = 2^(s - lse2)                     (the forward's softmax, exactly)
 #     dv += P^T dout,   dP = dout v^T
 #     dk += scale * (P * (dP - delta))^T q
@@ -357,8 +329,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, rows, lo, hi, qk_scale, offs_n
         qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, TILE_M)
         sT = tl.dot(k, qT) * qk_scale
         if MASKED:
-            keep = _band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window)
-            sT = tl.where(keep, sT, float("-inf"))
+            q_pos, k_pos = past + (m_lo + offs_m)[None, :], offs_n[:, None]
+            sT = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), sT, float("-inf"))
         pT = tl.exp2(sT - tl.load(LSE2 + m_lo + offs_m)[None, :])
         do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (TILE_M, D)
         dv += tl.dot(pT.to(do.dtype), do)
@@ -376,9 +348,8 @@ LOG2E = math.log2(math.e)  # 2^(x * LOG2E) = e^x
 
 
 def _layout_key(layout):
-    """The layout's content as a hashable key, serialised once per tensor: the same tensor again (models keep
-    their layouts) reuses its key unless it was modified in place since (torch bumps its _version); a rebuilt
-    tensor of the same content gets an equal key. Holding the tensor keeps its id from being reused."""
+    """The layout's content as a hashable key, serialised once per tensor (models keep theirs) and again after an
+    in-place change (torch bumps _version); the tensor is held, so that its id is not reused."""
     if layout is None:
         return None
     seen = _layout_keys.get(id(layout))
@@ -421,10 +392,9 @@ def tile_lists(layout, tile, T, S, future, window, device):
 
 
 def launch_config(tile, D, dtype, arch):
-    """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles
-    it walks, warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps
-    and stages). docs/kernels.md says how they were chosen; the compile check in test_all.py checks
-    them."""
+    """Per kernel: the rows (queries, or keys for dK/dV) a program owns, the width of the sub-tiles it walks,
+    warps and pipeline stages, for sm_`arch` (None: the interpreter, which ignores warps and stages).
+    docs/kernels.md says how they were chosen; the compile check in test_all.py checks them."""
     arch = arch or 90
     row_bytes = D * dtype.itemsize
     width = min(tile, 64 if row_bytes <= 256 else 32)
@@ -458,10 +428,10 @@ def _sparse_forward(q, k, v, lists, layout_heads, tile, future, window, scale, c
     _fwd_kernel[(T // cfg["fwd"]["TILE_M"], B * H)](
         q, k, v, o, lse2, row_ptr, row_mid, cols, scale * LOG2E, H, T, S, layout_heads, future,
         window, TILE=tile, D=D, **cfg["fwd"])
-    return o, lse2
+    return o, q, k, v, lse2
 
 
-def _sparse_backward(q, k, v, o, lse2, do, lists, layout_heads, tile, future, window, scale, cfg):
+def _sparse_backward(o, q, k, v, lse2, do, lists, layout_heads, tile, future, window, scale, cfg):
     """The backward's launches: the dQ kernel, which writes delta, then the dK/dV kernel."""
     row_ptr, cols, col_ptr, rows, row_mid, col_mid = lists
     (B, H, T, D), S = q.shape, k.size(2)
@@ -482,8 +452,7 @@ TRITON_TILES = (16, 32, 64, 128)  # layout tiles the Triton kernels take (64/128
 
 
 def _sparse_unfit(arch, q, k, v, tile):
-    """Why the block-sparse kernels cannot take q, k, v on sm_`arch` (None: the interpreter), a sentence, or None
-    when they can (triton_dispatch checks the architecture itself; the compile check compiles the rest)."""
+    """triton_dispatch's family check: why the block-sparse kernels cannot take q, k, v on sm_`arch`, or None."""
     T, S, D = q.size(2), k.size(2), q.size(3)
     if not q.dtype == k.dtype == v.dtype:
         return f"the block-sparse Triton kernels need q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -504,10 +473,8 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
 
     causal: bottom-right aligned causal mask. layout: optional boolean [H or 1, T/tile, S/tile] tiles to
     compute (rounded up when T or S is not a multiple of tile; the Triton kernels need exact multiples).
-    window: query position p sees keys j > p - window only. scale: defaults to 1/sqrt(D).
-    backend: None picks Triton for CUDA tensors whose shapes the kernels take (see TRITON_TILES,
-    TRITON_HEAD_DIMS) and the dense fallback otherwise; "triton" or "dense" forces one (ValueError if the
-    kernels cannot take the inputs). `last_backend` records the choice."""
+    window: query position p sees keys j > p - window only. scale: defaults to 1/sqrt(D). backend: see
+    triton_dispatch (the kernels take TRITON_TILES and TRITON_HEAD_DIMS); `last_backend` records the choice."""
     global last_backend
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.size(3) != q.size(3):
         raise ValueError(f"attention needs q (B, H, T, D) and k, v (B, H, S, D); got q {tuple(q.shape)}, "
@@ -526,10 +493,9 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
             raise ValueError(f"with a layout, S - T must be a multiple of tile={tile} so the layout's diagonal "
                              f"is the causal one; got T={T}, S={S}")
     runs = triton_dispatch("attention", q, backend, _sparse_unfit, q, k, v, tile)
+    last_backend = "triton" if runs else "dense"
     if not runs:
-        last_backend = "dense"
         return dense_attention(q, k, v, causal=causal, layout=layout, tile=tile, window=window, scale=scale)
-    last_backend = "triton"
     future = 0 if causal else S  # the band of the kernels' section comment
     window = S + 1 if window is None else min(window, S + 1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -537,8 +503,8 @@ def attention(q, k, v, causal=True, layout=None, tile=64, window=None, scale=Non
 
 
 def decoding_sdpa():
-    """A context for decoding loops: SDPA chooses among the flash, memory-efficient and math kernels only. Each
-    decoding step has a new key length, for which SDPA's default choice is far slower (docs/kernels.md)."""
+    """A context for decoding loops: SDPA chooses among its flash, memory-efficient and math kernels only (its
+    default choice is far slower for each new key length; docs/kernels.md)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -548,21 +514,19 @@ def decoding_sdpa():
 # (a) The definition. Per hash round every position carries a bucket id; positions are sorted by (bucket,
 # position) and the sorted order is cut into chunks of `chunk` rows. A query's keys in a round, two ways:
 # - the paper's (default): the keys of its own and of the previous chunk (the first chunk has none: unlike trax,
-#   rounds are not concatenated and nothing wraps around) at an earlier or equal original position. Where a chunk
-#   boundary falls depends on how many later positions sort before it: not causal, in the paper and in trax alike.
-# - causal=True: the `chunk` most recent keys of its own bucket up to itself, a sliding window in sorted order.
-#   A bucket depends on its position alone, so the window depends only on positions <= the query: exactly causal,
-#   in floating point too, as each bucket starts a fresh chunk (empty slots, st = -1, fill the end of its last
-#   one), so the sums a query's tiles run depend only on earlier positions. The window lies in the own and the
-#   previous chunk, so the kernels take it unchanged.
-# Both are one test on a per-round integer `loc` of every position (sort_by_bucket): key j is in query i's window
-# exactly when loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (its logit is
-# SELF_LOGIT, finite). Each round gives an output o_r and the log-sum-exp lse_r of each query's logits; the rounds
-# combine as out = sum_r softmax_r(lse_r) o_r (combine_rounds). The paper's two optional masks, off in trax's
-# final code and here by default: same_bucket_mask masks a key of another bucket even inside the chunk window
-# (causal implies it); dup_correction lowers the logit of a key seen in c of the rounds' windows by log(c), making
-# the combined output the softmax over the union of the windows. k comes apart from q (the Reformer's k is the
-# unit-normalised q); autograd adds the two gradients.
+#   rounds are not concatenated and nothing wraps around) at an earlier or equal original position. Not causal,
+#   in the paper and in trax alike: where a chunk boundary falls depends on how many later positions sort before.
+# - causal=True: the `chunk` most recent keys of its own bucket up to itself, a sliding window in sorted order
+#   that depends only on positions <= the query. Exactly causal in floating point too: each bucket starts a fresh
+#   chunk (empty slots, st = -1, fill the end of its last one), so a query's sums run over earlier positions
+#   alone; the window lies in the own and the previous chunk, so the kernels take it unchanged.
+# Both are one test on a per-round integer `loc` (sort_by_bucket): key j is in query i's window exactly when
+# loc_i - span < loc_j <= loc_i. A query sees itself only when nothing else is left (logit SELF_LOGIT, finite).
+# The rounds' outputs o_r combine by their log-sum-exps: out = sum_r softmax_r(lse_r) o_r (combine_rounds). The
+# paper's optional masks (off in trax's final code and here by default): same_bucket_mask masks a key of another
+# bucket even inside the chunk window (causal implies it); dup_correction lowers the logit of a key seen in c of
+# the rounds' windows by log(c), making the output the softmax over the union of the windows. k comes apart from
+# q (the Reformer's k is the unit-normalised q); autograd adds the two gradients.
 
 SELF_LOGIT = -5e4  # a query's logit on its own key: finite (the row may have no other key) and in fp16 range
 last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recent lsh_attention call used
@@ -570,11 +534,10 @@ last_lsh_backend = None  # "triton", "cpu" or "dense": which path the most recen
 
 def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
     """buckets (B, H, R, T) -> st (B, H, R, P), rank, loc (B, H, R, T), span: st[..., s] is the original position
-    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t; loc and span are
-    in_window's. loc is t's chunk (span 2: own or previous chunk), plus 2 * bucket with same_bucket_mask (rank
-    grows with the bucket, so other buckets land 2 or more away, or below).
-    With causal every bucket starts a chunk (P >= T, a multiple of chunk) and loc is t's sorted index plus chunk *
-    bucket (span chunk: the chunk latest sorted indices of its bucket; another bucket lands chunk or more away)."""
+    at sorted index s (-1 for an empty slot), rank[..., t] the sorted index of position t; loc, span in_window's:
+    loc is t's chunk, span 2 (own or previous chunk), plus 2 * bucket with same_bucket_mask (other buckets land 2
+    or more away, or below). With causal every bucket starts a chunk (P >= T, a multiple of chunk), loc is t's
+    sorted index plus chunk * bucket, span chunk (another bucket lands chunk or more away)."""
     T = buckets.shape[-1]
     pos = torch.arange(T, device=buckets.device)
     st = torch.argsort(buckets.long() * T + pos, dim=-1)  # keys are unique, so this is the stable order
@@ -597,8 +560,7 @@ def sort_by_bucket(buckets, chunk, same_bucket_mask=False, causal=False):
 
 
 def in_window(loc_q, loc_k, span):
-    """Whether a key with window id loc_k is in the window of a query with id loc_q (the section's test); the
-    dense twin calls it on tensors, the kernels compiled (_in_window)."""
+    """Whether a key with id loc_k is in the window of a query with id loc_q (compiled: _in_window)."""
     return (loc_k <= loc_q) & (loc_k > loc_q - span)
 
 
@@ -611,9 +573,8 @@ def with_previous(x, chunks=3, rows=4):  # each chunk's rows: the previous chunk
 
 def window_masks(st, loc, span, chunk, dup_correction, dtype):
     """Per round and chunk, over its m queries x 2m keys (previous chunk's, then own): which key is the query
-    itself (m, 2m: key m + i for query i), log(count of rounds whose window holds the key) (B, H, R, N, m, 2m) in
-    dtype with dup_correction (else 0), and which keys the query may see (B, H, R, N, m, 2m; an empty slot's row
-    sees at least itself: a finite result, never read back)."""
+    itself (m, 2m), log(count of rounds whose window holds the key) (B, H, R, N, m, 2m) in dtype with
+    dup_correction (else 0), and which keys the query may see (B, H, R, N, m, 2m; an empty slot sees itself)."""
     B, H, R, P = st.shape
     N = P // chunk
     qpos = st.view(B, H, R, N, chunk)  # -1 in empty slots
@@ -623,10 +584,8 @@ def window_masks(st, loc, span, chunk, dup_correction, dtype):
     log_count = 0.0
     if dup_correction:
         # loc of query and key rows in every round r2: (B, H, R2, R, N, m or 2m)
-        qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, R * P).expand(B, H, R, R * P))
-        qloc = qloc.view(B, H, R, R, N, chunk)
-        kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, 2 * R * P).expand(B, H, R, 2 * R * P))
-        kloc = kloc.view(B, H, R, R, N, 2 * chunk)
+        qloc = loc.gather(3, qpos.clamp(min=0).reshape(B, H, 1, -1).expand(B, H, R, -1)).view(B, H, R, R, N, -1)
+        kloc = loc.gather(3, kpos.clamp(min=0).reshape(B, H, 1, -1).expand(B, H, R, -1)).view(B, H, R, R, N, -1)
         log_count = in_window(qloc[..., :, None], kloc[..., None, :], span).sum(2).clamp(min=1).to(dtype).log()
     # keys that no query may see (empty slots; the first chunk's previous chunk, which it does not have) and the
     # queries of empty slots move to position P, later than every real query: one comparison masks them all
@@ -672,50 +631,45 @@ def combine_rounds(o, lse):
     return (o * w[..., None].to(o.dtype)).sum(2)
 
 
-# (a') On a CPU: the same windows, each chunk's softmax by PyTorch's fused CPU attention (flash attention with an
-# additive mask; it returns each row's log-sum-exp), so no (m x 2m) logits are kept for the backward. The self
-# logit is added rather than set, a difference below rounding. The backward takes each round's log-sum-exp,
-# dout * w_r (w_r the round's weight in the combination) and the combined output in place of the round's: the
-# softmax backward's delta_i = w_r out_i . dout_i then carries the round's share of the gradient through w_r.
-# Both go CPU_GROUP chunks at a time, so the allocator reuses a group's buffers where buffers of the whole
-# sequence would be fresh pages, a page fault per 4 KiB (docs/results.md).
+# (a') On a CPU: each chunk's softmax by PyTorch's fused CPU attention with an additive mask (the self logit
+# added, not set: a difference below rounding), which returns each row's log-sum-exp, so no logits are kept. The
+# backward takes each round's log-sum-exp, dout * w_r (w_r the round's weight) and the combined output in place
+# of the round's: the softmax backward's delta_i = w_r out_i . dout_i carries the round's share. Both go CPU_GROUP
+# chunks at a time: the allocator reuses a group's buffers instead of faulting in fresh pages (docs/kernels.md).
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 CPU_GROUP = 256  # chunks: a group's additive mask is 8 MiB at m = 64 in float32
 
 
-class _LSHOnCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, st, rank, allowed, self_bias, scale):
-        B, H, T, D = q.shape
-        R, P = st.shape[2:]
-        rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
-        q_, k_, v_ = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
-        o, lse = (torch.cat(parts) for parts in zip(*(
-            _cpu_flash(rows_at(q_, rows[g]), windows_at(k_, rows, g), windows_at(v_, rows, g), 0.0, False,
-                       attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
-        w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
-        w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
-        out = torch.zeros(B * H * T, D, dtype=q.dtype)
-        out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
-        ctx.save_for_backward(q_, k_, v_, rows, allowed, self_bias, out, lse, w)
-        ctx.scale = scale
-        return out.view(q.shape)
+def _cpu_lsh_forward(q, k, v, st, rank, allowed, self_bias, scale):
+    """The output; saved: q, k, v as rows (B*H*T, D), sorted rows, masks, lse, weights (st, rank are not)."""
+    B, H, T, D = q.shape
+    R, P = st.shape[2:]
+    rows = (st.clamp(min=0) + T * torch.arange(B * H).view(B, H, 1, 1)).view(-1, allowed.size(2))  # (B*H*T)
+    q, k, v = (x.reshape(-1, D) for x in (q, k, v))  # (B*H*T, D)
+    o, lse = (torch.cat(parts) for parts in zip(*(
+        _cpu_flash(rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g), 0.0, False,
+                   attn_mask=mask_at(allowed, self_bias, g), scale=scale) for g in groups(rows))))
+    w = torch.softmax(lse.view(B, H, R, P).gather(3, rank), dim=2)  # (B, H, R, T): each round's weight
+    w = (w.gather(3, st.clamp(min=0)) * (st >= 0)).view(lse.shape)  # in sorted order; 0 in empty slots
+    out = torch.zeros(B * H * T, D, dtype=q.dtype)
+    out.index_add_(0, rows.view(-1), o.mul_(w[..., None].to(o.dtype)).view(-1, D))  # undo the sort, add rounds
+    return out.view(B, H, T, D), q, k, v, rows, allowed, self_bias, lse, w
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, rows, allowed, self_bias, out, lse, w = ctx.saved_tensors  # q, k, v, out: (B*H*T, D)
-        shape, D, key_rows = dout.shape, q.size(1), with_previous(rows, 0, 1)
-        dout, dq, dk, dv = dout.reshape(-1, D), torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
-        for g in groups(rows):  # each row's gradient, summed over the rounds and chunks that hold it
-            gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
-                                             rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
-                                             rows_at(out, rows[g]), lse[g], 0.0, False,
-                                             attn_mask=mask_at(allowed, self_bias, g), scale=ctx.scale)
-            dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, D))
-            dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, D))
-            dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, D))
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+
+def _cpu_lsh_backward(out, q, k, v, rows, allowed, self_bias, lse, w, dout, scale):
+    """Each row's gradient, summed over the rounds and chunks that hold it."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)  # (B*H*T, D)
+    key_rows = with_previous(rows, 0, 1)
+    for g in groups(rows):
+        gq, gk, gv = _cpu_flash_backward(rows_at(dout, rows[g]) * w[g, ..., None].to(dout.dtype),
+                                         rows_at(q, rows[g]), windows_at(k, rows, g), windows_at(v, rows, g),
+                                         rows_at(out, rows[g]), lse[g], 0.0, False,
+                                         attn_mask=mask_at(allowed, self_bias, g), scale=scale)
+        dq.index_add_(0, rows[g].reshape(-1), gq.view(-1, q.size(1)))
+        dk.index_add_(0, key_rows[g].reshape(-1), gk.view(-1, q.size(1)))
+        dv.index_add_(0, key_rows[g].reshape(-1), gv.view(-1, q.size(1)))
+    return dq.view(dout.shape), dk.view(dout.shape), dv.view(dout.shape), None, None, None, None
 
 
 def groups(rows):  # CPU_GROUP chunks at a time
@@ -728,8 +682,8 @@ def mask_at(allowed, self_bias, g):
 
 
 def rows_at(x, rows):
-    """Rows of x (B*H*T, D) at indices rows (chunks, m): (chunks, 1, m, D)."""
-    return x.index_select(0, rows.reshape(-1)).view(rows.size(0), 1, rows.size(1), -1)
+    """Rows of x (B*H*T, D) or (B, H, T, D) at indices rows (chunks, m): (chunks, 1, m, D)."""
+    return x.view(-1, x.size(-1)).index_select(0, rows.reshape(-1)).view(rows.size(0), 1, rows.size(1), -1)
 
 
 def windows_at(x, rows, g):
@@ -742,12 +696,13 @@ def windows_at(x, rows, g):
 
 def cpu_lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False,
                       causal=False):
-    """The twin's combined output (combine_rounds of torch_lsh_attention), computed by _LSHOnCPU."""
+    """The twin's combined output (combine_rounds of torch_lsh_attention), by _cpu_lsh_forward."""
     st, rank, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     is_self, log_count, allowed = window_masks(st, loc, span, chunk, dup_correction, q.dtype)
     self_bias = (is_self * SELF_LOGIT - log_count).to(q.dtype).expand(allowed.shape)  # a view unless log_count
     window = (-1, 1, chunk, 2 * chunk)
-    return _LSHOnCPU.apply(q, k, v, st, rank, allowed.view(window), self_bias.reshape(window), scale)
+    inputs = (q, k, v, st, rank, allowed.view(window), self_bias.reshape(window))
+    return _launch(_cpu_lsh_forward, _cpu_lsh_backward, inputs, (scale,))
 
 
 # (b) The kernels. Shared by the three: the logits s = scale * q.k of a tile of queries against a tile of keys,
@@ -760,22 +715,18 @@ def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DUP_CORRE
     if DUP_CORRECTION:
         count = tl.zeros(s.shape, dtype=tl.int32)
         for r2 in range(R):
-            count += _lsh_window(LOC + (bh * R + r2) * T, qpos, kpos, span).to(tl.int32)
+            loc = LOC + (bh * R + r2) * T
+            count += _in_window(tl.load(loc + qpos), tl.load(loc + kpos), span).to(tl.int32)
         s = s - tl.log(tl.maximum(count, 1).to(tl.float32))
-    allowed = k_ok & (kpos <= qpos) & _lsh_window(LOC + (bh * R + r) * T, qpos, kpos, span)
+    loc = LOC + (bh * R + r) * T  # round r's row
+    allowed = k_ok & (kpos <= qpos) & _in_window(tl.load(loc + qpos), tl.load(loc + kpos), span)
     return tl.where(allowed, s, float("-inf"))
 
 
 @jit
-def _lsh_window(LOC_ROUND, qpos, kpos, span):
-    """Whether each key is in each query's window, for the round whose loc row is LOC_ROUND."""
-    return _in_window(tl.load(LOC_ROUND + qpos), tl.load(LOC_ROUND + kpos), span)
-
-
-@jit
 def _sorted_positions(ST_ROUND, idx, ok):
-    """The original positions at sorted indices idx of a round (its row of ST), and which are real: not masked
-    by ok, nor an empty slot of the causal layout (-1). Positions that are not real read as 0."""
+    """The original positions at sorted indices idx of a round (its row of ST), 0 where not real, and which are
+    real: ok, and not an empty slot of the causal layout (-1)."""
     pos = tl.load(ST_ROUND + idx, mask=ok, other=-1)
     return tl.maximum(pos, 0), pos >= 0
 
@@ -800,24 +751,22 @@ def _store_rows(X, base, pos, ok, x, D: tl.constexpr, TILE_D: tl.constexpr, ACCU
     tl.store(ptrs, x.to(X.dtype.element_ty), mask=mask)
 
 
-# Triton compiles a kernel of its own for int arguments equal to 1 or divisible by 16. These only count or give
-# lengths whose alignment the constexpr D shows, so one compiled kernel serves every value.
+# Triton compiles a kernel of its own for ints equal to 1 or divisible by 16; these need none (D shows alignment)
 LSH_SCALARS = ["r", "R", "span", "chunk", "T", "P"]
 
 
 # Forward, one launch per round r. One program = one chunk c of one (batch, head) bh in round r; grid
-# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM:
-# the chunk's TILE_M query rows (the chunk rounded up to a power of two, at least 16), then in turn tiles of
-# TILE_N key and value rows from the previous and the own chunk, each row gathered from the unsorted q/k/v
-# through the sorted positions ST, and their logits. The round's softmax over the key tiles (from m = -1e30,
-# l = 0, o = 0):
+# (B*H, P/chunk), P the length of the sorted order (T, or more with the causal layout's empty slots). SRAM: the
+# chunk's TILE_M query rows (the chunk rounded up to a power of two, at least 16), then in turn tiles of TILE_N
+# key and value rows of the previous and the own chunk, gathered from the unsorted q/k/v through ST, and their
+# logits. The round's softmax over the key tiles (from m = -1e30, l = 0, o = 0):
 #   m' = max(m, rowmax(s));  l' = l exp(m - m') + rowsum(exp(s - m'));  o' = o exp(m - m') + exp(s - m') v
-# then merges into a running max M, sum L (relative to M) and output kept at the query's original position
-# (a position sits in one chunk per round, so no two programs of a launch touch the same row):
+# then merges into a running max M, sum L (relative to M) and output at the query's original position (in one
+# chunk per round, so no two programs of a launch touch the same row):
 #   M' = max(M, m);  a = exp(M - M'), b = exp(m - M');  L' = L a + l b;  out' = (out L a + (o / l) l b) / L'
-# M and L stay apart, not one log-sum-exp M + log L: M is an exact logit, so a row whose only key is itself
-# (logit SELF_LOGIT = -5e4, where an fp32 ulp is 0.004) keeps exact weights. The running output is fp32 (ACC)
-# until the last round writes O in the input dtype; the (B, H, R, T, D) per-round outputs are never stored.
+# M and L stay apart, not one log-sum-exp: M is an exact logit, so a row whose only key is itself (SELF_LOGIT =
+# -5e4, where an fp32 ulp is 0.004) keeps exact weights. The output is fp32 (ACC) until the last round writes O;
+# the (B, H, R, T, D) per-round outputs are never stored.
 @jit(do_not_specialize=LSH_SCALARS)
 def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, self_logit, T, P,
                     TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, TILE_D: tl.constexpr,
@@ -865,8 +814,7 @@ def _lsh_fwd_kernel(Q, K, V, ST, LOC, ACC, O, M, L, r, R, span, chunk, scale, se
 
 
 # The backward needs no per-round quantity: the combined output is one softmax over all rounds' windows,
-# out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i. So, with delta_i = out_i . dout_i
-# (_delta_kernel, below), as in flash attention:
+# out_i = sum_r sum_j P_rij v_j with P_rij = exp(s_rij - M_i) / L_i. So, with delta_i = out_i . dout_i:
 #   dv_j = sum_ri P_rij dout_i;  dS_rij = P_rij (dout_i . v_j - delta_i);
 #   dk_j = scale * sum_ri dS_rij q_i;  dq_i = scale * sum_rj dS_rij k_j
 # One launch per round adds its terms into fp32 (B, H, T, D) accumulators; the programs of a launch own
@@ -934,8 +882,8 @@ def _lsh_bwd_dq_kernel(Q, K, V, ST, LOC, DO, M, L, DELTA, DQ, r, R, span, chunk,
     _store_rows(DQ, bh * T * D, qpos, q_ok, dq * scale, D, TILE_D, r > 0)
 
 
-# Backward, delta_i = out_i . dout_i in fp32 for every query row, read by the two gradient kernels above. One
-# program per TILE_M rows of the row-major (n_rows, D) out and dout; grid (n_rows / TILE_M).
+# Backward, delta_i = out_i . dout_i in fp32, for the two kernels above. One program per TILE_M rows of the
+# row-major (n_rows, D) out and dout; grid (n_rows / TILE_M).
 @jit(do_not_specialize=["n_rows"])
 def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, TILE_M: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * TILE_M + tl.arange(0, TILE_M)
@@ -946,14 +894,12 @@ def _delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, TILE_D: tl.constexpr, T
     tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < n_rows)
 
 
-# (c) The launcher: a launch per round, forward and backward; the rows' running max and sum carry the rounds'
-# merge from one launch to the next.
+# (c) The launcher: a launch per round, forward and backward (the rows' M and L carry the merge between them).
 
 def lsh_launch_config(chunk, D, dtype, arch, dup_correction):
-    """The three LSH kernels' launch settings on sm_`arch` (None: the interpreter): a program's rows TILE_M (the
-    chunk), the width TILE_N of the tiles it walks, the padded head dim TILE_D (tl.dot needs 16 or more: smaller or
-    odd sizes are padded and masked), warps and stages. docs/kernels.md says how they were chosen; the compile
-    check in test_all.py checks each for spills."""
+    """The LSH kernels' launch settings on sm_`arch` (None: the interpreter): a program's rows TILE_M (the chunk),
+    the width TILE_N of the tiles it walks, the padded head dim TILE_D (tl.dot needs 16 or more: smaller or odd
+    sizes are padded and masked), warps and stages; docs/kernels.md says how they were chosen."""
     tile_m, tile_d = max(16, triton.next_power_of_2(chunk)), max(16, triton.next_power_of_2(D))
     tile_n = 32
     if (arch or 90) == 90:  # 16 leaves room for dup_correction's count tile beside (64, 128) rows
@@ -970,13 +916,12 @@ def _lsh_attention_triton(q, k, v, buckets, chunk, scale, same_bucket_mask, dup_
     st, _, loc, span = sort_by_bucket(buckets, chunk, same_bucket_mask, causal)
     st, loc = st.to(torch.int32).contiguous(), loc.to(torch.int32).contiguous()
     cfg = _launch_settings(lsh_launch_config, chunk, q.size(3), q.dtype, arch, dup_correction)
-    settings = (span, chunk, scale, dup_correction, cfg)
-    return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), settings)
+    return _launch(_lsh_forward, _lsh_backward, (q, k, v, st, loc), (span, chunk, scale, dup_correction, cfg))
 
 
 def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dup_correction, cfg):
-    """The forward launches, round by round: the combined output (B, H, T, D) and the rows' running max and sum
-    m, l (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket (int32)."""
+    """The forward launches, round by round: the output (B, H, T, D) and the rows' running max and sum m, l
+    (B, H, T), for T a multiple of chunk and st, loc from sort_by_bucket (int32)."""
     B, H, T, D = q.shape
     R, P = st.shape[2:]
     out = torch.empty_like(q)
@@ -985,10 +930,10 @@ def _lsh_forward(q, k, v, st, loc, span, chunk, scale, dup_correction, cfg):
     for r in range(R):
         _lsh_fwd_kernel[(B * H, P // chunk)](q, k, v, st, loc, acc, out, m, l, r, R, span, chunk, scale, SELF_LOGIT,
                                              T, P, D=D, DUP_CORRECTION=dup_correction, **cfg)
-    return out, m, l
+    return out, q, k, v, st, loc, m, l
 
 
-def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_correction, cfg):
+def _lsh_backward(out, q, k, v, st, loc, m, l, do, span, chunk, scale, dup_correction, cfg):
     """The backward launches: delta, then per round the dK/dV and the dQ kernel; dq, dk, dv."""
     B, H, T, D = q.shape
     R, P = st.shape[2:]
@@ -998,21 +943,18 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_corre
     grads = [torch.empty_like(q) for _ in range(3)]  # dq, dk, dv
     # The rounds add up in fp32; for 16-bit inputs a quarter of the heads at a time: three fp32 (B, H, T, D)
     # buffers at once would be the largest item of a long sequence's peak memory.
-    BH = B * H
-    group = BH if q.dtype == torch.float32 else -(-BH // 4)
-    inputs = [x.view(BH, *x.shape[2:]) for x in (q, k, v, st, loc, do, m, l, delta)]  # (BH, ...)
-    for g in range(0, BH, group):
-        part = [x[g:g + group] for x in inputs]
-        out = [x.view(BH, T, D)[g:g + group] for x in grads]
+    group = B * H if q.dtype == torch.float32 else -(-B * H // 4)
+    for g in range(0, B * H, group):  # (B * H, ...) views
+        part = [x.flatten(0, 1)[g:g + group] for x in (q, k, v, st, loc, do, m, l, delta)]
+        out = [x.flatten(0, 1)[g:g + group] for x in grads]
         acc = out if q.dtype == torch.float32 else [torch.empty_like(x, dtype=torch.float32) for x in out]
         grid = (part[0].size(0), P // chunk)
         for r in range(R):
             scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
             _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
             _lsh_bwd_dq_kernel[grid](*part, acc[0], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
-        if acc is not out:
-            for o, a in zip(out, acc):
-                o.copy_(a)
+        for o, a in zip(out, acc):
+            o.copy_(a)  # nothing to do where acc is out (fp32)
         del acc  # before the next group's buffers: one group's at a time
     return *grads, None, None
 
@@ -1020,8 +962,7 @@ def _lsh_backward(q, k, v, st, loc, out, m, l, do, span, chunk, scale, dup_corre
 # (d) The public function and its family's checks
 
 def _lsh_unfit(arch, dtype, D, chunk, dup_correction):
-    """Why the LSH kernels do not launch for these inputs on sm_`arch` (None: the interpreter), a sentence, or
-    None (triton_dispatch checks the architecture itself); the compile check compiles the rest."""
+    """triton_dispatch's family check: why the LSH kernels cannot take these inputs on sm_`arch`, or None."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the LSH Triton kernels take fp16/bf16/fp32 inputs, got {dtype}"
     if chunk > 64:
@@ -1035,33 +976,23 @@ def _lsh_unfit(arch, dtype, D, chunk, dup_correction):
     return None
 
 
-def pad_to_chunks(q, k, v, buckets, chunk):
-    """Pad the sequence to a multiple of chunk with zero rows in a bucket after every real one (the largest + 1).
-    They sort after all real positions, so those keep the chunks of the unpadded sequence (its last chunk
-    shorter), and being later than every real position they are never a real query's key."""
-    pad = -q.size(2) % chunk
-    if pad == 0:
-        return q, k, v, buckets
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    sentinel = (buckets.amax() + 1).expand(*buckets.shape[:3], pad)  # (B, H, R, pad)
-    return q, k, v, torch.cat([buckets, sentinel], dim=-1)
-
-
 def lsh_attention(q, k, v, buckets, chunk, scale=1.0, same_bucket_mask=False, dup_correction=False, causal=False,
                   backend=None):
     """LSH attention with rounds combined: q, k, v (B, H, T, D), buckets (B, H, R, T) ints -> (B, H, T, D).
 
-    Any T: a sequence that chunk does not divide is padded inside (pad_to_chunks), its output the function of
-    the unpadded sequence with a shorter last chunk. causal=True: each query attends to the chunk most recent
-    keys of its own bucket, exactly causal (see the section comment). Triton on CUDA, cpu_lsh_attention on a CPU,
-    the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or 'dense' (the twin) forces one
-    and last_lsh_backend says which ran."""
+    Any T (padded inside; the output is the unpadded sequence's, its last chunk shorter). causal=True: each query
+    attends to the chunk most recent keys of its own bucket, exactly causal (the section comment). Triton on CUDA,
+    cpu_lsh_attention on a CPU, the twin (torch_lsh_attention + combine_rounds) elsewhere; backend='triton' or
+    'dense' (the twin) forces one and last_lsh_backend says which ran."""
     global last_lsh_backend
     runs = triton_dispatch("LSH attention", q, backend, _lsh_unfit, q.dtype, q.size(-1), chunk, dup_correction)
     on_cpu = not runs and q.device.type == "cpu" and backend != "dense"
     last_lsh_backend = "triton" if runs else "cpu" if on_cpu else "dense"
-    T = q.size(2)
-    q, k, v, buckets = pad_to_chunks(q, k, v, buckets, chunk)
+    T, pad = q.size(2), -q.size(2) % chunk
+    if pad:  # zero rows in a bucket after every real one: they sort after all real positions, which keep the
+        # chunks of the unpadded sequence, and are later than all, so never a real query's key
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        buckets = torch.cat([buckets, (buckets.amax() + 1).expand(*buckets.shape[:3], pad)], dim=-1)
     mode = (same_bucket_mask, dup_correction, causal)
     if not runs and not on_cpu:
         return combine_rounds(*torch_lsh_attention(q, k, v, buckets, chunk, scale, *mode))[:, :, :T]
@@ -1252,8 +1183,7 @@ def _aft_triton(k, v, band):
     band = k.new_zeros(1, 1, 0, dtype=acc) if band is None else band.to(acc)  # s = 0: AFT-simple
     cfg = _launch_settings(aft_launch_config, k.size(2), k.size(2) // band.size(0))
     cfg = dict(cfg, F64=acc == torch.float64)
-    inputs = (_aligned(k), _aligned(v.to(k.dtype)), band)
-    return _launch(_aft_forward, _aft_backward, inputs, (cfg,))
+    return _launch(_aft_forward, _aft_backward, (_aligned(k), _aligned(v.to(k.dtype)), band), (cfg,))
 
 
 def _aft_forward(k, v, band, cfg):
@@ -1265,10 +1195,10 @@ def _aft_forward(k, v, band, cfg):
     _aft_fwd_carry_kernel[(n_tiles, B)](k, v, carry, T, C, s, n_chunks, **cfg)
     _aft_fwd_kernel[(n_tiles, n_chunks, B)](k, v, band, carry, o, lse, T, C, s, n_chunks,
                                             band.stride(0), band.stride(1), C // G, **cfg)
-    return o, lse
+    return o, k, v, band, lse
 
 
-def _aft_backward(k, v, band, o, lse, do, cfg):
+def _aft_backward(o, k, v, band, lse, do, cfg):
     """The backward's carry launch and main launch: dk, dv, and dband from per-program sums."""
     (B, T, C), (G, _, s) = k.shape, band.shape
     n_chunks, n_tiles = -(-T // cfg["CHUNK"]), -(-C // cfg["TILE_C"])
@@ -1284,8 +1214,8 @@ def _aft_backward(k, v, band, o, lse, do, cfg):
 # (d) The public function and its family's checks
 
 def aft_unfit(arch, k, band=None):
-    """Why the AFT kernels cannot take k (B, T, C) and band (G, T, s) or None on sm_`arch` (None: the
-    interpreter), a sentence, or None when they can; aft.py's dispatch asks it too."""
+    """triton_dispatch's family check (aft.py's too): why the AFT kernels cannot take k (B, T, C) and band
+    (G, T, s) or None on sm_`arch`, or None."""
     B, T, C = k.shape
     G, s = (1, 0) if band is None else (band.size(0), band.size(2))
     if C % G:

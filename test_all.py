@@ -3076,7 +3076,7 @@ def test_launch_settings_are_computed_once_per_configuration(monkeypatch):
     calls = []
     config = kernels.launch_config
     monkeypatch.setattr(kernels, "launch_config", lambda *args: calls.append(args) or config(*args))
-    monkeypatch.setattr(kernels, "_launch_cache", {})
+    kernels._launch_settings.cache_clear()
     q, k, v, dout = random_inputs(1, 2, 64, 64, 16)
     for _ in range(3):
         torch.autograd.grad(attention(q, k, v, tile=32, backend="triton"), (q, k, v), dout)
