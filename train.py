@@ -109,7 +109,7 @@ def parse_args(argv=None):
     Config = importlib.import_module(module).Config
     own = [f for f in dataclasses.fields(Config) if f.name not in SHARED_FIELDS + tuple(variant)]
     group = p.add_argument_group(f"{args.model}'s own flags (its Config fields)")
-    add_config_flags(group, Config, own, lambda f: f"default {f.default!r}")
+    add_config_flags(group, Config, own)
     add("-h", "--help", action="help", help="these flags; with --model NAME also the model's own")
     args, unknown = p.parse_known_args(argv)
     args.given = {a.split("=")[0][2:] for a in argv if a.startswith("--")}  # typed ones
@@ -126,10 +126,9 @@ def parse_args(argv=None):
     return args
 
 
-def add_config_flags(group, Config, fields, shown):
+def add_config_flags(group, Config, fields):
     """Config's `fields` as flags of an argparse group, typed by their annotations, defaulting to
-    None; each flag's help is the comment written beside its field, then `shown(field)` (the value
-    it stands for)."""
+    None (not typed); each flag's help is the comment written beside its field, then its default."""
     lines = inspect.getsource(Config).splitlines()
     nodes = [n for n in ast.parse("\n".join(lines)).body[0].body if isinstance(n, ast.AnnAssign)]
     # the rest of a field's last line after its default value is blank or its comment
@@ -137,7 +136,7 @@ def add_config_flags(group, Config, fields, shown):
              for n in nodes}
     for f in fields:  # argparse %-formats help texts, so a literal % is written %%
         group.add_argument(f"--{f.name}", type=flag_type(f.type), default=None,
-                           help=f"{helps[f.name]} ({shown(f)})".replace("%", "%%"))
+                           help=f"{helps[f.name]} (default {f.default!r})".replace("%", "%%"))
 
 
 def flag_type(annotation):
