@@ -2730,7 +2730,7 @@ def test_bench_training_stages_train_every_row_score_the_leaky_one_on_prefixes_a
     assert list(rows) == models and all(3 < r["bits"] < 9 and r["params_m"] > 0 for r in rows.values())
     assert [r["prefix_bits"] is not None for r in rows.values()] == [m == "reformer" for m in models]
     before = kept.read_text()
-    with pytest.MonkeyPatch.context() as mp:  # a finished row is read back: nothing trains or is scored again
+    with pytest.MonkeyPatch.context() as mp:  # a finished row is read back, not trained or scored
 
         def again(*args, **kwargs):
             pytest.fail("a finished row was trained or scored again")
