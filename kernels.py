@@ -219,8 +219,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, fut
         kT = tl.load(K + (k_lo + offs_n)[None, :] * D + offs_d[:, None])  # (D, TILE_N)
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            q_pos, k_pos = past + offs_m[:, None], (k_lo + offs_n)[None, :]
-            s = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), s, float("-inf"))
+            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -229,6 +229,12 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, cols, lo, hi, qk_scale, offs_m, past, fut
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@jit
+def _band(q_pos, k_pos, future, window):
+    """Element mask of the band q_pos - window < k_pos <= q_pos + future, broadcast (absolute positions)."""
+    return (k_pos <= q_pos + future) & (k_pos > q_pos - window)
 
 
 # Backward, dQ, launched first. One program computes dq for TILE_M query rows (of one query tile) of
@@ -278,8 +284,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, cols, lo, hi, qk_scale, offs_m, past
         vT = tl.load(V + (k_lo + offs_n)[None, :] * D + offs_d[:, None])
         s = tl.dot(q, kT) * qk_scale
         if MASKED:
-            q_pos, k_pos = past + offs_m[:, None], (k_lo + offs_n)[None, :]
-            s = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), s, float("-inf"))
+            keep = _band(past + offs_m[:, None], (k_lo + offs_n)[None, :], future, window)
+            s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         ds = p * (tl.dot(do, vT) - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
@@ -329,8 +335,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, rows, lo, hi, qk_scale, offs_n
         qT = tl.load(Q + (m_lo + offs_m)[None, :] * D + offs_d[:, None])  # (D, TILE_M)
         sT = tl.dot(k, qT) * qk_scale
         if MASKED:
-            q_pos, k_pos = past + (m_lo + offs_m)[None, :], offs_n[:, None]
-            sT = tl.where((k_pos <= q_pos + future) & (k_pos > q_pos - window), sT, float("-inf"))
+            keep = _band(past + (m_lo + offs_m)[None, :], offs_n[:, None], future, window)
+            sT = tl.where(keep, sT, float("-inf"))
         pT = tl.exp2(sT - tl.load(LSE2 + m_lo + offs_m)[None, :])
         do = tl.load(DO + (m_lo + offs_m)[:, None] * D + offs_d[None, :])  # (TILE_M, D)
         dv += tl.dot(pT.to(do.dtype), do)
@@ -715,12 +721,16 @@ def _lsh_mask(s, qpos, kpos, k_ok, LOC, bh, r, R, T, span, self_logit, DUP_CORRE
     if DUP_CORRECTION:
         count = tl.zeros(s.shape, dtype=tl.int32)
         for r2 in range(R):
-            loc = LOC + (bh * R + r2) * T
-            count += _in_window(tl.load(loc + qpos), tl.load(loc + kpos), span).to(tl.int32)
+            count += _lsh_window(LOC + (bh * R + r2) * T, qpos, kpos, span).to(tl.int32)
         s = s - tl.log(tl.maximum(count, 1).to(tl.float32))
-    loc = LOC + (bh * R + r) * T  # round r's row
-    allowed = k_ok & (kpos <= qpos) & _in_window(tl.load(loc + qpos), tl.load(loc + kpos), span)
+    allowed = k_ok & (kpos <= qpos) & _lsh_window(LOC + (bh * R + r) * T, qpos, kpos, span)
     return tl.where(allowed, s, float("-inf"))
+
+
+@jit
+def _lsh_window(LOC_ROUND, qpos, kpos, span):
+    """Whether each key is in each query's window, for the round whose loc row is LOC_ROUND."""
+    return _in_window(tl.load(LOC_ROUND + qpos), tl.load(LOC_ROUND + kpos), span)
 
 
 @jit
@@ -953,8 +963,9 @@ def _lsh_backward(out, q, k, v, st, loc, m, l, do, span, chunk, scale, dup_corre
             scalars = (r, R, span, chunk, scale, SELF_LOGIT, T, P)
             _lsh_bwd_dkdv_kernel[grid](*part, acc[1], acc[2], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
             _lsh_bwd_dq_kernel[grid](*part, acc[0], *scalars, D=D, DUP_CORRECTION=dup_correction, **cfg)
-        for o, a in zip(out, acc):
-            o.copy_(a)  # nothing to do where acc is out (fp32)
+        if acc is not out:  # 16-bit inputs: their fp32 sums back into the gradients
+            for o, a in zip(out, acc):
+                o.copy_(a)
         del acc  # before the next group's buffers: one group's at a time
     return *grads, None, None
 
